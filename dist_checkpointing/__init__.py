@@ -1,0 +1,46 @@
+"""Distributed (sharded) checkpoints for PyTorch, API-compatible with Megatron-Core's
+`megatron.core.dist_checkpointing`: change the import, keep the model code."""
+
+from .core import CheckpointingConfig, CheckpointingException, check_is_distributed_checkpoint
+from .mapping import (
+    LocalNonpersistentObject,
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+    apply_factories,
+    apply_factory_merges,
+    is_main_replica,
+)
+from .serialization import (
+    load,
+    load_common_state_dict,
+    load_content_metadata,
+    load_plain_tensors,
+    load_sharded_metadata,
+    load_tensors_metadata,
+    remove_sharded_tensors,
+    save,
+)
+from .validation import StrictHandling
+
+__all__ = [
+    "CheckpointingConfig",
+    "CheckpointingException",
+    "LocalNonpersistentObject",
+    "ShardedObject",
+    "ShardedTensor",
+    "ShardedTensorFactory",
+    "StrictHandling",
+    "apply_factories",
+    "apply_factory_merges",
+    "check_is_distributed_checkpoint",
+    "is_main_replica",
+    "load",
+    "load_common_state_dict",
+    "load_content_metadata",
+    "load_plain_tensors",
+    "load_sharded_metadata",
+    "load_tensors_metadata",
+    "remove_sharded_tensors",
+    "save",
+]

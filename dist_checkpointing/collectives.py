@@ -1,0 +1,67 @@
+"""The few collectives a save or load needs, and how failures travel between ranks.
+
+Rule: any work that can fail on one rank runs *before* the next collective, and its outcome
+(payload or error) travels in that collective. So a failure on one rank is raised on every rank
+at the same point, and no rank is left waiting for a peer that already gave up.
+
+Without an initialized process group everything runs as a single rank.
+"""
+
+from typing import Any, Callable, List, Optional
+
+import torch.distributed as dist
+
+from .core import CheckpointingException
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank(group=None) -> int:
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def get_world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def exchange(local_fn: Callable[[], Any], what: str, group=None) -> List[Any]:
+    """Runs `local_fn` on every rank and all-gathers the results.
+
+    If `local_fn` raised on any rank, every rank raises a `CheckpointingException` naming the
+    failing ranks and their errors (the local exception is chained where it happened).
+    """
+    try:
+        payload, error = local_fn(), None
+    except Exception as e:  # travels to the other ranks, re-raised below
+        payload, error = None, e
+    if not is_distributed():
+        if error is not None:
+            if isinstance(error, CheckpointingException):
+                raise error
+            raise CheckpointingException(f"{what} failed: {_describe(error)}") from error
+        return [payload]
+    gathered: List[Any] = [None] * get_world_size(group)
+    dist.all_gather_object(gathered, (payload, _describe(error)), group=group)
+    failures = [(rank, msg) for rank, (_, msg) in enumerate(gathered) if msg is not None]
+    if failures:
+        raise CheckpointingException(_summarize(what, failures)) from error
+    return [p for p, _ in gathered]
+
+
+def _describe(error: Optional[BaseException]) -> Optional[str]:
+    if error is None:
+        return None
+    if isinstance(error, CheckpointingException):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _summarize(what: str, failures) -> str:
+    messages = {msg for _, msg in failures}
+    ranks = ", ".join(str(rank) for rank, _ in failures)
+    if len(messages) == 1:
+        return f"{what} failed on rank(s) {ranks}: {messages.pop()}"
+    details = "\n".join(f"  rank {rank}: {msg}" for rank, msg in failures)
+    return f"{what} failed on rank(s) {ranks}:\n{details}"

@@ -1,0 +1,187 @@
+"""The checkpoint directory's commit marker, `metadata.json`, and the library's exception.
+
+`metadata.json` is written last, atomically, by rank 0: its presence is what makes a directory a
+complete checkpoint. Besides Megatron-Core's four backend fields it carries our `format_version`
+and an index of the sharded content (see docs/format.md). Checkpoints written by Megatron-Core
+have no `format_version` and no index; they are read as legacy checkpoints.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from .fs import atomic_write
+
+CONFIG_FNAME = "metadata.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointingException(Exception):
+    """Base checkpointing related exception."""
+
+
+@dataclass
+class CheckpointingConfig:
+    """Documents the backends used in a checkpoint (Megatron-Core's `CheckpointingConfig`).
+
+    Versions describe the on-disk format, not the content (which is the application's business).
+    """
+
+    sharded_backend: str
+    sharded_backend_version: int = 1
+    common_backend: str = "torch"
+    common_backend_version: int = 1
+
+
+@dataclass
+class TensorEntry:
+    """What the index records of one global tensor."""
+
+    shape: List[int]
+    dtype: str  # a name from dtypes.py, e.g. "bfloat16"
+
+
+@dataclass
+class CheckpointMetadata:
+    """The parsed `metadata.json`. `tensors`/`objects` are None for legacy (Megatron) checkpoints."""
+
+    config: CheckpointingConfig
+    format_version: Optional[int] = None
+    tensors: Optional[Dict[str, TensorEntry]] = None
+    objects: Optional[List[str]] = field(default=None)  # ShardedObject unique keys
+
+    @property
+    def is_legacy(self) -> bool:
+        return self.format_version is None
+
+
+def check_is_distributed_checkpoint(checkpoint_dir) -> bool:
+    """True if `checkpoint_dir` holds a valid `metadata.json` (a complete checkpoint)."""
+    try:
+        return maybe_load_config(checkpoint_dir) is not None
+    except CheckpointingException:
+        return False
+
+
+def maybe_load_config(checkpoint_dir) -> Optional[CheckpointingConfig]:
+    """The checkpoint's config, or None if `checkpoint_dir` has no `metadata.json`."""
+    metadata = read_metadata(checkpoint_dir)
+    return None if metadata is None else metadata.config
+
+
+def read_metadata(checkpoint_dir) -> Optional[CheckpointMetadata]:
+    """Parses `metadata.json` strictly; None if absent. Malformed content raises."""
+    path = os.path.join(str(checkpoint_dir), CONFIG_FNAME)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise CheckpointingException(f"{path} is a directory, expected a JSON file")
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointingException(
+            f"Malformed {path}: not valid JSON ({e}). The checkpoint is damaged; "
+            f"restore it from a copy or save again."
+        ) from None
+    return _parse_metadata(doc, path)
+
+
+def _parse_metadata(doc, path: str) -> CheckpointMetadata:
+    def fail(what: str):
+        raise CheckpointingException(f"Malformed {path}: {what}")
+
+    if not isinstance(doc, dict):
+        fail(f"expected a JSON object, got {type(doc).__name__}")
+    known = {
+        "sharded_backend",
+        "sharded_backend_version",
+        "common_backend",
+        "common_backend_version",
+        "format_version",
+        "tensors",
+        "objects",
+    }
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        fail(f"unknown fields {unknown}")
+    if not isinstance(doc.get("sharded_backend"), str):
+        fail("'sharded_backend' must be a string")
+    for name in ("sharded_backend_version", "common_backend_version"):
+        if not _is_int(doc.get(name, 1)):
+            fail(f"'{name}' must be an integer")
+    if not isinstance(doc.get("common_backend", "torch"), str):
+        fail("'common_backend' must be a string")
+    config = CheckpointingConfig(
+        doc["sharded_backend"],
+        doc.get("sharded_backend_version", 1),
+        doc.get("common_backend", "torch"),
+        doc.get("common_backend_version", 1),
+    )
+    version = doc.get("format_version")
+    if version is None:
+        if "tensors" in doc or "objects" in doc:
+            fail("an index ('tensors'/'objects') without 'format_version'")
+        return CheckpointMetadata(config)
+    if not _is_int(version) or version < 1:
+        fail(f"'format_version' must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointingException(
+            f"{path} has format_version {version}, newer than this library understands "
+            f"({FORMAT_VERSION}). Upgrade dist_checkpointing to read it."
+        )
+    tensors = doc.get("tensors")
+    if not isinstance(tensors, dict):
+        fail("'tensors' must be an object mapping keys to {shape, dtype}")
+    entries = {}
+    for key, entry in tensors.items():
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != {"shape", "dtype"}
+            or not isinstance(entry["shape"], list)
+            or not all(_is_int(s) and s >= 0 for s in entry["shape"])
+            or not isinstance(entry["dtype"], str)
+        ):
+            fail(f"tensor entry for key '{key}' must be {{'shape': [ints >= 0], 'dtype': str}}")
+        entries[key] = TensorEntry(list(entry["shape"]), entry["dtype"])
+    objects = doc.get("objects")
+    if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+        fail("'objects' must be a list of strings")
+    return CheckpointMetadata(config, version, entries, list(objects))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def write_metadata(checkpoint_dir, metadata: CheckpointMetadata) -> None:
+    """Commits the checkpoint: atomically writes `metadata.json` (temp file, fsync, rename)."""
+    doc = dict(asdict(metadata.config))
+    if not metadata.is_legacy:
+        doc["format_version"] = metadata.format_version
+        doc["tensors"] = {k: asdict(v) for k, v in sorted(metadata.tensors.items())}
+        doc["objects"] = sorted(metadata.objects)
+    data = json.dumps(doc, indent=1).encode()
+    atomic_write(os.path.join(str(checkpoint_dir), CONFIG_FNAME), data)
+
+
+def require_complete_checkpoint(checkpoint_dir) -> CheckpointMetadata:
+    """The metadata of a complete checkpoint; a clear error for anything else."""
+    checkpoint_dir = str(checkpoint_dir)
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointingException(f"Checkpoint directory {checkpoint_dir} does not exist")
+    metadata = read_metadata(checkpoint_dir)
+    if metadata is None:
+        if os.listdir(checkpoint_dir):
+            raise CheckpointingException(
+                f"{checkpoint_dir} is an incomplete checkpoint: it has no {CONFIG_FNAME}, "
+                f"which is written last. The save that wrote it did not finish; "
+                f"load an earlier checkpoint or save again."
+            )
+        raise CheckpointingException(
+            f"{checkpoint_dir} is not a distributed checkpoint (no {CONFIG_FNAME})"
+        )
+    return metadata

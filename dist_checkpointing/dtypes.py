@@ -1,0 +1,105 @@
+"""The one dtype table, and the one place that knows about bfloat16.
+
+Names are the Zarr v3 data type names (what `zarr.json` and the index in `metadata.json` say).
+numpy has no bfloat16; `ml_dtypes.bfloat16` (the type tensorstore uses) stands in for it, and
+torch tensors cross into numpy through a 16-bit integer view, which is exact.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from .core import CheckpointingException
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+# name -> (torch dtype, numpy dtype)
+DTYPES = {
+    "bool": (torch.bool, np.dtype(np.bool_)),
+    "int8": (torch.int8, np.dtype(np.int8)),
+    "int16": (torch.int16, np.dtype(np.int16)),
+    "int32": (torch.int32, np.dtype(np.int32)),
+    "int64": (torch.int64, np.dtype(np.int64)),
+    "uint8": (torch.uint8, np.dtype(np.uint8)),
+    "float16": (torch.float16, np.dtype(np.float16)),
+    "bfloat16": (torch.bfloat16, BFLOAT16),
+    "float32": (torch.float32, np.dtype(np.float32)),
+    "float64": (torch.float64, np.dtype(np.float64)),
+}
+_NAME_OF_TORCH = {t: name for name, (t, _) in DTYPES.items()}
+_NAME_OF_NUMPY = {n: name for name, (_, n) in DTYPES.items()}
+
+
+def name_of_torch(dtype: torch.dtype, key: str = "") -> str:
+    try:
+        return _NAME_OF_TORCH[dtype]
+    except KeyError:
+        where = f" (key '{key}')" if key else ""
+        raise CheckpointingException(
+            f"dtype {dtype}{where} cannot be stored; supported: {sorted(DTYPES)}"
+        ) from None
+
+
+def name_of_numpy(dtype: np.dtype, key: str = "") -> str:
+    try:
+        return _NAME_OF_NUMPY[np.dtype(dtype).newbyteorder("=")]
+    except KeyError:
+        where = f" (key '{key}')" if key else ""
+        raise CheckpointingException(f"stored dtype {dtype}{where} has no torch equivalent") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name][0]
+    except KeyError:
+        raise CheckpointingException(f"unknown dtype name {name!r}") from None
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    try:
+        return DTYPES[name][1]
+    except KeyError:
+        raise CheckpointingException(f"unknown dtype name {name!r}") from None
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (bfloat16 included); no copy."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(BFLOAT16)
+    return tensor.numpy()
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing memory with a numpy array (bfloat16 included)."""
+    if array.dtype == BFLOAT16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def register_zarr_bfloat16() -> None:
+    """Teaches zarr-python 3 the `bfloat16` data type (Zarr v3 name; v2 name "bfloat16").
+
+    zarr-python has no bfloat16 of its own; tensorstore writes `"data_type": "bfloat16"` in
+    zarr.json and Megatron-Core wrote `"dtype": "bfloat16"` in .zarray. Values are raw 2-byte
+    little-endian bfloat16 in both.
+    """
+    from zarr.core.dtype import data_type_registry
+    from zarr.core.dtype.npy.float import BaseFloat
+
+    if "bfloat16" in data_type_registry.contents:
+        return
+
+    @dataclass(frozen=True, kw_only=True)
+    class BFloat16(BaseFloat):
+        dtype_cls = type(BFLOAT16)
+        _zarr_v3_name = "bfloat16"
+        _zarr_v2_names: ClassVar = ("bfloat16",)
+
+        @property
+        def item_size(self) -> int:
+            return 2
+
+    data_type_registry.register(BFloat16._zarr_v3_name, BFloat16)

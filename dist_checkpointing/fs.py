@@ -1,0 +1,71 @@
+"""Durable file writes: the only place that decides when bytes reach the disk.
+
+A checkpoint is committed by `metadata.json`; everything it points at must be on disk first.
+So every data file is fsync'd after writing, every directory that gained an entry is fsync'd,
+and `metadata.json` itself is replaced atomically (temp file, fsync, rename, directory fsync).
+"""
+
+import os
+from typing import Callable, Iterable, Set
+
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
+def write_durably(path: str, data) -> None:
+    """Writes `data` (any buffer) to `path` and fsyncs the file before returning."""
+    view = memoryview(data).cast("B")
+    fd = os.open(path, _OPEN_FLAGS, 0o644)
+    try:
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_with_durably(path: str, writer: Callable) -> None:
+    """Calls `writer(file)` on `path` opened for binary writing, then fsyncs the file."""
+    with open(path, "wb") as f:
+        writer(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str) -> None:
+    """Makes the entries of directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dirs(paths: Iterable[str]) -> None:
+    for path in sorted(set(paths)):
+        fsync_dir(path)
+
+
+def parents_up_to(path: str, root: str) -> Set[str]:
+    """Directories from `path`'s parent up to and including `root` (entries were created there)."""
+    root = os.path.abspath(root)
+    dirs = set()
+    current = os.path.dirname(os.path.abspath(path))
+    while True:
+        dirs.add(current)
+        if current == root or len(current) <= len(root):
+            return dirs
+        current = os.path.dirname(current)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replaces `path` with `data` so a crash leaves either the old or the new file, never half."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write_durably(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,379 @@
+"""Entry points: `save` and `load` (the sharded `torch.save`/`torch.load`), and metadata helpers.
+
+A save runs in three steps, each ending in one collective that carries every rank's outcome
+(see collectives.py), so a failure anywhere raises everywhere and nothing hangs:
+
+1. plan: split the state dict, refuse a complete checkpoint, exchange the shards' metadata;
+   then every rank validates the same global plan, before anything is written;
+2. write: rank 0 writes `common.pt`, main replicas write objects and tensor shards, fsync'd;
+3. commit: rank 0 writes `metadata.json` atomically, only if every rank's writes succeeded.
+"""
+
+import logging
+import os
+from collections import defaultdict
+from typing import Optional, Set, Tuple, Union
+
+from .collectives import exchange, get_rank
+from .core import (
+    FORMAT_VERSION,
+    CheckpointingConfig,
+    CheckpointingException,
+    CheckpointMetadata,
+    TensorEntry,
+    read_metadata,
+    require_complete_checkpoint,
+    write_metadata,
+)
+from .dict_utils import extract_matching_values, merge, nested_values
+from .dtypes import name_of_torch, torch_dtype
+from .mapping import (
+    ShardedObject,
+    ShardedStateDict,
+    ShardedTensor,
+    StateDict,
+    apply_factory_merges,
+    is_main_replica,
+    whole_tensor_metadata,
+)
+from .state_dict_utils import load_preprocess, save_preprocess
+from .strategies.base import (
+    LoadCommonStrategy,
+    LoadShardedStrategy,
+    SaveCommonStrategy,
+    SaveShardedStrategy,
+    StrategyAction,
+    get_default_strategy,
+)
+from .validation import (
+    CkptShardedMetadata,
+    GlobalMetadata,
+    StrictHandling,
+    parse_strict_flag,
+    validate_integrity_and_strict_load,
+    validate_sharding_integrity,
+)
+
+logger = logging.getLogger(__name__)
+
+_CONTENT_METADATA_KEY = "content_metadata"
+SaveShardedStrategyLike = Union[SaveShardedStrategy, Tuple[str, int], str, None]
+LoadShardedStrategyLike = Union[LoadShardedStrategy, Tuple[str, int], str, None]
+
+
+def save(
+    sharded_state_dict: ShardedStateDict,
+    checkpoint_dir,
+    sharded_strategy: SaveShardedStrategyLike = None,
+    common_strategy: Union[SaveCommonStrategy, Tuple[str, int], None] = None,
+    validate_access_integrity: bool = True,
+    async_sharded_save: bool = False,
+    content_metadata: Optional[dict] = None,
+) -> None:
+    """Saves a sharded state dict into `checkpoint_dir` (called on every rank).
+
+    ShardedTensors and ShardedObjects are written by their main replicas; every other value
+    goes to `common.pt` (rank 0's copy). LocalNonpersistentObjects are not saved.
+
+    Args:
+        sharded_state_dict: the state dict with ShardedTensors, ShardedObjects and factories
+        checkpoint_dir: created if missing; must not already hold a complete checkpoint
+        sharded_strategy: a SaveShardedStrategy, (backend, version), or backend name
+            (default: zarr)
+        common_strategy: a SaveCommonStrategy or (backend, version) (default: torch)
+        validate_access_integrity: check that every element is written by exactly one main
+            replica (on every rank, before anything is written)
+        async_sharded_save: not available yet; must be False
+        content_metadata: a dict stored with the common state (see `load_content_metadata`)
+    """
+    if async_sharded_save:
+        raise CheckpointingException("async_sharded_save=True is not available yet")
+    checkpoint_dir = str(checkpoint_dir)
+    sharded_strategy = _save_strategy(StrategyAction.SAVE_SHARDED, sharded_strategy, "zarr")
+    common_strategy = _save_strategy(StrategyAction.SAVE_COMMON, common_strategy, "torch")
+    local = {}
+
+    def plan():
+        _refuse_complete_checkpoint(checkpoint_dir)
+        local["sharded"], local["common"] = save_preprocess(sharded_state_dict)
+        if content_metadata is not None:
+            local["common"][_CONTENT_METADATA_KEY] = content_metadata
+        return [sh.without_data() for sh in nested_values(local["sharded"])]
+
+    global_metadata = exchange(plan, "save planning")
+    if validate_access_integrity:
+        validate_sharding_integrity(global_metadata)
+    sharded_strategy.check_sharding(_shards_by_key(global_metadata))
+
+    def write():
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        if get_rank() == 0:
+            common_strategy.save_common(local["common"], checkpoint_dir)
+        objects, tensors = extract_matching_values(
+            local["sharded"], lambda v: isinstance(v, ShardedObject)
+        )
+        if objects:
+            common_strategy.save_sharded_objects(objects, checkpoint_dir)
+        sharded_strategy.save(tensors, checkpoint_dir)
+
+    exchange(write, f"save to {checkpoint_dir}")
+
+    def commit():
+        if get_rank() == 0:
+            config = CheckpointingConfig(
+                sharded_strategy.backend,
+                sharded_strategy.version,
+                common_strategy.backend,
+                common_strategy.version,
+            )
+            write_metadata(checkpoint_dir, _index(config, global_metadata))
+
+    exchange(commit, f"commit of {checkpoint_dir}")
+
+
+def _refuse_complete_checkpoint(checkpoint_dir: str) -> None:
+    if not os.path.exists(checkpoint_dir):
+        return
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointingException(f"Cannot save to {checkpoint_dir}: it is not a directory")
+    if read_metadata(checkpoint_dir) is not None:
+        raise CheckpointingException(
+            f"{checkpoint_dir} already holds a complete checkpoint; refusing to overwrite it. "
+            f"Save to a new directory, or delete this one first."
+        )
+
+
+def _shards_by_key(global_metadata: GlobalMetadata):
+    by_key = defaultdict(list)
+    for shards in global_metadata:
+        for sh in shards:
+            by_key[sh.key].append(sh)
+    return by_key
+
+
+def _index(config: CheckpointingConfig, global_metadata: GlobalMetadata) -> CheckpointMetadata:
+    tensors, objects = {}, set()
+    for shards in global_metadata:
+        for sh in shards:
+            if not is_main_replica(sh.replica_id):
+                continue
+            if isinstance(sh, ShardedTensor):
+                tensors[sh.key] = TensorEntry(list(sh.global_shape), name_of_torch(sh.dtype, sh.key))
+            elif isinstance(sh, ShardedObject):
+                objects.add(sh.unique_key)
+    return CheckpointMetadata(config, FORMAT_VERSION, tensors, sorted(objects))
+
+
+def load(
+    sharded_state_dict: ShardedStateDict,
+    checkpoint_dir,
+    sharded_strategy: LoadShardedStrategyLike = None,
+    common_strategy: Union[LoadCommonStrategy, Tuple[str, int], None] = None,
+    validate_access_integrity: bool = True,
+    strict: Union[str, StrictHandling] = StrictHandling.ASSUME_OK_UNEXPECTED,
+) -> Union[StateDict, Tuple[StateDict, Set[str], Set[str]]]:
+    """Loads the entries `sharded_state_dict` asks for (called on every rank).
+
+    The result is the checkpoint's common state with the requested ShardedTensors and
+    ShardedObjects filled in at their places, and LocalNonpersistentObjects unwrapped.
+    A ShardedTensor may ask for any rectangle of the stored global tensor.
+
+    Args:
+        sharded_state_dict: the request: ShardedTensors say which part to read
+        checkpoint_dir: a complete checkpoint
+        sharded_strategy: a LoadShardedStrategy, (backend, version), or backend name
+            (default: the one recorded in metadata.json)
+        common_strategy: a LoadCommonStrategy or (backend, version) (default: torch)
+        validate_access_integrity: check that the requests of all ranks cover each requested
+            key exactly once by main replicas (requires a metadata exchange)
+        strict: how to handle keys missing on either side (see StrictHandling)
+
+    Returns:
+        the state dict, or (state dict, missing keys, unexpected keys) for the RETURN_* modes
+    """
+    checkpoint_dir = str(checkpoint_dir)
+    strict = parse_strict_flag(strict)
+    local = {}
+
+    def prepare():
+        metadata = require_complete_checkpoint(checkpoint_dir)
+        sharded, common = verify_checkpoint_and_load_strategy(
+            checkpoint_dir, sharded_strategy, common_strategy, metadata
+        )
+        local["strategies"] = sharded, common
+        local["metadata"] = metadata
+        local["state"] = common.load_common(checkpoint_dir)
+        local["request"], nonpersistent, local["factories"] = load_preprocess(sharded_state_dict)
+        merge(local["state"], nonpersistent)
+        if StrictHandling.requires_explicit_ckpt_mismatch_check(strict):
+            local["ckpt"] = _sharded_metadata(checkpoint_dir, metadata, sharded, common)
+        return [sh.without_data() for sh in nested_values(local["request"])]
+
+    global_metadata = None
+    if validate_access_integrity or StrictHandling.requires_global_app_metadata(strict):
+        global_metadata = exchange(prepare, "load planning")
+    else:
+        prepare()
+    sharded, common = local["strategies"]
+    request, missing_keys, unexpected_keys = validate_integrity_and_strict_load(
+        local["request"],
+        strict,
+        validate_access_integrity,
+        None,
+        global_metadata,
+        local.get("ckpt"),
+    )
+    _check_requests_in_index(request, local["metadata"], checkpoint_dir)
+    objects, tensors = extract_matching_values(request, lambda v: isinstance(v, ShardedObject))
+    state = local["state"]
+    if objects:
+        merge(state, common.load_sharded_objects(objects, checkpoint_dir))
+    merge(state, sharded.load(tensors, checkpoint_dir))
+    apply_factory_merges(state, local["factories"])
+    if StrictHandling.requires_returning_mismatch_keys(strict):
+        return state, missing_keys, unexpected_keys
+    return state
+
+
+def _check_requests_in_index(request, metadata: CheckpointMetadata, checkpoint_dir: str) -> None:
+    """With an index, a key it does not list is not in the checkpoint, whatever files exist."""
+    if metadata.is_legacy:
+        return
+    stored_objects = set(metadata.objects)
+    for sh in nested_values(request):
+        if isinstance(sh, ShardedTensor):
+            known = sh.key in metadata.tensors
+        else:
+            known = sh.unique_key in stored_objects
+        if not known:
+            raise CheckpointingException(
+                f"{type(sh).__name__} '{getattr(sh, 'unique_key', sh.key)}' is not in the "
+                f"checkpoint {checkpoint_dir}. Check the key, or load with "
+                f"strict='log_unexpected' to skip keys the checkpoint does not have."
+            )
+
+
+def verify_checkpoint_and_load_strategy(
+    checkpoint_dir,
+    sharded_strategy: LoadShardedStrategyLike = None,
+    common_strategy: Union[LoadCommonStrategy, Tuple[str, int], None] = None,
+    metadata: Optional[CheckpointMetadata] = None,
+) -> Tuple[LoadShardedStrategy, LoadCommonStrategy]:
+    """The strategies to load `checkpoint_dir` with: given ones checked, or the recorded ones."""
+    if metadata is None:
+        metadata = require_complete_checkpoint(checkpoint_dir)
+    config = metadata.config
+    if sharded_strategy is None:
+        sharded_strategy = (config.sharded_backend, config.sharded_backend_version)
+    if isinstance(sharded_strategy, str):
+        sharded_strategy = (sharded_strategy, config.sharded_backend_version)
+    if isinstance(sharded_strategy, tuple):
+        sharded_strategy = get_default_strategy(StrategyAction.LOAD_SHARDED, *sharded_strategy)
+    if common_strategy is None:
+        common_strategy = (config.common_backend, config.common_backend_version)
+    if isinstance(common_strategy, tuple):
+        common_strategy = get_default_strategy(StrategyAction.LOAD_COMMON, *common_strategy)
+    sharded_strategy.check_backend_compatibility(config.sharded_backend)
+    sharded_strategy.check_version_compatibility(config.sharded_backend_version)
+    common_strategy.check_backend_compatibility(config.common_backend)
+    common_strategy.check_version_compatibility(config.common_backend_version)
+    return sharded_strategy, common_strategy
+
+
+def _save_strategy(action: StrategyAction, strategy, default_backend: str):
+    if strategy is None:
+        strategy = default_backend
+    if isinstance(strategy, str):
+        strategy = (strategy, 1)
+    if isinstance(strategy, tuple):
+        strategy = get_default_strategy(action, *strategy)
+    return strategy
+
+
+def _tensors_metadata(checkpoint_dir, metadata, sharded_strategy) -> CkptShardedMetadata:
+    if metadata.is_legacy:
+        return sharded_strategy.load_tensors_metadata(checkpoint_dir)
+    return {
+        key: whole_tensor_metadata(key, torch_dtype(entry.dtype), entry.shape)
+        for key, entry in metadata.tensors.items()
+    }
+
+
+def _sharded_metadata(checkpoint_dir, metadata, sharded_strategy, common_strategy):
+    if metadata.is_legacy:
+        result = dict(sharded_strategy.load_sharded_metadata(checkpoint_dir))
+        if not sharded_strategy.can_handle_sharded_objects:
+            result.update(common_strategy.load_sharded_metadata(checkpoint_dir))
+        return result
+    result = _tensors_metadata(checkpoint_dir, metadata, sharded_strategy)
+    result.update({u: ShardedObject.empty_from_unique_key(u) for u in metadata.objects})
+    return result
+
+
+def load_common_state_dict(checkpoint_dir) -> StateDict:
+    """The common (non-sharded) state of a checkpoint."""
+    _, common = verify_checkpoint_and_load_strategy(checkpoint_dir)
+    return common.load_common(str(checkpoint_dir))
+
+
+def load_tensors_metadata(checkpoint_dir, sharded_strategy: LoadShardedStrategyLike = None):
+    """key -> data-less ShardedTensor (global shape and dtype) for every stored tensor.
+
+    Keys are ShardedTensor keys, not state dict keys. The entries are unsharded, so they can be
+    passed to `load` to read whole tensors.
+    """
+    metadata = require_complete_checkpoint(checkpoint_dir)
+    sharded, _ = verify_checkpoint_and_load_strategy(checkpoint_dir, sharded_strategy, None, metadata)
+    return _tensors_metadata(str(checkpoint_dir), metadata, sharded)
+
+
+def load_sharded_metadata(checkpoint_dir, sharded_strategy: LoadShardedStrategyLike = None):
+    """Like `load_tensors_metadata`, plus the ShardedObjects (keyed by unique key)."""
+    metadata = require_complete_checkpoint(checkpoint_dir)
+    sharded, common = verify_checkpoint_and_load_strategy(
+        checkpoint_dir, sharded_strategy, None, metadata
+    )
+    return _sharded_metadata(str(checkpoint_dir), metadata, sharded, common)
+
+
+def load_plain_tensors(checkpoint_dir) -> StateDict:
+    """Every stored tensor, whole, keyed by its key (common state not included)."""
+    metadata = require_complete_checkpoint(checkpoint_dir)
+    sharded, _ = verify_checkpoint_and_load_strategy(checkpoint_dir, None, None, metadata)
+    return sharded.load(_tensors_metadata(str(checkpoint_dir), metadata, sharded), str(checkpoint_dir))
+
+
+def load_content_metadata(checkpoint_dir=None, *, preloaded_state_dict: Optional[StateDict] = None):
+    """The `content_metadata` given to `save`, or None."""
+    if preloaded_state_dict is None:
+        if checkpoint_dir is None:
+            raise ValueError("Either checkpoint_dir or preloaded_state_dict must be given")
+        preloaded_state_dict = load_common_state_dict(checkpoint_dir)
+    return preloaded_state_dict.get(_CONTENT_METADATA_KEY)
+
+
+def remove_sharded_tensors(checkpoint_dir, key_prefix: str) -> None:
+    """Deletes the tensors whose key starts with `key_prefix` (call on one rank).
+
+    The index in `metadata.json` is rewritten first, so the checkpoint never lists a tensor
+    whose files are gone.
+    """
+    metadata = require_complete_checkpoint(checkpoint_dir)
+    sharded, _ = verify_checkpoint_and_load_strategy(checkpoint_dir, None, None, metadata)
+    if not metadata.is_legacy:
+        metadata.tensors = {k: v for k, v in metadata.tensors.items() if not k.startswith(key_prefix)}
+        write_metadata(checkpoint_dir, metadata)
+    sharded.remove_sharded_tensors(str(checkpoint_dir), key_prefix)
+
+
+def get_default_save_sharded_strategy(backend: str = "zarr", version: int = 1) -> SaveShardedStrategy:
+    return get_default_strategy(StrategyAction.SAVE_SHARDED, backend, version)
+
+
+def get_default_save_common_strategy(backend: str = "torch", version: int = 1) -> SaveCommonStrategy:
+    return get_default_strategy(StrategyAction.SAVE_COMMON, backend, version)
+
+
+def get_default_load_sharded_strategy(checkpoint_dir) -> LoadShardedStrategy:
+    """The load strategy recorded in the checkpoint's `metadata.json`."""
+    return verify_checkpoint_and_load_strategy(checkpoint_dir)[0]

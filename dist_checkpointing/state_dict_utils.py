@@ -1,0 +1,59 @@
+"""Splitting a sharded state dict into what each part of a save or load handles."""
+
+from typing import Tuple
+
+from .dict_utils import dict_list_map_inplace, extract_matching_values
+from .mapping import (
+    CommonStateDict,
+    LocalNonpersistentObject,
+    ShardedBase,
+    ShardedStateDict,
+    ShardedTensorFactory,
+    StateDict,
+    apply_factories,
+)
+
+
+def _copy_structure(state_dict: ShardedStateDict) -> ShardedStateDict:
+    """New dicts and lists, same leaves: so that applying factories leaves the caller's dict as is."""
+    return extract_matching_values(state_dict, lambda _: True)[0]
+
+
+def extract_sharded_base(state_dict: ShardedStateDict) -> Tuple[ShardedStateDict, StateDict]:
+    """(ShardedBase leaves, everything else)."""
+    return extract_matching_values(state_dict, lambda v: isinstance(v, ShardedBase))
+
+
+def extract_nonpersistent(state_dict: ShardedStateDict) -> Tuple[ShardedStateDict, StateDict]:
+    """(LocalNonpersistentObject leaves, everything else)."""
+    return extract_matching_values(state_dict, lambda v: isinstance(v, LocalNonpersistentObject))
+
+
+def save_preprocess(sharded_state_dict: ShardedStateDict) -> Tuple[ShardedStateDict, CommonStateDict]:
+    """(the shards to write, the common state dict for `common.pt`).
+
+    Factories are built, LocalNonpersistentObjects dropped.
+    """
+    sharded_state_dict = _copy_structure(sharded_state_dict)
+    apply_factories(sharded_state_dict)
+    _, sharded_state_dict = extract_nonpersistent(sharded_state_dict)
+    return extract_sharded_base(sharded_state_dict)
+
+
+def load_preprocess(
+    sharded_state_dict: ShardedStateDict,
+) -> Tuple[ShardedStateDict, StateDict, ShardedStateDict]:
+    """(the shards to read, the caller's nonpersistent values, the factories to merge back).
+
+    Plain values in the request are dropped: the checkpoint's common state provides them.
+    """
+    sharded_state_dict = _copy_structure(sharded_state_dict)
+    factories, _ = extract_matching_values(
+        sharded_state_dict, lambda v: isinstance(v, ShardedTensorFactory), return_lists_as_dicts=True
+    )
+    apply_factories(sharded_state_dict)
+    dict_list_map_inplace(ShardedTensorFactory.without_data, factories)  # free their tensors
+    nonpersistent, sharded_state_dict = extract_nonpersistent(sharded_state_dict)
+    dict_list_map_inplace(LocalNonpersistentObject.unwrap, nonpersistent)
+    sharded_state_dict, _ = extract_sharded_base(sharded_state_dict)
+    return sharded_state_dict, nonpersistent, factories

@@ -1,0 +1,158 @@
+"""What a storage engine implements, and the registry that finds one by (backend, version).
+
+A save is split in two kinds of strategies: a *common* strategy writes what every rank shares
+(`common.pt`, written by rank 0) and the ShardedObjects; a *sharded* strategy writes the
+ShardedTensors. Loads mirror that. Strategies never talk to other ranks except where a
+docstring says so: planning, validation and the commit are done by `serialization`.
+"""
+
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from enum import Enum
+from pathlib import Path
+from typing import Any, DefaultDict, Dict, Tuple, Union
+
+from ..core import CheckpointingException
+from ..mapping import ShardedStateDict, StateDict
+
+
+class StrategyAction(Enum):
+    LOAD_COMMON = "load_common"
+    LOAD_SHARDED = "load_sharded"
+    SAVE_COMMON = "save_common"
+    SAVE_SHARDED = "save_sharded"
+
+
+default_strategies: DefaultDict[str, Dict[Tuple[str, int], Any]] = defaultdict(dict)
+
+
+def register_default_strategy(action: StrategyAction, backend: str, version: int, strategy):
+    """Makes `strategy` the default for `action` on checkpoints of (backend, version)."""
+    default_strategies[action.value][(backend, version)] = strategy
+
+
+def get_default_strategy(action: StrategyAction, backend: str, version: int):
+    """The registered default strategy for `action` and (backend, version)."""
+    from . import register_builtin_strategies
+
+    register_builtin_strategies()
+    try:
+        return default_strategies[action.value][(backend, version)]
+    except KeyError:
+        known = sorted(default_strategies[action.value])
+        raise CheckpointingException(
+            f"No default {action.value} strategy for backend {backend!r} version {version}; "
+            f"available: {known}"
+        ) from None
+
+
+class LoadStrategyBase(ABC):
+    """Base of load strategies: says which checkpoints it can read."""
+
+    def __init__(self, backend: str, version: int = 1):
+        self.backend = backend
+        self.version = version
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return False
+
+    def check_backend_compatibility(self, loaded_backend: str) -> None:
+        if loaded_backend not in self.readable_backends():
+            raise CheckpointingException(
+                f"{type(self).__name__} cannot read a checkpoint written with backend "
+                f"{loaded_backend!r} (it reads {sorted(self.readable_backends())})"
+            )
+
+    def check_version_compatibility(self, loaded_version: int) -> None:
+        if loaded_version != self.version:
+            raise CheckpointingException(
+                f"{type(self).__name__} reads version {self.version} of backend "
+                f"{self.backend!r}, the checkpoint has version {loaded_version}"
+            )
+
+    def readable_backends(self) -> Tuple[str, ...]:
+        return (self.backend,)
+
+
+class SaveStrategyBase(ABC):
+    """Base of save strategies: names the (backend, version) written into `metadata.json`."""
+
+    def __init__(self, backend: str, version: int = 1):
+        self.backend = backend
+        self.version = version
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return False
+
+    def __str__(self):
+        return f"{type(self).__name__}({self.backend}, {self.version})"
+
+
+class LoadCommonStrategy(LoadStrategyBase):
+    """Reads `common.pt` and ShardedObjects."""
+
+    @abstractmethod
+    def load_common(self, checkpoint_dir: Union[str, Path]) -> StateDict:
+        """The common state dict."""
+
+    @abstractmethod
+    def load_sharded_objects(
+        self, sharded_objects_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]
+    ) -> StateDict:
+        """The request with each ShardedObject replaced by its stored value."""
+
+    @abstractmethod
+    def load_sharded_metadata(self, checkpoint_dir: Union[str, Path]) -> ShardedStateDict:
+        """unique key -> ShardedObject (without data) for every stored object."""
+
+
+class LoadShardedStrategy(LoadStrategyBase):
+    """Reads ShardedTensors: any rectangle of any stored global tensor."""
+
+    @abstractmethod
+    def load(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]):
+        """The request with each ShardedTensor replaced by a tensor with its values."""
+
+    @abstractmethod
+    def load_tensors_metadata(self, checkpoint_dir: Union[str, Path]) -> ShardedStateDict:
+        """key -> unsharded ShardedTensor (without data) for every stored tensor."""
+
+    def load_sharded_metadata(self, checkpoint_dir: Union[str, Path]) -> ShardedStateDict:
+        """Like `load_tensors_metadata`, plus ShardedObjects where this strategy stores them."""
+        return self.load_tensors_metadata(checkpoint_dir)
+
+    @abstractmethod
+    def remove_sharded_tensors(self, checkpoint_dir: Union[str, Path], key_prefix: str) -> None:
+        """Deletes the stored tensors whose key starts with `key_prefix`."""
+
+
+class SaveCommonStrategy(SaveStrategyBase):
+    """Writes `common.pt` (rank 0) and ShardedObjects (their main replicas)."""
+
+    @abstractmethod
+    def save_common(self, common_state_dict: StateDict, checkpoint_dir: Union[str, Path]) -> None:
+        """Writes the common state dict; called on rank 0 only."""
+
+    @abstractmethod
+    def save_sharded_objects(
+        self, sharded_objects_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]
+    ) -> None:
+        """Writes the main replicas among the given ShardedObjects."""
+
+
+class SaveShardedStrategy(SaveStrategyBase):
+    """Writes ShardedTensors.
+
+    `save` is called on every rank with that rank's shards, after the global sharding was
+    validated. It writes the main replicas without talking to other ranks, and returns once
+    everything it wrote is durable (fsync'd).
+    """
+
+    def check_sharding(self, shards_by_key: Dict[str, list]) -> None:
+        """Rejects layouts this engine cannot store (called on every rank before any write)."""
+
+    @abstractmethod
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> None:
+        """Writes this rank's main-replica shards durably."""

@@ -1,0 +1,67 @@
+"""The common strategy: `common.pt` and ShardedObjects as `torch.save` files.
+
+Layout (Megatron-Core's): `<dir>/common.pt`, and one file per ShardedObject piece at
+`<dir>/<key>/shard_<offsets>_<shape>.pt`, written by the piece's main replica.
+"""
+
+import glob
+import os
+
+from ..dict_utils import dict_list_map_inplace, nested_values
+from ..fs import fsync_dirs
+from ..layout import common_file, object_file
+from ..mapping import ShardedObject, is_main_replica
+from ..pickling import load_object, save_object
+from .base import LoadCommonStrategy, SaveCommonStrategy
+
+
+class TorchCommonSaveStrategy(SaveCommonStrategy):
+    def __init__(self, backend: str = "torch", version: int = 1):
+        super().__init__(backend, version)
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def save_common(self, common_state_dict, checkpoint_dir) -> None:
+        save_object(common_state_dict, common_file(checkpoint_dir))
+
+    def save_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir) -> None:
+        dirs = set()
+        for obj in nested_values(sharded_objects_state_dict):
+            if isinstance(obj, ShardedObject) and is_main_replica(obj.replica_id):
+                path = object_file(checkpoint_dir, obj.unique_key)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_object(obj.data, path)
+                dirs.update((os.path.dirname(path), str(checkpoint_dir)))
+        fsync_dirs(dirs)
+
+
+class TorchCommonLoadStrategy(LoadCommonStrategy):
+    def __init__(self, backend: str = "torch", version: int = 1):
+        super().__init__(backend, version)
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def load_common(self, checkpoint_dir):
+        return load_object(common_file(checkpoint_dir), "common state dict")
+
+    def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+        def load_one(obj):
+            if not isinstance(obj, ShardedObject):
+                return obj
+            path = object_file(checkpoint_dir, obj.unique_key)
+            return load_object(path, f"ShardedObject '{obj.unique_key}'")
+
+        return dict_list_map_inplace(load_one, sharded_objects_state_dict)
+
+    def load_sharded_metadata(self, checkpoint_dir):
+        """Every `<key>/shard_*.pt` in the directory (for checkpoints without an index)."""
+        found = {}
+        for path in sorted(glob.glob(os.path.join(glob.escape(str(checkpoint_dir)), "*", "shard_*.pt"))):
+            key = os.path.basename(os.path.dirname(path))
+            unique_key = f"{key}/{os.path.basename(path)[: -len('.pt')]}"
+            found[unique_key] = ShardedObject.empty_from_unique_key(unique_key)
+        return found

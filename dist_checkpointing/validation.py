@@ -1,0 +1,343 @@
+"""Who writes and reads what: checks of the global sharding, and load strictness.
+
+Every rank receives the same global metadata (the shards of all ranks, without data) and runs
+the same checks, so an invalid sharding raises the same `CheckpointingException` on every rank
+before anything is written. (Megatron-Core checks on rank 0 only; the other ranks then hang.)
+"""
+
+import logging
+from collections import defaultdict
+from enum import Enum
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+
+from .collectives import exchange
+from .core import CheckpointingException
+from .dict_utils import extract_matching_values, nested_values
+from .mapping import (
+    ShardedBase,
+    ShardedObject,
+    ShardedStateDict,
+    ShardedTensor,
+    is_main_replica,
+)
+
+logger = logging.getLogger(__name__)
+
+LocalMetadata = List[ShardedBase]  # the shards of one rank, without data
+GlobalMetadata = List[LocalMetadata]  # indexed by rank
+CkptShardedMetadata = Dict[str, ShardedBase]  # checkpoint content: key (or unique key) -> entry
+
+
+class StrictHandling(Enum):
+    """How `load` handles a mismatch between the request and the checkpoint.
+
+    "Unexpected" keys are requested but not in the checkpoint; "missing" keys are in the
+    checkpoint but requested by no rank. Unexpected keys are known locally; missing keys need
+    the requests of all ranks (one metadata exchange, which `validate_access_integrity=True`
+    performs anyway). All modes but ASSUME_OK_UNEXPECTED read the checkpoint's key list first.
+    """
+
+    # The strategy raises when it meets an unexpected key; no extra check.
+    ASSUME_OK_UNEXPECTED = "assume_ok_unexpected"
+    # Log unexpected keys (WARNING) and skip them; ignore missing keys.
+    LOG_UNEXPECTED = "log_unexpected"
+    # Log unexpected and missing keys (WARNING); skip the unexpected ones.
+    LOG_ALL = "log_all"
+    # Raise on unexpected keys before loading anything.
+    RAISE_UNEXPECTED = "raise_unexpected"
+    # Raise on unexpected or missing keys before loading anything.
+    RAISE_ALL = "raise_all"
+    # Skip unexpected keys and return them: load returns (state_dict, missing, unexpected),
+    # with `missing` always empty.
+    RETURN_UNEXPECTED = "return_unexpected"
+    # Skip unexpected keys and return both sets: load returns (state_dict, missing, unexpected).
+    RETURN_ALL = "return_all"
+    # Skip unexpected keys silently.
+    IGNORE_ALL = "ignore_all"
+
+    @staticmethod
+    def requires_explicit_ckpt_mismatch_check(val: "StrictHandling") -> bool:
+        """Whether the checkpoint's key list must be read before loading."""
+        return val != StrictHandling.ASSUME_OK_UNEXPECTED
+
+    @staticmethod
+    def requires_global_app_metadata(val: "StrictHandling") -> bool:
+        """Whether the requests of all ranks are needed (to find missing keys)."""
+        return val in (
+            StrictHandling.IGNORE_ALL,
+            StrictHandling.RAISE_ALL,
+            StrictHandling.RETURN_ALL,
+            StrictHandling.LOG_ALL,
+        )
+
+    @staticmethod
+    def requires_returning_mismatch_keys(val: "StrictHandling") -> bool:
+        """Whether `load` returns (state_dict, missing_keys, unexpected_keys)."""
+        return val in (StrictHandling.RETURN_UNEXPECTED, StrictHandling.RETURN_ALL)
+
+
+def parse_strict_flag(strict: Union[str, bool, StrictHandling]) -> StrictHandling:
+    """Accepts a StrictHandling, its value string, or a bool (True: ASSUME_OK_UNEXPECTED,
+    False: LOG_UNEXPECTED, as Megatron-Core documents)."""
+    if isinstance(strict, StrictHandling):
+        return strict
+    if isinstance(strict, bool):
+        return StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
+    try:
+        return StrictHandling(strict)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"Invalid strict flag: {e}") from e
+
+
+def determine_global_metadata(
+    sharded_state_dict: ShardedStateDict, group=None
+) -> Tuple[LocalMetadata, GlobalMetadata]:
+    """Exchanges the shards (without data) of all ranks."""
+    local_metadata = [sh.without_data() for sh in nested_values(sharded_state_dict)]
+    return local_metadata, exchange(lambda: local_metadata, "metadata exchange", group)
+
+
+def validate_sharding_integrity(global_metadata: GlobalMetadata) -> None:
+    """Checks that the shards of all ranks describe consistent, exactly covered global entries.
+
+    Per key: one kind (tensor or object), one dtype and global shape; every element (or grid
+    position, for objects) is held by exactly one main replica; flattened main replicas of one
+    shard tile it exactly. Raises `CheckpointingException` naming the key.
+    """
+    by_key: Dict[str, List[Tuple[int, ShardedBase]]] = defaultdict(list)
+    for rank, shards in enumerate(global_metadata):
+        for sh in shards:
+            by_key[sh.key].append((rank, sh))
+    for key, ranked in by_key.items():
+        kinds = {type(sh) for _, sh in ranked}
+        if len(kinds) > 1:
+            raise CheckpointingException(
+                f"Key '{key}' is used by different kinds of entries: "
+                f"{sorted(k.__name__ for k in kinds)}. Give each entry its own key."
+            )
+        if isinstance(ranked[0][1], ShardedTensor):
+            _validate_tensor_shards(key, ranked)
+        elif isinstance(ranked[0][1], ShardedObject):
+            _validate_object_shards(key, ranked)
+
+
+def _validate_tensor_shards(key: str, ranked: List[Tuple[int, ShardedTensor]]) -> None:
+    first_rank, first = ranked[0]
+    for rank, sh in ranked:
+        if sh.dtype != first.dtype or sh.global_shape != first.global_shape:
+            raise CheckpointingException(
+                f"Inconsistent shards of key '{key}': rank {first_rank} has dtype {first.dtype} "
+                f"and global shape {first.global_shape}, rank {rank} has {sh.dtype} and "
+                f"{sh.global_shape}. All shards of a key must agree."
+            )
+    main = [(rank, sh) for rank, sh in ranked if is_main_replica(sh.replica_id)]
+    pieces = defaultdict(list)  # flattened shards: the flat pieces of each local shard
+    for rank, sh in main:
+        offset, shape = sh.global_box()
+        for o, s, g in zip(offset, shape, sh.global_shape):
+            if o + s > g:
+                raise CheckpointingException(
+                    f"Shard of key '{key}' on rank {rank} (offset {sh.global_offset}, local shape "
+                    f"{sh.local_shape}) exceeds the global shape {sh.global_shape}"
+                )
+        if sh.flattened_range is not None:
+            pieces[offset].append((rank, sh))
+    for offset, flat in pieces.items():
+        _validate_flat_tiling(key, offset, flat)
+    boxes = defaultdict(list)  # box -> ranks holding it
+    for rank, sh in main:
+        box = sh.global_box()
+        if sh.flattened_range is None or not boxes[box]:  # a shard's flat pieces count once
+            boxes[box].append(rank)
+    _validate_coverage(key, first.global_shape, list(boxes.items()))
+
+
+def _validate_flat_tiling(key: str, offset, flat: List[Tuple[int, ShardedTensor]]) -> None:
+    numel = int(np.prod(flat[0][1].local_shape))
+    ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in flat)
+    position = 0
+    for start, stop, rank in ranges:
+        if start != position:
+            problem = "a gap" if start > position else "an overlap"
+            raise CheckpointingException(
+                f"Flattened shards of key '{key}' at offset {offset} leave {problem} at flat "
+                f"element {min(start, position)} (rank {rank}'s range starts at {start}). The "
+                f"main replicas' flattened_range must tile the {numel} elements exactly once."
+            )
+        position = stop
+    if position != numel:
+        raise CheckpointingException(
+            f"Flattened shards of key '{key}' at offset {offset} cover {position} of {numel} "
+            f"elements. The main replicas' flattened_range must tile the local shard exactly."
+        )
+
+
+def _validate_coverage(key: str, global_shape: Tuple[int, ...], boxes) -> None:
+    """Each element of `global_shape` must lie in exactly one box (count repeated boxes too).
+
+    Boundaries of all boxes along each axis cut the tensor into cells (one per shard for a
+    regular grid); counting boxes per cell checks coverage for any layout.
+    """
+    if any(s == 0 for s in global_shape):
+        return
+    cuts = []
+    for axis, size in enumerate(global_shape):
+        points = {0, size}
+        for (offset, shape), _ in boxes:
+            points.update((offset[axis], offset[axis] + shape[axis]))
+        cuts.append(np.array(sorted(points)))
+    counts = np.zeros([len(c) - 1 for c in cuts], dtype=np.int32)
+    for (offset, shape), ranks in boxes:
+        if any(s == 0 for s in shape):
+            continue
+        index = tuple(
+            slice(np.searchsorted(c, o), np.searchsorted(c, o + s)) for c, o, s in zip(cuts, offset, shape)
+        )
+        counts[index] += len(ranks)
+    bad = np.argwhere(counts != 1)
+    if len(bad):
+        cell = bad[0]
+        region = [f"{c[i]}:{c[i + 1]}" for c, i in zip(cuts, cell)]
+        n = counts[tuple(cell)]
+        holders = [r for (o, s), ranks in boxes for r in ranks if _contains(o, s, cuts, cell)]
+        raise CheckpointingException(
+            f"Invalid sharding of key '{key}' (global shape {tuple(global_shape)}): elements "
+            f"[{', '.join(region)}] are held by {n} main replicas"
+            + (f" (ranks {sorted(holders)})" if holders else "")
+            + ", expected exactly 1. Every element must belong to exactly one main replica "
+            "(replica_id 0) across all ranks; check the rank offsets and replica_id of this "
+            "key's shards (a load that reads only part of a tensor on purpose passes "
+            "validate_access_integrity=False)."
+        )
+
+
+def _contains(offset, shape, cuts, cell) -> bool:
+    return all(o <= c[i] and c[i + 1] <= o + s for o, s, c, i in zip(offset, shape, cuts, cell))
+
+
+def _validate_object_shards(key: str, ranked: List[Tuple[int, ShardedObject]]) -> None:
+    shape = ranked[0][1].global_shape
+    for rank, sh in ranked:
+        if sh.global_shape != shape:
+            raise CheckpointingException(
+                f"Inconsistent ShardedObjects of key '{key}': global shapes {shape} and "
+                f"{sh.global_shape} (rank {rank})"
+            )
+    holders = defaultdict(list)
+    for rank, sh in ranked:
+        if is_main_replica(sh.replica_id):
+            holders[sh.global_offset].append(rank)
+    duplicated = {o: r for o, r in holders.items() if len(r) > 1}
+    if duplicated:
+        offset, ranks = next(iter(duplicated.items()))
+        raise CheckpointingException(
+            f"ShardedObject '{key}' at offset {offset} has {len(ranks)} main replicas "
+            f"(ranks {ranks}), expected exactly 1"
+        )
+    expected = int(np.prod(shape))
+    if len(holders) != expected:
+        present = set(holders)
+        missing = next(o for o in np.ndindex(*shape) if tuple(o) not in present)
+        raise CheckpointingException(
+            f"ShardedObject '{key}' is incomplete: {len(holders)} of {expected} pieces have a "
+            f"main replica; e.g. offset {tuple(missing)} has none"
+        )
+
+
+def validate_integrity_and_strict_load(
+    sharded_state_dict: ShardedStateDict,
+    strict: StrictHandling,
+    validate_access_integrity: bool,
+    local_metadata: Optional[LocalMetadata] = None,
+    global_metadata: Optional[GlobalMetadata] = None,
+    ckpt_sharded_metadata: Optional[CkptShardedMetadata] = None,
+) -> Tuple[ShardedStateDict, Set[str], Set[str]]:
+    """Applies `strict` and the sharding check to a load request.
+
+    Returns the request without unexpected keys, and the missing and unexpected keys
+    (missing keys are equal on all ranks; unexpected keys are per rank).
+    """
+    missing_keys, unexpected_keys = set(), set()
+    if StrictHandling.requires_explicit_ckpt_mismatch_check(strict):
+        if ckpt_sharded_metadata is None:
+            raise CheckpointingException("Cannot check the checkpoint keys without its metadata")
+        if local_metadata is None:
+            local_metadata = [sh.without_data() for sh in nested_values(sharded_state_dict)]
+        want_missing = StrictHandling.requires_global_app_metadata(strict)
+        missing_keys, unexpected_keys = _determine_missing_and_unexpected_keys(
+            ckpt_sharded_metadata, local_metadata, global_metadata if want_missing else None
+        )
+        sharded_state_dict = adjust_non_strict_load(sharded_state_dict, unexpected_keys)
+        if strict == StrictHandling.IGNORE_ALL:
+            missing_keys, unexpected_keys = set(), set()
+        elif strict in (StrictHandling.RAISE_UNEXPECTED, StrictHandling.RAISE_ALL):
+            maybe_report_missing_and_unexpected_keys(missing_keys, unexpected_keys, True)
+        elif strict in (StrictHandling.LOG_UNEXPECTED, StrictHandling.LOG_ALL):
+            maybe_report_missing_and_unexpected_keys(missing_keys, unexpected_keys, False)
+    if validate_access_integrity:
+        if global_metadata is None:
+            raise CheckpointingException("Cannot check the sharding without global metadata")
+        validate_sharding_integrity(global_metadata)
+    return sharded_state_dict, missing_keys, unexpected_keys
+
+
+def adjust_non_strict_load(
+    sharded_state_dict: ShardedStateDict, sharded_keys_to_remove: Set[str]
+) -> ShardedStateDict:
+    """The request without the entries whose key is in `sharded_keys_to_remove`."""
+    _, kept = extract_matching_values(sharded_state_dict, lambda x: x.key in sharded_keys_to_remove)
+    return kept
+
+
+def _determine_missing_and_unexpected_keys(
+    ckpt_sharded_metadata: CkptShardedMetadata,
+    local_metadata: LocalMetadata,
+    global_metadata: Optional[GlobalMetadata] = None,
+) -> Tuple[Set[str], Set[str]]:
+    ckpt_keys = {sh.key for sh in ckpt_sharded_metadata.values()}
+    unexpected_keys = {sh.key for sh in local_metadata} - ckpt_keys
+    missing_keys = set()
+    if global_metadata is not None:
+        missing_keys = ckpt_keys - {sh.key for shards in global_metadata for sh in shards}
+    return missing_keys, unexpected_keys
+
+
+def maybe_report_missing_and_unexpected_keys(
+    missing_keys: Set[str], unexpected_keys: Set[str], raise_error: bool = True
+) -> None:
+    """Raises (or logs at WARNING) when there are missing or unexpected keys."""
+    if not missing_keys and not unexpected_keys:
+        return
+    parts = []
+    if missing_keys:
+        parts.append(
+            "Some keys found in the checkpoint are missing in the provided sharded state dict. "
+            f"Missing keys (for all ranks): {sorted(missing_keys)}."
+        )
+    if unexpected_keys:
+        parts.append(
+            "Unexpected keys (not found in the checkpoint) encountered in the provided sharded "
+            f"state dict. Unexpected keys (for this rank): {sorted(unexpected_keys)}."
+        )
+    message = " ".join(parts)
+    if raise_error:
+        raise CheckpointingException(message)
+    logger.warning(message)
+
+
+def validate_sharded_objects_handling(sharded_strategy, common_strategy) -> None:
+    """Checks that some strategy can store ShardedObjects."""
+    if not sharded_strategy.can_handle_sharded_objects and (
+        common_strategy is None or not common_strategy.can_handle_sharded_objects
+    ):
+        raise CheckpointingException(
+            f"Either the sharded strategy {sharded_strategy} or the common strategy "
+            f"{common_strategy} must handle ShardedObjects"
+        )
+
+
+def shards_of(sharded_state_dict: ShardedStateDict, cls) -> Sequence:
+    """The leaves of `sharded_state_dict` that are instances of `cls`."""
+    return [x for x in nested_values(sharded_state_dict) if isinstance(x, cls)]
