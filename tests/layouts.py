@@ -1,0 +1,117 @@
+"""A Megatron-like sharded state dict whose values follow a rule, for any TP x DP layout.
+
+rule: full = (arange(numel).reshape(global_shape) % 251 + crc32(key) % 13).to(dtype), the rule
+of the Megatron-written fixtures, so every loaded value can be checked bit-exactly.
+"""
+
+import zlib
+
+import torch
+
+from dist_checkpointing import ShardedObject, ShardedTensor
+
+DTYPES = [
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+]
+LAYERS = 2
+
+
+def full(key, shape, dtype):
+    numel = 1
+    for s in shape:
+        numel *= s
+    values = torch.arange(numel, dtype=torch.int64).reshape(shape) % 251 + zlib.crc32(key.encode()) % 13
+    if dtype == torch.bool:
+        return (values % 2).bool()
+    return values.to(dtype)
+
+
+def dtype_key(dtype):
+    return f"dtypes.{str(dtype).split('.')[-1]}"
+
+
+def sharded_state_dict(rank, tp, dp=1, with_data=True, objects=True):
+    """The state of `rank` in a TP x DP layout (rank = dp_rank * tp + tp_rank)."""
+    tp_rank, dp_rank = rank % tp, rank // tp
+
+    def piece(key, gshape, dtype, axis):
+        """Shard `axis` of the global tensor over TP; replicated over DP."""
+        size = gshape[axis] // tp
+        data = full(key, gshape, dtype).narrow(axis, tp_rank * size, size).clone()
+        if not with_data:
+            data = torch.empty_like(data)
+        return ShardedTensor.from_rank_offsets(key, data, (axis, tp_rank, tp), replica_id=dp_rank)
+
+    def stacked(key, gshape, dtype, axis):
+        """One ShardedTensor per layer, like Megatron's stacked layers (prepend_axis_num=1)."""
+        result = []
+        for layer in range(gshape[0]):
+            size = gshape[axis] // tp
+            data = full(key, gshape, dtype)[layer].narrow(axis - 1, tp_rank * size, size).clone()
+            if not with_data:
+                data = torch.empty_like(data)
+            result.append(
+                ShardedTensor.from_rank_offsets(
+                    key,
+                    data,
+                    (0, layer, gshape[0]),
+                    (axis, tp_rank, tp),
+                    replica_id=dp_rank,
+                    prepend_axis_num=1,
+                )
+            )
+        return result
+
+    norm = full("final_norm", (16,), torch.float32)
+    state = {
+        "embedding": piece("embedding.weight", (64, 16), torch.bfloat16, 0),
+        "layers": {
+            "qkv": stacked("layers.qkv.weight", (LAYERS, 48, 16), torch.float32, 1),
+            "fc2": stacked("layers.fc2.weight", (LAYERS, 16, 64), torch.float16, 2),
+        },
+        "final_norm": ShardedTensor.from_rank_offsets(
+            "final_norm", norm if with_data else torch.empty_like(norm), replica_id=rank
+        ),
+        "dtypes": [piece(dtype_key(dt), (8, 12), dt, 1) for dt in DTYPES],
+        "iteration": 7,
+    }
+    if objects:
+        state["rng"] = ShardedObject(
+            "rng_state", {"seed": 1000 + tp_rank} if with_data else None, (tp,), (tp_rank,), replica_id=dp_rank
+        )
+    return state
+
+
+def check_loaded(loaded, rank, tp, dp=1):
+    """Asserts every tensor in `loaded` equals the rule for this rank's layout."""
+    expected = sharded_state_dict(rank, tp, dp, objects=False)
+    compared = 0
+
+    def compare(exp, got, where):
+        nonlocal compared
+        if isinstance(exp, dict):
+            for k in exp:
+                compare(exp[k], got[k], f"{where}.{k}")
+        elif isinstance(exp, list):
+            assert len(exp) == len(got), where
+            for i, (e, g) in enumerate(zip(exp, got)):
+                compare(e, g, f"{where}[{i}]")
+        elif isinstance(exp, ShardedTensor):
+            assert isinstance(got, torch.Tensor), f"{where}: {type(got)}"
+            assert got.dtype == exp.dtype and got.shape == exp.data.shape, where
+            assert torch.equal(got, exp.data), f"{where} differs"
+            compared += 1
+        else:
+            assert exp == got, where
+
+    compare(expected, loaded, "state")
+    return compared

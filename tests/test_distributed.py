@@ -1,0 +1,135 @@
+"""Save at one layout with real ranks, load at another: every dtype, bit-exact."""
+
+import os
+
+import pytest
+import torch
+
+import dist_checkpointing as dc
+from dist_checkpointing import CheckpointingException, ShardedObject, ShardedTensor
+from layouts import check_loaded, sharded_state_dict
+from multirank import RankFailed, run_ranks
+
+
+def save_and_reload(rank, world_size, ckpt_dir, tp, dp):
+    dc.save(sharded_state_dict(rank, tp, dp), ckpt_dir)
+    loaded = dc.load(sharded_state_dict(rank, tp, dp, with_data=False), ckpt_dir)
+    assert loaded["rng"] == {"seed": 1000 + rank % tp}
+    return check_loaded(loaded, rank, tp, dp)
+
+
+def load_at(rank, world_size, ckpt_dir, tp, dp):
+    request = sharded_state_dict(rank, tp, dp, with_data=False, objects=False)
+    loaded = dc.load(request, ckpt_dir)
+    assert loaded["iteration"] == 7
+    return check_loaded(loaded, rank, tp, dp)
+
+
+def test_save_tp2_then_load_tp1_tp4_and_tp2dp2(tmp_path):
+    ckpt = str(tmp_path / "tp2")
+    counts = run_ranks(save_and_reload, 2, ckpt, 2, 1)
+    assert counts[0] == counts[1] > 10
+    # TP=1 in this process, without torch.distributed
+    assert load_at(0, 1, ckpt, 1, 1) == counts[0]
+    # TP=4 and TP=2 x DP=2 on four ranks
+    assert run_ranks(load_at, 4, ckpt, 4, 1) == [counts[0]] * 4
+    assert run_ranks(load_at, 4, ckpt, 2, 2) == [counts[0]] * 4
+
+
+def test_save_tp2dp2_writes_each_chunk_once_and_loads_at_tp1(tmp_path):
+    ckpt = str(tmp_path / "tp2dp2")
+    run_ranks(save_and_reload, 4, ckpt, 2, 2)
+    chunks = os.listdir(os.path.join(ckpt, "embedding.weight", "c"))
+    assert sorted(chunks) == ["0", "1"]
+    assert load_at(0, 1, ckpt, 1, 1) > 10
+    assert dc.load_common_state_dict(ckpt) == {"iteration": 7}
+
+
+def save_invalid(rank, world_size, ckpt_dir, problem):
+    state = sharded_state_dict(rank, 2)
+    if problem == "overlap":  # both ranks claim the first half of the embedding
+        data = state["embedding"].data
+        state["embedding"] = ShardedTensor.from_rank_offsets("embedding.weight", data, (0, 0, 2))
+    elif problem == "dtype":
+        if rank == 1:
+            state["final_norm"] = ShardedTensor.from_rank_offsets(
+                "final_norm", torch.zeros(16, dtype=torch.float64), replica_id=1
+            )
+    elif problem == "object_gap":
+        state["rng"] = ShardedObject("rng_state", {}, (3,), (rank,))
+    elif problem == "bad_key":
+        if rank == 1:
+            state["evil"] = ShardedTensor.from_rank_offsets("../evil", torch.zeros(2))
+    try:
+        dc.save(state, ckpt_dir)
+    except CheckpointingException as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("overlap", "embedding.weight"),
+        ("dtype", "final_norm"),
+        ("object_gap", "rng_state"),
+        ("bad_key", "../evil"),
+    ],
+)
+def test_invalid_sharding_raises_on_every_rank_and_writes_nothing(tmp_path, problem, expected):
+    ckpt = str(tmp_path / "bad")
+    messages = run_ranks(save_invalid, 2, ckpt, problem)
+    assert all(m is not None and expected in m for m in messages), messages
+    assert messages[0] == messages[1]
+    assert not os.path.exists(ckpt) or os.listdir(ckpt) == []
+    assert not os.path.exists(tmp_path / "evil")
+
+
+def save_with_failing_rank(rank, world_size, ckpt_dir):
+    from dist_checkpointing.strategies.zarr import ZarrSaveShardedStrategy
+
+    strategy = ZarrSaveShardedStrategy()
+    if rank == 1:
+        def failing_save(sharded_state_dict, checkpoint_dir):
+            raise OSError(28, "No space left on device")
+
+        strategy.save = failing_save
+    try:
+        dc.save(sharded_state_dict(rank, 2), ckpt_dir, sharded_strategy=strategy)
+    except CheckpointingException as e:
+        return str(e)
+    return None
+
+
+def test_write_failure_on_one_rank_raises_everywhere_and_commits_nothing(tmp_path):
+    ckpt = str(tmp_path / "failed")
+    messages = run_ranks(save_with_failing_rank, 2, ckpt)
+    assert all(m and "No space left on device" in m and "rank(s) 1" in m for m in messages)
+    assert not os.path.exists(os.path.join(ckpt, "metadata.json"))
+    with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
+        dc.load({}, ckpt)
+    # a retry into the same directory succeeds
+    run_ranks(save_and_reload, 2, ckpt, 2, 1)
+
+
+def load_megatron_fixture(rank, world_size, fixture):
+    from test_megatron_fixture import check_fixture_at_tp
+
+    return check_fixture_at_tp(fixture, rank, world_size)
+
+
+def test_megatron_zarr_fixture_loads_at_tp2_and_tp4():
+    from test_megatron_fixture import FIXTURE
+
+    assert run_ranks(load_megatron_fixture, 2, FIXTURE) == [5, 5]
+    assert run_ranks(load_megatron_fixture, 4, FIXTURE) == [5, 5, 5, 5]
+
+
+def test_multirank_harness_reports_failures():
+    with pytest.raises(RankFailed, match="boom"):
+        run_ranks(_boom, 2)
+
+
+def _boom(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom")

@@ -1,0 +1,200 @@
+"""The on-disk format: readable by stock zarr-python and tensorstore; metadata.json strict."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorstore as ts
+import torch
+import zarr
+
+import dist_checkpointing as dc
+from dist_checkpointing import CheckpointingException, ShardedTensor
+from dist_checkpointing.dtypes import to_torch
+from layouts import DTYPES, dtype_key, full, sharded_state_dict
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("fmt") / "ckpt")
+    dc.save(sharded_state_dict(0, 1), path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_arrays_readable_by_stock_tensorstore_and_zarr(ckpt, dtype):
+    key = dtype_key(dtype)
+    expected = full(key, (8, 12), dtype)
+    with open(os.path.join(ckpt, key, "zarr.json")) as f:
+        doc = json.load(f)
+    assert doc["data_type"] == str(dtype).split(".")[-1]
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(ckpt, key)}}).result()
+    assert torch.equal(to_torch(np.ascontiguousarray(store.read().result())), expected)
+    # zarr-python sees the bf16 type once dist_checkpointing registered it (imported above)
+    assert torch.equal(to_torch(zarr.open_array(os.path.join(ckpt, key), mode="r")[:]), expected)
+
+
+def test_chunk_is_the_save_time_shard(tmp_path):
+    path = str(tmp_path / "c")
+    state = sharded_state_dict(0, 1)
+    state["embedding"] = ShardedTensor.from_rank_offsets(
+        "embedding.weight", full("embedding.weight", (64, 16), torch.bfloat16)[:32], (0, 0, 2)
+    )
+    state["embedding2"] = ShardedTensor.from_rank_offsets(
+        "embedding.weight", full("embedding.weight", (64, 16), torch.bfloat16)[32:], (0, 1, 2)
+    )
+    dc.save(state, path)
+    with open(os.path.join(path, "embedding.weight", "zarr.json")) as f:
+        doc = json.load(f)
+    assert doc["chunk_grid"]["configuration"]["chunk_shape"] == [32, 16]
+    assert doc["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+    assert sorted(os.listdir(os.path.join(path, "embedding.weight", "c"))) == ["0", "1"]
+    stacked = json.load(open(os.path.join(path, "layers.qkv.weight", "zarr.json")))
+    assert stacked["shape"] == [2, 48, 16] and stacked["chunk_grid"]["configuration"]["chunk_shape"] == [1, 48, 16]
+
+
+def test_metadata_json_is_megatron_config_plus_index(ckpt):
+    with open(os.path.join(ckpt, "metadata.json")) as f:
+        doc = json.load(f)
+    assert doc["sharded_backend"] == "zarr" and doc["common_backend"] == "torch"
+    assert doc["sharded_backend_version"] == doc["common_backend_version"] == 1
+    assert doc["format_version"] == 1
+    assert doc["tensors"]["embedding.weight"] == {"shape": [64, 16], "dtype": "bfloat16"}
+    assert doc["objects"] == ["rng_state/shard_0_1"]
+    assert dc.check_is_distributed_checkpoint(ckpt)
+
+
+def corrupt_copy(src, dst, content):
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "metadata.json"), "w") as f:
+        f.write(content)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "expected a JSON object"),
+        ('{"sharded_backend": 3}', "'sharded_backend' must be a string"),
+        ('{"sharded_backend": "zarr", "surprise": 1}', "unknown fields"),
+        ('{"sharded_backend": "zarr", "format_version": 99, "tensors": {}, "objects": []}', "newer"),
+        ('{"sharded_backend": "zarr", "format_version": 1, "tensors": {"a": {"shape": [-1], "dtype": "x"}}, "objects": []}', "tensor entry"),
+        ('{"sharded_backend": "nope"}', "No default load_sharded strategy"),
+    ],
+)
+def test_malformed_metadata_json_is_a_clear_error(ckpt, tmp_path, content, message):
+    bad = corrupt_copy(ckpt, str(tmp_path / "bad"), content)
+    with pytest.raises(CheckpointingException, match=message):
+        dc.load(sharded_state_dict(0, 1, with_data=False), bad)
+    assert not dc.check_is_distributed_checkpoint(bad) or "nope" in content
+
+
+def test_incomplete_and_missing_checkpoints(tmp_path):
+    with pytest.raises(CheckpointingException, match="does not exist"):
+        dc.load({}, str(tmp_path / "nowhere"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(CheckpointingException, match="not a distributed checkpoint"):
+        dc.load({}, str(tmp_path / "empty"))
+    os.makedirs(tmp_path / "partial" / "embedding.weight")
+    with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
+        dc.load_tensors_metadata(str(tmp_path / "partial"))
+
+
+def test_complete_checkpoint_is_never_overwritten(ckpt):
+    before = open(os.path.join(ckpt, "metadata.json")).read()
+    with pytest.raises(CheckpointingException, match="refusing to overwrite"):
+        dc.save(sharded_state_dict(0, 1), ckpt)
+    assert open(os.path.join(ckpt, "metadata.json")).read() == before
+
+
+def test_stale_arrays_from_an_interrupted_save_are_not_part_of_the_checkpoint(tmp_path):
+    path = str(tmp_path / "reused")
+    os.makedirs(os.path.join(path, "stale.key"))
+    with open(os.path.join(path, "stale.key", "zarr.json"), "w") as f:
+        json.dump({"node_type": "array"}, f)
+    dc.save(sharded_state_dict(0, 1), path)
+    assert "stale.key" not in dc.load_tensors_metadata(path)
+    request = {"x": ShardedTensor.from_rank_offsets("stale.key", torch.zeros(2))}
+    with pytest.raises(CheckpointingException, match="'stale.key' is not in the checkpoint"):
+        dc.load(request, path)
+
+
+def test_data_is_fsynced_before_metadata_json_is_renamed_into_place(tmp_path, monkeypatch):
+    from dist_checkpointing import fs
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fs.os, "fsync", fsync)
+    monkeypatch.setattr(fs.os, "replace", replace)
+    path = str(tmp_path / "durable")
+    dc.save(sharded_state_dict(0, 1), path)
+    commit = events.index(("rename", os.path.join(path, "metadata.json")))
+    synced = {p for kind, p in events[:commit] if kind == "fsync"}
+    written = {os.path.join(root, f) for root, _, files in os.walk(path) for f in files}
+    written.discard(os.path.join(path, "metadata.json"))
+    assert written and written <= synced
+    assert os.path.join(path, "embedding.weight", "c") in synced  # new directories too
+    assert events[commit + 1] == ("fsync", path)  # the rename itself is made durable
+
+
+def test_shape_and_dtype_mismatch_and_padding(ckpt):
+    key = "embedding.weight"
+    stored = full(key, (64, 16), torch.bfloat16)
+    with pytest.raises(CheckpointingException, match="stored as bfloat16.*requested as float32"):
+        dc.load({"e": ShardedTensor.from_rank_offsets(key, torch.zeros(64, 16))}, ckpt)
+    with pytest.raises(CheckpointingException, match="allow_shape_mismatch"):
+        dc.load({"e": ShardedTensor.from_rank_offsets(key, torch.zeros(70, 16, dtype=torch.bfloat16))}, ckpt)
+    # a padded vocabulary: 80 rows requested over 2 ranks, 64 stored
+    parts = [
+        ShardedTensor.from_rank_offsets(
+            key, torch.zeros(40, 16, dtype=torch.bfloat16), (0, i, 2), allow_shape_mismatch=True
+        )
+        for i in range(2)
+    ]
+    loaded = dc.load({"e": parts}, ckpt)["e"]
+    assert torch.equal(loaded[0], stored[:40])
+    assert torch.equal(loaded[1][:24], stored[40:]) and not loaded[1][24:].any()
+    # a request wholly outside the stored rows reads zeros
+    outside = ShardedTensor(key, torch.zeros(4, 16, dtype=torch.bfloat16), torch.bfloat16, (4, 16), (68, 16), (64, 0), None, allow_shape_mismatch=True)
+    assert not dc.load({"e": outside}, ckpt, validate_access_integrity=False)["e"].any()
+
+
+def test_zero_dim_and_empty_tensors_roundtrip(tmp_path):
+    path = str(tmp_path / "small")
+    state = {
+        "scalar": ShardedTensor.from_rank_offsets("scalar", torch.tensor(3.5, dtype=torch.float64)),
+        "empty": ShardedTensor.from_rank_offsets("empty", torch.zeros(0, 4)),
+    }
+    dc.save(state, path)
+    request = {
+        "scalar": ShardedTensor.from_rank_offsets("scalar", torch.tensor(0.0, dtype=torch.float64)),
+        "empty": ShardedTensor.from_rank_offsets("empty", torch.zeros(0, 4)),
+    }
+    loaded = dc.load(request, path)
+    assert loaded["scalar"].item() == 3.5 and loaded["scalar"].shape == ()
+    assert loaded["empty"].shape == (0, 4)
+
+
+def test_remove_sharded_tensors_updates_the_index(ckpt, tmp_path):
+    import shutil
+
+    path = str(tmp_path / "rm")
+    shutil.copytree(ckpt, path)
+    dc.remove_sharded_tensors(path, "dtypes.")
+    keys = set(dc.load_tensors_metadata(path))
+    assert keys and not any(k.startswith("dtypes.") for k in keys)
+    assert not any(name.startswith("dtypes.") for name in os.listdir(path))
+    assert set(dc.load_plain_tensors(path)) == keys
