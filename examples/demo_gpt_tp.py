@@ -29,6 +29,14 @@ STEPS, SAVE_AT, LR = 12, 6, 1e-2
 TOLERANCE = 1e-5  # relative: TP=2 and TP=1 sum in different orders
 
 
+def _sum_over_tp(x):
+    """Sum over the TP ranks (identity at TP=1, where no process group exists)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 class _CopyToTP(torch.autograd.Function):
     """Identity forward; all-reduce of the gradient backward (input of a column-parallel layer)."""
 
@@ -38,10 +46,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if dist.is_initialized():
-            grad = grad.clone()
-            dist.all_reduce(grad)
-        return grad
+        return _sum_over_tp(grad)
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -49,10 +54,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        if dist.is_initialized():
-            x = x.clone()
-            dist.all_reduce(x)
-        return x
+        return _sum_over_tp(x)
 
     @staticmethod
     def backward(ctx, grad):
