@@ -8,6 +8,8 @@ Users allow their own classes globally with `torch.serialization.add_safe_global
 """
 
 import argparse
+import hashlib
+import io
 import pathlib
 import pickle
 import types
@@ -33,6 +35,13 @@ SAFE_GLOBALS = [
 def save_object(obj, path: str) -> None:
     """`torch.save` to `path`, fsync'd."""
     write_with_durably(path, lambda f: torch.save(obj, f))
+
+
+def digest_object(obj) -> str:
+    """A digest of `obj`'s `torch.save` bytes (deterministic for equal content)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return hashlib.sha256(buffer.getbuffer()).hexdigest()
 
 
 def load_object(path: str, what: str):

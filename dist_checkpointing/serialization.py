@@ -12,7 +12,7 @@ A save runs in three steps, each ending in one collective that carries every ran
 import logging
 import os
 from collections import defaultdict
-from typing import Optional, Set, Tuple, Union
+from typing import Callable, Optional, Set, Tuple, Union
 
 from .collectives import exchange, get_rank
 from .core import (
@@ -28,6 +28,7 @@ from .core import (
 from .dict_utils import extract_matching_values, merge, nested_values
 from .dtypes import name_of_torch, torch_dtype
 from .mapping import (
+    CommonStateDict,
     ShardedObject,
     ShardedStateDict,
     ShardedTensor,
@@ -36,6 +37,7 @@ from .mapping import (
     is_main_replica,
     whole_tensor_metadata,
 )
+from .pickling import digest_object
 from .state_dict_utils import load_preprocess, save_preprocess
 from .strategies.base import (
     LoadCommonStrategy,
@@ -68,6 +70,9 @@ def save(
     common_strategy: Union[SaveCommonStrategy, Tuple[str, int], None] = None,
     validate_access_integrity: bool = True,
     async_sharded_save: bool = False,
+    preprocess_common_before_consistancy_check: Optional[
+        Callable[[CommonStateDict], StateDict]
+    ] = None,
     content_metadata: Optional[dict] = None,
 ) -> None:
     """Saves a sharded state dict into `checkpoint_dir` (called on every rank).
@@ -82,8 +87,12 @@ def save(
             (default: zarr)
         common_strategy: a SaveCommonStrategy or (backend, version) (default: torch)
         validate_access_integrity: check that every element is written by exactly one main
-            replica (on every rank, before anything is written)
+            replica (on every rank, before anything is written), and warn if the common
+            state differs between ranks (rank 0's copy is the one saved)
         async_sharded_save: not available yet; must be False
+        preprocess_common_before_consistancy_check: maps the common state dict to what is
+            compared across ranks (e.g. without keys that legitimately differ); must not
+            modify its argument
         content_metadata: a dict stored with the common state (see `load_content_metadata`)
     """
     if async_sharded_save:
@@ -98,11 +107,17 @@ def save(
         local["sharded"], local["common"] = save_preprocess(sharded_state_dict)
         if content_metadata is not None:
             local["common"][_CONTENT_METADATA_KEY] = content_metadata
-        return [sh.without_data() for sh in nested_values(local["sharded"])]
+        common_digest = None
+        if validate_access_integrity:
+            preprocess = preprocess_common_before_consistancy_check or (lambda common: common)
+            common_digest = digest_object(preprocess(local["common"]))
+        return [sh.without_data() for sh in nested_values(local["sharded"])], common_digest
 
-    global_metadata = exchange(plan, "save planning")
+    planned = exchange(plan, "save planning")
+    global_metadata = [shards for shards, _ in planned]
     if validate_access_integrity:
         validate_sharding_integrity(global_metadata)
+        _warn_if_common_state_differs([digest for _, digest in planned])
     sharded_strategy.check_sharding(_shards_by_key(global_metadata))
 
     def write():
@@ -129,6 +144,18 @@ def save(
             write_metadata(checkpoint_dir, _index(config, global_metadata))
 
     exchange(commit, f"commit of {checkpoint_dir}")
+
+
+def _warn_if_common_state_differs(digests) -> None:
+    differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if differing and get_rank() == 0:
+        logger.warning(
+            "The common (non-sharded) state differs between ranks: ranks %s differ from rank 0. "
+            "Rank 0's copy is saved. Wrap per-rank values in ShardedObject or "
+            "LocalNonpersistentObject, or exclude them with "
+            "preprocess_common_before_consistancy_check.",
+            differing,
+        )
 
 
 def _refuse_complete_checkpoint(checkpoint_dir: str) -> None:

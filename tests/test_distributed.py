@@ -133,3 +133,28 @@ def test_multirank_harness_reports_failures():
 def _boom(rank, world_size):
     if rank == 1:
         raise ValueError("boom")
+
+
+def save_with_rank_dependent_common(rank, world_size, ckpt_dir, preprocess):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("dist_checkpointing.serialization").addHandler(handler)
+    state = sharded_state_dict(rank, 2)
+    state["local_time"] = rank  # differs per rank
+    dc.save(state, ckpt_dir, preprocess_common_before_consistancy_check=preprocess)
+    return [r.getMessage() for r in records]
+
+
+def drop_local_time(common):
+    return {k: v for k, v in common.items() if k != "local_time"}
+
+
+def test_common_state_consistency_is_checked_across_ranks(tmp_path):
+    logs = run_ranks(save_with_rank_dependent_common, 2, str(tmp_path / "a"), None)
+    assert any("ranks [1] differ from rank 0" in m for m in logs[0]) and logs[1] == []
+    assert dc.load_common_state_dict(str(tmp_path / "a"))["local_time"] == 0
+    logs = run_ranks(save_with_rank_dependent_common, 2, str(tmp_path / "b"), drop_local_time)
+    assert logs == [[], []]
