@@ -12,6 +12,8 @@ from .mapping import (
     is_main_replica,
 )
 from .serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
     load,
     load_common_state_dict,
     load_content_metadata,
@@ -34,6 +36,8 @@ __all__ = [
     "apply_factories",
     "apply_factory_merges",
     "check_is_distributed_checkpoint",
+    "get_default_load_sharded_strategy",
+    "get_default_save_sharded_strategy",
     "is_main_replica",
     "load",
     "load_common_state_dict",

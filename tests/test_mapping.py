@@ -125,3 +125,17 @@ def test_no_torch_cuda_calls_on_cpu(tmp_path, monkeypatch):
     path = str(tmp_path / "cpu")
     dc.save(sharded_state_dict(0, 1), path)
     assert check_loaded(dc.load(sharded_state_dict(0, 1, with_data=False), path), 0, 1) > 10
+
+
+def test_package_root_exports_megatron_names():
+    for name in (
+        "ShardedTensor", "ShardedObject", "ShardedTensorFactory", "LocalNonpersistentObject",
+        "save", "load", "load_common_state_dict", "load_tensors_metadata", "load_sharded_metadata",
+        "load_plain_tensors", "remove_sharded_tensors", "get_default_save_sharded_strategy",
+        "get_default_load_sharded_strategy", "CheckpointingException", "CheckpointingConfig",
+        "check_is_distributed_checkpoint", "StrictHandling",
+    ):
+        assert hasattr(dc, name), name
+    from dist_checkpointing.strategies.zarr import ZarrSaveShardedStrategy
+
+    assert isinstance(dc.get_default_save_sharded_strategy(), ZarrSaveShardedStrategy)
