@@ -58,13 +58,6 @@ def torch_dtype(name: str) -> torch.dtype:
         raise CheckpointingException(f"unknown dtype name {name!r}") from None
 
 
-def numpy_dtype(name: str) -> np.dtype:
-    try:
-        return DTYPES[name][1]
-    except KeyError:
-        raise CheckpointingException(f"unknown dtype name {name!r}") from None
-
-
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor (bfloat16 included); no copy."""
     if tensor.dtype == torch.bfloat16:

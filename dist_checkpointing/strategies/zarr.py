@@ -211,14 +211,15 @@ def read_request(array: zarr.Array, sh: ShardedTensor, checkpoint_dir) -> torch.
     """The values of request `sh`, on the device of `sh.data` (CPU if it has none)."""
     stored_dtype = name_of_numpy(array.dtype, sh.key)
     wanted_dtype = name_of_torch(sh.dtype, sh.key)
-    where = f"{entry_dir(checkpoint_dir, sh.key)}"
     if stored_dtype != wanted_dtype:
+        where = entry_dir(checkpoint_dir, sh.key)
         raise CheckpointingException(
             f"Key '{sh.key}' is stored as {stored_dtype} in {where}, requested as {wanted_dtype}. "
             f"Request the stored dtype and convert after loading."
         )
     stored_shape = tuple(array.shape)
     if stored_shape != sh.global_shape and not sh.allow_shape_mismatch:
+        where = entry_dir(checkpoint_dir, sh.key)
         raise CheckpointingException(
             f"Key '{sh.key}' has global shape {stored_shape} in {where}, requested "
             f"{sh.global_shape}. Set allow_shape_mismatch=True to read the overlap, zero-padded."
