@@ -46,8 +46,8 @@ def get_default_strategy(action: StrategyAction, backend: str, version: int):
         ) from None
 
 
-class LoadStrategyBase(ABC):
-    """Base of load strategies: says which checkpoints it can read."""
+class StrategyBase(ABC):
+    """An engine for one (backend, version) of the format, and what it can handle."""
 
     def __init__(self, backend: str, version: int = 1):
         self.backend = backend
@@ -56,6 +56,13 @@ class LoadStrategyBase(ABC):
     @property
     def can_handle_sharded_objects(self) -> bool:
         return False
+
+    def __str__(self):
+        return f"{type(self).__name__}({self.backend}, {self.version})"
+
+
+class LoadStrategyBase(StrategyBase):
+    """Base of load strategies: says which checkpoints it can read."""
 
     def check_backend_compatibility(self, loaded_backend: str) -> None:
         if loaded_backend not in self.readable_backends():
@@ -75,19 +82,8 @@ class LoadStrategyBase(ABC):
         return (self.backend,)
 
 
-class SaveStrategyBase(ABC):
-    """Base of save strategies: names the (backend, version) written into `metadata.json`."""
-
-    def __init__(self, backend: str, version: int = 1):
-        self.backend = backend
-        self.version = version
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return False
-
-    def __str__(self):
-        return f"{type(self).__name__}({self.backend}, {self.version})"
+class SaveStrategyBase(StrategyBase):
+    """Base of save strategies: its (backend, version) is recorded in `metadata.json`."""
 
 
 class LoadCommonStrategy(LoadStrategyBase):
