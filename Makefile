@@ -1,5 +1,7 @@
 # Quick start: `make demo` and `make test`. Both create or reuse .venv.
 # torch is pinned and installed first: an unpinned torch pulls the CUDA build (gigabytes).
+# Megatron-Core is installed without its dependencies (they pull CUDA builds), only for the
+# interop tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,10 +12,11 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps megatron-core==0.15.3
 	touch $(STAMP)
 
 demo: $(STAMP)

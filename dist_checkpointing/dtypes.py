@@ -51,6 +51,11 @@ def name_of_numpy(dtype: np.dtype, key: str = "") -> str:
         raise CheckpointingException(f"stored dtype {dtype}{where} has no torch equivalent") from None
 
 
+def zarr_v2_dtype(name: str) -> str:
+    """The `.zarray` "dtype" for a table name: numpy's typestr, "bfloat16" as Megatron wrote it."""
+    return "bfloat16" if name == "bfloat16" else DTYPES[name][1].str
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name][0]

@@ -37,31 +37,42 @@ def save_object(obj, path: str) -> None:
     write_with_durably(path, lambda f: torch.save(obj, f))
 
 
-def digest_object(obj) -> str:
-    """A digest of `obj`'s `torch.save` bytes (deterministic for equal content)."""
+def dump_object(obj) -> io.BytesIO:
+    """`torch.save` of `obj` into memory."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return hashlib.sha256(buffer.getbuffer()).hexdigest()
+    return buffer
 
 
-def load_object(path: str, what: str):
-    """`torch.load(path, weights_only=True)`; `what` names the entry in error messages."""
+def digest_object(obj) -> str:
+    """A digest of `obj`'s `torch.save` bytes (deterministic for equal content)."""
+    return hashlib.sha256(dump_object(obj).getbuffer()).hexdigest()
+
+
+def load_object(source, what: str, where: str = None):
+    """`torch.load(source, weights_only=True)` of a path or binary stream.
+
+    `what` names the entry and `where` the file (default: `source`) in error messages.
+    """
+    where = where or str(source)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointingException(
-            f"{what}: file {path} is missing; the checkpoint is damaged or incomplete"
+            f"{what}: file {where} is missing; the checkpoint is damaged or incomplete"
         ) from None
     except pickle.UnpicklingError as e:
-        raise _not_allowed(path, what, e) from None
+        raise _not_allowed(source, where, what, e) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointingException(f"{what}: cannot read {path}: {e}") from None
+        raise CheckpointingException(f"{what}: cannot read {where}: {e}") from None
 
 
-def _not_allowed(path: str, what: str, error: Exception) -> CheckpointingException:
+def _not_allowed(source, path: str, what: str, error: Exception) -> CheckpointingException:
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if hasattr(source, "seek"):
+            source.seek(0)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     except Exception:  # a file too damaged to list its globals: report the original error
         unsafe = []
     with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -76,3 +87,71 @@ def _not_allowed(path: str, what: str, error: Exception) -> CheckpointingExcepti
         f"If you trust these classes, allow them before loading with "
         f"torch.serialization.add_safe_globals([{names}])."
     )
+
+
+def _dcp_metadata_globals() -> dict:
+    """(module, name) -> object for everything a DCP `.metadata` pickle may reference."""
+    from torch.distributed.checkpoint import filesystem, metadata, planner
+
+    allowed = [
+        metadata.Metadata,
+        metadata.TensorStorageMetadata,
+        metadata.BytesStorageMetadata,
+        metadata.ChunkStorageMetadata,
+        metadata.TensorProperties,
+        metadata.MetadataIndex,
+        metadata.StorageMeta,
+        metadata._MEM_FORMAT_ENCODING,
+        planner.SavePlan,
+        planner.WriteItem,
+        planner.WriteItemType,
+        planner.TensorWriteData,
+        filesystem._StorageInfo,
+        filesystem._StoragePrefix,
+        torch.Size,
+        torch.serialization._get_layout,  # looks a torch.layout up by name
+    ]
+    table = {(g.__module__, g.__qualname__): g for g in allowed}
+    table.update({("torch", n): d for n, d in vars(torch).items() if isinstance(d, torch.dtype)})
+    # Megatron-Core <= 0.15 pickles subclasses that only add plain-data attributes
+    mcore = "megatron.core.dist_checkpointing.strategies.torch"
+    table[(mcore, "MCoreMetadata")] = metadata.Metadata
+    table[(mcore, "MCoreSavePlan")] = planner.SavePlan
+    return table
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, allowed: dict):
+        super().__init__(file)
+        self.allowed = allowed
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"{module}.{name}") from None
+
+
+def load_dcp_metadata(path: str):
+    """Reads a DCP `.metadata` pickle with an allow-list of DCP's metadata classes.
+
+    DCP itself uses `pickle.load`, which runs whatever a tampered file says; here a class
+    outside the list fails the load instead.
+    """
+    try:
+        with open(path, "rb") as f:
+            return _DcpMetadataUnpickler(f, _dcp_metadata_globals()).load()
+    except FileNotFoundError:
+        raise CheckpointingException(f"{path} is missing; the torch_dist checkpoint is damaged") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointingException(
+            f"{path} references {e}, which is not a DCP metadata class; refusing to unpickle it "
+            f"(the file is damaged or was tampered with)"
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise CheckpointingException(f"{path} is not a valid DCP metadata file: {e!r}") from None
+
+
+def dump_dcp_metadata(metadata) -> bytes:
+    """The `.metadata` bytes DCP readers expect (a plain pickle of DCP's `Metadata`)."""
+    return pickle.dumps(metadata)

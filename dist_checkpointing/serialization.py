@@ -11,7 +11,6 @@ A save runs in three steps, each ending in one collective that carries every ran
 
 import logging
 import os
-from collections import defaultdict
 from typing import Callable, Optional, Set, Tuple, Union
 
 from .collectives import exchange, get_rank
@@ -39,6 +38,7 @@ from .mapping import (
 )
 from .pickling import digest_object
 from .state_dict_utils import load_preprocess, save_preprocess
+from .strategies import load_strategy_from_config, save_strategy_from_config
 from .strategies.base import (
     LoadCommonStrategy,
     LoadShardedStrategy,
@@ -47,20 +47,23 @@ from .strategies.base import (
     StrategyAction,
     get_default_strategy,
 )
+from .strategies.config import StrategyConfig
 from .validation import (
     CkptShardedMetadata,
     GlobalMetadata,
     StrictHandling,
     parse_strict_flag,
+    group_by_key,
     validate_integrity_and_strict_load,
-    validate_sharding_integrity,
+    validate_shards_by_key,
 )
 
 logger = logging.getLogger(__name__)
 
 _CONTENT_METADATA_KEY = "content_metadata"
-SaveShardedStrategyLike = Union[SaveShardedStrategy, Tuple[str, int], str, None]
-LoadShardedStrategyLike = Union[LoadShardedStrategy, Tuple[str, int], str, None]
+# a strategy object, (backend, version), a backend name, a StrategyConfig or its dict form
+SaveShardedStrategyLike = Union[SaveShardedStrategy, Tuple[str, int], str, StrategyConfig, dict, None]
+LoadShardedStrategyLike = Union[LoadShardedStrategy, Tuple[str, int], str, StrategyConfig, dict, None]
 
 
 def save(
@@ -83,7 +86,8 @@ def save(
     Args:
         sharded_state_dict: the state dict with ShardedTensors, ShardedObjects and factories
         checkpoint_dir: created if missing; must not already hold a complete checkpoint
-        sharded_strategy: a SaveShardedStrategy, (backend, version), or backend name
+        sharded_strategy: a SaveShardedStrategy, a registered (backend, version), a backend
+            name ("zarr", "tensorstore", "torch_dist"), or a StrategyConfig or its dict form
             (default: zarr)
         common_strategy: a SaveCommonStrategy or (backend, version) (default: torch)
         validate_access_integrity: check that every element is written by exactly one main
@@ -98,8 +102,8 @@ def save(
     if async_sharded_save:
         raise CheckpointingException("async_sharded_save=True is not available yet")
     checkpoint_dir = str(checkpoint_dir)
-    sharded_strategy = _save_strategy(StrategyAction.SAVE_SHARDED, sharded_strategy, "zarr")
-    common_strategy = _save_strategy(StrategyAction.SAVE_COMMON, common_strategy, "torch")
+    sharded_strategy = _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or "zarr")
+    common_strategy = _strategy(StrategyAction.SAVE_COMMON, common_strategy or ("torch", 1))
     local = {}
 
     def plan():
@@ -115,26 +119,30 @@ def save(
 
     planned = exchange(plan, "save planning")
     global_metadata = [shards for shards, _ in planned]
+    by_key = group_by_key(global_metadata)
     if validate_access_integrity:
-        validate_sharding_integrity(global_metadata)
+        validate_shards_by_key(by_key)
         _warn_if_common_state_differs([digest for _, digest in planned])
-    sharded_strategy.check_sharding(_shards_by_key(global_metadata))
+    sharded_strategy.plan(by_key)
 
     def write():
         os.makedirs(checkpoint_dir, exist_ok=True)
         if get_rank() == 0:
             common_strategy.save_common(local["common"], checkpoint_dir)
-        objects, tensors = extract_matching_values(
-            local["sharded"], lambda v: isinstance(v, ShardedObject)
-        )
-        if objects:
-            common_strategy.save_sharded_objects(objects, checkpoint_dir)
-        sharded_strategy.save(tensors, checkpoint_dir)
+        to_sharded = local["sharded"]
+        if not sharded_strategy.can_handle_sharded_objects:
+            objects, to_sharded = extract_matching_values(
+                local["sharded"], lambda v: isinstance(v, ShardedObject)
+            )
+            if objects:
+                common_strategy.save_sharded_objects(objects, checkpoint_dir)
+        return sharded_strategy.save(to_sharded, checkpoint_dir)
 
-    exchange(write, f"save to {checkpoint_dir}")
+    write_results = exchange(write, f"save to {checkpoint_dir}")
 
     def commit():
         if get_rank() == 0:
+            sharded_strategy.finalize(checkpoint_dir, write_results)
             config = CheckpointingConfig(
                 sharded_strategy.backend,
                 sharded_strategy.version,
@@ -170,14 +178,6 @@ def _refuse_complete_checkpoint(checkpoint_dir: str) -> None:
         )
 
 
-def _shards_by_key(global_metadata: GlobalMetadata):
-    by_key = defaultdict(list)
-    for shards in global_metadata:
-        for sh in shards:
-            by_key[sh.key].append(sh)
-    return by_key
-
-
 def _index(config: CheckpointingConfig, global_metadata: GlobalMetadata) -> CheckpointMetadata:
     tensors, objects = {}, set()
     for shards in global_metadata:
@@ -208,8 +208,9 @@ def load(
     Args:
         sharded_state_dict: the request: ShardedTensors say which part to read
         checkpoint_dir: a complete checkpoint
-        sharded_strategy: a LoadShardedStrategy, (backend, version), or backend name
-            (default: the one recorded in metadata.json)
+        sharded_strategy: like `save`'s; default: the engine recorded in metadata.json.
+            Naming another engine that reads the format (tensorstore for a zarr checkpoint,
+            or the reverse) reads with that engine
         common_strategy: a LoadCommonStrategy or (backend, version) (default: torch)
         validate_access_integrity: check that the requests of all ranks cover each requested
             key exactly once by main replicas (requires a metadata exchange)
@@ -251,11 +252,12 @@ def load(
         local.get("ckpt"),
     )
     _check_requests_in_index(request, local["metadata"], checkpoint_dir)
-    objects, tensors = extract_matching_values(request, lambda v: isinstance(v, ShardedObject))
     state = local["state"]
-    if objects:
-        merge(state, common.load_sharded_objects(objects, checkpoint_dir))
-    merge(state, sharded.load(tensors, checkpoint_dir))
+    if not sharded.can_handle_sharded_objects:
+        objects, request = extract_matching_values(request, lambda v: isinstance(v, ShardedObject))
+        if objects:
+            merge(state, common.load_sharded_objects(objects, checkpoint_dir))
+    merge(state, sharded.load(request, checkpoint_dir))
     apply_factory_merges(state, local["factories"])
     if StrictHandling.requires_returning_mismatch_keys(strict):
         return state, missing_keys, unexpected_keys
@@ -292,10 +294,7 @@ def verify_checkpoint_and_load_strategy(
     config = metadata.config
     if sharded_strategy is None:
         sharded_strategy = (config.sharded_backend, config.sharded_backend_version)
-    if isinstance(sharded_strategy, str):
-        sharded_strategy = (sharded_strategy, config.sharded_backend_version)
-    if isinstance(sharded_strategy, tuple):
-        sharded_strategy = get_default_strategy(StrategyAction.LOAD_SHARDED, *sharded_strategy)
+    sharded_strategy = _strategy(StrategyAction.LOAD_SHARDED, sharded_strategy)
     if common_strategy is None:
         common_strategy = (config.common_backend, config.common_backend_version)
     if isinstance(common_strategy, tuple):
@@ -307,13 +306,18 @@ def verify_checkpoint_and_load_strategy(
     return sharded_strategy, common_strategy
 
 
-def _save_strategy(action: StrategyAction, strategy, default_backend: str):
-    if strategy is None:
-        strategy = default_backend
-    if isinstance(strategy, str):
-        strategy = (strategy, 1)
+def _strategy(action: StrategyAction, strategy):
+    """A strategy object from any accepted form: object, (backend, version), name, config."""
     if isinstance(strategy, tuple):
-        strategy = get_default_strategy(action, *strategy)
+        return get_default_strategy(action, *strategy)
+    if isinstance(strategy, str):
+        strategy = StrategyConfig(backend=strategy)
+    elif isinstance(strategy, dict):
+        strategy = StrategyConfig.from_dict(strategy)
+    if isinstance(strategy, StrategyConfig):
+        if action == StrategyAction.SAVE_SHARDED:
+            return save_strategy_from_config(strategy)
+        return load_strategy_from_config(strategy)
     return strategy
 
 

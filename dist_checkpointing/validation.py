@@ -15,6 +15,7 @@ import numpy as np
 from .collectives import exchange
 from .core import CheckpointingException
 from .dict_utils import extract_matching_values, nested_values
+from .dtypes import name_of_torch
 from .mapping import (
     ShardedBase,
     ShardedObject,
@@ -99,6 +100,18 @@ def determine_global_metadata(
     return local_metadata, exchange(lambda: local_metadata, "metadata exchange", group)
 
 
+ShardsByKey = Dict[str, List[Tuple[int, ShardedBase]]]  # key -> (rank, shard) of every rank
+
+
+def group_by_key(global_metadata: GlobalMetadata) -> ShardsByKey:
+    """The global plan grouped by key (the one pass that validation and engines share)."""
+    by_key: ShardsByKey = defaultdict(list)
+    for rank, shards in enumerate(global_metadata):
+        for sh in shards:
+            by_key[sh.key].append((rank, sh))
+    return by_key
+
+
 def validate_sharding_integrity(global_metadata: GlobalMetadata) -> None:
     """Checks that the shards of all ranks describe consistent, exactly covered global entries.
 
@@ -106,10 +119,11 @@ def validate_sharding_integrity(global_metadata: GlobalMetadata) -> None:
     position, for objects) is held by exactly one main replica; flattened main replicas of one
     shard tile it exactly. Raises `CheckpointingException` naming the key.
     """
-    by_key: Dict[str, List[Tuple[int, ShardedBase]]] = defaultdict(list)
-    for rank, shards in enumerate(global_metadata):
-        for sh in shards:
-            by_key[sh.key].append((rank, sh))
+    validate_shards_by_key(group_by_key(global_metadata))
+
+
+def validate_shards_by_key(by_key: ShardsByKey) -> None:
+    """`validate_sharding_integrity` on a plan already grouped by key."""
     for key, ranked in by_key.items():
         kinds = {type(sh) for _, sh in ranked}
         if len(kinds) > 1:
@@ -341,3 +355,29 @@ def validate_sharded_objects_handling(sharded_strategy, common_strategy) -> None
 def shards_of(sharded_state_dict: ShardedStateDict, cls) -> Sequence:
     """The leaves of `sharded_state_dict` that are instances of `cls`."""
     return [x for x in nested_values(sharded_state_dict) if isinstance(x, cls)]
+
+
+def check_request_against_stored(sh: ShardedTensor, stored_dtype: str, stored_shape, where: str) -> None:
+    """Refuses a load request whose dtype or global shape differs from the stored tensor's.
+
+    `stored_dtype` is a dtype table name; `where` names the file or directory for the message.
+    A smaller stored tensor is allowed when the request sets `allow_shape_mismatch` (the
+    engine then zero-pads).
+    """
+    wanted_dtype = name_of_torch(sh.dtype, sh.key)
+    if stored_dtype != wanted_dtype:
+        raise CheckpointingException(
+            f"Key '{sh.key}' is stored as {stored_dtype} in {where}, requested as {wanted_dtype}. "
+            f"Request the stored dtype and convert after loading."
+        )
+    stored_shape = tuple(stored_shape)
+    if stored_shape != sh.global_shape and not sh.allow_shape_mismatch:
+        raise CheckpointingException(
+            f"Key '{sh.key}' has global shape {stored_shape} in {where}, requested "
+            f"{sh.global_shape}. Set allow_shape_mismatch=True to read the overlap, zero-padded."
+        )
+    if sh.flattened_range is not None:
+        raise CheckpointingException(
+            f"Key '{sh.key}': flattened (distributed-optimizer) requests are not supported yet "
+            f"(reading {where})"
+        )

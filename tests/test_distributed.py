@@ -112,17 +112,15 @@ def test_write_failure_on_one_rank_raises_everywhere_and_commits_nothing(tmp_pat
     run_ranks(save_and_reload, 2, ckpt, 2, 1)
 
 
-def load_megatron_fixture(rank, world_size, fixture):
-    from test_megatron_fixture import check_fixture_at_tp
+def load_megatron_fixtures(rank, world_size):
+    from test_megatron_fixture import READS, check_fixture_at_tp
 
-    return check_fixture_at_tp(fixture, rank, world_size)
+    return [check_fixture_at_tp(fixture, rank, world_size, engine) for fixture, engine in READS]
 
 
-def test_megatron_zarr_fixture_loads_at_tp2_and_tp4():
-    from test_megatron_fixture import FIXTURE
-
-    assert run_ranks(load_megatron_fixture, 2, FIXTURE) == [5, 5]
-    assert run_ranks(load_megatron_fixture, 4, FIXTURE) == [5, 5, 5, 5]
+def test_megatron_fixtures_load_at_tp2_and_tp4():
+    assert run_ranks(load_megatron_fixtures, 2) == [[5] * 4] * 2
+    assert run_ranks(load_megatron_fixtures, 4) == [[5] * 4] * 4
 
 
 def test_multirank_harness_reports_failures():

@@ -1,15 +1,25 @@
-"""A checkpoint written by Megatron-Core 0.15.3 (zarr v2 arrays, bf16 as "bfloat16") loads."""
+"""Checkpoints written by Megatron-Core load: 0.15.3 zarr (Zarr v2 arrays, bf16 as "bfloat16"),
+0.15.3 torch_dist (DCP with Megatron's own metadata class) and 0.16.1 torch_dist."""
 
 import json
 import os
+import shutil
 
+import pytest
 import torch
 
 import dist_checkpointing as dc
 from dist_checkpointing import ShardedObject, ShardedTensor
 from layouts import full
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "mcore015_zarr_tp2")
+FIXTURES_DIR = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURE = os.path.join(FIXTURES_DIR, "mcore015_zarr_tp2")
+FIXTURES = [
+    os.path.join(FIXTURES_DIR, name)
+    for name in ("mcore015_zarr_tp2", "mcore015_torch_dist_tp2", "mcore016_torch_dist_tp2")
+]
+# (fixture, engine to read it with: None = the one metadata.json names)
+READS = [(FIXTURES[0], None), (FIXTURES[0], "tensorstore"), (FIXTURES[1], None), (FIXTURES[2], None)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int64": torch.int64}
 # How the fixture's model shards each key, as (axis split over TP, stacked layers?).
 SPLITS = {
@@ -21,15 +31,15 @@ SPLITS = {
 }
 
 
-def manifest():
-    with open(FIXTURE + ".manifest.json") as f:
+def manifest(fixture=FIXTURE):
+    with open(fixture + ".manifest.json") as f:
         return json.load(f)
 
 
-def request_at_tp(rank, tp):
+def request_at_tp(rank, tp, fixture=FIXTURE):
     """The fixture's tensors as a model at TP=`tp` would request them."""
     request, expected = {}, {}
-    for entry in manifest()["tensors"]:
+    for entry in manifest(fixture)["tensors"]:
         key, shape, dtype = entry["key"], tuple(entry["global_shape"]), DTYPES[entry["dtype"]]
         axis, stacked = SPLITS[key]
         values = full(key, shape, dtype)
@@ -54,11 +64,11 @@ def request_at_tp(rank, tp):
     return request, expected
 
 
-def check_fixture_at_tp(fixture, rank, tp):
-    request, expected = request_at_tp(rank, tp)
-    loaded = dc.load(request, fixture)
-    assert loaded["common"] == manifest()["common"]
-    assert loaded["rng"] == manifest()["sharded_objects"]["rng_state"]
+def check_fixture_at_tp(fixture, rank, tp, engine=None):
+    request, expected = request_at_tp(rank, tp, fixture)
+    loaded = dc.load(request, fixture, sharded_strategy=engine)
+    assert loaded["common"] == manifest(fixture)["common"]
+    assert loaded["rng"] == manifest(fixture)["sharded_objects"]["rng_state"]
     for key, exp in expected.items():
         got = loaded[key]
         for e, g in zip(exp, got) if isinstance(exp, list) else [(exp, got)]:
@@ -66,18 +76,29 @@ def check_fixture_at_tp(fixture, rank, tp):
     return len(expected)
 
 
-def test_fixture_loads_at_tp1():
-    assert check_fixture_at_tp(FIXTURE, 0, 1) == 5
+@pytest.mark.parametrize("fixture, engine", READS, ids=lambda x: os.path.basename(str(x)))
+def test_fixture_loads_at_tp1(fixture, engine):
+    assert check_fixture_at_tp(fixture, 0, 1, engine) == 5
 
 
-def test_fixture_metadata_and_plain_tensors():
-    metadata = dc.load_tensors_metadata(FIXTURE)
-    for entry in manifest()["tensors"]:
+@pytest.mark.parametrize("fixture", FIXTURES, ids=os.path.basename)
+def test_fixture_metadata_and_plain_tensors(fixture):
+    metadata = dc.load_tensors_metadata(fixture)
+    for entry in manifest(fixture)["tensors"]:
         sh = metadata[entry["key"]]
         assert sh.global_shape == tuple(entry["global_shape"]) and sh.dtype == DTYPES[entry["dtype"]]
-    plain = dc.load_plain_tensors(FIXTURE)
-    for entry in manifest()["tensors"]:
+    plain = dc.load_plain_tensors(fixture)
+    assert set(plain) == {entry["key"] for entry in manifest(fixture)["tensors"]}
+    for entry in manifest(fixture)["tensors"]:
         key = entry["key"]
         assert torch.equal(plain[key], full(key, tuple(entry["global_shape"]), DTYPES[entry["dtype"]]))
-    objects = dc.load_sharded_metadata(FIXTURE)
+    objects = dc.load_sharded_metadata(fixture)
     assert {"rng_state/shard_0_2", "rng_state/shard_1_2"} <= set(objects)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES[1:], ids=os.path.basename)
+def test_remove_sharded_tensors_on_megatron_torch_dist(fixture, tmp_path):
+    copy = str(tmp_path / "c")
+    shutil.copytree(fixture, copy)
+    dc.remove_sharded_tensors(copy, "decoder.")
+    assert sorted(dc.load_tensors_metadata(copy)) == ["counters.tokens", "embedding.word_embeddings.weight"]

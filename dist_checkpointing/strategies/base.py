@@ -10,10 +10,11 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from enum import Enum
 from pathlib import Path
-from typing import Any, DefaultDict, Dict, Tuple, Union
+from typing import Any, DefaultDict, Dict, List, Tuple, Union
 
 from ..core import CheckpointingException
 from ..mapping import ShardedStateDict, StateDict
+from ..validation import ShardsByKey
 
 
 class StrategyAction(Enum):
@@ -139,16 +140,22 @@ class SaveCommonStrategy(SaveStrategyBase):
 
 
 class SaveShardedStrategy(SaveStrategyBase):
-    """Writes ShardedTensors.
+    """Writes ShardedTensors, in three calls mirroring the three steps of `serialization.save`.
 
-    `save` is called on every rank with that rank's shards, after the global sharding was
-    validated. It writes the main replicas without talking to other ranks, and returns once
-    everything it wrote is durable (fsync'd).
+    1. `plan(shards_by_key)` on every rank with the validated global plan (the shards of all
+       ranks, without data): reject what the engine cannot store, decide the layout;
+    2. `save(...)` on every rank with that rank's shards: write the main replicas durably
+       (fsync'd) without talking to other ranks; return a small picklable write result;
+    3. `finalize(dir, results)` on rank 0 with every rank's write result, before
+       `metadata.json` is written: write the engine's own index, if it has one.
     """
 
-    def check_sharding(self, shards_by_key: Dict[str, list]) -> None:
-        """Rejects layouts this engine cannot store (called on every rank before any write)."""
+    def plan(self, shards_by_key: ShardsByKey) -> None:
+        """Checks and records the global layout (called on every rank before any write)."""
 
     @abstractmethod
-    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> None:
-        """Writes this rank's main-replica shards durably."""
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> Any:
+        """Writes this rank's main-replica shards durably; returns this rank's write result."""
+
+    def finalize(self, checkpoint_dir: Union[str, Path], write_results: List[Any]) -> None:
+        """Completes the engine's files from all ranks' write results (rank 0 only)."""

@@ -1,0 +1,332 @@
+"""The Zarr layout that both Zarr engines (zarr-python and tensorstore) write and read.
+
+One Zarr array per ShardedTensor key at `<dir>/<key>`. The chunk grid is chosen from the global
+plan so that every main shard is a whole number of chunks (`chunk_grid`): each rank writes only
+its own chunk files, so no two ranks touch one file (no locks, no read-modify-write), and any
+rectangle can be read back. Specified in docs/format.md.
+"""
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..collectives import get_rank
+from ..core import CheckpointingException
+from ..dict_utils import dict_list_map_inplace
+from ..dtypes import DTYPES, name_of_numpy, name_of_torch, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
+from ..fs import fsync_dirs, parents_up_to, write_durably
+from ..layout import check_key, entry_dir
+from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
+from ..validation import ShardsByKey, check_request_against_stored, shards_of
+from .base import LoadShardedStrategy, SaveShardedStrategy
+from .config import ZARR_ENGINES, StrategyConfig
+
+logger = logging.getLogger(__name__)
+
+METADATA_FNAME = {3: "zarr.json", 2: ".zarray"}
+Box = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (global offset, shape)
+
+
+@dataclass(frozen=True)
+class ArrayPlan:
+    """How one key is stored: its array document and which rank writes it."""
+
+    document: dict  # the content of zarr.json (v3) or .zarray (v2)
+    metadata_writer: int
+
+    @property
+    def zarr_format(self) -> int:
+        return self.document["zarr_format"]
+
+    @property
+    def chunks(self) -> Tuple[int, ...]:
+        if self.zarr_format == 2:
+            return tuple(self.document["chunks"])
+        return tuple(self.document["chunk_grid"]["configuration"]["chunk_shape"])
+
+
+def chunk_grid(global_shape: Sequence[int], boxes: Sequence[Box]) -> Tuple[int, ...]:
+    """The largest regular chunk shape whose chunks never straddle a shard boundary.
+
+    Along each axis the chunk extent is the gcd of all interior shard boundaries (the global
+    end may cut the last chunk short). A regular grid from `from_rank_offsets` gives the local
+    shard shape; an irregular split such as 7/5/6/6 gives gcd(7, 12, 18) = 1.
+    """
+    chunks = []
+    for axis, size in enumerate(global_shape):
+        cuts = {p for offset, shape in boxes for p in (offset[axis], offset[axis] + shape[axis])}
+        cuts -= {0, size}
+        chunks.append(math.gcd(*cuts) if cuts else max(size, 1))
+    return tuple(chunks)
+
+
+def plan_arrays(shards_by_key: ShardsByKey, config: StrategyConfig) -> Dict[str, ArrayPlan]:
+    """The array of every tensor key in the global plan (the same result on every rank)."""
+    plans = {}
+    for key, ranked in shards_by_key.items():
+        tensors = [(rank, sh) for rank, sh in ranked if isinstance(sh, ShardedTensor)]
+        if not tensors:
+            continue
+        check_key(key)
+        main = [(rank, sh) for rank, sh in tensors if is_main_replica(sh.replica_id)]
+        for _, sh in main:
+            if sh.flattened_range is not None:
+                raise CheckpointingException(
+                    f"Key '{key}' has flattened (distributed-optimizer) shards, which the "
+                    f"{config.backend} engine cannot store yet."
+                )
+        first = tensors[0][1]
+        boxes = [sh.global_box() for _, sh in main]
+        chunks = chunk_grid(first.global_shape, boxes)
+        _warn_if_many_chunks(key, first.global_shape, chunks, len(boxes))
+        document = array_document(first.global_shape, chunks, name_of_torch(first.dtype, key), config)
+        writer = min(rank for rank, _ in (main or tensors))
+        plans[key] = ArrayPlan(document, writer)
+    return plans
+
+
+def _warn_if_many_chunks(key: str, global_shape, chunks, n_shards: int) -> None:
+    n_chunks = math.prod(math.ceil(g / c) for g, c in zip(global_shape, chunks))
+    if n_chunks > 16 * max(n_shards, 1):
+        logger.warning(
+            "Key '%s': its shards (%d) do not form a regular grid, so it is stored in %d chunks "
+            "of shape %s. Shard sizes with a large common divisor (or the torch_dist engine) "
+            "avoid the many small files.",
+            key, n_shards, n_chunks, chunks,
+        )
+
+
+def array_document(global_shape, chunks, dtype_name: str, config: StrategyConfig) -> dict:
+    """The array metadata document (`zarr.json` or `.zarray`), specified in docs/format.md."""
+    fill_value = False if dtype_name == "bool" else 0
+    itemsize = DTYPES[dtype_name][1].itemsize
+    if config.zarr_format == 2:
+        return {
+            "zarr_format": 2,
+            "shape": list(global_shape),
+            "chunks": list(chunks),
+            "dtype": zarr_v2_dtype(dtype_name),
+            "compressor": _v2_compressor(config, itemsize),
+            "fill_value": fill_value,
+            "order": "C",
+            "filters": None,
+            "dimension_separator": ".",
+        }
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(global_shape),
+        "data_type": dtype_name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill_value,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]
+        + _v3_compressor(config, itemsize),
+        "attributes": {},
+    }
+
+
+def _v3_compressor(config: StrategyConfig, itemsize: int) -> List[dict]:
+    if config.compression == "zstd":
+        return [{"name": "zstd", "configuration": {"level": config.level, "checksum": False}}]
+    if config.compression == "blosc":
+        blosc = {"cname": "zstd", "clevel": config.level, "shuffle": "shuffle", "typesize": itemsize, "blocksize": 0}
+        return [{"name": "blosc", "configuration": blosc}]
+    return []
+
+
+def _v2_compressor(config: StrategyConfig, itemsize: int) -> Optional[dict]:
+    if config.compression == "zstd":
+        return {"id": "zstd", "level": config.level}
+    if config.compression == "blosc":
+        return {"id": "blosc", "cname": "zstd", "clevel": config.level, "shuffle": 1, "blocksize": 0}
+    return None
+
+
+def chunk_key(zarr_format: int, chunk_index: Sequence[int]) -> str:
+    """A chunk's file path inside its array directory ("c/1/0" in v3, "1.0" in v2)."""
+    if zarr_format == 2:
+        return ".".join(map(str, chunk_index)) or "0"
+    return "/".join(["c", *map(str, chunk_index)])
+
+
+def chunk_indices(offset: Sequence[int], shape: Sequence[int], chunks: Sequence[int]):
+    """The grid positions of the chunks that box (offset, shape) covers."""
+    return itertools.product(*(range(o // c, -(-(o + s) // c)) for o, s, c in zip(offset, shape, chunks)))
+
+
+def write_array_metadata(checkpoint_dir, key: str, plan: ArrayPlan) -> set:
+    """Writes the array document durably; returns the directories that gained entries."""
+    path = os.path.join(entry_dir(checkpoint_dir, key), METADATA_FNAME[plan.zarr_format])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_durably(path, json.dumps(plan.document, indent=1).encode())
+    return parents_up_to(path, str(checkpoint_dir))
+
+
+def list_arrays(checkpoint_dir) -> List[str]:
+    """Keys of the arrays in a checkpoint directory (those with `zarr.json` or `.zarray`)."""
+    keys = []
+    for name in sorted(os.listdir(str(checkpoint_dir))):
+        if array_format(checkpoint_dir, name) is not None:
+            keys.append(name)
+    return keys
+
+
+def array_format(checkpoint_dir, key: str) -> Optional[int]:
+    """2 or 3 for the Zarr array stored at `key`, None if there is none."""
+    path = os.path.join(str(checkpoint_dir), key)
+    if os.path.isfile(os.path.join(path, METADATA_FNAME[2])):
+        return 2
+    v3 = os.path.join(path, METADATA_FNAME[3])
+    if os.path.isfile(v3):
+        with open(v3, "rb") as f:
+            if json.loads(f.read()).get("node_type") == "array":
+                return 3
+    return None
+
+
+def require_array(checkpoint_dir, key: str) -> int:
+    """The Zarr format of the array at `key`; a clear error if the key has no array."""
+    zarr_format = array_format(checkpoint_dir, check_key(key))
+    if zarr_format is None:
+        raise CheckpointingException(
+            f"Key '{key}' is not in the checkpoint {checkpoint_dir} (no Zarr array at "
+            f"{entry_dir(checkpoint_dir, key)}). Check the key, or load with "
+            f"strict='log_unexpected' to skip it."
+        )
+    return zarr_format
+
+
+def read_box(array: "StoredArray", offset, shape) -> np.ndarray:
+    """Reads box (offset, shape); where it extends past the stored shape, zeros."""
+    stops = [min(o + s, n) for o, s, n in zip(offset, shape, array.shape)]
+    inside = tuple(slice(o, max(o, stop)) for o, stop in zip(offset, stops))
+    if all(stop == o + s for stop, o, s in zip(stops, offset, shape)):
+        return np.asarray(array.read(inside)).reshape(shape)
+    values = np.zeros(shape, dtype=array.dtype)
+    if all(stop > o for stop, o in zip(stops, offset)):
+        values[tuple(slice(0, stop - o) for stop, o in zip(stops, offset))] = array.read(inside)
+    return values
+
+
+class StoredArray(ABC):
+    """What the load side needs of an opened array: its shape, numpy dtype, and box reads."""
+
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+
+    @abstractmethod
+    def read(self, selection: Tuple[slice, ...]) -> np.ndarray:
+        """The values of `selection` (inside the array)."""
+
+
+class ZarrFormatSaveStrategy(SaveShardedStrategy):
+    """Save side shared by the Zarr engines; an engine supplies `write_shards`."""
+
+    def __init__(self, backend: str, version: int = 1, config: Optional[StrategyConfig] = None):
+        super().__init__(backend, version)
+        self.config = config or StrategyConfig(backend=backend)
+        self.arrays: Dict[str, ArrayPlan] = {}
+
+    def plan(self, shards_by_key: ShardsByKey) -> None:
+        self.arrays = plan_arrays(shards_by_key, self.config)
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        rank = get_rank()
+        touched = set()
+        for key, array in self.arrays.items():
+            if array.metadata_writer == rank:
+                touched |= write_array_metadata(checkpoint_dir, key, array)
+        shards = []
+        for sh in shards_of(sharded_state_dict, ShardedTensor):
+            offset, shape = sh.global_box()
+            if is_main_replica(sh.replica_id) and 0 not in shape:
+                if sh.key not in self.arrays:
+                    raise CheckpointingException(f"Key '{sh.key}' was not in the planned layout")
+                data = to_numpy(sh.data.detach().to("cpu").contiguous()).reshape(shape)
+                shards.append((sh.key, offset, data))
+        touched |= self.write_shards(shards, str(checkpoint_dir))
+        fsync_dirs(touched)
+
+    @abstractmethod
+    def write_shards(self, shards: List[Tuple[str, Tuple[int, ...], np.ndarray]], checkpoint_dir: str) -> set:
+        """Writes each (key, global offset, values) durably into `self.arrays[key]`; returns the
+        directories that gained entries (to be fsync'd)."""
+
+    def chunk_dirs(self, checkpoint_dir: str, key: str, offset, shape) -> set:
+        """The directories holding the chunk files of box (offset, shape) of `key`."""
+        array = self.arrays[key]
+        root = entry_dir(checkpoint_dir, key)
+        dirs = set()
+        for index in chunk_indices(offset, shape, array.chunks):
+            dirs |= parents_up_to(os.path.join(root, chunk_key(array.zarr_format, index)), checkpoint_dir)
+        return dirs
+
+
+class ZarrFormatLoadStrategy(LoadShardedStrategy):
+    """Load side shared by the Zarr engines; an engine supplies `open_array`."""
+
+    def __init__(self, backend: str, version: int = 1, config: Optional[StrategyConfig] = None):
+        super().__init__(backend, version)
+        self.config = config or StrategyConfig(backend=backend)
+
+    def readable_backends(self):
+        return ZARR_ENGINES
+
+    @abstractmethod
+    def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
+        """Opens the existing array of `key` read-only."""
+
+    def _open(self, checkpoint_dir, key: str) -> StoredArray:
+        zarr_format = require_array(checkpoint_dir, key)
+        try:
+            return self.open_array(str(checkpoint_dir), key, zarr_format)
+        except Exception as e:  # engines raise many types for a damaged array
+            where = entry_dir(checkpoint_dir, key)
+            raise CheckpointingException(f"Key '{key}': cannot open the Zarr array at {where}: {e}") from e
+
+    def load(self, sharded_state_dict, checkpoint_dir):
+        arrays: Dict[str, StoredArray] = {}
+
+        def load_one(sh):
+            if not isinstance(sh, ShardedTensor):
+                return sh
+            if sh.key not in arrays:
+                arrays[sh.key] = self._open(checkpoint_dir, sh.key)
+            return read_request(arrays[sh.key], sh, checkpoint_dir)
+
+        return dict_list_map_inplace(load_one, sharded_state_dict)
+
+    def load_tensors_metadata(self, checkpoint_dir):
+        result = {}
+        for key in list_arrays(checkpoint_dir):
+            array = self._open(checkpoint_dir, key)
+            dtype = torch_dtype(name_of_numpy(array.dtype, key))
+            result[key] = whole_tensor_metadata(key, dtype, tuple(array.shape))
+        return result
+
+    def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
+        for key in list_arrays(checkpoint_dir):
+            if key.startswith(key_prefix):
+                shutil.rmtree(entry_dir(checkpoint_dir, key))
+        fsync_dirs([str(checkpoint_dir)])
+
+
+def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch.Tensor:
+    """The values of request `sh`, on the device of `sh.data` (CPU if it has none)."""
+    where = entry_dir(checkpoint_dir, sh.key)
+    check_request_against_stored(sh, name_of_numpy(array.dtype, sh.key), array.shape, where)
+    offset, shape = sh.global_box()
+    tensor = to_torch(read_box(array, offset, shape)).reshape(sh.local_shape)
+    if sh.data is not None and sh.data.device.type != "cpu":
+        tensor = tensor.to(sh.data.device)
+    return tensor

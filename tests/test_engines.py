@@ -1,0 +1,291 @@
+"""The three engines: every save engine x every load engine that reads its format, across
+layouts and dtypes; irregular and empty shards; config-driven selection; DCP interop."""
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+import dist_checkpointing as dc
+from dist_checkpointing import CheckpointingException, ShardedObject, ShardedTensor
+from dist_checkpointing.strategies.config import StrategyConfig
+from layouts import check_loaded, full, sharded_state_dict
+from multirank import run_ranks
+
+SAVE_CONFIGS = {
+    "zarr": {"backend": "zarr"},
+    "tensorstore": {"backend": "tensorstore"},
+    "torch_dist": {"backend": "torch_dist"},
+    "zarr-v2-blosc": {"backend": "zarr", "zarr_format": 2, "compression": "blosc"},
+    "tensorstore-zstd": {"backend": "tensorstore", "compression": "zstd"},
+}
+
+
+def readers_of(config):
+    return ["torch_dist"] if config["backend"] == "torch_dist" else ["zarr", "tensorstore"]
+
+
+def save_tp2dp2_load_tp4_and_dp4(rank, world_size, ckpt_dir, config):
+    dc.save(sharded_state_dict(rank, 2, 2), ckpt_dir, sharded_strategy=config)
+    counts = []
+    for reader in [None] + readers_of(config):  # None: the engine metadata.json names
+        for tp, dp in [(4, 1), (1, 4)]:
+            request = sharded_state_dict(rank, tp, dp, with_data=False, objects=False)
+            loaded = dc.load(request, ckpt_dir, sharded_strategy=reader)
+            counts.append(check_loaded(loaded, rank, tp, dp))
+    request = sharded_state_dict(rank, 2, 2, with_data=False)
+    assert dc.load(request, ckpt_dir)["rng"] == {"seed": 1000 + rank % 2}
+    return counts
+
+
+@pytest.mark.parametrize("name", SAVE_CONFIGS)
+def test_save_engine_x_load_engine_x_layouts_x_dtypes(tmp_path, name):
+    config = SAVE_CONFIGS[name]
+    ckpt = str(tmp_path / name)
+    counts = run_ranks(save_tp2dp2_load_tp4_and_dp4, 4, ckpt, config)
+    n_tensors = 1 + 2 * 2 + 1 + 10  # embedding, 2 stacked keys x 2 layers, norm, 10 dtypes
+    assert all(c == n_tensors for rank_counts in counts for c in rank_counts)
+    with open(os.path.join(ckpt, "metadata.json")) as f:
+        assert json.load(f)["sharded_backend"] == config["backend"]
+    # and whole, in this process, without torch.distributed
+    plain = dc.load_plain_tensors(ckpt)
+    assert torch.equal(plain["embedding.weight"], full("embedding.weight", (64, 16), torch.bfloat16))
+
+
+def irregular_state(rank, with_data=True):
+    """`vocab` split 7/5/6/6 rows over 4 ranks; `sparse` with empty shards on ranks 0 and 3."""
+    state = {}
+    for key, global_shape, rows in [("vocab", (24, 8), [7, 5, 6, 6]), ("sparse", (10,), [0, 4, 6, 0])]:
+        start = sum(rows[:rank])
+        values = full(key, global_shape, torch.float32)[start : start + rows[rank]]
+        data = values.clone() if with_data else torch.empty_like(values)
+        offset = (start,) + (0,) * (len(global_shape) - 1)
+        state[key] = ShardedTensor(
+            key, data, data.dtype, tuple(data.shape), global_shape, offset, None, replica_id=0
+        )
+    return state
+
+
+def save_irregular_and_reload_evenly(rank, world_size, ckpt_dir, backend):
+    dc.save(irregular_state(rank), ckpt_dir, sharded_strategy=backend)
+    # read back at an even 4-way split of the rows (a different layout)
+    vocab = full("vocab", (24, 8), torch.float32)[6 * rank : 6 * rank + 6]
+    request = {"vocab": ShardedTensor.from_rank_offsets("vocab", torch.empty_like(vocab), (0, rank, 4))}
+    loaded = dc.load(request, ckpt_dir)
+    assert torch.equal(loaded["vocab"], vocab)
+    return True
+
+
+@pytest.mark.parametrize("backend", ["zarr", "tensorstore", "torch_dist"])
+def test_irregular_and_empty_shards(tmp_path, backend):
+    ckpt = str(tmp_path / backend)
+    assert run_ranks(save_irregular_and_reload_evenly, 4, ckpt, backend) == [True] * 4
+    plain = dc.load_plain_tensors(ckpt)
+    assert torch.equal(plain["vocab"], full("vocab", (24, 8), torch.float32))
+    assert torch.equal(plain["sparse"], full("sparse", (10,), torch.float32))
+    if backend != "torch_dist":  # the chunk grid: gcd of the interior boundaries 7, 12, 18
+        with open(os.path.join(ckpt, "vocab", "zarr.json")) as f:
+            assert json.load(f)["chunk_grid"]["configuration"]["chunk_shape"] == [1, 8]
+        with open(os.path.join(ckpt, "sparse", "zarr.json")) as f:
+            assert json.load(f)["chunk_grid"]["configuration"]["chunk_shape"] == [4]
+        assert len(os.listdir(os.path.join(ckpt, "vocab", "c"))) == 24
+
+
+def test_chunk_grid_is_the_largest_that_respects_every_shard():
+    from dist_checkpointing.strategies.zarr_format import chunk_grid
+
+    assert chunk_grid((64, 16), [((0, 0), (32, 16)), ((32, 0), (32, 16))]) == (32, 16)
+    assert chunk_grid((10,), [((0,), (4,)), ((4,), (4,)), ((8,), (2,))]) == (4,)  # short last
+    assert chunk_grid((24,), [((0,), (8,)), ((8,), (16,))]) == (8,)
+    assert chunk_grid((12, 6), [((0, 0), (12, 6))]) == (12, 6)
+    assert chunk_grid((0, 3), []) == (1, 3)
+    assert chunk_grid((), [((), ())]) == ()
+
+
+@pytest.mark.parametrize("zarr_format, compression", [(2, None), (2, "zstd"), (3, "zstd"), (3, "blosc")])
+@pytest.mark.parametrize("backend", ["zarr", "tensorstore"])
+def test_zarr_format_and_compression_options(tmp_path, backend, zarr_format, compression):
+    import tensorstore as ts
+
+    config = StrategyConfig(backend=backend, zarr_format=zarr_format, compression=compression)
+    ckpt = str(tmp_path / "c")
+    dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy=config)
+    key = "dtypes.bfloat16"
+    if zarr_format == 2:
+        with open(os.path.join(ckpt, key, ".zarray")) as f:
+            doc = json.load(f)
+        assert doc["dtype"] == "bfloat16" and doc["dimension_separator"] == "."
+        assert (doc["compressor"] or {}).get("id") == compression
+        driver = "zarr"
+    else:
+        with open(os.path.join(ckpt, key, "zarr.json")) as f:
+            codecs = [c["name"] for c in json.load(f)["codecs"]]
+        assert codecs == ["bytes", compression]
+        driver = "zarr3"
+    # stock tensorstore reads it
+    array = ts.open({"driver": driver, "kvstore": {"driver": "file", "path": os.path.join(ckpt, key)}}).result()
+    stored = torch.from_numpy(array.read().result().view("int16")).view(torch.bfloat16)
+    assert torch.equal(stored, full(key, (8, 12), torch.bfloat16))
+    for reader in ("zarr", "tensorstore"):
+        loaded = dc.load(sharded_state_dict(0, 1, with_data=False), ckpt, sharded_strategy=reader)
+        assert check_loaded(loaded, 0, 1) == 16
+
+
+def test_config_from_plain_data():
+    config = StrategyConfig.from_dict({"backend": "tensorstore", "compression": "zstd", "thread_count": 4})
+    assert config.level == 3 and config.zarr_format == 3
+    for bad, message in [
+        ({"backend": "hdf5"}, "backend 'hdf5'"),
+        ({"backned": "zarr"}, "Unknown strategy config fields \\['backned'\\]"),
+        ({"zarr_format": 4}, "zarr_format must be 2 or 3"),
+        ({"backend": "torch_dist", "compression": "zstd"}, "apply to"),
+        ({"compression_level": 3}, "needs a compression"),
+        ({"thread_count": 0}, "thread_count"),
+    ]:
+        with pytest.raises(CheckpointingException, match=message):
+            StrategyConfig.from_dict(bad)
+
+
+def test_load_uses_the_recorded_engine_unless_told(tmp_path):
+    from dist_checkpointing.strategies.tensorstore import TensorStoreLoadShardedStrategy
+    from dist_checkpointing.strategies.torch_dist import TorchDistLoadShardedStrategy
+    from dist_checkpointing.strategies.zarr import ZarrLoadShardedStrategy
+
+    ts_ckpt, td_ckpt = str(tmp_path / "ts"), str(tmp_path / "td")
+    dc.save(sharded_state_dict(0, 1), ts_ckpt, sharded_strategy=("tensorstore", 1))
+    dc.save(sharded_state_dict(0, 1), td_ckpt, sharded_strategy=StrategyConfig(backend="torch_dist"))
+    assert isinstance(dc.get_default_load_sharded_strategy(ts_ckpt), TensorStoreLoadShardedStrategy)
+    assert isinstance(dc.get_default_load_sharded_strategy(td_ckpt), TorchDistLoadShardedStrategy)
+    request = sharded_state_dict(0, 1, with_data=False)
+    loaded = dc.load(request, ts_ckpt, sharded_strategy=ZarrLoadShardedStrategy())
+    assert check_loaded(loaded, 0, 1) == 16
+    with pytest.raises(CheckpointingException, match="cannot read a checkpoint written with backend 'torch_dist'"):
+        dc.load(sharded_state_dict(0, 1, with_data=False), td_ckpt, sharded_strategy="zarr")
+
+
+@pytest.mark.parametrize("backend", ["tensorstore", "torch_dist"])
+def test_shape_mismatch_padding_and_clear_errors(tmp_path, backend):
+    ckpt = str(tmp_path / "c")
+    dc.save({"w": ShardedTensor.from_rank_offsets("w", torch.arange(6.0).reshape(2, 3))}, ckpt, sharded_strategy=backend)
+    bigger = ShardedTensor.from_rank_offsets("w", torch.empty(3, 4), allow_shape_mismatch=True)
+    loaded = dc.load({"w": bigger}, ckpt)["w"]
+    assert torch.equal(loaded[:2, :3], torch.arange(6.0).reshape(2, 3)) and loaded[2:].abs().sum() == 0
+    assert loaded[:, 3].abs().sum() == 0
+    with pytest.raises(CheckpointingException, match="Key 'w' has global shape \\(2, 3\\)"):
+        dc.load({"w": ShardedTensor.from_rank_offsets("w", torch.empty(3, 4))}, ckpt)
+    with pytest.raises(CheckpointingException, match="stored as float32.*requested as float64"):
+        dc.load({"w": ShardedTensor.from_rank_offsets("w", torch.empty(2, 3, dtype=torch.float64))}, ckpt)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "tensorstore", "torch_dist"])
+def test_metadata_apis_and_remove_sharded_tensors(tmp_path, backend):
+    ckpt = str(tmp_path / "c")
+    dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy=backend)
+    metadata = dc.load_tensors_metadata(ckpt)
+    assert metadata["layers.qkv.weight"].global_shape == (2, 48, 16)
+    assert metadata["embedding.weight"].dtype == torch.bfloat16
+    assert "rng_state/shard_0_1" in dc.load_sharded_metadata(ckpt)
+    dc.remove_sharded_tensors(ckpt, "dtypes.")
+    assert not any(k.startswith("dtypes.") for k in dc.load_tensors_metadata(ckpt))
+    assert not any(k.startswith("dtypes.") for k in dc.load_plain_tensors(ckpt))
+    request = sharded_state_dict(0, 1, with_data=False)
+    with pytest.raises(CheckpointingException, match="dtypes.bfloat16"):
+        dc.load(request, ckpt)
+    del request["dtypes"]
+    assert dc.load(request, ckpt)["rng"] == {"seed": 1000}
+
+
+def test_torch_dist_checkpoint_loads_with_stock_dcp(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = str(tmp_path / "c")
+    run_ranks(_save_tp2_torch_dist, 2, ckpt)
+    assert sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))[0] == "__0_0.distcp"
+    state = {"embedding.weight": torch.empty(64, 16, dtype=torch.bfloat16), "layers.fc2.weight": torch.empty(2, 16, 64, dtype=torch.float16)}
+    dcp.load(state, checkpoint_id=ckpt)  # stock DCP, no process group: keys -> full tensors
+    for key, value in state.items():
+        assert torch.equal(value, full(key, tuple(value.shape), value.dtype)), key
+
+
+def _save_tp2_torch_dist(rank, world_size, ckpt_dir):
+    dc.save(sharded_state_dict(rank, 2), ckpt_dir, sharded_strategy="torch_dist")
+
+
+def megatron_loads_ours(rank, world_size, ckpt_dir):
+    """Megatron-Core's own torch_dist loader reads a checkpoint our library wrote."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron.core.dist_checkpointing import ShardedObject as MObject
+    from megatron.core.dist_checkpointing import ShardedTensor as MTensor
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    def to_megatron(x):
+        if isinstance(x, ShardedTensor):
+            return MTensor(**{f.name: getattr(x, f.name) for f in dataclasses.fields(MTensor)})
+        if isinstance(x, ShardedObject):
+            return MObject(x.key, None, x.global_shape, x.global_offset, x.replica_id)
+        if isinstance(x, dict):
+            return {k: to_megatron(v) for k, v in x.items() if k != "iteration"}
+        if isinstance(x, list):
+            return [to_megatron(v) for v in x]
+        return x
+
+    request = to_megatron(sharded_state_dict(rank, 2, with_data=False))
+    loaded = TorchDistLoadShardedStrategy().load(request, ckpt_dir)
+    assert loaded["rng"] == {"seed": 1000 + rank}
+    loaded["iteration"] = 7
+    return check_loaded(loaded, rank, 2)
+
+
+def test_megatron_core_loads_our_torch_dist_checkpoint(tmp_path):
+    pytest.importorskip("megatron.core", reason="installed by `make test` (--no-deps)")
+    ckpt = str(tmp_path / "c")
+    run_ranks(_save_tp2_torch_dist, 2, ckpt)
+    assert run_ranks(megatron_loads_ours, 2, ckpt) == [16, 16]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/dist_ckpt_pwned",))
+
+
+def test_tampered_dcp_metadata_does_not_run_code(tmp_path):
+    ckpt = str(tmp_path / "c")
+    dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy="torch_dist")
+    with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+        pickle.dump({"payload": _RunsCode()}, f)
+    if os.path.exists("/tmp/dist_ckpt_pwned"):
+        os.unlink("/tmp/dist_ckpt_pwned")
+    with pytest.raises(CheckpointingException, match="posix.system, which is not a DCP metadata class"):
+        dc.load(sharded_state_dict(0, 1, with_data=False), ckpt)
+    assert not os.path.exists("/tmp/dist_ckpt_pwned")
+
+
+def test_damaged_distcp_file_names_file_and_keys(tmp_path):
+    ckpt = str(tmp_path / "c")
+    dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy="torch_dist")
+    data_file = os.path.join(ckpt, "__0_0.distcp")
+    with open(data_file, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointingException, match="__0_0.distcp") as error:
+        dc.load(sharded_state_dict(0, 1, with_data=False), ckpt)
+    assert "Cannot read keys [" in str(error.value)
+    os.unlink(data_file)
+    with pytest.raises(CheckpointingException, match="__0_0.distcp"):
+        dc.load(sharded_state_dict(0, 1, with_data=False), ckpt)
+
+
+def test_config_selects_engine_and_records_it(tmp_path):
+    ckpt = str(tmp_path / "c")
+    dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy={"backend": "tensorstore", "thread_count": 1})
+    with open(os.path.join(ckpt, "metadata.json")) as f:
+        assert json.load(f)["sharded_backend"] == "tensorstore"
+    shutil.rmtree(ckpt)
+    with pytest.raises(CheckpointingException, match="Unknown strategy config fields"):
+        dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy={"engine": "zarr"})
+    assert not os.path.exists(ckpt)
