@@ -36,7 +36,7 @@ class StrategyConfig:
     zarr_format: int = 3
     compression: Optional[str] = None
     compression_level: Optional[int] = None
-    thread_count: int = 2
+    thread_count: int = 8
 
     def __post_init__(self):
         if self.backend not in ENGINES:
