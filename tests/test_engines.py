@@ -152,7 +152,7 @@ def test_config_from_plain_data():
 
 def test_load_uses_the_recorded_engine_unless_told(tmp_path):
     from dist_checkpointing.strategies.tensorstore import TensorStoreLoadShardedStrategy
-    from dist_checkpointing.strategies.torch_dist import TorchDistLoadShardedStrategy
+    from dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from dist_checkpointing.strategies.zarr import ZarrLoadShardedStrategy
 
     ts_ckpt, td_ckpt = str(tmp_path / "ts"), str(tmp_path / "td")

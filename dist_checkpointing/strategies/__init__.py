@@ -12,7 +12,7 @@ from .config import ENGINES, StrategyConfig
 _ENGINE_CLASSES = {
     "zarr": ("zarr", "ZarrSaveShardedStrategy", "ZarrLoadShardedStrategy"),
     "tensorstore": ("tensorstore", "TensorStoreSaveShardedStrategy", "TensorStoreLoadShardedStrategy"),
-    "torch_dist": ("torch_dist", "TorchDistSaveShardedStrategy", "TorchDistLoadShardedStrategy"),
+    "torch_dist": ("torch", "TorchDistSaveShardedStrategy", "TorchDistLoadShardedStrategy"),
 }
 _registered = False
 

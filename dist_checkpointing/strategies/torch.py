@@ -1,4 +1,5 @@
-"""The torch_dist engine: PyTorch's DCP format, laid out as Megatron-Core lays it out.
+"""The torch_dist engine (module name as in Megatron-Core): PyTorch's DCP format, laid out as
+Megatron-Core lays it out.
 
 Files: `.metadata` (a pickle of DCP's `Metadata`: each key's global size, dtype and chunk boxes,
 and where each chunk's bytes are) and `__<rank>_<n>.distcp` data files, each a concatenation of
