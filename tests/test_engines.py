@@ -289,3 +289,30 @@ def test_config_selects_engine_and_records_it(tmp_path):
     with pytest.raises(CheckpointingException, match="Unknown strategy config fields"):
         dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy={"engine": "zarr"})
     assert not os.path.exists(ckpt)
+
+
+def megatron_tensorstore_loads_ours(rank, world_size, ckpt_dir):
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from megatron.core.dist_checkpointing import ShardedTensor as MTensor
+    from megatron.core.dist_checkpointing.strategies.tensorstore import TensorStoreLoadShardedStrategy
+
+    request = {
+        "embedding": MTensor.from_rank_offsets("embedding.weight", torch.empty(64, 16, dtype=torch.bfloat16)),
+        "qkv": [
+            MTensor.from_rank_offsets("layers.qkv.weight", torch.empty(48, 16), (0, i, 2), prepend_axis_num=1)
+            for i in range(2)
+        ],
+    }
+    loaded = TensorStoreLoadShardedStrategy().load(request, ckpt_dir)
+    assert torch.equal(loaded["embedding"], full("embedding.weight", (64, 16), torch.bfloat16))
+    assert torch.equal(torch.stack(loaded["qkv"]), full("layers.qkv.weight", (2, 48, 16), torch.float32))
+    return True
+
+
+def test_megatron_core_zarr_reader_loads_our_zarr_v2_checkpoint(tmp_path):
+    pytest.importorskip("megatron.core", reason="installed by `make test` (--no-deps)")
+    ckpt = str(tmp_path / "c")
+    dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy={"backend": "zarr", "zarr_format": 2})
+    assert run_ranks(megatron_tensorstore_loads_ours, 1, ckpt) == [True]
