@@ -33,15 +33,15 @@ def _spec(checkpoint_dir: str, key: str, zarr_format: int) -> dict:
 class TensorStoreSaveShardedStrategy(ZarrFormatSaveStrategy):
     def __init__(self, backend: str = "tensorstore", version: int = 1, config=None):
         super().__init__(backend, version, config)
+        self.context = _context(self.config.thread_count)
 
     def write_shards(self, shards, checkpoint_dir: str) -> set:
-        context = _context(self.config.thread_count)
         opened, writes, dirs = {}, [], set()
         for key, offset, data in shards:
             if key not in opened:
                 array = self.arrays[key]
                 spec = dict(_spec(checkpoint_dir, key, array.zarr_format), metadata=array.document)
-                opened[key] = ts.open(spec, open=True, assume_metadata=True, context=context).result()
+                opened[key] = ts.open(spec, open=True, assume_metadata=True, context=self.context).result()
             box = tuple(slice(o, o + s) for o, s in zip(offset, data.shape))
             writes.append(opened[key][box].write(data))
             dirs |= self.chunk_dirs(checkpoint_dir, key, offset, data.shape)
@@ -64,8 +64,8 @@ class TensorStoreLoadShardedStrategy(ZarrFormatLoadStrategy):
 
     def __init__(self, backend: str = "tensorstore", version: int = 1, config=None):
         super().__init__(backend, version, config)
+        self.context = _context(self.config.thread_count)  # one concurrency limit for all arrays
 
     def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
-        context = _context(self.config.thread_count)
         spec = _spec(checkpoint_dir, key, zarr_format)
-        return TensorStoreArray(ts.open(spec, open=True, read=True, context=context).result())
+        return TensorStoreArray(ts.open(spec, open=True, read=True, context=self.context).result())

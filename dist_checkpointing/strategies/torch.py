@@ -176,20 +176,10 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         return dict_list_map_inplace(reads.result, placeholders)
 
     def load_tensors_metadata(self, checkpoint_dir):
-        metadata = read_dcp_metadata(str(checkpoint_dir))
-        return {
-            key: whole_tensor_metadata(key, md.properties.dtype, tuple(md.size))
-            for key, md in metadata.state_dict_metadata.items()
-            if isinstance(md, TensorStorageMetadata)
-        }
+        return _stored_entries(read_dcp_metadata(str(checkpoint_dir)), with_objects=False)
 
     def load_sharded_metadata(self, checkpoint_dir):
-        metadata = read_dcp_metadata(str(checkpoint_dir))
-        result = self.load_tensors_metadata(checkpoint_dir)
-        for key, md in metadata.state_dict_metadata.items():
-            if isinstance(md, BytesStorageMetadata):
-                result[key] = ShardedObject.empty_from_unique_key(key)
-        return result
+        return _stored_entries(read_dcp_metadata(str(checkpoint_dir)), with_objects=True)
 
     def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
         """Drops the keys from `.metadata` (rewritten atomically); their bytes stay in the files."""
@@ -206,6 +196,17 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
 
 def read_dcp_metadata(checkpoint_dir: str) -> Metadata:
     return load_dcp_metadata(os.path.join(checkpoint_dir, METADATA_FNAME))
+
+
+def _stored_entries(metadata: Metadata, with_objects: bool) -> dict:
+    """key -> data-less whole ShardedTensor (and unique key -> ShardedObject) from `.metadata`."""
+    result = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            result[key] = whole_tensor_metadata(key, md.properties.dtype, tuple(md.size))
+        elif with_objects and isinstance(md, BytesStorageMetadata):
+            result[key] = ShardedObject.empty_from_unique_key(key)
+    return result
 
 
 class _Pending:
