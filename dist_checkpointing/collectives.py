@@ -7,8 +7,9 @@ at the same point, and no rank is left waiting for a peer that already gave up.
 Without an initialized process group everything runs as a single rank.
 """
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import torch
 import torch.distributed as dist
 
 from .core import CheckpointingException
@@ -65,3 +66,29 @@ def _summarize(what: str, failures) -> str:
         return f"{what} failed on rank(s) {ranks}: {messages.pop()}"
     details = "\n".join(f"  rank {rank}: {msg}" for rank, msg in failures)
     return f"{what} failed on rank(s) {ranks}:\n{details}"
+
+
+def wire_device(group=None) -> torch.device:
+    """Where tensors must be to travel between ranks: CPU for gloo (also the CPU half of a
+    'cpu:gloo,cuda:nccl' group), the current CUDA device for an NCCL-only group."""
+    if str(dist.get_backend(group)) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+Transfer = Tuple[torch.Tensor, int, int]  # (tensor on the wire device, peer rank, tag)
+
+
+def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], group=None) -> None:
+    """Posts every send and receive of this rank at once, then waits for all of them.
+
+    Both sides must list the transfers between a pair of ranks in the same order (NCCL matches
+    by order, gloo by tag). Tensors must be contiguous and 1-D. Only valid input may reach this point: a rank that raised before
+    posting its sends would leave its peers waiting (until the process group's timeout).
+    """
+    # as bytes, so that every dtype travels (gloo has no bool or bfloat16 send)
+    ops = [dist.P2POp(dist.isend, t.view(torch.uint8), peer, group, tag) for t, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t.view(torch.uint8), peer, group, tag) for t, peer, tag in receives]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()

@@ -6,6 +6,7 @@ a plain value that goes to `common.pt`.
 """
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -108,11 +109,11 @@ class ShardedTensor(ShardedBase):
                     fail(f"global offset {off} is not a multiple of the local shape {sh}")
         if self.flattened_range is not None:
             r = self.flattened_range
-            if not isinstance(r, slice) or r.step not in (None, 1):
-                fail("flattened_range must be a slice with step 1")
-            numel = 1
-            for s in self.local_shape:
-                numel *= s
+            if not isinstance(r, slice) or r.step not in (None, 1) or not all(
+                isinstance(x, int) for x in (r.start, r.stop)
+            ):
+                fail("flattened_range must be a slice with integer start and stop, and step 1")
+            numel = math.prod(self.local_shape)
             if not (0 <= r.start <= r.stop <= numel):
                 fail(f"flattened_range {r} exceeds the {numel} elements of local_shape")
             if self.data is not None and tuple(self.data.shape) != (r.stop - r.start,):
@@ -158,6 +159,64 @@ class ShardedTensor(ShardedBase):
 
     def without_data(self) -> "ShardedTensor":
         return replace(self, data=None)
+
+    def covering_box(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """The smallest global box whose values give this shard's data: `global_box()`, or for
+        a flattened shard only the rows (along the first local axis) its flat range touches."""
+        offset, shape = self.global_box()
+        r = self.flattened_range
+        if r is None or not self.local_shape:
+            return offset, shape
+        axis = self.prepend_axis_num
+        row = math.prod(self.local_shape[1:])
+        first, stop = (r.start // row, -(-r.stop // row)) if row else (0, 0)
+        offset, shape = list(offset), list(shape)
+        offset[axis] += first
+        shape[axis] = max(stop - first, 0)
+        return tuple(offset), tuple(shape)
+
+    def from_covering_box(self, values: torch.Tensor) -> torch.Tensor:
+        """This shard's data from the values of `covering_box()`."""
+        r = self.flattened_range
+        if r is None:
+            return values.reshape(self.local_shape)
+        skipped = 0
+        if self.local_shape:
+            row = math.prod(self.local_shape[1:])
+            skipped = r.start // row * row if row else 0
+        return values.reshape(-1)[r.start - skipped : r.stop - skipped]
+
+    @classmethod
+    def from_rank_offsets_flat(
+        cls,
+        key: str,
+        data: torch.Tensor,
+        non_flat_local_shape: Tuple[int, ...],
+        *args,
+        flattened_range: Optional[slice] = None,
+        **kwargs,
+    ) -> "ShardedTensor":
+        """A flattened ShardedTensor: `data` is `flattened_range` of the flattened local shard
+        of shape `non_flat_local_shape`, which sits in the global tensor as `from_rank_offsets`
+        (with the other arguments) describes. A distributed optimizer's DP ranks each hold one
+        contiguous range of the same local shard.
+        """
+        if flattened_range is None:
+            raise CheckpointingException(
+                f"'{key}': cannot instantiate a non-flat ShardedTensor with "
+                f"`from_rank_offsets_flat`; use `from_rank_offsets` instead"
+            )
+        if data.ndim != 1:
+            raise CheckpointingException(
+                f"'{key}': a flattened ShardedTensor requires 1-D data, got shape {tuple(data.shape)}"
+            )
+        if flattened_range.stop - flattened_range.start != data.numel():
+            raise CheckpointingException(
+                f"'{key}': flattened data length ({data.numel()}) must equal the length of "
+                f"flattened_range {flattened_range}"
+            )
+        meta = torch.empty(*non_flat_local_shape, dtype=data.dtype, device="meta")
+        return replace(cls.from_rank_offsets(key, meta, *args, **kwargs), data=data, flattened_range=flattened_range)
 
     @classmethod
     def from_rank_offsets(

@@ -124,6 +124,7 @@ def save(
         validate_shards_by_key(by_key)
         _warn_if_common_state_differs([digest for _, digest in planned])
     sharded_strategy.plan(by_key)
+    local["sharded"] = sharded_strategy.stage(local["sharded"])
 
     def write():
         os.makedirs(checkpoint_dir, exist_ok=True)

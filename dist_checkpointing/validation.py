@@ -159,7 +159,7 @@ def _validate_tensor_shards(key: str, ranked: List[Tuple[int, ShardedTensor]]) -
         if sh.flattened_range is not None:
             pieces[offset].append((rank, sh))
     for offset, flat in pieces.items():
-        _validate_flat_tiling(key, offset, flat)
+        validate_flat_tiling(key, offset, flat)
     boxes = defaultdict(list)  # box -> ranks holding it
     for rank, sh in main:
         box = sh.global_box()
@@ -168,7 +168,7 @@ def _validate_tensor_shards(key: str, ranked: List[Tuple[int, ShardedTensor]]) -
     _validate_coverage(key, first.global_shape, list(boxes.items()))
 
 
-def _validate_flat_tiling(key: str, offset, flat: List[Tuple[int, ShardedTensor]]) -> None:
+def validate_flat_tiling(key: str, offset, flat: List[Tuple[int, ShardedTensor]]) -> None:
     numel = int(np.prod(flat[0][1].local_shape))
     ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in flat)
     position = 0
@@ -375,9 +375,4 @@ def check_request_against_stored(sh: ShardedTensor, stored_dtype: str, stored_sh
         raise CheckpointingException(
             f"Key '{sh.key}' has global shape {stored_shape} in {where}, requested "
             f"{sh.global_shape}. Set allow_shape_mismatch=True to read the overlap, zero-padded."
-        )
-    if sh.flattened_range is not None:
-        raise CheckpointingException(
-            f"Key '{sh.key}': flattened (distributed-optimizer) requests are not supported yet "
-            f"(reading {where})"
         )

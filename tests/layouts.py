@@ -115,3 +115,60 @@ def check_loaded(loaded, rank, tp, dp=1):
 
     compare(expected, loaded, "state")
     return compared
+
+
+# Distributed-optimizer state: name -> (global shape, TP axis or None, dtype). Stacked layers use
+# a prepended axis, as Megatron's do.
+FLAT_KEYS = {
+    "optimizer.state.exp_avg.embedding.weight": ((64, 16), 0, torch.float32),
+    "optimizer.state.exp_avg.layers.qkv.weight": ((LAYERS, 48, 16), 1, torch.float32),
+    "optimizer.state.exp_avg.final_norm": ((16,), None, torch.float32),
+    "optimizer.state.fp32_param.layers.fc2.weight": ((LAYERS, 16, 64), 2, torch.bfloat16),
+    "optimizer.state.step_counts": ((6, 5), None, torch.int64),
+}
+
+
+def flat_state_dict(rank, tp, dp, with_data=True):
+    """A distributed optimizer's view (rank = dp_rank * tp + tp_rank): the TP shards of all keys
+    are laid end to end in one buffer, and DP rank d holds the d-th of `dp` contiguous ranges
+    of that buffer. So most shards are split at arbitrary elements, some held whole by one rank,
+    and each rank gets the flat ShardedTensors of the parts it holds."""
+    tp_rank, dp_rank = rank % tp, rank // tp
+    shards = []  # (key, local tensor, rank offsets, prepend_axis_num)
+    for key, (gshape, axis, dtype) in FLAT_KEYS.items():
+        values = full(key, gshape, dtype)
+        prepend = 1 if len(gshape) == 3 else 0
+        for layer in range(gshape[0]) if prepend else [None]:
+            local = values if layer is None else values[layer]
+            offsets = [] if layer is None else [(0, layer, gshape[0])]
+            if axis is not None:
+                size = gshape[axis] // tp
+                local = local.narrow(axis - prepend, tp_rank * size, size)
+                offsets.append((axis, tp_rank, tp))
+            shards.append((key, local, offsets, prepend))
+    total = sum(local.numel() for _, local, _, _ in shards)
+    lo, hi = total * dp_rank // dp, total * (dp_rank + 1) // dp
+    result, position = [], 0
+    for key, local, offsets, prepend in shards:
+        start, stop = max(lo - position, 0), min(hi - position, local.numel())
+        position += local.numel()
+        if start >= stop:
+            continue
+        data = local.reshape(-1)[start:stop].clone()
+        if not with_data:
+            data = torch.zeros_like(data)
+        result.append(
+            ShardedTensor.from_rank_offsets_flat(
+                key, data, tuple(local.shape), *offsets,
+                flattened_range=slice(start, stop), prepend_axis_num=prepend,
+                replica_id=tp_rank if FLAT_KEYS[key][1] is None else 0,  # TP-replicated keys
+            )
+        )
+    return result
+
+
+def expected_flat(sh):
+    """What a flat request `sh` must load: the rule's values of its range."""
+    gshape = FLAT_KEYS[sh.key][0]
+    values = full(sh.key, gshape, sh.dtype)[sh.global_slice()]
+    return values.reshape(-1)[sh.flattened_range]

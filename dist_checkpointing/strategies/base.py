@@ -140,18 +140,28 @@ class SaveCommonStrategy(SaveStrategyBase):
 
 
 class SaveShardedStrategy(SaveStrategyBase):
-    """Writes ShardedTensors, in three calls mirroring the three steps of `serialization.save`.
+    """Writes ShardedTensors, in four calls mirroring the steps of `serialization.save`.
 
     1. `plan(shards_by_key)` on every rank with the validated global plan (the shards of all
        ranks, without data): reject what the engine cannot store, decide the layout;
-    2. `save(...)` on every rank with that rank's shards: write the main replicas durably
+    2. `stage(sharded_state_dict)` on every rank: the only step that may move tensor data
+       between ranks (e.g. to assemble flattened pieces on the rank that writes them);
+    3. `save(...)` on every rank with what `stage` returned: write the main replicas durably
        (fsync'd) without talking to other ranks; return a small picklable write result;
-    3. `finalize(dir, results)` on rank 0 with every rank's write result, before
+    4. `finalize(dir, results)` on rank 0 with every rank's write result, before
        `metadata.json` is written: write the engine's own index, if it has one.
     """
 
     def plan(self, shards_by_key: ShardsByKey) -> None:
         """Checks and records the global layout (called on every rank before any write)."""
+
+    def stage(self, sharded_state_dict: ShardedStateDict) -> ShardedStateDict:
+        """What `save` writes on this rank (called on every rank, collectively, after `plan`).
+
+        Runs between two collectives of `serialization.save`, so anything that can fail on
+        one rank only must be checked in `plan` instead.
+        """
+        return sharded_state_dict
 
     @abstractmethod
     def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> Any:

@@ -14,10 +14,12 @@ and fs.py makes every file durable. Reads go through DCP's FileSystemReader; `.m
 unpickled with an allow-list (pickling.py).
 """
 
+import itertools
+import math
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -46,6 +48,7 @@ from .base import LoadShardedStrategy, SaveShardedStrategy
 from .config import StrategyConfig
 
 METADATA_FNAME = ".metadata"
+ORIG_SHAPE = "nd_reformulated_orig_global_shape"  # Megatron-Core's `mcore_data` field
 DCP_VERSION = "1.0.0"  # the `Metadata.version` DCP of torch 2.6+ writes
 
 
@@ -56,6 +59,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
         super().__init__(backend, version)
         self.config = config or StrategyConfig(backend="torch_dist")
         self.state_dict_metadata: Dict[str, object] = {}
+        self.mcore_data: Dict[str, dict] = {}  # key -> {ORIG_SHAPE: global shape}, flattened keys
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -63,26 +67,35 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
 
     def plan(self, shards_by_key) -> None:
         """DCP's per-key metadata, from the main replicas of the global plan."""
-        self.state_dict_metadata = {}
+        self.state_dict_metadata, self.mcore_data = {}, {}
         for key, ranked in shards_by_key.items():
             main = [sh for _, sh in ranked if is_main_replica(sh.replica_id)]
             if isinstance(ranked[0][1], ShardedObject):
                 for sh in main:
                     self.state_dict_metadata[sh.unique_key] = BytesStorageMetadata()
                 continue
+            first = ranked[0][1]
+            if any(sh.flattened_range is not None for sh in main):
+                self.mcore_data[key] = {ORIG_SHAPE: first.global_shape}
+                size = _reformulated_size(key, main)
+            else:
+                size = first.global_shape
             chunks = []
             for sh in main:
-                if sh.flattened_range is not None:
-                    raise CheckpointingException(
-                        f"Key '{key}' has flattened (distributed-optimizer) shards, which the "
-                        f"torch_dist engine cannot store yet."
-                    )
-                offset, shape = sh.global_box()
+                offset, shape = self._chunk_box(sh)
                 if 0 not in shape:
                     chunks.append(ChunkStorageMetadata(torch.Size(offset), torch.Size(shape)))
-            first = ranked[0][1]
             properties = TensorProperties(dtype=first.dtype)
-            self.state_dict_metadata[key] = TensorStorageMetadata(properties, torch.Size(first.global_shape), chunks)
+            self.state_dict_metadata[key] = TensorStorageMetadata(properties, torch.Size(size), chunks)
+
+    def _chunk_box(self, sh: ShardedTensor):
+        """Where shard `sh` is stored: its global box, or for a key with flattened shards
+        (Megatron's n-d reformulation) its flat range in its shard's row of the last axis."""
+        if sh.key not in self.mcore_data:
+            return sh.global_box()
+        r = sh.flattened_range or slice(0, math.prod(sh.local_shape))
+        ones = (1,) * len(sh.global_shape)
+        return sh.local_chunk_offset_in_global() + (r.start,), ones + (r.stop - r.start,)
 
     def save(self, sharded_state_dict, checkpoint_dir) -> List[WriteResult]:
         items = []  # (index, tensor or BytesIO)
@@ -93,7 +106,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
                 # Megatron-Core's byte entry: a list of the values stored under the unique key
                 items.append((MetadataIndex(sh.unique_key), dump_object([sh.data])))
                 continue
-            offset, shape = sh.global_box()
+            offset, shape = self._chunk_box(sh)
             if 0 not in shape:
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
         files = _balance(items, self.config.thread_count)
@@ -114,7 +127,27 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             storage_meta=StorageMeta(checkpoint_id=str(checkpoint_dir), save_id=str(uuid.uuid4())),
             version=DCP_VERSION,
         )
+        metadata.mcore_data = self.mcore_data  # where Megatron-Core looks for the original shapes
         atomic_write(os.path.join(str(checkpoint_dir), METADATA_FNAME), dump_dcp_metadata(metadata))
+
+
+def _reformulated_size(key: str, main: List[ShardedTensor]) -> Tuple[int, ...]:
+    """Megatron-Core's n-d formulation of a key with flattened shards: global shape [X, Y, Z]
+    split into local [x, y, z] is stored as [X/x, Y/y, Z/z, x*y*z], each flat piece a range of
+    the last axis. That needs one regular grid of equal shards."""
+    first = main[0]
+    for sh in main:
+        if sh.axis_fragmentations is None or (sh.local_shape, sh.axis_fragmentations) != (
+            first.local_shape,
+            first.axis_fragmentations,
+        ):
+            raise CheckpointingException(
+                f"Key '{key}' has flattened shards, which the torch_dist engine stores in "
+                f"Megatron-Core's n-d formulation; that needs equal shards on a regular grid, but "
+                f"shards have local shapes {first.local_shape} and {sh.local_shape} (grids "
+                f"{first.axis_fragmentations}, {sh.axis_fragmentations}). Use the zarr engine."
+            )
+    return first.axis_fragmentations + (math.prod(first.local_shape),)
 
 
 def _compact_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -191,6 +224,7 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         metadata.storage_data = {
             k: v for k, v in metadata.storage_data.items() if not k.fqn.startswith(key_prefix)
         }
+        metadata.mcore_data = {k: v for k, v in _mcore_data(metadata).items() if not k.startswith(key_prefix)}
         atomic_write(path, dump_dcp_metadata(metadata))
 
 
@@ -203,10 +237,26 @@ def _stored_entries(metadata: Metadata, with_objects: bool) -> dict:
     result = {}
     for key, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
-            result[key] = whole_tensor_metadata(key, md.properties.dtype, tuple(md.size))
+            result[key] = whole_tensor_metadata(key, md.properties.dtype, _global_shape(metadata, key))
         elif with_objects and isinstance(md, BytesStorageMetadata):
             result[key] = ShardedObject.empty_from_unique_key(key)
     return result
+
+
+def _global_shape(metadata: Metadata, key: str) -> Tuple[int, ...]:
+    """The tensor's shape as saved (not its n-d reformulation)."""
+    original = _reformulated_from(metadata, key)
+    return original if original is not None else tuple(metadata.state_dict_metadata[key].size)
+
+
+def _reformulated_from(metadata: Metadata, key: str) -> Optional[Tuple[int, ...]]:
+    """The original global shape of a key stored in the n-d formulation, else None."""
+    original = _mcore_data(metadata).get(key, {}).get(ORIG_SHAPE)
+    return None if original is None else tuple(original)
+
+
+def _mcore_data(metadata: Metadata) -> dict:
+    return getattr(metadata, "mcore_data", None) or {}
 
 
 class _Pending:
@@ -217,12 +267,19 @@ class _Pending:
 
 
 class _Reads:
-    """The reads of one load: DCP ReadItems per file, and DCP's LoadPlanner callbacks."""
+    """The reads of one load: DCP ReadItems per file, and DCP's LoadPlanner callbacks.
+
+    Every request is read as its covering box into a zero-filled tensor (zeros: the
+    allow_shape_mismatch pad). From a reformulated key, each stored shard the box overlaps is
+    read as the smallest flat range holding the overlap, and copied out through a strided view.
+    """
 
     def __init__(self, checkpoint_dir: str, metadata: Metadata):
         self.checkpoint_dir, self.metadata = checkpoint_dir, metadata
         self.requests: List = []  # per _Pending.n: the request
         self.values: List = []  # per _Pending.n: the target tensor or the loaded object
+        self.destinations: List[torch.Tensor] = []  # per ReadItem.dest_index.index
+        self.copy_outs: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (target view, read view)
         self.items: List[ReadItem] = []
 
     def plan(self, sh):
@@ -238,15 +295,45 @@ class _Reads:
             return sh
         stored = self._stored(sh.key, TensorStorageMetadata, "ShardedTensor")
         where = os.path.join(self.checkpoint_dir, METADATA_FNAME)
-        check_request_against_stored(sh, name_of_torch(stored.properties.dtype, sh.key), stored.size, where)
-        reformulated = getattr(self.metadata, "mcore_data", {}).get(sh.key, {})
-        if "nd_reformulated_orig_global_shape" in reformulated:
+        global_shape = _global_shape(self.metadata, sh.key)
+        check_request_against_stored(sh, name_of_torch(stored.properties.dtype, sh.key), global_shape, where)
+        offset, shape = sh.covering_box()
+        target = torch.zeros(shape, dtype=sh.dtype)
+        if _reformulated_from(self.metadata, sh.key) is not None:
+            self._plan_reformulated(sh.key, stored, global_shape, offset, target)
+        else:
+            self._read_into(sh.key, stored, offset, target)
+        return _Pending(self._add(sh, target))
+
+    def _plan_reformulated(self, key, stored, global_shape, offset, target) -> None:
+        grid, numel = tuple(stored.size[:-1]), stored.size[-1]
+        shard = [g // n for g, n in zip(global_shape, grid)]
+        if len(grid) != len(global_shape) or any(s * n != g for s, n, g in zip(shard, grid, global_shape)) or math.prod(shard) != numel:
             raise CheckpointingException(
-                f"Key '{sh.key}' in {where} was saved flattened by Megatron-Core (distributed "
-                f"optimizer); reading that layout is not supported yet"
+                f"Key '{key}' in {self.checkpoint_dir}/{METADATA_FNAME}: stored shape "
+                f"{tuple(stored.size)} is not an n-d reformulation of {global_shape}; it is damaged"
             )
-        offset, shape = sh.global_box()
-        n = self._add(sh, torch.zeros(shape, dtype=sh.dtype))  # zeros: the allow_shape_mismatch pad
+        strides = [math.prod(shard[axis + 1 :]) for axis in range(len(shard))]
+        stop = [min(o + s, g) for o, s, g in zip(offset, target.shape, global_shape)]
+        cells = [range(o // s, -(-e // s)) for o, e, s in zip(offset, stop, shard)]
+        for cell in itertools.product(*cells):
+            lo = [max(o, c * s) for o, c, s in zip(offset, cell, shard)]
+            hi = [min(e, (c + 1) * s) for e, c, s in zip(stop, cell, shard)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            first = sum((l - c * s) * st for l, c, s, st in zip(lo, cell, shard, strides))
+            last = sum((h - 1 - c * s) * st for h, c, s, st in zip(hi, cell, shard, strides))
+            flat = torch.zeros((1,) * len(grid) + (last + 1 - first,), dtype=target.dtype)
+            self._read_into(key, stored, tuple(cell) + (first,), flat)
+            overlap = [h - l for l, h in zip(lo, hi)]
+            into = target[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))]
+            self.copy_outs.append((into, flat.reshape(-1).as_strided(overlap, strides)))
+
+    def _read_into(self, key: str, stored, offset, destination: torch.Tensor) -> None:
+        """ReadItems filling `destination` (the stored box at `offset`) from the stored chunks."""
+        shape = destination.shape
+        index = len(self.destinations)
+        self.destinations.append(destination)
         for chunk in stored.chunks:
             start = [max(o, c) for o, c in zip(offset, chunk.offsets)]
             stop = [min(o + s, c + l) for o, s, c, l in zip(offset, shape, chunk.offsets, chunk.sizes)]
@@ -255,14 +342,13 @@ class _Reads:
             self.items.append(
                 ReadItem(
                     LoadItemType.TENSOR,
-                    dest_index=MetadataIndex(sh.key, torch.Size(offset), index=n),
+                    dest_index=MetadataIndex(key, torch.Size(offset), index=index),
                     dest_offsets=torch.Size([a - o for a, o in zip(start, offset)]),
-                    storage_index=MetadataIndex(sh.key, chunk.offsets),
+                    storage_index=MetadataIndex(key, chunk.offsets),
                     storage_offsets=torch.Size([a - c for a, c in zip(start, chunk.offsets)]),
                     lengths=torch.Size([b - a for a, b in zip(start, stop)]),
                 )
             )
-        return _Pending(n)
 
     def _stored(self, name: str, kind, what: str):
         stored = self.metadata.state_dict_metadata.get(name)
@@ -303,10 +389,12 @@ class _Reads:
                     f"Cannot read keys {keys} from {os.path.join(self.checkpoint_dir, name)}: "
                     f"{type(e).__name__}: {e}. The checkpoint is damaged."
                 ) from e
+        for into, read in self.copy_outs:
+            into.copy_(read)
 
     # DCP's LoadPlanner callbacks used by FileSystemReader.read_data
     def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
-        target = self.values[item.dest_index.index]
+        target = self.destinations[item.dest_index.index]
         for axis, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
             target = target.narrow(axis, start, length)
         return target
@@ -329,7 +417,7 @@ class _Reads:
         sh, loaded = self.requests[value.n], self.values[value.n]
         if isinstance(sh, ShardedObject):
             return loaded
-        loaded = loaded.reshape(sh.local_shape)
+        loaded = sh.from_covering_box(loaded)
         if sh.data is not None and sh.data.device.type != "cpu":
             loaded = loaded.to(sh.data.device)
         return loaded

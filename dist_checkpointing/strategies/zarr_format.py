@@ -13,20 +13,21 @@ import math
 import os
 import shutil
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..collectives import get_rank
+from ..collectives import get_rank, is_distributed, send_and_receive, wire_device
 from ..core import CheckpointingException
-from ..dict_utils import dict_list_map_inplace
+from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import DTYPES, name_of_numpy, name_of_torch, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
 from ..fs import fsync_dirs, parents_up_to, write_durably
 from ..layout import check_key, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
-from ..validation import ShardsByKey, check_request_against_stored, shards_of
+from ..validation import ShardsByKey, check_request_against_stored, shards_of, validate_flat_tiling
 from .base import LoadShardedStrategy, SaveShardedStrategy
 from .config import ZARR_ENGINES, StrategyConfig
 
@@ -78,20 +79,100 @@ def plan_arrays(shards_by_key: ShardsByKey, config: StrategyConfig) -> Dict[str,
             continue
         check_key(key)
         main = [(rank, sh) for rank, sh in tensors if is_main_replica(sh.replica_id)]
-        for _, sh in main:
-            if sh.flattened_range is not None:
-                raise CheckpointingException(
-                    f"Key '{key}' has flattened (distributed-optimizer) shards, which the "
-                    f"{config.backend} engine cannot store yet."
-                )
         first = tensors[0][1]
-        boxes = [sh.global_box() for _, sh in main]
+        boxes = list({sh.global_box() for _, sh in main})  # flat pieces of a shard share its box
         chunks = chunk_grid(first.global_shape, boxes)
         _warn_if_many_chunks(key, first.global_shape, chunks, len(boxes))
         document = array_document(first.global_shape, chunks, name_of_torch(first.dtype, key), config)
         writer = min(rank for rank, _ in (main or tensors))
         plans[key] = ArrayPlan(document, writer)
     return plans
+
+
+@dataclass(frozen=True)
+class FlatShard:
+    """A local shard that ranks hold as flat pieces (a distributed optimizer's DP ranks): it is
+    assembled on one of them, `writer`, and stored like any other shard."""
+
+    writer: int
+    pieces: Tuple[Tuple[int, int, int], ...]  # (start, stop, rank), sorted
+
+
+FlatShardId = Tuple[str, Tuple[int, ...]]  # (key, global offset of the shard)
+
+
+def plan_flat_shards(shards_by_key: ShardsByKey) -> Dict[FlatShardId, FlatShard]:
+    """Who assembles and writes each flattened shard (the same result on every rank).
+
+    Largest shards first, each goes to the piece holder with the fewest bytes to write so far
+    (then the one holding most of it): writing stays balanced over the DP ranks, and a shard
+    held whole by one rank never moves.
+    """
+    load = defaultdict(int)  # rank -> bytes it writes
+    flat = defaultdict(list)
+    for key, ranked in shards_by_key.items():
+        for rank, sh in ranked:
+            if not isinstance(sh, ShardedTensor) or not is_main_replica(sh.replica_id):
+                continue
+            if sh.flattened_range is None:
+                load[rank] += math.prod(sh.local_shape) * sh.dtype.itemsize
+            elif sh.flattened_range.stop > sh.flattened_range.start:
+                flat[(key, sh.global_offset)].append((rank, sh))
+    plans = {}
+    for shard_id, pieces in sorted(flat.items(), key=lambda kv: (-_nbytes(kv[1][0][1]), kv[0])):
+        validate_flat_tiling(shard_id[0], shard_id[1], pieces)
+        held = defaultdict(int)
+        for rank, sh in pieces:
+            held[rank] += sh.flattened_range.stop - sh.flattened_range.start
+        writer = min(held, key=lambda r: (load[r], -held[r], r))
+        load[writer] += _nbytes(pieces[0][1])
+        ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in pieces)
+        plans[shard_id] = FlatShard(writer, tuple(ranges))
+    return plans
+
+
+def _nbytes(sh: ShardedTensor) -> int:
+    return math.prod(sh.local_shape) * sh.dtype.itemsize
+
+
+def assemble_flat_shards(sharded_state_dict, plans: Dict[FlatShardId, FlatShard]) -> list:
+    """The shards this rank writes: flattened pieces replaced by the whole shards it assembles
+    from the pieces of all ranks (collective: every rank calls it with the same `plans`)."""
+    rank = get_rank()
+    device = wire_device() if is_distributed() else torch.device("cpu")
+    mine, kept = defaultdict(list), []
+    for sh in nested_values(sharded_state_dict):
+        if isinstance(sh, ShardedTensor) and sh.flattened_range is not None:
+            if is_main_replica(sh.replica_id) and sh.flattened_range.stop > sh.flattened_range.start:
+                mine[(sh.key, sh.global_offset)].append(sh)
+        else:
+            kept.append(sh)
+    sends, receives, copies = [], [], []
+    tag = 0
+    for shard_id, plan in sorted(plans.items()):
+        local = {sh.flattened_range.start: sh for sh in mine.pop(shard_id, [])}
+        if plan.writer == rank:
+            template = next(iter(local.values()))
+            whole = torch.empty(math.prod(template.local_shape), dtype=template.dtype)
+        for start, stop, holder in plan.pieces:
+            tag += 1
+            if plan.writer == rank and holder == rank:
+                whole[start:stop].copy_(local[start].data.detach())
+            elif plan.writer == rank:
+                buffer = whole[start:stop] if device.type == "cpu" else torch.empty(stop - start, dtype=whole.dtype, device=device)
+                receives.append((buffer, holder, tag))
+                copies.append((whole[start:stop], buffer))
+            elif holder == rank:
+                sends.append((local[start].data.detach().to(device).contiguous(), plan.writer, tag))
+        if plan.writer == rank:
+            kept.append(replace(template, data=whole.view(template.local_shape), flattened_range=None))
+    send_and_receive(sends, receives)
+    if mine:
+        raise CheckpointingException(f"Flattened shards {sorted(mine)} were not in the planned layout")
+    for target, buffer in copies:
+        if target.data_ptr() != buffer.data_ptr():
+            target.copy_(buffer)
+    return kept
 
 
 def _warn_if_many_chunks(key: str, global_shape, chunks, n_shards: int) -> None:
@@ -236,9 +317,15 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
         super().__init__(backend, version)
         self.config = config or StrategyConfig(backend=backend)
         self.arrays: Dict[str, ArrayPlan] = {}
+        self.flat_shards: Dict[FlatShardId, FlatShard] = {}
 
     def plan(self, shards_by_key: ShardsByKey) -> None:
         self.arrays = plan_arrays(shards_by_key, self.config)
+        self.flat_shards = plan_flat_shards(shards_by_key)
+
+    def stage(self, sharded_state_dict):
+        """Flattened pieces are assembled into whole shards on their writers (docs/format.md)."""
+        return assemble_flat_shards(sharded_state_dict, self.flat_shards)
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         rank = get_rank()
@@ -250,7 +337,7 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
         for sh in shards_of(sharded_state_dict, ShardedTensor):
             offset, shape = sh.global_box()
             if is_main_replica(sh.replica_id) and 0 not in shape:
-                if sh.key not in self.arrays:
+                if sh.key not in self.arrays or sh.flattened_range is not None:
                     raise CheckpointingException(f"Key '{sh.key}' was not in the planned layout")
                 data = to_numpy(sh.data.detach().to("cpu").contiguous()).reshape(shape)
                 shards.append((sh.key, offset, data))
@@ -325,8 +412,8 @@ def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch
     """The values of request `sh`, on the device of `sh.data` (CPU if it has none)."""
     where = entry_dir(checkpoint_dir, sh.key)
     check_request_against_stored(sh, name_of_numpy(array.dtype, sh.key), array.shape, where)
-    offset, shape = sh.global_box()
-    tensor = to_torch(read_box(array, offset, shape)).reshape(sh.local_shape)
+    offset, shape = sh.covering_box()
+    tensor = sh.from_covering_box(to_torch(read_box(array, offset, shape)))
     if sh.data is not None and sh.data.device.type != "cpu":
         tensor = tensor.to(sh.data.device)
     return tensor
