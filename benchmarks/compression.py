@@ -7,18 +7,16 @@ with each engine x codec and loads back; runs alternate; medians are reported.
     python benchmarks/compression.py [--mb 64] [--runs 3] [--json]
 """
 
-import argparse
 import os
 import shutil
 import statistics
-import tempfile
 import time
 
 import torch
 
 import dist_checkpointing as dc
 from dist_checkpointing import ShardedTensor
-from reporting import dir_stats, report
+from harness import dir_stats, parse_args, report, scratch_dir
 
 SHARDS = 8
 CODECS = [None, "zstd", "blosc"]
@@ -45,18 +43,13 @@ def make_state(mb: int):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=64, help="MiB per tensor")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(__doc__, 64, "MiB per tensor")
     state = make_state(args.mb)
     request = {k: [ShardedTensor.from_rank_offsets(k, torch.empty_like(s.data), (0, i, SHARDS))
                    for i, s in enumerate(v)] for k, v in state.items()}
     raw = {k: sum(s.data.numel() * s.data.element_size() for s in v) for k, v in state.items()}
     timings, ratios = {}, {}
-    work = tempfile.mkdtemp(prefix="dist_ckpt_bench_")
-    try:
+    with scratch_dir() as work:
         for run in range(args.runs):
             for engine in ENGINES:
                 for codec in CODECS:
@@ -72,8 +65,6 @@ def main():
                     timings.setdefault(name, []).append((saved, loaded))
                     ratios[name] = {k: raw[k] / dir_stats(os.path.join(path, k))[1] for k in raw}
                     shutil.rmtree(path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     total_mb = sum(raw.values()) / 2**20
     rows = []
     for name, runs in timings.items():

@@ -8,36 +8,36 @@ in one process at TP=1 with a warm page cache. Runs alternate; medians are repor
     python benchmarks/engines.py [--mb 256] [--runs 3] [--json]
 """
 
-import argparse
 import os
-import shutil
 import statistics
-import tempfile
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dist_checkpointing as dc
 from dist_checkpointing import ShardedTensor
-from reporting import dir_stats, report
+from harness import dir_stats, parse_args, report, scratch_dir, run_on_ranks
 
 ENGINES = ["zarr", "tensorstore", "torch_dist"]
 HIDDEN, VOCAB = 1024, 32768
 
 
-def gpt_state(rank: int, tp: int, mb: int, with_data: bool = True):
-    """Layers are added until the bf16 state reaches `mb` MiB in total."""
+def gpt_shapes(mb: int, itemsize: int = 2):
+    """key -> (global shape, TP axis); layers are added until the state reaches `mb` MiB."""
     h = HIDDEN
     shapes = {"embedding.weight": ((VOCAB, h), 0)}
     per_layer = {"qkv": ((3 * h, h), 0), "proj": ((h, h), 1), "fc1": ((4 * h, h), 0), "fc2": ((h, 4 * h), 1)}
-    layers = max(1, (mb * 2**20 // 2 - VOCAB * h) // (12 * h * h))
+    layers = max(1, (mb * 2**20 // itemsize - VOCAB * h) // (12 * h * h))
     for layer in range(layers):
         shapes.update({f"layers.{layer}.{name}.weight": spec for name, spec in per_layer.items()})
+    return shapes
+
+
+def gpt_state(rank: int, tp: int, mb: int, with_data: bool = True):
+    """The bf16 state of `rank` at TP=`tp`."""
     state = {}
-    for key, (shape, axis) in shapes.items():
+    for key, (shape, axis) in gpt_shapes(mb).items():
         local = list(shape)
         local[axis] //= tp
         data = torch.randn(local, dtype=torch.bfloat16) if with_data else torch.empty(local, dtype=torch.bfloat16)
@@ -57,9 +57,7 @@ def raw_write(tensors, directory: str) -> None:
     os.close(fd)
 
 
-def rank_main(rank, world, store_file, work, mb, runs, results):
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
+def save_on_rank(rank, world, work, mb, runs):
     state = gpt_state(rank, world, mb)
     tensors = [sh.data for sh in state.values()]
     times = {}
@@ -74,25 +72,13 @@ def rank_main(rank, world, store_file, work, mb, runs, results):
                 dc.save(state, path, sharded_strategy=name)
             dist.barrier()
             times.setdefault(name, []).append(time.perf_counter() - start)
-    if rank == 0:
-        results.put(times)
-    dist.destroy_process_group()
+    return times
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=256, help="MiB of bf16 state in total")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="dist_ckpt_bench_")
-    try:
-        ctx = mp.get_context("spawn")
-        results = ctx.Queue()
-        store_file = os.path.join(work, "store")
-        mp.start_processes(rank_main, args=(2, store_file, work, args.mb, args.runs, results),
-                           nprocs=2, join=True, start_method="spawn")
-        save_times = results.get()
+    args = parse_args(__doc__, 256, "MiB of bf16 state in total")
+    with scratch_dir() as work:
+        save_times = run_on_ranks(save_on_rank, 2, work, args.mb, args.runs)
         request = gpt_state(0, 1, args.mb, with_data=False)
         total = sum(sh.data.numel() * 2 for sh in request.values())
         load_times = {}
@@ -119,8 +105,6 @@ def main():
                 "load_GBps": round(total / load_s / 1e9, 2), "load_x_raw": round(raw_load / load_s, 2),
                 "files": files, "bytes_on_disk": size,
             })
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     title = f"{total / 1e6:.0f} MB bf16 state, TP=2 save on 2 ranks, TP=1 load; median of {args.runs} runs"
     report(title, {"state_bytes": total, "runs": args.runs}, rows, args.json)
 

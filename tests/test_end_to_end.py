@@ -55,3 +55,6 @@ def test_training_resumes_at_a_new_layout_in_every_engine(tmp_path, before, afte
         worst = max(abs(g - e) / abs(e) for g, e in zip(got, expected))
         assert worst <= TOLERANCE, (engine, got, expected)
     assert reference[-1] < reference[0]  # it trains
+    stored = dc.load_tensors_metadata(f"{root}/zarr")
+    for key in ("layers.fc1.weight.gate", "optimizer.state.exp_avg_sq.layers.fc1.bias.up"):  # factories
+        assert key in stored

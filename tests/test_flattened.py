@@ -142,3 +142,42 @@ def test_megatron_core_reads_our_flattened_torch_dist(tmp_path):
     ckpt = str(tmp_path / "c")
     run_ranks(save_flat_tp2dp2, 4, ckpt)
     assert all(n > 3 for n in run_ranks(megatron_loads_our_flat, 2, ckpt))
+
+
+def test_each_dp_rank_writes_the_chunks_inside_its_range(monkeypatch):
+    """A (12, 4) shard cut at flat elements 18 and 30 over 3 DP ranks, 16-byte rows, 32-byte
+    chunk limit: 2-row chunks, each written by the rank holding most of it."""
+    from dist_checkpointing.strategies import zarr_format
+    from dist_checkpointing.strategies.config import StrategyConfig
+    from dist_checkpointing.validation import group_by_key
+
+    monkeypatch.setattr(zarr_format, "FLAT_CHUNK_BYTES", 32)
+    ranges = [(0, 18), (18, 30), (30, 48)]
+    plan = [[ShardedTensor.from_rank_offsets_flat("k", torch.zeros(b - a), (12, 4), flattened_range=slice(a, b))] for a, b in ranges]
+    by_key = group_by_key(plan)
+    arrays = zarr_format.plan_arrays(by_key, StrategyConfig())
+    assert arrays["k"].chunks == (2, 4)
+    chunks = zarr_format.plan_flat_chunks(by_key, arrays)[("k", (0, 0))]
+    assert [c.rows for c in chunks] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
+    assert [c.writer for c in chunks] == [0, 0, 1, 1, 2, 2]  # chunk 2 (elements 16:24): rank 1 holds 6 of 8
+    assert chunks[2].parts == ((16, 18, 0), (18, 24, 1))
+
+
+def save_big_flat(rank, world_size, ckpt_dir, engine):
+    """20 MB: more than one chunk, the DP boundary cutting a chunk."""
+    values = torch.arange(1200 * 4096, dtype=torch.float32)
+    cut = 1234567
+    start, stop = [(0, cut), (cut, values.numel())][rank]
+    sh = ShardedTensor.from_rank_offsets_flat("big", values[start:stop].clone(), (1200, 4096), flattened_range=slice(start, stop))
+    dc.save({"big": sh}, ckpt_dir, sharded_strategy=engine)
+    request = ShardedTensor.from_rank_offsets_flat("big", torch.empty(stop - start), (1200, 4096), flattened_range=slice(start, stop))
+    assert torch.equal(dc.load({"big": request}, ckpt_dir)["big"], values[start:stop])
+    return sorted(os.listdir(os.path.join(ckpt_dir, "big", "c")))
+
+
+@pytest.mark.parametrize("engine", ["zarr", "tensorstore"])
+def test_large_flattened_shard_is_stored_in_row_chunks(tmp_path, engine):
+    ckpt = str(tmp_path / engine)
+    assert run_ranks(save_big_flat, 2, ckpt, engine)[0] == ["0", "1"]  # rows 0:600 and 600:1200
+    whole = dc.load_plain_tensors(ckpt)["big"]
+    assert torch.equal(whole, torch.arange(1200 * 4096, dtype=torch.float32).reshape(1200, 4096))

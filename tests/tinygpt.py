@@ -12,6 +12,9 @@ written by hand the way Megatron-LM does it, to prove checkpoints reshard traini
   and Adam moments of that range only, updates it, and the DP ranks all-gather the new weights.
   Those ranges cut parameters at arbitrary elements: their state is saved as flattened shards.
 
+The MLP is a SwiGLU whose fused fc1 shard is checkpointed through a ShardedTensorFactory
+(swiglu_factory), for the weights and for their flattened optimizer state.
+
 Layer weights are stacked Megatron-style: key `layers.q.weight` of global shape (LAYERS, ...)
 with one ShardedTensor per local layer (prepend_axis_num=1), so PP changes which rank holds
 which layer.
@@ -26,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import dist_checkpointing as dc
-from dist_checkpointing import ShardedTensor
+from dist_checkpointing import ShardedTensor, ShardedTensorFactory
 from dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
 VOCAB, HIDDEN, HEADS, FFN, LAYERS, SEQ, BATCH = 32, 16, 4, 32, 4, 8, 8
@@ -43,8 +46,8 @@ LAYER_PARAMS = {
     "proj.bias": ((HIDDEN,), None),
     "ln2.weight": ((HIDDEN,), None),
     "ln2.bias": ((HIDDEN,), None),
-    "fc1.weight": ((FFN, HIDDEN), 0),
-    "fc1.bias": ((FFN,), 0),
+    "fc1.weight": ((2 * FFN, HIDDEN), 0),  # SwiGLU: gate and up fused, see swiglu_factory
+    "fc1.bias": ((2 * FFN,), 0),
     "fc2.weight": ((HIDDEN, FFN), 1),
     "fc2.bias": ((HIDDEN,), None),
 }
@@ -57,13 +60,54 @@ LAST_STAGE_PARAMS = {
 
 
 def initial_value(name, shape):
-    """The same full initial weights at any layout."""
+    """The same full initial weights at any layout (fc1: gates of all TP ranks, then ups)."""
     if name.endswith("ln1.weight") or name.endswith("ln2.weight") or name == "final_ln.weight":
         return torch.ones(shape)
     if name.endswith("bias"):
         return torch.zeros(shape)
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     return torch.randn(shape, generator=g) * 0.2
+
+
+def local_shard(name, full, axis, tp, tp_rank):
+    if axis is None:
+        return full
+    halves = torch.chunk(full, 2) if ".fc1." in name else [full]  # fc1: [its gates; its ups]
+    return torch.cat([h.narrow(axis, tp_rank * h.shape[axis] // tp, h.shape[axis] // tp) for h in halves])
+
+
+def swiglu_factory(sh: ShardedTensor):
+    """Checkpoints a fused SwiGLU fc1 shard `[gate; up]` as two keys, `<key>.gate` and `<key>.up`:
+    the fused local layout depends on TP, the two halves do not. Handles flattened ranges (the
+    distributed optimizer's state), which may fall in either half or both."""
+    axis = sh.prepend_axis_num  # the split axis, fc1's first local axis
+    half_shape = (sh.local_shape[0] // 2,) + sh.local_shape[1:]
+    half_numel = math.prod(half_shape)
+    offsets = [(a, sh.global_offset[a], sh.global_shape[a]) for a in range(sh.prepend_axis_num)]
+    tp_offset = (axis, sh.global_offset[axis] // sh.local_shape[0], sh.axis_fragmentations[axis])
+
+    def build(key, data, replica_id, flattened_range):
+        kwargs = dict(replica_id=replica_id, prepend_axis_num=sh.prepend_axis_num)
+        if flattened_range is None:
+            gate, up = torch.chunk(data, 2)
+            return {
+                "gate": ShardedTensor.from_rank_offsets(f"{key}.gate", gate, *offsets, tp_offset, **kwargs),
+                "up": ShardedTensor.from_rank_offsets(f"{key}.up", up, *offsets, tp_offset, **kwargs),
+            }
+        result, start, stop = {}, flattened_range.start, flattened_range.stop
+        for name, lo in (("gate", 0), ("up", half_numel)):
+            a, b = max(start, lo), min(stop, lo + half_numel)
+            if a < b:
+                result[name] = ShardedTensor.from_rank_offsets_flat(
+                    f"{key}.{name}", data[a - start : b - start], half_shape, *offsets, tp_offset,
+                    flattened_range=slice(a - lo, b - lo), **kwargs,
+                )
+        return result
+
+    def merge(loaded):
+        return torch.cat([loaded[name] for name in ("gate", "up") if name in loaded])
+
+    return ShardedTensorFactory(sh.key, sh.data, build, merge, sh.replica_id, sh.flattened_range)
 
 
 class Parallel:
@@ -141,10 +185,7 @@ class TinyGPT:
         if par.last_stage:
             specs.update(LAST_STAGE_PARAMS)
         for name, (shape, axis) in specs.items():
-            local = initial_value(name, shape)
-            if axis is not None:
-                size = shape[axis] // tp
-                local = local.narrow(axis, par.tp_rank * size, size)
+            local = local_shard(name, initial_value(name, shape), axis, tp, par.tp_rank)
             self.params[name] = local.clone().requires_grad_()
         self.optimizer = DistributedAdam(self)
 
@@ -172,7 +213,8 @@ class TinyGPT:
             attn = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
             x = x + _ReduceFromTP.apply(attn @ P[p + "proj.weight"].T, par) + P[p + "proj.bias"]
             h = _CopyToTP.apply(F.layer_norm(x, (HIDDEN,), P[p + "ln2.weight"], P[p + "ln2.bias"]), par)
-            a = F.gelu(h @ P[p + "fc1.weight"].T + P[p + "fc1.bias"])
+            gate, up = torch.chunk(h @ P[p + "fc1.weight"].T + P[p + "fc1.bias"], 2, dim=-1)
+            a = F.silu(gate) * up
             x = x + _ReduceFromTP.apply(a @ P[p + "fc2.weight"].T, par) + P[p + "fc2.bias"]
         if par.last_stage:
             x = F.layer_norm(x, (HIDDEN,), P["final_ln.weight"], P["final_ln.bias"])
@@ -221,9 +263,10 @@ class TinyGPT:
         if axis is not None:
             offsets.append((axis + len(offsets), par.tp_rank, par.tp))
         replica_id = (par.tp_rank if axis is None else 0, par.dp_rank if replica_dp is None else replica_dp)
-        return ShardedTensor.from_rank_offsets(
+        sh = ShardedTensor.from_rank_offsets(
             key, data, *offsets, replica_id=replica_id, prepend_axis_num=0 if layer is None else 1
         )
+        return swiglu_factory(sh) if key.startswith("layers.fc1.") else sh
 
     def sharded_state_dict(self):
         return {

@@ -83,96 +83,141 @@ def plan_arrays(shards_by_key: ShardsByKey, config: StrategyConfig) -> Dict[str,
         boxes = list({sh.global_box() for _, sh in main})  # flat pieces of a shard share its box
         chunks = chunk_grid(first.global_shape, boxes)
         _warn_if_many_chunks(key, first.global_shape, chunks, len(boxes))
+        flat = [sh for _, sh in main if sh.flattened_range is not None]
+        if flat and flat[0].local_shape:
+            chunks = _split_rows(chunks, flat[0].prepend_axis_num, first.dtype.itemsize)
         document = array_document(first.global_shape, chunks, name_of_torch(first.dtype, key), config)
         writer = min(rank for rank, _ in (main or tensors))
         plans[key] = ArrayPlan(document, writer)
     return plans
 
 
+FLAT_CHUNK_BYTES = 16 * 2**20
+
+
+def _split_rows(chunks: Tuple[int, ...], axis: int, itemsize: int) -> Tuple[int, ...]:
+    """Chunks of a key with flattened shards: along the shards' first local axis, the largest
+    divisor of the extent whose chunks stay within FLAT_CHUNK_BYTES (at least one row), so that
+    each DP rank can write the chunks inside its own flat range (plan_flat_chunks)."""
+    row_bytes = math.prod(chunks[axis + 1 :]) * itemsize
+    extent = chunks[axis]
+    limit = max(1, FLAT_CHUNK_BYTES // max(row_bytes, 1))
+    divisors = {d for i in range(1, math.isqrt(extent) + 1) if extent % i == 0 for d in (i, extent // i)}
+    return chunks[:axis] + (max(d for d in divisors if d <= limit),) + chunks[axis + 1 :]
+
+
 @dataclass(frozen=True)
-class FlatShard:
-    """A local shard that ranks hold as flat pieces (a distributed optimizer's DP ranks): it is
-    assembled on one of them, `writer`, and stored like any other shard."""
+class FlatChunk:
+    """A chunk of a flattened shard (a row block of it), assembled and written by `writer`,
+    the rank holding most of it; `parts` are the (start, stop, holder) flat ranges of the shard
+    that make it up."""
 
     writer: int
-    pieces: Tuple[Tuple[int, int, int], ...]  # (start, stop, rank), sorted
+    rows: Tuple[int, int]  # [first, last) along the shard's first local axis
+    parts: Tuple[Tuple[int, int, int], ...]
 
 
 FlatShardId = Tuple[str, Tuple[int, ...]]  # (key, global offset of the shard)
 
 
-def plan_flat_shards(shards_by_key: ShardsByKey) -> Dict[FlatShardId, FlatShard]:
-    """Who assembles and writes each flattened shard (the same result on every rank).
+def plan_flat_chunks(shards_by_key: ShardsByKey, arrays: Dict[str, ArrayPlan]) -> Dict[FlatShardId, List[FlatChunk]]:
+    """Who writes each chunk of each flattened shard (the same result on every rank).
 
-    Largest shards first, each goes to the piece holder with the fewest bytes to write so far
-    (then the one holding most of it): writing stays balanced over the DP ranks, and a shard
-    held whole by one rank never moves.
+    Each DP rank writes the chunks it holds most of; only chunks cut by a flat range boundary
+    need pieces from other ranks.
     """
-    load = defaultdict(int)  # rank -> bytes it writes
-    flat = defaultdict(list)
+    pieces = defaultdict(list)
     for key, ranked in shards_by_key.items():
         for rank, sh in ranked:
-            if not isinstance(sh, ShardedTensor) or not is_main_replica(sh.replica_id):
-                continue
-            if sh.flattened_range is None:
-                load[rank] += math.prod(sh.local_shape) * sh.dtype.itemsize
-            elif sh.flattened_range.stop > sh.flattened_range.start:
-                flat[(key, sh.global_offset)].append((rank, sh))
+            if isinstance(sh, ShardedTensor) and sh.flattened_range is not None and is_main_replica(sh.replica_id):
+                pieces[(key, sh.global_offset)].append((rank, sh))
     plans = {}
-    for shard_id, pieces in sorted(flat.items(), key=lambda kv: (-_nbytes(kv[1][0][1]), kv[0])):
-        validate_flat_tiling(shard_id[0], shard_id[1], pieces)
-        held = defaultdict(int)
-        for rank, sh in pieces:
-            held[rank] += sh.flattened_range.stop - sh.flattened_range.start
-        writer = min(held, key=lambda r: (load[r], -held[r], r))
-        load[writer] += _nbytes(pieces[0][1])
-        ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in pieces)
-        plans[shard_id] = FlatShard(writer, tuple(ranges))
+    for (key, offset), held in pieces.items():
+        validate_flat_tiling(key, offset, held)  # also when the save skips validation
+        template = held[0][1]
+        ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in held)
+        rows = template.local_shape[0] if template.local_shape else 1
+        row = math.prod(template.local_shape[1:])
+        step = arrays[key].chunks[template.prepend_axis_num] if template.local_shape else 1
+        chunks = []
+        for first in range(0, rows, step):
+            last = min(first + step, rows)
+            lo, hi = first * row, last * row
+            parts = tuple((max(a, lo), min(b, hi), r) for a, b, r in ranges if max(a, lo) < min(b, hi))
+            if not parts:
+                continue
+            share = defaultdict(int)
+            for a, b, r in parts:
+                share[r] += b - a
+            writer = min(share, key=lambda r: (-share[r], r))
+            chunks.append(FlatChunk(writer, (first, last), parts))
+        plans[(key, offset)] = chunks
     return plans
 
 
-def _nbytes(sh: ShardedTensor) -> int:
-    return math.prod(sh.local_shape) * sh.dtype.itemsize
-
-
-def assemble_flat_shards(sharded_state_dict, plans: Dict[FlatShardId, FlatShard]) -> list:
-    """The shards this rank writes: flattened pieces replaced by the whole shards it assembles
-    from the pieces of all ranks (collective: every rank calls it with the same `plans`)."""
+def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatChunk]]) -> list:
+    """The shards this rank writes: its flattened pieces replaced by the chunks it writes,
+    assembled from the pieces of all ranks (collective: every rank calls it with the same
+    `plans`)."""
     rank = get_rank()
     device = wire_device() if is_distributed() else torch.device("cpu")
     mine, kept = defaultdict(list), []
     for sh in nested_values(sharded_state_dict):
-        if isinstance(sh, ShardedTensor) and sh.flattened_range is not None:
-            if is_main_replica(sh.replica_id) and sh.flattened_range.stop > sh.flattened_range.start:
-                mine[(sh.key, sh.global_offset)].append(sh)
-        else:
+        if not isinstance(sh, ShardedTensor) or sh.flattened_range is None:
             kept.append(sh)
+        elif is_main_replica(sh.replica_id) and sh.flattened_range.stop > sh.flattened_range.start:
+            mine[(sh.key, sh.global_offset)].append(sh)
     sends, receives, copies = [], [], []
     tag = 0
-    for shard_id, plan in sorted(plans.items()):
-        local = {sh.flattened_range.start: sh for sh in mine.pop(shard_id, [])}
-        if plan.writer == rank:
-            template = next(iter(local.values()))
-            whole = torch.empty(math.prod(template.local_shape), dtype=template.dtype)
-        for start, stop, holder in plan.pieces:
-            tag += 1
-            if plan.writer == rank and holder == rank:
-                whole[start:stop].copy_(local[start].data.detach())
-            elif plan.writer == rank:
-                buffer = whole[start:stop] if device.type == "cpu" else torch.empty(stop - start, dtype=whole.dtype, device=device)
-                receives.append((buffer, holder, tag))
-                copies.append((whole[start:stop], buffer))
-            elif holder == rank:
-                sends.append((local[start].data.detach().to(device).contiguous(), plan.writer, tag))
-        if plan.writer == rank:
-            kept.append(replace(template, data=whole.view(template.local_shape), flattened_range=None))
+    for shard_id, chunks in sorted(plans.items()):
+        local = mine.pop(shard_id, [])
+
+        def my_values(start, stop):
+            piece = next(p for p in local if p.flattened_range.start <= start and stop <= p.flattened_range.stop)
+            return piece.data.detach()[start - piece.flattened_range.start : stop - piece.flattened_range.start]
+
+        for chunk in chunks:
+            base = chunk.parts[0][0]
+            if chunk.parts == ((base, chunk.parts[-1][1], rank),):  # all mine: no copy
+                tag += 1  # every rank counts every part, so tags match
+                kept.append(_chunk_shard(local[0], chunk.rows, my_values(base, chunk.parts[-1][1])))
+                continue
+            if chunk.writer == rank:
+                values = torch.empty(chunk.parts[-1][1] - base, dtype=local[0].dtype)
+            for start, stop, holder in chunk.parts:
+                tag += 1
+                if chunk.writer == rank and holder == rank:
+                    values[start - base : stop - base].copy_(my_values(start, stop))
+                elif chunk.writer == rank:
+                    target = values[start - base : stop - base]
+                    buffer = target if device.type == "cpu" else torch.empty_like(target, device=device)
+                    receives.append((buffer, holder, tag))
+                    copies.append((target, buffer))
+                elif holder == rank:
+                    sends.append((my_values(start, stop).to(device).contiguous(), chunk.writer, tag))
+            if chunk.writer == rank:
+                kept.append(_chunk_shard(local[0], chunk.rows, values))
     send_and_receive(sends, receives)
-    if mine:
-        raise CheckpointingException(f"Flattened shards {sorted(mine)} were not in the planned layout")
     for target, buffer in copies:
         if target.data_ptr() != buffer.data_ptr():
             target.copy_(buffer)
+    if mine:
+        raise CheckpointingException(f"Flattened shards {sorted(mine)} were not in the planned layout")
     return kept
+
+
+def _chunk_shard(piece: ShardedTensor, rows: Tuple[int, int], values: torch.Tensor) -> ShardedTensor:
+    """Rows [first, last) of the local shard of flat `piece`, as an ordinary (irregular) shard."""
+    if not piece.local_shape:
+        return replace(piece, data=values.reshape(()), flattened_range=None)
+    axis = piece.prepend_axis_num
+    shape = (rows[1] - rows[0],) + piece.local_shape[1:]
+    offset = list(piece.global_offset)
+    offset[axis] += rows[0]
+    return replace(
+        piece, data=values.view(shape), local_shape=shape, global_offset=tuple(offset),
+        axis_fragmentations=None, flattened_range=None,
+    )
 
 
 def _warn_if_many_chunks(key: str, global_shape, chunks, n_shards: int) -> None:
@@ -317,15 +362,15 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
         super().__init__(backend, version)
         self.config = config or StrategyConfig(backend=backend)
         self.arrays: Dict[str, ArrayPlan] = {}
-        self.flat_shards: Dict[FlatShardId, FlatShard] = {}
+        self.flat_chunks: Dict[FlatShardId, List[FlatChunk]] = {}
 
     def plan(self, shards_by_key: ShardsByKey) -> None:
         self.arrays = plan_arrays(shards_by_key, self.config)
-        self.flat_shards = plan_flat_shards(shards_by_key)
+        self.flat_chunks = plan_flat_chunks(shards_by_key, self.arrays)
 
     def stage(self, sharded_state_dict):
-        """Flattened pieces are assembled into whole shards on their writers (docs/format.md)."""
-        return assemble_flat_shards(sharded_state_dict, self.flat_shards)
+        """Flattened pieces become the chunks this rank writes (docs/format.md §4.4)."""
+        return assemble_flat_chunks(sharded_state_dict, self.flat_chunks)
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         rank = get_rank()

@@ -1,0 +1,71 @@
+"""What the benchmarks share: arguments, running ranks, measuring a checkpoint directory and
+printing a result table."""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import timedelta
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def parse_args(doc: str, mb_default: int, mb_help: str) -> argparse.Namespace:
+    """--mb, --runs and --json; the description is the first line of `doc`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=mb_default, help=mb_help)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args()
+
+
+@contextlib.contextmanager
+def scratch_dir():
+    """A temporary directory for the checkpoints of one benchmark run, removed afterwards."""
+    work = tempfile.mkdtemp(prefix="dist_ckpt_bench_")
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_on_ranks(fn, world: int, work: str, *args):
+    """Runs `fn(rank, world, work, *args)` on `world` spawned gloo ranks; returns rank 0's result."""
+    results = mp.get_context("spawn").Queue()
+    mp.start_processes(_rank_entry, args=(world, fn, work, args, results), nprocs=world, join=True,
+                       start_method="spawn")
+    return results.get()
+
+
+def _rank_entry(rank, world, fn, work, args, results):
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(work, 'store')}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=300))
+    result = fn(rank, world, work, *args)
+    if rank == 0:
+        results.put(result)
+    dist.destroy_process_group()
+
+
+def dir_stats(path: str):
+    """(number of files, bytes) below `path`."""
+    files = size = 0
+    for root, _, names in os.walk(path):
+        files += len(names)
+        size += sum(os.path.getsize(os.path.join(root, n)) for n in names)
+    return files, size
+
+
+def report(title: str, summary: dict, rows: list, as_json: bool) -> None:
+    """Prints `rows` (dicts with the same keys) as JSON or as a Markdown table under `title`."""
+    if as_json:
+        print(json.dumps({**summary, "results": rows}, indent=1))
+        return
+    print(title)
+    header = list(rows[0])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(row[h]) for h in header) + " |")
