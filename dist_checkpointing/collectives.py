@@ -68,11 +68,11 @@ def _summarize(what: str, failures) -> str:
     return f"{what} failed on rank(s) {ranks}:\n{details}"
 
 
-def wire_device(group=None) -> torch.device:
-    """Where tensors must be to travel between ranks: CPU for gloo (also the CPU half of a
-    'cpu:gloo,cuda:nccl' group), the current CUDA device for an NCCL-only group."""
+def wire_device(tensor: torch.Tensor, group=None) -> torch.device:
+    """Where `tensor` must be to travel between ranks: CPU for gloo (also the CPU half of a
+    'cpu:gloo,cuda:nccl' group); its own (CUDA) device for an NCCL-only group."""
     if str(dist.get_backend(group)) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return tensor.device
     return torch.device("cpu")
 
 

@@ -164,15 +164,12 @@ class ShardedTensor(ShardedBase):
         """The smallest global box whose values give this shard's data: `global_box()`, or for
         a flattened shard only the rows (along the first local axis) its flat range touches."""
         offset, shape = self.global_box()
-        r = self.flattened_range
-        if r is None or not self.local_shape:
+        if self.flattened_range is None or not self.local_shape:
             return offset, shape
-        axis = self.prepend_axis_num
-        row = math.prod(self.local_shape[1:])
-        first, stop = (r.start // row, -(-r.stop // row)) if row else (0, 0)
+        first, stop, _ = self._flat_rows()
         offset, shape = list(offset), list(shape)
-        offset[axis] += first
-        shape[axis] = max(stop - first, 0)
+        offset[self.prepend_axis_num] += first
+        shape[self.prepend_axis_num] = max(stop - first, 0)
         return tuple(offset), tuple(shape)
 
     def from_covering_box(self, values: torch.Tensor) -> torch.Tensor:
@@ -180,11 +177,16 @@ class ShardedTensor(ShardedBase):
         r = self.flattened_range
         if r is None:
             return values.reshape(self.local_shape)
-        skipped = 0
-        if self.local_shape:
-            row = math.prod(self.local_shape[1:])
-            skipped = r.start // row * row if row else 0
+        first, _, row = self._flat_rows() if self.local_shape else (0, 0, 0)
+        skipped = first * row
         return values.reshape(-1)[r.start - skipped : r.stop - skipped]
+
+    def _flat_rows(self) -> Tuple[int, int, int]:
+        """(first row, end row, elements per row) of the local rows the flat range touches."""
+        r, row = self.flattened_range, math.prod(self.local_shape[1:])
+        if not row:
+            return 0, 0, 0
+        return r.start // row, -(-r.stop // row), row
 
     @classmethod
     def from_rank_offsets_flat(

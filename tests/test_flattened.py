@@ -181,3 +181,15 @@ def test_large_flattened_shard_is_stored_in_row_chunks(tmp_path, engine):
     assert run_ranks(save_big_flat, 2, ckpt, engine)[0] == ["0", "1"]  # rows 0:600 and 600:1200
     whole = dc.load_plain_tensors(ckpt)["big"]
     assert torch.equal(whole, torch.arange(1200 * 4096, dtype=torch.float32).reshape(1200, 4096))
+
+
+def test_torch_dist_refuses_flattened_shards_off_a_regular_grid():
+    from dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    from dist_checkpointing.validation import group_by_key
+
+    uneven = [  # rows 0:3 and 3:4 of a (4, 2) tensor, the first flattened
+        ShardedTensor("k", None, torch.float32, (3, 2), (4, 2), (0, 0), None, flattened_range=slice(0, 6)),
+        ShardedTensor("k", None, torch.float32, (1, 2), (4, 2), (3, 0), None),
+    ]
+    with pytest.raises(CheckpointingException, match="needs equal shards on a regular grid.*Use the zarr engine"):
+        TorchDistSaveShardedStrategy().plan(group_by_key([[sh] for sh in uneven]))

@@ -137,9 +137,11 @@ def _reformulated_size(key: str, main: List[ShardedTensor]) -> Tuple[int, ...]:
     the last axis. That needs one regular grid of equal shards."""
     first = main[0]
     for sh in main:
-        if sh.axis_fragmentations is None or (sh.local_shape, sh.axis_fragmentations) != (
-            first.local_shape,
-            first.axis_fragmentations,
+        box_shape = sh.global_box()[1]
+        if (
+            sh.axis_fragmentations is None
+            or (sh.local_shape, sh.axis_fragmentations) != (first.local_shape, first.axis_fragmentations)
+            or any(b * f != g for b, f, g in zip(box_shape, sh.axis_fragmentations, sh.global_shape))
         ):
             raise CheckpointingException(
                 f"Key '{key}' has flattened shards, which the torch_dist engine stores in "

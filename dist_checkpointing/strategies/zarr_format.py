@@ -160,7 +160,6 @@ def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatC
     assembled from the pieces of all ranks (collective: every rank calls it with the same
     `plans`)."""
     rank = get_rank()
-    device = wire_device() if is_distributed() else torch.device("cpu")
     mine, kept = defaultdict(list), []
     for sh in nested_values(sharded_state_dict):
         if not isinstance(sh, ShardedTensor) or sh.flattened_range is None:
@@ -171,6 +170,8 @@ def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatC
     tag = 0
     for shard_id, chunks in sorted(plans.items()):
         local = mine.pop(shard_id, [])
+        # only ranks holding pieces of this shard send or receive its parts
+        device = wire_device(local[0].data) if local and is_distributed() else torch.device("cpu")
 
         def my_values(start, stop):
             piece = next(p for p in local if p.flattened_range.start <= start and stop <= p.flattened_range.stop)
