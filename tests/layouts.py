@@ -128,13 +128,10 @@ FLAT_KEYS = {
 }
 
 
-def flat_state_dict(rank, tp, dp, with_data=True):
-    """A distributed optimizer's view (rank = dp_rank * tp + tp_rank): the TP shards of all keys
-    are laid end to end in one buffer, and DP rank d holds the d-th of `dp` contiguous ranges
-    of that buffer. So most shards are split at arbitrary elements, some held whole by one rank,
-    and each rank gets the flat ShardedTensors of the parts it holds."""
-    tp_rank, dp_rank = rank % tp, rank // tp
-    shards = []  # (key, local tensor, rank offsets, prepend_axis_num)
+def flat_key_shards(tp_rank, tp):
+    """The TP shards of FLAT_KEYS held by `tp_rank`: (key, local values, rank offsets,
+    prepend_axis_num, replica_id), one per stacked layer."""
+    shards = []
     for key, (gshape, axis, dtype) in FLAT_KEYS.items():
         values = full(key, gshape, dtype)
         prepend = 1 if len(gshape) == 3 else 0
@@ -145,11 +142,21 @@ def flat_state_dict(rank, tp, dp, with_data=True):
                 size = gshape[axis] // tp
                 local = local.narrow(axis - prepend, tp_rank * size, size)
                 offsets.append((axis, tp_rank, tp))
-            shards.append((key, local, offsets, prepend))
-    total = sum(local.numel() for _, local, _, _ in shards)
+            shards.append((key, local, offsets, prepend, tp_rank if axis is None else 0))  # TP-replicated
+    return shards
+
+
+def flat_state_dict(rank, tp, dp, with_data=True):
+    """A distributed optimizer's view (rank = dp_rank * tp + tp_rank): the TP shards of all keys
+    are laid end to end in one buffer, and DP rank d holds the d-th of `dp` contiguous ranges
+    of that buffer. So most shards are split at arbitrary elements, some held whole by one rank,
+    and each rank gets the flat ShardedTensors of the parts it holds."""
+    tp_rank, dp_rank = rank % tp, rank // tp
+    shards = flat_key_shards(tp_rank, tp)
+    total = sum(local.numel() for _, local, _, _, _ in shards)
     lo, hi = total * dp_rank // dp, total * (dp_rank + 1) // dp
     result, position = [], 0
-    for key, local, offsets, prepend in shards:
+    for key, local, offsets, prepend, replica_id in shards:
         start, stop = max(lo - position, 0), min(hi - position, local.numel())
         position += local.numel()
         if start >= stop:
@@ -160,8 +167,7 @@ def flat_state_dict(rank, tp, dp, with_data=True):
         result.append(
             ShardedTensor.from_rank_offsets_flat(
                 key, data, tuple(local.shape), *offsets,
-                flattened_range=slice(start, stop), prepend_axis_num=prepend,
-                replica_id=tp_rank if FLAT_KEYS[key][1] is None else 0,  # TP-replicated keys
+                flattened_range=slice(start, stop), prepend_axis_num=prepend, replica_id=replica_id,
             )
         )
     return result

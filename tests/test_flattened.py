@@ -12,7 +12,7 @@ import zarr
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
 from dist_checkpointing.dtypes import BFLOAT16
-from layouts import FLAT_KEYS, expected_flat, flat_state_dict, full
+from layouts import FLAT_KEYS, expected_flat, flat_key_shards, flat_state_dict, full
 from multirank import run_ranks
 
 ENGINES = ["zarr", "tensorstore", "torch_dist"]
@@ -59,23 +59,12 @@ def save_flat_load_everywhere(rank, world_size, ckpt_dir, engine):
         for sh, value in zip(request, loaded):
             assert torch.equal(value, expected_flat(sh)), (sh.key, tp, dp)
             checked += 1
-    tp_rank, requests, expected = rank % 4, [], []
-    for key, (gshape, axis, dtype) in FLAT_KEYS.items():
-        prepend = 1 if len(gshape) == 3 else 0
-        for layer in range(gshape[0]) if prepend else [None]:
-            local = full(key, gshape, dtype) if layer is None else full(key, gshape, dtype)[layer]
-            offsets = [] if layer is None else [(0, layer, gshape[0])]
-            if axis is not None:
-                size = gshape[axis] // 4
-                local = local.narrow(axis - prepend, tp_rank * size, size)
-                offsets.append((axis, tp_rank, 4))
-            replica_id = 0 if axis is not None else tp_rank
-            requests.append(
-                ShardedTensor.from_rank_offsets(
-                    key, torch.empty_like(local), *offsets, prepend_axis_num=prepend, replica_id=replica_id
-                )
-            )
-            expected.append(local)
+    shards = flat_key_shards(rank % 4, 4)
+    requests = [
+        ShardedTensor.from_rank_offsets(key, torch.empty_like(local), *offsets, prepend_axis_num=prepend, replica_id=replica)
+        for key, local, offsets, prepend, replica in shards
+    ]
+    expected = [local for _, local, _, _, _ in shards]
     for request, value, local in zip(requests, dc.load({"x": requests}, ckpt_dir)["x"], expected):
         assert torch.equal(value, local), request.key
         checked += 1
