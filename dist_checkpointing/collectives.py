@@ -27,6 +27,13 @@ def get_world_size(group=None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
 
 
+def group_ranks(group=None) -> List[int]:
+    """The global ranks of `group` (default: all ranks), in group rank order."""
+    if not is_distributed():
+        return [0]
+    return dist.get_process_group_ranks(group or dist.group.WORLD)
+
+
 def exchange(local_fn: Callable[[], Any], what: str, group=None) -> List[Any]:
     """Runs `local_fn` on every rank and all-gathers the results.
 
@@ -41,17 +48,17 @@ def exchange(local_fn: Callable[[], Any], what: str, group=None) -> List[Any]:
         if error is not None:
             if isinstance(error, CheckpointingException):
                 raise error
-            raise CheckpointingException(f"{what} failed: {_describe(error)}") from error
+            raise CheckpointingException(f"{what} failed: {describe_error(error)}") from error
         return [payload]
     gathered: List[Any] = [None] * get_world_size(group)
-    dist.all_gather_object(gathered, (payload, _describe(error)), group=group)
+    dist.all_gather_object(gathered, (payload, describe_error(error)), group=group)
     failures = [(rank, msg) for rank, (_, msg) in enumerate(gathered) if msg is not None]
     if failures:
         raise CheckpointingException(_summarize(what, failures)) from error
     return [p for p, _ in gathered]
 
 
-def _describe(error: Optional[BaseException]) -> Optional[str]:
+def describe_error(error: Optional[BaseException]) -> Optional[str]:
     if error is None:
         return None
     if isinstance(error, CheckpointingException):

@@ -120,6 +120,16 @@ class ShardedTensor(ShardedBase):
                 fail(f"flat data must have shape ({r.stop - r.start},)")
 
     @property
+    def data_shape(self) -> Tuple[int, ...]:
+        """The shape of `data`: `local_shape`, or the flat range's length for a flattened shard."""
+        r = self.flattened_range
+        return self.local_shape if r is None else (r.stop - r.start,)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.data_shape) * self.dtype.itemsize
+
+    @property
     def has_regular_grid(self) -> bool:
         return self.axis_fragmentations is not None
 

@@ -7,8 +7,13 @@ A save runs in three steps, each ending in one collective that carries every ran
    then every rank validates the same global plan, before anything is written;
 2. write: rank 0 writes `common.pt`, main replicas write objects and tensor shards, fsync'd;
 3. commit: rank 0 writes `metadata.json` atomically, only if every rank's writes succeeded.
+
+An async save does step 1, stages the data (write_job.py) and returns an AsyncRequest; step 2
+runs in a background writer process and step 3 when the request is finalized
+(strategies/async_utils.py).
 """
 
+import functools
 import logging
 import os
 from typing import Callable, Optional, Set, Tuple, Union
@@ -47,6 +52,7 @@ from .strategies.base import (
     StrategyAction,
     get_default_strategy,
 )
+from .strategies.async_utils import AsyncRequest
 from .strategies.config import StrategyConfig
 from .validation import (
     CkptShardedMetadata,
@@ -57,6 +63,7 @@ from .validation import (
     validate_integrity_and_strict_load,
     validate_shards_by_key,
 )
+from .write_job import WriteJob
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ def save(
         Callable[[CommonStateDict], StateDict]
     ] = None,
     content_metadata: Optional[dict] = None,
-) -> None:
+) -> Optional[AsyncRequest]:
     """Saves a sharded state dict into `checkpoint_dir` (called on every rank).
 
     ShardedTensors and ShardedObjects are written by their main replicas; every other value
@@ -92,15 +99,19 @@ def save(
         common_strategy: a SaveCommonStrategy or (backend, version) (default: torch)
         validate_access_integrity: check that every element is written by exactly one main
             replica (on every rank, before anything is written), and warn if the common
-            state differs between ranks (rank 0's copy is the one saved)
-        async_sharded_save: not available yet; must be False
+            state differs between ranks (rank 0's copy is saved)
+        async_sharded_save: plan, validate and stage (copy the data to be written), then
+            return an AsyncRequest that writes and commits the checkpoint when scheduled on an
+            AsyncCallsQueue (or run with `execute_sync()`); the caller may modify its tensors
+            as soon as this returns
         preprocess_common_before_consistancy_check: maps the common state dict to what is
             compared across ranks (e.g. without keys that legitimately differ); must not
             modify its argument
         content_metadata: a dict stored with the common state (see `load_content_metadata`)
+
+    Returns:
+        None, or the AsyncRequest of an async save
     """
-    if async_sharded_save:
-        raise CheckpointingException("async_sharded_save=True is not available yet")
     checkpoint_dir = str(checkpoint_dir)
     sharded_strategy = _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or "zarr")
     common_strategy = _strategy(StrategyAction.SAVE_COMMON, common_strategy or ("torch", 1))
@@ -115,31 +126,46 @@ def save(
         if validate_access_integrity:
             preprocess = preprocess_common_before_consistancy_check or (lambda common: common)
             common_digest = digest_object(preprocess(local["common"]))
-        return [sh.without_data() for sh in nested_values(local["sharded"])], common_digest
+        shards = [sh.without_data() for sh in nested_values(local["sharded"])]
+        return shards, common_digest, sharded_strategy.planning_info()
 
     planned = exchange(plan, "save planning")
-    global_metadata = [shards for shards, _ in planned]
+    global_metadata = [shards for shards, _, _ in planned]
     by_key = group_by_key(global_metadata)
     if validate_access_integrity:
         validate_shards_by_key(by_key)
-        _warn_if_common_state_differs([digest for _, digest in planned])
-    sharded_strategy.plan(by_key)
-    local["sharded"] = sharded_strategy.stage(local["sharded"])
+        _warn_if_common_state_differs([digest for _, digest, _ in planned])
+    sharded_strategy.plan(by_key, [info for _, _, info in planned])
+    job = _write_job(checkpoint_dir, common_strategy, sharded_strategy, local)
+    commit = functools.partial(_commit, checkpoint_dir, common_strategy, sharded_strategy, global_metadata)
+    if async_sharded_save:
+        staged = []
+        exchange(lambda: staged.append(job.stage()), f"staging of the save to {checkpoint_dir}")
+        request = AsyncRequest(WriteJob.run, (staged[0],), [])
+        request.add_finalize_fn(lambda: commit(request.results, staged[0]))
+        return request
+    commit(exchange(job.run, f"save to {checkpoint_dir}"))
+    return None
 
-    def write():
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        if get_rank() == 0:
-            common_strategy.save_common(local["common"], checkpoint_dir)
-        to_sharded = local["sharded"]
-        if not sharded_strategy.can_handle_sharded_objects:
-            objects, to_sharded = extract_matching_values(
-                local["sharded"], lambda v: isinstance(v, ShardedObject)
-            )
-            if objects:
-                common_strategy.save_sharded_objects(objects, checkpoint_dir)
-        return sharded_strategy.save(to_sharded, checkpoint_dir)
 
-    write_results = exchange(write, f"save to {checkpoint_dir}")
+def _write_job(checkpoint_dir, common_strategy, sharded_strategy, local) -> WriteJob:
+    """This rank's part of the write (collective: the strategy's `stage` may exchange data)."""
+    shards, objects = local["sharded"], []
+    if not sharded_strategy.can_handle_sharded_objects:
+        objects, shards = extract_matching_values(shards, lambda v: isinstance(v, ShardedObject))
+        objects = list(nested_values(objects))
+    return WriteJob(
+        checkpoint_dir,
+        common_strategy,
+        sharded_strategy,
+        common=local["common"] if get_rank() == 0 else None,
+        objects=objects,
+        shards=sharded_strategy.stage(shards),
+    )
+
+
+def _commit(checkpoint_dir, common_strategy, sharded_strategy, global_metadata, write_results, job=None) -> None:
+    """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`."""
 
     def commit():
         if get_rank() == 0:
@@ -152,7 +178,11 @@ def save(
             )
             write_metadata(checkpoint_dir, _index(config, global_metadata))
 
-    exchange(commit, f"commit of {checkpoint_dir}")
+    try:
+        exchange(commit, f"commit of {checkpoint_dir}")
+    finally:
+        if job is not None:
+            job.release()
 
 
 def _warn_if_common_state_differs(digests) -> None:

@@ -51,7 +51,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT_S):
     store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, store.port, fn, args, results), daemon=True)
+        # not daemonic: a rank may start its own async checkpoint writer process
+        ctx.Process(target=_worker, args=(r, world_size, store.port, fn, args, results))
         for r in range(world_size)
     ]
     for p in procs:

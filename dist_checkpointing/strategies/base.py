@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from enum import Enum
 from pathlib import Path
-from typing import Any, DefaultDict, Dict, List, Tuple, Union
+from typing import Any, DefaultDict, Dict, List, Sequence, Tuple, Union
 
 from ..core import CheckpointingException
 from ..mapping import ShardedStateDict, StateDict
@@ -142,17 +142,25 @@ class SaveCommonStrategy(SaveStrategyBase):
 class SaveShardedStrategy(SaveStrategyBase):
     """Writes ShardedTensors, in four calls mirroring the steps of `serialization.save`.
 
-    1. `plan(shards_by_key)` on every rank with the validated global plan (the shards of all
-       ranks, without data): reject what the engine cannot store, decide the layout;
+    1. `plan(shards_by_key, planning_infos)` on every rank with the validated global plan (the
+       shards of all ranks, without data) and what each rank's `planning_info()` returned
+       (it travels in the same exchange): reject what the engine cannot store, decide the
+       layout, remember this rank's part;
     2. `stage(sharded_state_dict)` on every rank: the only step that may move tensor data
        between ranks (e.g. to assemble flattened pieces on the rank that writes them);
     3. `save(...)` on every rank with what `stage` returned: write the main replicas durably
-       (fsync'd) without talking to other ranks; return a small picklable write result;
+       (fsync'd) without talking to other ranks; return a small picklable write result.
+       For an async save this runs in a background process on a pickled copy of the strategy
+       (strategies keep what `save` needs in plain attributes);
     4. `finalize(dir, results)` on rank 0 with every rank's write result, before
        `metadata.json` is written: write the engine's own index, if it has one.
     """
 
-    def plan(self, shards_by_key: ShardsByKey) -> None:
+    def planning_info(self) -> Any:
+        """Small picklable facts about this rank that `plan` needs from every rank."""
+        return None
+
+    def plan(self, shards_by_key: ShardsByKey, planning_infos: Sequence[Any]) -> None:
         """Checks and records the global layout (called on every rank before any write)."""
 
     def stage(self, sharded_state_dict: ShardedStateDict) -> ShardedStateDict:

@@ -60,13 +60,15 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
         self.config = config or StrategyConfig(backend="torch_dist")
         self.state_dict_metadata: Dict[str, object] = {}
         self.mcore_data: Dict[str, dict] = {}  # key -> {ORIG_SHAPE: global shape}, flattened keys
+        self.rank = 0
 
     @property
     def can_handle_sharded_objects(self) -> bool:
         return True
 
-    def plan(self, shards_by_key) -> None:
+    def plan(self, shards_by_key, planning_infos=()) -> None:
         """DCP's per-key metadata, from the main replicas of the global plan."""
+        self.rank = get_rank()  # names the data files; an async writer has no process group
         self.state_dict_metadata, self.mcore_data = {}, {}
         for key, ranked in shards_by_key.items():
             main = [sh for _, sh in ranked if is_main_replica(sh.replica_id)]
@@ -110,8 +112,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             if 0 not in shape:
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
         files = _balance(items, self.config.thread_count)
-        rank = get_rank()
-        names = [f"__{rank}_{n}.distcp" for n in range(len(files))]
+        names = [f"__{self.rank}_{n}.distcp" for n in range(len(files))]
         with ThreadPoolExecutor(max(1, len(files))) as pool:
             results = list(pool.map(_write_file, [str(checkpoint_dir)] * len(files), names, files))
         if files:

@@ -14,6 +14,7 @@ import os
 import shutil
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -364,8 +365,10 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
         self.config = config or StrategyConfig(backend=backend)
         self.arrays: Dict[str, ArrayPlan] = {}
         self.flat_chunks: Dict[FlatShardId, List[FlatChunk]] = {}
+        self.rank = 0
 
-    def plan(self, shards_by_key: ShardsByKey) -> None:
+    def plan(self, shards_by_key: ShardsByKey, planning_infos=()) -> None:
+        self.rank = get_rank()  # recorded: an async save's writer process has no process group
         self.arrays = plan_arrays(shards_by_key, self.config)
         self.flat_chunks = plan_flat_chunks(shards_by_key, self.arrays)
 
@@ -374,10 +377,9 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
         return assemble_flat_chunks(sharded_state_dict, self.flat_chunks)
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
-        rank = get_rank()
         touched = set()
         for key, array in self.arrays.items():
-            if array.metadata_writer == rank:
+            if array.metadata_writer == self.rank:
                 touched |= write_array_metadata(checkpoint_dir, key, array)
         shards = []
         for sh in shards_of(sharded_state_dict, ShardedTensor):
@@ -428,16 +430,14 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
             raise CheckpointingException(f"Key '{key}': cannot open the Zarr array at {where}: {e}") from e
 
     def load(self, sharded_state_dict, checkpoint_dir):
-        arrays: Dict[str, StoredArray] = {}
-
-        def load_one(sh):
-            if not isinstance(sh, ShardedTensor):
-                return sh
-            if sh.key not in arrays:
-                arrays[sh.key] = self._open(checkpoint_dir, sh.key)
-            return read_request(arrays[sh.key], sh, checkpoint_dir)
-
-        return dict_list_map_inplace(load_one, sharded_state_dict)
+        """Opens each key's array once, then reads all requests concurrently (both engines
+        release the GIL while reading and decoding)."""
+        requests = [sh for sh in nested_values(sharded_state_dict) if isinstance(sh, ShardedTensor)]
+        arrays = {key: self._open(checkpoint_dir, key) for key in dict.fromkeys(sh.key for sh in requests)}
+        with ThreadPoolExecutor(self.config.thread_count) as pool:
+            values = pool.map(lambda sh: read_request(arrays[sh.key], sh, checkpoint_dir), requests)
+            loaded = {id(sh): value for sh, value in zip(requests, values)}
+        return dict_list_map_inplace(lambda sh: loaded.get(id(sh), sh), sharded_state_dict)
 
     def load_tensors_metadata(self, checkpoint_dir):
         result = {}

@@ -1,0 +1,228 @@
+"""Async save: `AsyncRequest` and `AsyncCallsQueue` (Megatron-Core's names and semantics).
+
+    request = save(state, dir, async_sharded_save=True)   # returns once the data is staged
+    queue.schedule_async_request(request)                  # the write starts in the background
+    ...training...
+    queue.maybe_finalize_async_calls(blocking=False)       # every rank, e.g. once per step
+
+The write runs in a writer process per rank (spawned, not forked: a fork would inherit the
+engines' I/O threads in an undefined state; not a thread: the GIL would stall training). It
+receives the staged data as shared memory (write_job.py). Finalizing is collective: once every
+rank's writer is done, every rank's outcome travels in one exchange, so a failed or dead writer
+on any rank raises the same `CheckpointingException` everywhere, and only then do the finalize
+functions run (the save's commit, which writes `metadata.json`, is the first).
+"""
+
+import os
+import queue
+import signal
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+import torch.multiprocessing as mp
+
+from ..collectives import describe_error, exchange
+from ..core import CheckpointingException
+
+_POLL_S = 0.05
+
+
+class AsyncRequest:
+    """A function to run in the background, and what to do once it is done on every rank.
+
+    Args:
+        async_fn: runs in the writer process (None: nothing to run)
+        async_fn_args, async_fn_kwargs: its arguments (pickled to the writer)
+        finalize_fns: called with no arguments, in order, on every rank, after `async_fn`
+            finished on every rank; they can read `results`, every rank's return value of
+            `async_fn` (in rank order)
+    """
+
+    def __init__(
+        self,
+        async_fn: Optional[Callable],
+        async_fn_args: Tuple,
+        finalize_fns: List[Callable],
+        async_fn_kwargs: Optional[Dict] = None,
+        is_frozen: bool = False,
+        call_idx: int = 0,
+    ):
+        self.async_fn = async_fn
+        self.async_fn_args = tuple(async_fn_args or ())
+        self.finalize_fns = list(finalize_fns)
+        self.async_fn_kwargs = dict(async_fn_kwargs or {})
+        self.is_frozen = is_frozen
+        self.call_idx = call_idx
+        self.results: Optional[List[Any]] = None
+
+    def add_finalize_fn(self, fn: Callable) -> None:
+        """Adds `fn`, to be called after the existing finalize functions."""
+        if self.is_frozen:
+            raise RuntimeError("Cannot add finalization functions to a frozen AsyncRequest")
+        self.finalize_fns.append(fn)
+
+    def freeze(self) -> "AsyncRequest":
+        """Forbids adding finalize functions (done when the request is scheduled)."""
+        self.is_frozen = True
+        return self
+
+    def execute_sync(self) -> None:
+        """Runs the request in this process: `async_fn`, then the finalize functions."""
+        try:
+            outcome = (True, self.async_fn(*self.async_fn_args, **self.async_fn_kwargs) if self.async_fn else None)
+        except Exception as e:  # raised on every rank by finalize
+            outcome = (False, describe_error(e))
+        self.finalize(outcome)
+
+    def finalize(self, outcome: Tuple[bool, Any]) -> None:
+        """Collective: exchanges every rank's (ok, result or error), raises everywhere if any
+        rank failed, else records `results` and calls the finalize functions."""
+
+        def result():
+            ok, value = outcome
+            if not ok:
+                raise CheckpointingException(value)
+            return value
+
+        self.results = exchange(result, f"async call {self.call_idx}")
+        for fn in self.finalize_fns:
+            fn()
+
+
+class AsyncCallsQueue:
+    """The async requests of this rank, run one after another by a writer process.
+
+    Args:
+        persistent: keep the writer process between calls (recommended: starting one costs a
+            Python interpreter and the torch import); otherwise it is stopped whenever no call
+            is pending
+    """
+
+    def __init__(self, persistent: bool = False):
+        self.persistent = persistent
+        self.calls: Deque[AsyncRequest] = deque()
+        self.call_idx = -1
+        self.writer: Optional[_Writer] = None
+
+    def schedule_async_request(self, async_request: AsyncRequest) -> int:
+        """Starts `async_request` in the background (call on every rank); returns its index."""
+        self.call_idx += 1
+        async_request.freeze()
+        async_request.call_idx = self.call_idx
+        if self.writer is None:
+            self.writer = _Writer()
+        self.writer.submit(async_request)
+        self.calls.append(async_request)
+        return self.call_idx
+
+    def maybe_finalize_async_calls(self, blocking: bool = False, no_dist: bool = False) -> List[int]:
+        """Finalizes the calls that are done on every rank, oldest first (call on every rank).
+
+        Args:
+            blocking: wait until every scheduled call is done
+            no_dist: decide from this rank's writer alone whether a call is done, without
+                asking the other ranks (finalizing is still collective)
+
+        Returns the indices of the finalized calls. Raises `CheckpointingException` on every
+        rank if a writer failed or died on any rank.
+        """
+        finalized = []
+        try:
+            while self.calls:
+                request = self.calls[0]
+                done = self.writer.poll(request.call_idx, blocking)
+                if not no_dist:
+                    done = all(exchange(lambda: done, "async save status"))
+                if not done:
+                    break
+                self.calls.popleft()
+                request.finalize(self.writer.outcomes.pop(request.call_idx))
+                finalized.append(request.call_idx)
+        finally:
+            if not self.persistent and not self.calls:
+                self._stop_writer()
+        return finalized
+
+    def get_num_unfinalized_calls(self) -> int:
+        return len(self.calls)
+
+    def close(self, abort: bool = False) -> None:
+        """Finalizes every call (unless `abort`), then stops the writer process."""
+        try:
+            if not abort:
+                self.maybe_finalize_async_calls(blocking=True)
+        finally:
+            self.calls.clear()
+            self._stop_writer()
+
+    def _stop_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer = None
+
+
+class _Writer:
+    """A spawned process that runs the submitted calls in order and reports each outcome."""
+
+    def __init__(self):
+        context = mp.get_context("spawn")
+        self.jobs, self.results = context.Queue(), context.Queue()
+        self.outcomes: Dict[int, Tuple[bool, Any]] = {}
+        self.process = context.Process(
+            target=_writer_loop, args=(self.jobs, self.results, os.getpid()), daemon=True, name="dist-ckpt-writer"
+        )
+        self.process.start()
+
+    def submit(self, request: AsyncRequest) -> None:
+        self.jobs.put((request.call_idx, request.async_fn, request.async_fn_args, request.async_fn_kwargs))
+
+    def poll(self, call_idx: int, blocking: bool) -> bool:
+        """Whether the outcome of `call_idx` is known (waits for it if `blocking`)."""
+        while call_idx not in self.outcomes:
+            try:
+                done_idx, ok, value = self.results.get(timeout=_POLL_S) if blocking else self.results.get_nowait()
+            except queue.Empty:
+                if self.process.is_alive():
+                    if not blocking:
+                        return False
+                    continue
+                try:  # it may have reported just before exiting
+                    done_idx, ok, value = self.results.get(timeout=_POLL_S)
+                except queue.Empty:
+                    self.outcomes[call_idx] = (
+                        False,
+                        f"the async checkpoint writer process died (exit code {self.process.exitcode}) "
+                        f"before finishing call {call_idx}; the checkpoint was not committed",
+                    )
+                    return True
+            self.outcomes[done_idx] = (ok, value)
+        return True
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.jobs.put(None)
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def _writer_loop(jobs, results, parent_pid: int) -> None:
+    # a file size limit (RLIMIT_FSIZE) must fail the write with EFBIG, not kill the writer
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
+    while True:
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent_pid:  # the training process is gone
+                return
+            continue
+        if job is None:
+            return
+        call_idx, fn, args, kwargs = job
+        try:
+            results.put((call_idx, True, fn(*args, **kwargs) if fn else None))
+        except Exception as e:
+            results.put((call_idx, False, describe_error(e)))
+        del job, fn, args, kwargs  # drop the staged data before waiting for the next call

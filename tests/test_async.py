@@ -1,0 +1,105 @@
+"""Async save: staged before `save` returns, written by a writer process, committed at finalize;
+a failed or dead writer on one rank raises on every rank and commits nothing."""
+
+import os
+import resource
+import signal
+
+import pytest
+import torch.distributed as dist
+
+import dist_checkpointing as dc
+from dist_checkpointing import CheckpointingException, ShardedTensor
+from dist_checkpointing.dict_utils import nested_values
+from dist_checkpointing.strategies import save_strategy_from_config
+from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
+from dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from layouts import check_loaded, sharded_state_dict
+from multirank import run_ranks
+
+
+def _scribble(state):
+    """What training does right after `save` returns: overwrite the saved tensors."""
+    for sh in nested_values(state):
+        if isinstance(sh, ShardedTensor):
+            sh.data.fill_(1)
+
+
+def _committed(ckpt):
+    return os.path.exists(os.path.join(ckpt, "metadata.json"))
+
+
+def _reload(rank, ckpt, tp=2):
+    request = sharded_state_dict(rank, tp, with_data=False, objects=tp == 2)  # saved at TP=2
+    return check_loaded(dc.load(request, ckpt), rank, tp)
+
+
+def async_saves(rank, world_size, root):
+    queue = AsyncCallsQueue(persistent=True)
+    strategies = {backend: backend for backend in ENGINES}
+    strategies["zarr-fully-parallel"] = FullyParallelSaveStrategyWrapper(save_strategy_from_config(StrategyConfig()))
+    for name, strategy in strategies.items():
+        ckpt = f"{root}/{name}"
+        state = sharded_state_dict(rank, 2)
+        request = dc.save(state, ckpt, strategy, async_sharded_save=True)
+        _scribble(state)
+        queue.schedule_async_request(request)
+        assert not _committed(ckpt)  # only finalize commits
+        assert queue.maybe_finalize_async_calls(blocking=True) == [queue.call_idx]
+        assert _committed(ckpt) and queue.get_num_unfinalized_calls() == 0
+        assert _reload(rank, ckpt) > 10, name
+    # non-blocking: nothing is final until every rank's writer is done, then it is
+    request = dc.save(sharded_state_dict(rank, 2), f"{root}/polled", async_sharded_save=True)
+    finalized = []
+    request.add_finalize_fn(lambda: finalized.append(rank))
+    index = queue.schedule_async_request(request)
+    polls = 0
+    while not queue.maybe_finalize_async_calls(blocking=False):
+        polls += 1
+    assert finalized == [rank] and _committed(f"{root}/polled")
+    queue.close()
+    # execute_sync runs the same request in this process
+    dc.save(sharded_state_dict(rank, 2), f"{root}/sync", "torch_dist", async_sharded_save=True).execute_sync()
+    assert _reload(rank, f"{root}/sync") > 10
+    return index
+
+
+def test_async_save_every_engine(tmp_path):
+    run_ranks(async_saves, 2, str(tmp_path))
+    assert _reload(0, f"{tmp_path}/zarr", tp=1) > 10
+
+
+def async_failures(rank, world_size, root):
+    previous = f"{root}/previous"
+    dc.save(sharded_state_dict(rank, 2), previous)
+    # a file size limit on rank 1's writer: EFBIG there, the same error on both ranks
+    queue = AsyncCallsQueue()
+    request = dc.save(sharded_state_dict(rank, 2), f"{root}/too-large", "torch_dist", async_sharded_save=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 1:  # staging is done; the writer process started by schedule inherits the limit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, hard))
+    queue.schedule_async_request(request)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with pytest.raises(CheckpointingException, match=r"rank\(s\) 1.*File too large"):
+        queue.maybe_finalize_async_calls(blocking=True)
+    assert not _committed(f"{root}/too-large")
+    # a writer killed on rank 1: a clear error on both ranks, no hang
+    queue = AsyncCallsQueue(persistent=True)
+    request = dc.save(sharded_state_dict(rank, 2), f"{root}/killed", async_sharded_save=True)
+    queue.schedule_async_request(request)
+    if rank == 1:
+        os.kill(queue.writer.process.pid, signal.SIGKILL)
+    with pytest.raises(CheckpointingException, match=r"rank\(s\) 1.*writer process died"):
+        queue.maybe_finalize_async_calls(blocking=True)
+    queue.close()
+    assert not _committed(f"{root}/killed")
+    assert _reload(rank, previous) > 10  # the previous checkpoint is intact
+    dist.barrier()
+    dc.save(sharded_state_dict(rank, 2), f"{root}/killed")  # a retry into the same directory
+    return _reload(rank, f"{root}/killed")
+
+
+def test_async_writer_failures_raise_on_every_rank(tmp_path):
+    counts = run_ranks(async_failures, 2, str(tmp_path))
+    assert counts[0] == counts[1] > 10
