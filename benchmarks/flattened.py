@@ -1,6 +1,6 @@
 """Distributed-optimizer (flattened) state against regular shards of the same bytes.
 
-fp32 optimizer state of a GPT-like model (see engines.py), saved by 2 ranks at DP=2 and loaded
+fp32 optimizer state of a GPT-like model (see workload.py), saved by 2 ranks at DP=2 and loaded
 back at the same layout, in three forms holding the same bytes per rank:
 
 - regular: each rank holds half of every tensor as an ordinary shard (as TP=2 would);
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import dist_checkpointing as dc
 from dist_checkpointing import ShardedTensor
-from engines import ENGINES, gpt_shapes
+from workload import ENGINES, gpt_shapes
 from harness import dir_stats, parse_args, report, scratch_dir, run_on_ranks
 
 FORMS = ["regular", "flat-buckets", "flat-halves"]
