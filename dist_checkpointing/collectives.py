@@ -83,19 +83,35 @@ def wire_device(tensor: torch.Tensor, group=None) -> torch.device:
     return torch.device("cpu")
 
 
-Transfer = Tuple[torch.Tensor, int, int]  # (tensor on the wire device, peer rank, tag)
+Transfer = Tuple[torch.Tensor, int, int]  # (tensor, peer rank, tag)
 
 
 def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], group=None) -> None:
     """Posts every send and receive of this rank at once, then waits for all of them.
 
+    Tensors may live on any device: each travels on its `wire_device` (copied there, and for a
+    receive copied back, only where the devices differ). Receive targets must be contiguous.
     Both sides must list the transfers between a pair of ranks in the same order (NCCL matches
-    by order, gloo by tag). Tensors must be contiguous and 1-D. Only valid input may reach this point: a rank that raised before
+    by order, gloo by tag). Only valid input may reach this point: a rank that raised before
     posting its sends would leave its peers waiting (until the process group's timeout).
     """
+    copies_back = []
+
+    def on_wire(tensor: torch.Tensor, receive: bool) -> torch.Tensor:
+        device = wire_device(tensor, group)
+        if tensor.device == device:
+            return tensor.reshape(-1)
+        if not receive:
+            return tensor.to(device).reshape(-1)
+        buffer = torch.empty(tensor.numel(), dtype=tensor.dtype, device=device)
+        copies_back.append((tensor, buffer))
+        return buffer
+
     # as bytes, so that every dtype travels (gloo has no bool or bfloat16 send)
-    ops = [dist.P2POp(dist.isend, t.view(torch.uint8), peer, group, tag) for t, peer, tag in sends]
-    ops += [dist.P2POp(dist.irecv, t.view(torch.uint8), peer, group, tag) for t, peer, tag in receives]
+    ops = [dist.P2POp(dist.isend, on_wire(t, False).view(torch.uint8), peer, group, tag) for t, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, on_wire(t, True).view(torch.uint8), peer, group, tag) for t, peer, tag in receives]
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+    for target, buffer in copies_back:
+        target.copy_(buffer.view(target.shape))

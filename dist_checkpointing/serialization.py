@@ -142,7 +142,14 @@ def save(
         staged = []
         exchange(lambda: staged.append(job.stage()), f"staging of the save to {checkpoint_dir}")
         request = AsyncRequest(WriteJob.run, (staged[0],), [])
-        request.add_finalize_fn(lambda: commit(request.results, staged[0]))
+
+        def finalize():
+            try:
+                commit(request.results)
+            finally:
+                staged[0].release()  # the writer is done with the staging buffer
+
+        request.add_finalize_fn(finalize)
         return request
     commit(exchange(job.run, f"save to {checkpoint_dir}"))
     return None
@@ -164,7 +171,7 @@ def _write_job(checkpoint_dir, common_strategy, sharded_strategy, local) -> Writ
     )
 
 
-def _commit(checkpoint_dir, common_strategy, sharded_strategy, global_metadata, write_results, job=None) -> None:
+def _commit(checkpoint_dir, common_strategy, sharded_strategy, global_metadata, write_results) -> None:
     """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`."""
 
     def commit():
@@ -178,11 +185,7 @@ def _commit(checkpoint_dir, common_strategy, sharded_strategy, global_metadata, 
             )
             write_metadata(checkpoint_dir, _index(config, global_metadata))
 
-    try:
-        exchange(commit, f"commit of {checkpoint_dir}")
-    finally:
-        if job is not None:
-            job.release()
+    exchange(commit, f"commit of {checkpoint_dir}")
 
 
 def _warn_if_common_state_differs(digests) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
-from ..collectives import exchange, get_rank, group_ranks, send_and_receive, wire_device
+from ..collectives import exchange, get_rank, group_ranks, send_and_receive
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..mapping import ShardedTensor, is_main_replica
@@ -241,26 +241,20 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
 
     def _exchange_shards(self, requests, readers, read_here, rank) -> Dict[Tuple, torch.Tensor]:
         """Every shard this rank asked for: read here, or received from its reader straight
-        into the result tensor (through a wire buffer only if the group's device differs)."""
+        into the result tensor."""
         group = self.parallelization_group
-        shards, sends, receives, moves = {}, [], [], []
+        shards, sends, receives = {}, [], []
         for tag, shard in enumerate(sorted(readers)):
             reader, askers = readers[shard]
             if reader == rank:
                 local = shards[shard] = read_here[shard]
                 if local.numel():
-                    wire = local.detach().to(wire_device(local, group)).reshape(-1)
-                    sends += [(wire, peer, tag) for peer in askers if peer != rank]
+                    sends += [(local.detach(), peer, tag) for peer in askers if peer != rank]
             elif rank in askers:
                 sh = requests[shard]
                 device = sh.data.device if sh.data is not None else torch.device("cpu")
                 target = shards[shard] = torch.empty(sh.data_shape, dtype=sh.dtype, device=device)
-                buffer = target.to(wire_device(target, group))
-                if buffer is not target:
-                    moves.append((target, buffer))
                 if target.numel():
-                    receives.append((buffer.reshape(-1), reader, tag))
+                    receives.append((target, reader, tag))
         send_and_receive(sends, receives, group)
-        for target, buffer in moves:
-            target.copy_(buffer)
         return shards

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..collectives import get_rank, is_distributed, send_and_receive, wire_device
+from ..collectives import get_rank, send_and_receive
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import DTYPES, name_of_numpy, name_of_torch, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
@@ -167,12 +167,10 @@ def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatC
             kept.append(sh)
         elif is_main_replica(sh.replica_id) and sh.flattened_range.stop > sh.flattened_range.start:
             mine[(sh.key, sh.global_offset)].append(sh)
-    sends, receives, copies = [], [], []
+    sends, receives = [], []
     tag = 0
     for shard_id, chunks in sorted(plans.items()):
         local = mine.pop(shard_id, [])
-        # only ranks holding pieces of this shard send or receive its parts
-        device = wire_device(local[0].data) if local and is_distributed() else torch.device("cpu")
 
         def my_values(start, stop):
             piece = next(p for p in local if p.flattened_range.start <= start and stop <= p.flattened_range.stop)
@@ -185,24 +183,19 @@ def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatC
                 kept.append(_chunk_shard(local[0], chunk.rows, my_values(base, chunk.parts[-1][1])))
                 continue
             if chunk.writer == rank:
-                values = torch.empty(chunk.parts[-1][1] - base, dtype=local[0].dtype)
+                # on the shards' device, so that NCCL receives into it directly
+                values = torch.empty(chunk.parts[-1][1] - base, dtype=local[0].dtype, device=local[0].data.device)
             for start, stop, holder in chunk.parts:
                 tag += 1
                 if chunk.writer == rank and holder == rank:
                     values[start - base : stop - base].copy_(my_values(start, stop))
                 elif chunk.writer == rank:
-                    target = values[start - base : stop - base]
-                    buffer = target if device.type == "cpu" else torch.empty_like(target, device=device)
-                    receives.append((buffer, holder, tag))
-                    copies.append((target, buffer))
+                    receives.append((values[start - base : stop - base], holder, tag))
                 elif holder == rank:
-                    sends.append((my_values(start, stop).to(device).contiguous(), chunk.writer, tag))
+                    sends.append((my_values(start, stop), chunk.writer, tag))
             if chunk.writer == rank:
                 kept.append(_chunk_shard(local[0], chunk.rows, values))
     send_and_receive(sends, receives)
-    for target, buffer in copies:
-        if target.data_ptr() != buffer.data_ptr():
-            target.copy_(buffer)
     if mine:
         raise CheckpointingException(f"Flattened shards {sorted(mine)} were not in the planned layout")
     return kept
