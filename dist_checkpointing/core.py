@@ -50,6 +50,8 @@ class CheckpointMetadata:
     format_version: Optional[int] = None
     tensors: Optional[Dict[str, TensorEntry]] = None
     objects: Optional[List[str]] = field(default=None)  # ShardedObject unique keys
+    # file (relative path) -> [[offset, length, crc32c], ...] (see integrity.py)
+    checksums: Optional[Dict[str, List[List[int]]]] = None
 
     @property
     def is_legacy(self) -> bool:
@@ -104,6 +106,7 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
         "format_version",
         "tensors",
         "objects",
+        "checksums",
     }
     unknown = sorted(set(doc) - known)
     if unknown:
@@ -123,8 +126,8 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
     )
     version = doc.get("format_version")
     if version is None:
-        if "tensors" in doc or "objects" in doc:
-            fail("an index ('tensors'/'objects') without 'format_version'")
+        if "tensors" in doc or "objects" in doc or "checksums" in doc:
+            fail("an index ('tensors'/'objects'/'checksums') without 'format_version'")
         return CheckpointMetadata(config)
     if not _is_int(version) or version < 1:
         fail(f"'format_version' must be a positive integer, got {version!r}")
@@ -150,7 +153,16 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
     objects = doc.get("objects")
     if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
         fail("'objects' must be a list of strings")
-    return CheckpointMetadata(config, version, entries, list(objects))
+    checksums = doc.get("checksums", {})
+    if not isinstance(checksums, dict) or not all(
+        isinstance(ranges, list) and all(_is_range(r) for r in ranges) for ranges in checksums.values()
+    ):
+        fail("'checksums' must map file names to lists of [offset, length, crc32c] (integers >= 0)")
+    return CheckpointMetadata(config, version, entries, list(objects), {k: list(v) for k, v in checksums.items()})
+
+
+def _is_range(r) -> bool:
+    return isinstance(r, list) and len(r) == 3 and all(_is_int(x) and x >= 0 for x in r) and r[2] < 2**32
 
 
 def _is_int(x) -> bool:
@@ -164,8 +176,25 @@ def write_metadata(checkpoint_dir, metadata: CheckpointMetadata) -> None:
         doc["format_version"] = metadata.format_version
         doc["tensors"] = {k: asdict(v) for k, v in sorted(metadata.tensors.items())}
         doc["objects"] = sorted(metadata.objects)
-    data = json.dumps(doc, indent=1).encode()
+        doc["checksums"] = {k: [list(r) for r in v] for k, v in sorted((metadata.checksums or {}).items())}
+    data = _readable_json(doc).encode()
     atomic_write(os.path.join(str(checkpoint_dir), CONFIG_FNAME), data)
+
+
+def _readable_json(doc: dict) -> str:
+    """JSON with one line per field and per entry of the index (not one per number)."""
+
+    def compact(value):
+        return json.dumps(value, separators=(", ", ": "))
+
+    fields = []
+    for name, value in doc.items():
+        if isinstance(value, dict) and value:
+            entries = ",\n".join(f"  {compact(k)}: {compact(v)}" for k, v in value.items())
+            fields.append(f" {compact(name)}: {{\n{entries}\n }}")
+        else:
+            fields.append(f" {compact(name)}: {compact(value)}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
 def require_complete_checkpoint(checkpoint_dir) -> CheckpointMetadata:

@@ -16,21 +16,21 @@ from .core import CheckpointingException
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
-# name -> (torch dtype, numpy dtype)
+# name -> (torch dtype, numpy dtype, safetensors dtype)
 DTYPES = {
-    "bool": (torch.bool, np.dtype(np.bool_)),
-    "int8": (torch.int8, np.dtype(np.int8)),
-    "int16": (torch.int16, np.dtype(np.int16)),
-    "int32": (torch.int32, np.dtype(np.int32)),
-    "int64": (torch.int64, np.dtype(np.int64)),
-    "uint8": (torch.uint8, np.dtype(np.uint8)),
-    "float16": (torch.float16, np.dtype(np.float16)),
-    "bfloat16": (torch.bfloat16, BFLOAT16),
-    "float32": (torch.float32, np.dtype(np.float32)),
-    "float64": (torch.float64, np.dtype(np.float64)),
+    "bool": (torch.bool, np.dtype(np.bool_), "BOOL"),
+    "int8": (torch.int8, np.dtype(np.int8), "I8"),
+    "int16": (torch.int16, np.dtype(np.int16), "I16"),
+    "int32": (torch.int32, np.dtype(np.int32), "I32"),
+    "int64": (torch.int64, np.dtype(np.int64), "I64"),
+    "uint8": (torch.uint8, np.dtype(np.uint8), "U8"),
+    "float16": (torch.float16, np.dtype(np.float16), "F16"),
+    "bfloat16": (torch.bfloat16, BFLOAT16, "BF16"),
+    "float32": (torch.float32, np.dtype(np.float32), "F32"),
+    "float64": (torch.float64, np.dtype(np.float64), "F64"),
 }
-_NAME_OF_TORCH = {t: name for name, (t, _) in DTYPES.items()}
-_NAME_OF_NUMPY = {n: name for name, (_, n) in DTYPES.items()}
+_NAME_OF_TORCH = {t: name for name, (t, _, _) in DTYPES.items()}
+_NAME_OF_NUMPY = {n: name for name, (_, n, _) in DTYPES.items()}
 
 
 def name_of_torch(dtype: torch.dtype, key: str = "") -> str:
@@ -54,6 +54,10 @@ def name_of_numpy(dtype: np.dtype, key: str = "") -> str:
 def zarr_v2_dtype(name: str) -> str:
     """The `.zarray` "dtype" for a table name: numpy's typestr, "bfloat16" as Megatron wrote it."""
     return "bfloat16" if name == "bfloat16" else DTYPES[name][1].str
+
+
+def safetensors_dtype(name: str) -> str:
+    return DTYPES[name][2]
 
 
 def torch_dtype(name: str) -> torch.dtype:

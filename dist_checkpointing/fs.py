@@ -5,7 +5,10 @@ So every data file is fsync'd after writing, every directory that gained an entr
 and `metadata.json` itself is replaced atomically (temp file, fsync, rename, directory fsync).
 """
 
+import contextlib
 import os
+import signal
+import threading
 from typing import Callable, Iterable, Set
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -69,3 +72,18 @@ def atomic_write(path: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def file_size_limit_raises():
+    """A file size limit (RLIMIT_FSIZE) fails writes with EFBIG instead of killing the process
+    (SIGXFSZ's default action), so the save can report it on every rank. Dispositions can only
+    change in the main thread; elsewhere the process keeps its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)

@@ -13,12 +13,13 @@ import io
 import pathlib
 import pickle
 import types
+from typing import List
 
 import numpy as np
 import torch
 
 from .core import CheckpointingException
-from .fs import write_with_durably
+from .integrity import Range, write_checksummed
 
 SAFE_GLOBALS = [
     argparse.Namespace,
@@ -32,9 +33,9 @@ SAFE_GLOBALS = [
 ]
 
 
-def save_object(obj, path: str) -> None:
-    """`torch.save` to `path`, fsync'd."""
-    write_with_durably(path, lambda f: torch.save(obj, f))
+def save_object(obj, path: str) -> List[Range]:
+    """`torch.save` to `path`, fsync'd; returns the file's checksummed Range."""
+    return write_checksummed(path, dump_object(obj).getbuffer())
 
 
 def dump_object(obj) -> io.BytesIO:

@@ -118,7 +118,7 @@ def save(
     local = {}
 
     def plan():
-        _refuse_complete_checkpoint(checkpoint_dir)
+        refuse_complete_checkpoint(checkpoint_dir)
         local["sharded"], local["common"] = save_preprocess(sharded_state_dict)
         if content_metadata is not None:
             local["common"][_CONTENT_METADATA_KEY] = content_metadata
@@ -137,7 +137,7 @@ def save(
         _warn_if_common_state_differs([digest for _, digest, _ in planned])
     sharded_strategy.plan(by_key, [info for _, _, info in planned])
     job = _write_job(checkpoint_dir, common_strategy, sharded_strategy, local)
-    commit = functools.partial(_commit, checkpoint_dir, common_strategy, sharded_strategy, global_metadata)
+    commit = functools.partial(commit_save, checkpoint_dir, common_strategy, sharded_strategy, global_metadata)
     if async_sharded_save:
         staged = []
         exchange(lambda: staged.append(job.stage()), f"staging of the save to {checkpoint_dir}")
@@ -171,19 +171,24 @@ def _write_job(checkpoint_dir, common_strategy, sharded_strategy, local) -> Writ
     )
 
 
-def _commit(checkpoint_dir, common_strategy, sharded_strategy, global_metadata, write_results) -> None:
-    """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`."""
+def commit_save(checkpoint_dir, common_strategy, sharded_strategy, global_metadata, write_outcomes) -> None:
+    """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`.
+
+    `write_outcomes`: every rank's (checksums, sharded write result) from `WriteJob.run`.
+    """
 
     def commit():
         if get_rank() == 0:
-            sharded_strategy.finalize(checkpoint_dir, write_results)
+            sharded_strategy.finalize(checkpoint_dir, [result for _, result in write_outcomes])
             config = CheckpointingConfig(
                 sharded_strategy.backend,
                 sharded_strategy.version,
                 common_strategy.backend,
                 common_strategy.version,
             )
-            write_metadata(checkpoint_dir, _index(config, global_metadata))
+            index = _index(config, global_metadata)
+            index.checksums = {name: ranges for checksums, _ in write_outcomes for name, ranges in checksums.items()}
+            write_metadata(checkpoint_dir, index)
 
     exchange(commit, f"commit of {checkpoint_dir}")
 
@@ -200,7 +205,7 @@ def _warn_if_common_state_differs(digests) -> None:
         )
 
 
-def _refuse_complete_checkpoint(checkpoint_dir: str) -> None:
+def refuse_complete_checkpoint(checkpoint_dir: str) -> None:
     if not os.path.exists(checkpoint_dir):
         return
     if not os.path.isdir(checkpoint_dir):

@@ -18,6 +18,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .dict_utils import dict_list_map_inplace, nested_values
+from .fs import file_size_limit_raises
+from .integrity import Checksums
 from .mapping import ShardedObject, ShardedTensor, is_main_replica
 from .strategies.base import SaveCommonStrategy, SaveShardedStrategy
 
@@ -34,18 +36,26 @@ class WriteJob:
     shards: Any  # what `sharded_strategy.stage` returned
     staged: Optional["SharedTensors"] = None  # the shards' tensors, when staged
 
-    def run(self) -> Any:
-        """Writes everything durably; returns the sharded strategy's write result."""
+    def run(self) -> Tuple[Checksums, Any]:
+        """Writes everything durably; returns the checksums of the files written and the
+        sharded strategy's write result."""
+        with file_size_limit_raises():
+            return self._write()
+
+    def _write(self) -> Tuple[Checksums, Any]:
         os.makedirs(self.checkpoint_dir, exist_ok=True)
+        checksums = {}
         if self.common is not None:
-            self.common_strategy.save_common(self.common, self.checkpoint_dir)
+            checksums.update(self.common_strategy.save_common(self.common, self.checkpoint_dir))
         if self.objects:
-            self.common_strategy.save_sharded_objects(self.objects, self.checkpoint_dir)
+            checksums.update(self.common_strategy.save_sharded_objects(self.objects, self.checkpoint_dir))
         shards = self.shards
         if self.staged is not None:
             tensors = iter(self.staged.tensors())
             shards = [replace(sh, data=next(tensors)) if isinstance(sh, ShardedTensor) else sh for sh in shards]
-        return self.sharded_strategy.save(shards, self.checkpoint_dir)
+        sharded_checksums, result = self.sharded_strategy.save(shards, self.checkpoint_dir)
+        checksums.update(sharded_checksums)
+        return checksums, result
 
     def stage(self) -> "WriteJob":
         """A copy holding its own data: shard tensors in shared memory, the rest copied.

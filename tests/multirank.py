@@ -1,12 +1,13 @@
 """Runs a function on N real ranks: spawned processes, gloo on 127.0.0.1, a free port, a timeout.
 
 The parent owns the rendezvous store (bound to port 0, so the port is free by construction).
-Each rank reports its return value or its traceback; a rank that hangs past the timeout fails
-the test instead of blocking the suite.
+Each rank reports its return value or its traceback; a rank that dies without reporting (e.g.
+killed by a signal) or hangs past the timeout fails the test instead of blocking the suite.
 """
 
 import os
 import queue
+import time
 import traceback
 from datetime import timedelta
 
@@ -58,14 +59,21 @@ def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT_S):
     for p in procs:
         p.start()
     outcome = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(outcome) < world_size:
             try:
-                rank, ok, value = results.get(timeout=timeout)
+                rank, ok, value = results.get(timeout=1.0)
+                outcome[rank] = (ok, value)
+                continue
             except queue.Empty:
+                pass
+            for rank, p in enumerate(procs):
+                if rank not in outcome and p.exitcode is not None and results.empty():
+                    outcome[rank] = (False, f"died without reporting (exit code {p.exitcode})")
+            if time.monotonic() > deadline:
                 missing = sorted(set(range(world_size)) - set(outcome))
                 raise RankFailed(f"ranks {missing} did not finish within {timeout}s (hang?)")
-            outcome[rank] = (ok, value)
     finally:
         for p in procs:
             p.join(timeout=10)

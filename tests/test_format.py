@@ -48,7 +48,7 @@ def test_chunk_is_the_save_time_shard(tmp_path):
     with open(os.path.join(path, "embedding.weight", "zarr.json")) as f:
         doc = json.load(f)
     assert doc["chunk_grid"]["configuration"]["chunk_shape"] == [32, 16]
-    assert doc["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+    assert doc["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
     assert sorted(os.listdir(os.path.join(path, "embedding.weight", "c"))) == ["0", "1"]
     stacked = json.load(open(os.path.join(path, "layers.qkv.weight", "zarr.json")))
     assert stacked["shape"] == [2, 48, 16] and stacked["chunk_grid"]["configuration"]["chunk_shape"] == [1, 48, 16]

@@ -1,6 +1,7 @@
 """Nothing in a checkpoint runs code: weights_only everywhere, with a way to allow user classes."""
 
 import argparse
+import json
 import os
 import pathlib
 
@@ -50,8 +51,17 @@ def test_tampered_files_never_run_code(tmp_path, target):
     marker = str(tmp_path / "pwned")
     victim = os.path.join(path, "common.pt") if target == "common" else os.path.join(path, "rng", "shard_0_1.pt")
     torch.save({"payload": Exploit(marker)}, victim)
+    request = {"rng": ShardedObject("rng", None, (1,), (0,))}
+    with pytest.raises(CheckpointingException, match="damaged"):  # its checksum no longer matches
+        dc.load(request, path)
+    # an attacker who also rewrites metadata.json: the unpickler still refuses the class
+    with open(os.path.join(path, "metadata.json")) as f:
+        metadata = json.load(f)
+    metadata["checksums"] = {}
+    with open(os.path.join(path, "metadata.json"), "w") as f:
+        json.dump(metadata, f)
     with pytest.raises(CheckpointingException, match="not allowed|not a valid"):
-        dc.load({"rng": ShardedObject("rng", None, (1,), (0,))}, path)
+        dc.load(request, path)
     assert not os.path.exists(marker)
 
 

@@ -208,8 +208,6 @@ class _Writer:
 
 
 def _writer_loop(jobs, results, parent_pid: int) -> None:
-    # a file size limit (RLIMIT_FSIZE) must fail the write with EFBIG, not kill the writer
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
     while True:
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, DefaultDict, Dict, List, Sequence, Tuple, Union
 
 from ..core import CheckpointingException
+from ..integrity import Checksums
 from ..mapping import ShardedStateDict, StateDict
 from ..validation import ShardsByKey
 
@@ -129,14 +130,14 @@ class SaveCommonStrategy(SaveStrategyBase):
     """Writes `common.pt` (rank 0) and ShardedObjects (their main replicas)."""
 
     @abstractmethod
-    def save_common(self, common_state_dict: StateDict, checkpoint_dir: Union[str, Path]) -> None:
-        """Writes the common state dict; called on rank 0 only."""
+    def save_common(self, common_state_dict: StateDict, checkpoint_dir: Union[str, Path]) -> Checksums:
+        """Writes the common state dict (rank 0 only); returns the files' checksums."""
 
     @abstractmethod
     def save_sharded_objects(
         self, sharded_objects_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]
-    ) -> None:
-        """Writes the main replicas among the given ShardedObjects."""
+    ) -> Checksums:
+        """Writes the main replicas among the given ShardedObjects; returns the files' checksums."""
 
 
 class SaveShardedStrategy(SaveStrategyBase):
@@ -149,7 +150,9 @@ class SaveShardedStrategy(SaveStrategyBase):
     2. `stage(sharded_state_dict)` on every rank: the only step that may move tensor data
        between ranks (e.g. to assemble flattened pieces on the rank that writes them);
     3. `save(...)` on every rank with what `stage` returned: write the main replicas durably
-       (fsync'd) without talking to other ranks; return a small picklable write result.
+       (fsync'd) without talking to other ranks; return the checksums of the files written
+       (integrity.py; empty where the format checksums its own chunks) and a small picklable
+       write result.
        For an async save this runs in a background process on a pickled copy of the strategy
        (strategies keep what `save` needs in plain attributes);
     4. `finalize(dir, results)` on rank 0 with every rank's write result, before
@@ -172,8 +175,9 @@ class SaveShardedStrategy(SaveStrategyBase):
         return sharded_state_dict
 
     @abstractmethod
-    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> Any:
-        """Writes this rank's main-replica shards durably; returns this rank's write result."""
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> Tuple[Checksums, Any]:
+        """Writes this rank's main-replica shards durably; returns the files' checksums and
+        this rank's write result (for `finalize`)."""
 
     def finalize(self, checkpoint_dir: Union[str, Path], write_results: List[Any]) -> None:
         """Completes the engine's files from all ranks' write results (rank 0 only)."""

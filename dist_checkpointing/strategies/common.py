@@ -7,9 +7,11 @@ Layout (Megatron-Core's): `<dir>/common.pt`, and one file per ShardedObject piec
 import glob
 import os
 
+from ..core import read_metadata
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..fs import fsync_dirs
-from ..layout import common_file, object_file
+from ..integrity import Checksums, ChecksumIndex
+from ..layout import COMMON_FNAME, common_file, object_file
 from ..mapping import ShardedObject, is_main_replica
 from ..pickling import load_object, save_object
 from .base import LoadCommonStrategy, SaveCommonStrategy
@@ -23,18 +25,19 @@ class TorchCommonSaveStrategy(SaveCommonStrategy):
     def can_handle_sharded_objects(self) -> bool:
         return True
 
-    def save_common(self, common_state_dict, checkpoint_dir) -> None:
-        save_object(common_state_dict, common_file(checkpoint_dir))
+    def save_common(self, common_state_dict, checkpoint_dir) -> Checksums:
+        return {COMMON_FNAME: save_object(common_state_dict, common_file(checkpoint_dir))}
 
-    def save_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir) -> None:
-        dirs = set()
+    def save_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir) -> Checksums:
+        dirs, checksums = set(), {}
         for obj in nested_values(sharded_objects_state_dict):
             if isinstance(obj, ShardedObject) and is_main_replica(obj.replica_id):
                 path = object_file(checkpoint_dir, obj.unique_key)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_object(obj.data, path)
+                checksums[os.path.relpath(path, str(checkpoint_dir))] = save_object(obj.data, path)
                 dirs.update((os.path.dirname(path), str(checkpoint_dir)))
         fsync_dirs(dirs)
+        return checksums
 
 
 class TorchCommonLoadStrategy(LoadCommonStrategy):
@@ -46,14 +49,16 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
         return True
 
     def load_common(self, checkpoint_dir):
-        return load_object(common_file(checkpoint_dir), "common state dict")
+        return _load_verified(checkpoint_dir, common_file(checkpoint_dir), "common state dict")
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+        checksums = _checksums(checkpoint_dir)
+
         def load_one(obj):
             if not isinstance(obj, ShardedObject):
                 return obj
             path = object_file(checkpoint_dir, obj.unique_key)
-            return load_object(path, f"ShardedObject '{obj.unique_key}'")
+            return _load_verified(checkpoint_dir, path, f"ShardedObject '{obj.unique_key}'", checksums)
 
         return dict_list_map_inplace(load_one, sharded_objects_state_dict)
 
@@ -65,3 +70,14 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
             unique_key = f"{key}/{os.path.basename(path)[: -len('.pt')]}"
             found[unique_key] = ShardedObject.empty_from_unique_key(unique_key)
         return found
+
+
+def _checksums(checkpoint_dir) -> ChecksumIndex:
+    metadata = read_metadata(checkpoint_dir)
+    return ChecksumIndex(metadata.checksums if metadata else None)
+
+
+def _load_verified(checkpoint_dir, path: str, what: str, checksums: ChecksumIndex = None):
+    checksums = checksums or _checksums(checkpoint_dir)
+    name = os.path.relpath(path, str(checkpoint_dir))
+    return load_object(checksums.read_file(checkpoint_dir, name, what), what, path)

@@ -30,6 +30,9 @@ class StrategyConfig:
             zstd inside and byte-shuffle); zarr engines only
         compression_level: the codec's level (default: zstd 3, blosc 5)
         thread_count: I/O threads (or concurrent requests) per rank
+        verify_checksums: on load, check each torch_dist item against its recorded CRC-32C
+            (default). Zarr v3 chunks are always verified by the engines, which decode the
+            `crc32c` codec; common.pt and ShardedObject files are always verified (small)
     """
 
     backend: str = "zarr"
@@ -37,6 +40,7 @@ class StrategyConfig:
     compression: Optional[str] = None
     compression_level: Optional[int] = None
     thread_count: int = 8
+    verify_checksums: bool = True
 
     def __post_init__(self):
         if self.backend not in ENGINES:
@@ -49,6 +53,8 @@ class StrategyConfig:
             self._fail("compression_level needs a compression")
         if self.backend not in ZARR_ENGINES and (self.compression or self.zarr_format != 3):
             self._fail(f"zarr_format and compression apply to {list(ZARR_ENGINES)} only")
+        if not isinstance(self.verify_checksums, bool):
+            self._fail(f"verify_checksums must be a bool, got {self.verify_checksums!r}")
         if not isinstance(self.thread_count, int) or self.thread_count < 1:
             self._fail(f"thread_count must be a positive integer, got {self.thread_count!r}")
 

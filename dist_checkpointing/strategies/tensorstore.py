@@ -27,7 +27,12 @@ def _context(thread_count: int) -> ts.Context:
 
 
 def _spec(checkpoint_dir: str, key: str, zarr_format: int) -> dict:
-    return {"driver": DRIVER[zarr_format], "kvstore": {"driver": "file", "path": entry_dir(checkpoint_dir, key) + "/"}}
+    return {
+        "driver": DRIVER[zarr_format],
+        "kvstore": {"driver": "file", "path": entry_dir(checkpoint_dir, key) + "/"},
+        "store_data_equal_to_fill_value": True,  # every chunk has a file (as zarr-python writes)
+        "fill_missing_data_reads": False,  # so a missing file is an error, not zeros
+    }
 
 
 class TensorStoreSaveShardedStrategy(ZarrFormatSaveStrategy):

@@ -8,12 +8,14 @@ replicas' boxes (prepended axes included); a ShardedObject is a byte entry named
 unique key holding `torch.save([value])`. Stock `torch.distributed.checkpoint.load` and
 Megatron-Core's loader read it.
 
-We write the data files ourselves instead of calling DCP's `save`: `serialization.save` has
-already exchanged and validated the plan (DCP would do both again, with its own collectives),
-and fs.py makes every file durable. Reads go through DCP's FileSystemReader; `.metadata` is
-unpickled with an allow-list (pickling.py).
+We write and read the data files ourselves instead of calling DCP's `save`/`load`:
+`serialization.save` has already exchanged and validated the plan (DCP would do both again,
+with its own collectives), fs.py makes every file durable, and each item's bytes are checked
+against the CRC-32C recorded in `metadata.json` before they are unpickled (integrity.py).
+`.metadata` is unpickled with an allow-list (pickling.py).
 """
 
+import io
 import itertools
 import math
 import os
@@ -22,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -33,14 +34,15 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.distributed.checkpoint.storage import WriteResult
 
 from ..collectives import get_rank
-from ..core import CheckpointingException
+from ..core import CheckpointingException, read_metadata
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_torch
-from ..fs import atomic_write, fsync_dir, write_with_durably
+from ..fs import atomic_write, fsync_dir
+from ..integrity import ChecksumIndex, Checksums, Range, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..pickling import dump_dcp_metadata, dump_object, load_dcp_metadata, load_object
 from ..validation import check_request_against_stored
@@ -99,7 +101,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
         ones = (1,) * len(sh.global_shape)
         return sh.local_chunk_offset_in_global() + (r.start,), ones + (r.stop - r.start,)
 
-    def save(self, sharded_state_dict, checkpoint_dir) -> List[WriteResult]:
+    def save(self, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[WriteResult]]:
         items = []  # (index, tensor or BytesIO)
         for sh in nested_values(sharded_state_dict):
             if not isinstance(sh, (ShardedTensor, ShardedObject)) or not is_main_replica(sh.replica_id):
@@ -114,10 +116,11 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
         files = _balance(items, self.config.thread_count)
         names = [f"__{self.rank}_{n}.distcp" for n in range(len(files))]
         with ThreadPoolExecutor(max(1, len(files))) as pool:
-            results = list(pool.map(_write_file, [str(checkpoint_dir)] * len(files), names, files))
+            written = list(pool.map(_write_file, [str(checkpoint_dir)] * len(files), names, files))
         if files:
             fsync_dir(str(checkpoint_dir))
-        return [r for file_results in results for r in file_results]
+        checksums = {name: ranges for name, (_, ranges) in zip(names, written)}
+        return checksums, [r for results, _ in written for r in results]
 
     def finalize(self, checkpoint_dir, write_results: List[List[WriteResult]]) -> None:
         """Writes `.metadata` (rank 0), pointing at every rank's chunks."""
@@ -175,21 +178,21 @@ def _balance(items, bins: int) -> List[list]:
     return [f for f in files if f]
 
 
-def _write_file(checkpoint_dir: str, name: str, items) -> List[WriteResult]:
+def _write_file(checkpoint_dir: str, name: str, items) -> Tuple[List[WriteResult], List[Range]]:
+    """One `.distcp` file: the items' `torch.save` blobs back to back, each checksummed."""
     results = []
 
     def write(f):
         for index, data in items:
-            offset = f.tell()
             if isinstance(data, torch.Tensor):
                 torch.save(data, f)
             else:
                 f.write(data.getbuffer())
-            length = f.tell() - offset
+            offset, length, _ = f.end_item()
             results.append(WriteResult(index, length, _StorageInfo(name, offset, length)))
 
-    write_with_durably(os.path.join(checkpoint_dir, name), write)
-    return results
+    ranges = write_items_checksummed(os.path.join(checkpoint_dir, name), write)
+    return results, ranges
 
 
 class TorchDistLoadShardedStrategy(LoadShardedStrategy):
@@ -208,7 +211,8 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         metadata = read_dcp_metadata(checkpoint_dir)
         reads = _Reads(checkpoint_dir, metadata)
         placeholders = dict_list_map_inplace(reads.plan, sharded_state_dict)
-        reads.run()
+        recorded = read_metadata(checkpoint_dir) if self.config.verify_checksums else None
+        reads.run(ChecksumIndex(recorded and recorded.checksums), self.config.thread_count)
         return dict_list_map_inplace(reads.result, placeholders)
 
     def load_tensors_metadata(self, checkpoint_dir):
@@ -260,6 +264,12 @@ def _reformulated_from(metadata: Metadata, key: str) -> Optional[Tuple[int, ...]
 
 def _mcore_data(metadata: Metadata) -> dict:
     return getattr(metadata, "mcore_data", None) or {}
+
+
+def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for axis, (start, length) in enumerate(zip(offsets, lengths)):
+        tensor = tensor.narrow(axis, start, length)
+    return tensor
 
 
 class _Pending:
@@ -367,43 +377,54 @@ class _Reads:
         self.values.append(value)
         return len(self.values) - 1
 
-    def run(self) -> None:
-        """Reads file by file, so that an error names the file and the keys read from it."""
-        storage_data = self.metadata.storage_data
-        by_file: Dict[str, List[ReadItem]] = {}
+    def run(self, checksums: ChecksumIndex, thread_count: int) -> None:
+        """Reads the files concurrently; each stored item once, verified, then copied into
+        every destination that needs part of it."""
+        by_file: Dict[str, Dict[MetadataIndex, List[ReadItem]]] = {}
         for item in self.items:
-            info = storage_data.get(item.storage_index)
+            info = self.metadata.storage_data.get(item.storage_index)
             if info is None:
                 raise CheckpointingException(
                     f"Key '{item.storage_index.fqn}': {self.checkpoint_dir}/{METADATA_FNAME} "
                     f"lists no bytes for the chunk at {item.storage_index.offset}; it is damaged"
                 )
-            by_file.setdefault(info.relative_path, []).append(item)
-        reader = FileSystemReader(self.checkpoint_dir)
-        reader.set_up_storage_reader(self.metadata, False)
-        for name, items in by_file.items():
-            try:
-                reader.read_data(LoadPlan(items), self).wait()
-            except CheckpointingException:
-                raise
-            except Exception as e:  # a missing, truncated or corrupt data file
-                keys = sorted({i.storage_index.fqn for i in items})
-                raise CheckpointingException(
-                    f"Cannot read keys {keys} from {os.path.join(self.checkpoint_dir, name)}: "
-                    f"{type(e).__name__}: {e}. The checkpoint is damaged."
-                ) from e
+            by_file.setdefault(info.relative_path, {}).setdefault(item.storage_index, []).append(item)
+        with ThreadPoolExecutor(max(1, min(thread_count, len(by_file)))) as pool:
+            list(pool.map(lambda entry: self._read_file(*entry, checksums), by_file.items()))
         for into, read in self.copy_outs:
             into.copy_(read)
 
-    # DCP's LoadPlanner callbacks used by FileSystemReader.read_data
-    def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
-        target = self.destinations[item.dest_index.index]
-        for axis, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
-            target = target.narrow(axis, start, length)
-        return target
+    def _read_file(self, name: str, stored: Dict[MetadataIndex, List[ReadItem]], checksums: ChecksumIndex) -> None:
+        path = os.path.join(self.checkpoint_dir, name)
+        infos = sorted(((self.metadata.storage_data[index], index) for index in stored), key=lambda e: e[0].offset)
+        try:
+            with open(path, "rb") as f:
+                for info, index in infos:
+                    what = f"Key '{index.fqn}'"
+                    if getattr(info, "transform_descriptors", None):
+                        raise CheckpointingException(
+                            f"{what} in {path} is stored with transforms {info.transform_descriptors} "
+                            f"(e.g. compression), which this reader does not support"
+                        )
+                    f.seek(info.offset)
+                    data = f.read(info.length)
+                    checksums.verify(data, self.checkpoint_dir, name, info.offset, what)
+                    for item in stored[index]:
+                        if item.type == LoadItemType.BYTE_IO:
+                            self.load_bytes(item, io.BytesIO(data))
+                        else:
+                            tensor = load_object(io.BytesIO(data), what, path)
+                            self.resolve_tensor(item).copy_(_narrow(tensor, item.storage_offsets, item.lengths))
+        except CheckpointingException:
+            raise
+        except Exception as e:  # a missing, truncated or corrupt data file
+            keys = sorted({index.fqn for index in stored})
+            raise CheckpointingException(
+                f"Cannot read keys {keys} from {path}: {type(e).__name__}: {e}. The checkpoint is damaged."
+            ) from e
 
-    def commit_tensor(self, item: ReadItem, tensor: torch.Tensor) -> None:
-        pass
+    def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
+        return _narrow(self.destinations[item.dest_index.index], item.dest_offsets, item.lengths)
 
     def load_bytes(self, item: ReadItem, value) -> None:
         n = item.dest_index.index

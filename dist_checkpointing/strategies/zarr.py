@@ -40,6 +40,22 @@ class DurableLocalStore(LocalStore):
         self.touched_dirs.update(parents_up_to(path, str(self.root)))
 
 
+class StrictLocalStore(LocalStore):
+    """A read-only LocalStore for which a missing chunk is an error. (zarr-python reads a
+    missing chunk as the fill value, which would load a lost file as zeros.)"""
+
+    _DOCUMENTS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+
+    def __init__(self, root):
+        super().__init__(root, read_only=True)
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await super().get(key, prototype, byte_range)
+        if value is None and os.path.basename(key) not in self._DOCUMENTS:
+            raise FileNotFoundError(f"chunk file {os.path.join(str(self.root), key)} is missing")
+        return value
+
+
 class ZarrSaveShardedStrategy(ZarrFormatSaveStrategy):
     def __init__(self, backend: str = "zarr", version: int = 1, config=None):
         super().__init__(backend, version, config)
@@ -85,5 +101,5 @@ class ZarrLoadShardedStrategy(ZarrFormatLoadStrategy):
         super().__init__(backend, version, config)
 
     def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
-        store = LocalStore(entry_dir(checkpoint_dir, key), read_only=True)
+        store = StrictLocalStore(entry_dir(checkpoint_dir, key))
         return ZarrArray(zarr.open_array(store, mode="r"), self.config.thread_count)

@@ -26,6 +26,7 @@ from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import DTYPES, name_of_numpy, name_of_torch, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
 from ..fs import fsync_dirs, parents_up_to, write_durably
+from ..integrity import crc32c
 from ..layout import check_key, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..validation import ShardsByKey, check_request_against_stored, shards_of, validate_flat_tiling
@@ -51,9 +52,13 @@ class ArrayPlan:
 
     @property
     def chunks(self) -> Tuple[int, ...]:
-        if self.zarr_format == 2:
-            return tuple(self.document["chunks"])
-        return tuple(self.document["chunk_grid"]["configuration"]["chunk_shape"])
+        return chunk_shape(self.document)
+
+
+def chunk_shape(document: dict) -> Tuple[int, ...]:
+    if document["zarr_format"] == 2:
+        return tuple(document["chunks"])
+    return tuple(document["chunk_grid"]["configuration"]["chunk_shape"])
 
 
 def chunk_grid(global_shape: Sequence[int], boxes: Sequence[Box]) -> Tuple[int, ...]:
@@ -251,7 +256,8 @@ def array_document(global_shape, chunks, dtype_name: str, config: StrategyConfig
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "fill_value": fill_value,
         "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]
-        + _v3_compressor(config, itemsize),
+        + _v3_compressor(config, itemsize)
+        + [{"name": "crc32c"}],  # last: the checksum covers the stored bytes
         "attributes": {},
     }
 
@@ -327,6 +333,44 @@ def require_array(checkpoint_dir, key: str) -> int:
     return zarr_format
 
 
+def read_array_document(checkpoint_dir, key: str) -> dict:
+    """The array document of `key` (`zarr.json` or `.zarray`)."""
+    path = os.path.join(entry_dir(checkpoint_dir, key), METADATA_FNAME[require_array(checkpoint_dir, key)])
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise CheckpointingException(f"Key '{key}': cannot read the array document {path}: {e}") from None
+
+
+def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[str]:
+    """What is wrong with the chunk files of `key` that box (offset, shape) covers (default:
+    all): missing files and, in Zarr v3, files whose CRC-32C does not match. Empty if sound."""
+    document = read_array_document(checkpoint_dir, key)
+    try:
+        chunks, global_shape = chunk_shape(document), document["shape"]
+        checksummed = document["zarr_format"] == 3 and document["codecs"][-1]["name"] == "crc32c"
+        separator = document.get("dimension_separator", ".")
+    except (KeyError, IndexError, TypeError) as e:
+        return [f"{entry_dir(checkpoint_dir, key)}: malformed array document ({e!r})"]
+    offset = [0] * len(global_shape) if offset is None else offset
+    shape = global_shape if shape is None else shape
+    stops = [min(o + s, g) for o, s, g in zip(offset, shape, global_shape)]
+    problems = []
+    for index in chunk_indices(offset, [max(0, e - o) for o, e in zip(offset, stops)], chunks):
+        name = chunk_key(document["zarr_format"], index).replace(".", separator)
+        path = os.path.join(entry_dir(checkpoint_dir, key), name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+            continue
+        if checksummed and (len(data) < 4 or crc32c(data[:-4]) != int.from_bytes(data[-4:], "little")):
+            problems.append(f"{path}: fails its CRC-32C (truncated or changed)")
+    return problems
+
+
 def read_box(array: "StoredArray", offset, shape) -> np.ndarray:
     """Reads box (offset, shape); where it extends past the stored shape, zeros."""
     stops = [min(o + s, n) for o, s, n in zip(offset, shape, array.shape)]
@@ -369,7 +413,9 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
         """Flattened pieces become the chunks this rank writes (docs/format.md §4.4)."""
         return assemble_flat_chunks(sharded_state_dict, self.flat_chunks)
 
-    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+    def save(self, sharded_state_dict, checkpoint_dir):
+        """Writes the arrays this rank documents and its chunks; no checksums to report, as
+        v3 chunks carry their own (the `crc32c` codec)."""
         touched = set()
         for key, array in self.arrays.items():
             if array.metadata_writer == self.rank:
@@ -384,6 +430,7 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
                 shards.append((sh.key, offset, data))
         touched |= self.write_shards(shards, str(checkpoint_dir))
         fsync_dirs(touched)
+        return {}, None
 
     @abstractmethod
     def write_shards(self, shards: List[Tuple[str, Tuple[int, ...], np.ndarray]], checkpoint_dir: str) -> set:
@@ -448,11 +495,22 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
 
 
 def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch.Tensor:
-    """The values of request `sh`, on the device of `sh.data` (CPU if it has none)."""
+    """The values of request `sh`, on the device of `sh.data` (CPU if it has none).
+
+    A chunk that is missing or fails its checksum raises, naming the damaged files."""
     where = entry_dir(checkpoint_dir, sh.key)
     check_request_against_stored(sh, name_of_numpy(array.dtype, sh.key), array.shape, where)
     offset, shape = sh.covering_box()
-    tensor = sh.from_covering_box(to_torch(read_box(array, offset, shape)))
+    try:
+        values = read_box(array, offset, shape)
+    except Exception as e:  # engines raise ValueError, OSError, ... for damaged chunks
+        damaged = damaged_chunks(checkpoint_dir, sh.key, offset, shape)
+        raise CheckpointingException(
+            f"Key '{sh.key}': cannot read from {where}: "
+            + ("; ".join(damaged) if damaged else f"{type(e).__name__}: {e}")
+            + ". The checkpoint is damaged; restore these files from a copy or save again."
+        ) from e
+    tensor = sh.from_covering_box(to_torch(values))
     if sh.data is not None and sh.data.device.type != "cpu":
         tensor = tensor.to(sh.data.device)
     return tensor

@@ -1,0 +1,136 @@
+"""`dist-ckpt` (also `python -m dist_checkpointing`): inspect, verify and convert checkpoints.
+
+    dist-ckpt inspect DIR [--json]
+    dist-ckpt verify DIR [--json]
+    dist-ckpt convert SRC DST --to zarr|tensorstore|torch_dist|torch|safetensors
+                      [--zarr-format 2|3] [--max-file-size 5GB]
+
+Exit codes: 0 success (for verify: the checkpoint is sound), 1 a damaged or incomplete
+checkpoint or a failed conversion, 2 bad arguments.
+"""
+
+import argparse
+import json
+import re
+import sys
+from typing import List, Optional
+
+from .convert import DEFAULT_MAX_FILE_BYTES, FORMATS, convert
+from .core import CheckpointingException
+from .inspection import describe, verify
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CheckpointingException as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-ckpt", description="Inspect, verify and convert distributed checkpoints.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    inspect = commands.add_parser("inspect", help="format, engine, completeness, tensors, objects, common keys")
+    inspect.add_argument("dir")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(run=_inspect)
+    check = commands.add_parser("verify", help="completeness and every checksum (exit 0 only when sound)")
+    check.add_argument("dir")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(run=_verify)
+    conv = commands.add_parser("convert", help="to another engine, one torch.save file, or safetensors")
+    conv.add_argument("src")
+    conv.add_argument("dst", help="a checkpoint directory, a .pt file (torch) or a directory (safetensors)")
+    conv.add_argument("--to", required=True, choices=FORMATS)
+    conv.add_argument("--zarr-format", type=int, choices=(2, 3), default=3)
+    conv.add_argument("--max-file-size", type=_size, default=DEFAULT_MAX_FILE_BYTES,
+                      help="safetensors: split into files of at most this size (e.g. 5GB, 500MB)")
+    conv.set_defaults(run=_convert)
+    return parser
+
+
+def _size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 1GiB)")
+    unit = (match.group(2) or "").upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    return int(float(match.group(1)) * base ** "_KMGT".index(unit[:1] or "_"))
+
+
+def _inspect(args) -> int:
+    info = describe(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0 if info["complete"] else 1
+    print(f"{info['path']}: {'complete' if info['complete'] else 'INCOMPLETE'}")
+    if not info["complete"]:
+        print(f"  {info['problem']}")
+        print(f"  {info['files']} files, {_human(info['bytes_on_disk'])} on disk")
+        return 1
+    zarr = f", Zarr v{info['zarr_format']}" if "zarr_format" in info else ""
+    print(f"  format: {info['format']}; engine: {info['engine']}{zarr}; common: {info['common_backend']}")
+    print(f"  {len(info['tensors'])} tensors, {_human(info['tensor_bytes'])}; {info['files']} files, "
+          f"{_human(info['bytes_on_disk'])} on disk")
+    rows = [(t["key"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"], _human(t["bytes"]),
+             "x".join(map(str, t["grid"])) if t["grid"] else "-") for t in info["tensors"]]
+    if rows:
+        print()
+        _table(("key", "shape", "dtype", "bytes", "shards"), rows)
+    if info["objects"]:
+        print(f"\n  objects ({len(info['objects'])}): {', '.join(info['objects'])}")
+    if info.get("common_keys") is not None:
+        print(f"\n  common state keys: {', '.join(info['common_keys']) or '(none)'}")
+    if info["problem"]:
+        print(f"\n  problem: {info['problem']}")
+    return 0
+
+
+def _verify(args) -> int:
+    problems, checked = verify(args.dir)
+    if args.json:
+        print(json.dumps({"sound": not problems, "checked": checked,
+                          "problems": [{"entry": e, "problem": p} for e, p in problems]}, indent=1))
+    elif problems:
+        print(f"{args.dir}: DAMAGED ({len(problems)} problems)")
+        for entry, problem in problems:
+            print(f"  {entry}: {problem}")
+    else:
+        print(f"{args.dir}: sound ({checked['tensors']} tensors' chunks, {checked['objects']} objects, "
+              f"{checked['files']} checksummed files verified)")
+    return 1 if problems else 0
+
+
+def _convert(args) -> int:
+    progress, bar = None, None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"converting to {args.to}", unit="key", file=sys.stderr)
+        progress = lambda key: bar.update(1)  # noqa: E731
+    try:
+        summary = convert(args.src, args.dst, args.to, args.zarr_format, args.max_file_size, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{args.src} -> {args.dst} ({args.to}): {summary['tensors']} tensors, {_human(summary['tensor_bytes'])}")
+    if summary.get("skipped_objects") or summary.get("skipped_common_state"):
+        print(f"  not in {args.to}: the common state and {summary['skipped_objects']} ShardedObjects "
+              f"({args.to} holds tensors only)")
+    return 0
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+def _table(header, rows) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  " + "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())

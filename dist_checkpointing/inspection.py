@@ -1,0 +1,154 @@
+"""Looking inside a checkpoint without loading it: `describe` (what `dist-ckpt inspect` prints)
+and `verify` (what `dist-ckpt verify` checks). One process, no torch.distributed.
+"""
+
+import math
+import os
+from typing import Dict, List, Optional, Tuple
+
+from .core import CONFIG_FNAME, CheckpointingException, CheckpointMetadata, read_metadata
+from .dtypes import name_of_torch
+from .integrity import verify_file
+from .layout import COMMON_FNAME, object_file
+from .strategies.config import ZARR_ENGINES
+from .strategies.torch import METADATA_FNAME as DCP_METADATA
+from .strategies.torch import read_dcp_metadata
+from .strategies.zarr_format import chunk_shape, damaged_chunks, list_arrays, read_array_document
+
+Problem = Tuple[str, str]  # (what is damaged: a key, "common state", ...; the problem and file)
+
+
+def describe(checkpoint_dir) -> dict:
+    """Format, engine, completeness, tensors (shape, dtype, bytes, shard grid), objects and
+    common keys of a checkpoint, as plain data."""
+    checkpoint_dir = str(checkpoint_dir)
+    info = {"path": checkpoint_dir, "complete": False, "problem": None}
+    info.update(_disk_usage(checkpoint_dir))
+    try:
+        metadata = read_metadata(checkpoint_dir)
+    except CheckpointingException as e:
+        info["problem"] = str(e)
+        return info
+    if metadata is None:
+        info["problem"] = f"no {CONFIG_FNAME}: the save did not finish (or this is not a checkpoint)"
+        return info
+    from .serialization import load_common_state_dict, load_sharded_metadata
+
+    config = metadata.config
+    info.update(
+        complete=True,
+        format=f"dist_checkpointing v{metadata.format_version}" if not metadata.is_legacy else "Megatron-Core (no index)",
+        engine=config.sharded_backend,
+        common_backend=config.common_backend,
+    )
+    entries = load_sharded_metadata(checkpoint_dir)
+    grids = _shard_grids(checkpoint_dir, config.sharded_backend)
+    tensors, objects = [], []
+    for name, sh in sorted(entries.items()):
+        if hasattr(sh, "dtype"):
+            tensors.append({
+                "key": name,
+                "shape": list(sh.global_shape),
+                "dtype": name_of_torch(sh.dtype, name),
+                "bytes": math.prod(sh.global_shape) * sh.dtype.itemsize,
+                "grid": grids.get(name),
+            })
+        else:
+            objects.append(name)
+    info.update(tensors=tensors, objects=objects, tensor_bytes=sum(t["bytes"] for t in tensors))
+    if config.sharded_backend in ZARR_ENGINES and tensors:
+        info["zarr_format"] = read_array_document(checkpoint_dir, tensors[0]["key"])["zarr_format"]
+    try:
+        info["common_keys"] = sorted(map(str, load_common_state_dict(checkpoint_dir)))
+    except CheckpointingException as e:
+        info["common_keys"], info["problem"] = None, str(e)
+    return info
+
+
+def _disk_usage(checkpoint_dir: str) -> dict:
+    files = nbytes = 0
+    for root, _, names in os.walk(checkpoint_dir):
+        for name in names:
+            files += 1
+            nbytes += os.path.getsize(os.path.join(root, name))
+    return {"files": files, "bytes_on_disk": nbytes}
+
+
+def _shard_grids(checkpoint_dir: str, engine: str) -> Dict[str, List[int]]:
+    """key -> stored pieces along each axis (Zarr chunks, or distinct DCP chunk offsets)."""
+    if engine in ZARR_ENGINES:
+        grids = {}
+        for key in list_arrays(checkpoint_dir):
+            document = read_array_document(checkpoint_dir, key)
+            grids[key] = [-(-s // c) if c else 0 for s, c in zip(document["shape"], chunk_shape(document))]
+        return grids
+    metadata = read_dcp_metadata(checkpoint_dir)
+    return {
+        key: [len({chunk.offsets[axis] for chunk in stored.chunks}) for axis in range(len(stored.size))]
+        for key, stored in metadata.state_dict_metadata.items()
+        if hasattr(stored, "chunks")
+    }
+
+
+def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
+    """Checks completeness and every checksum; reads every data file once. Returns the
+    problems (empty if the checkpoint is sound) and counts of what was checked."""
+    checkpoint_dir = str(checkpoint_dir)
+    checked = {"tensors": 0, "objects": 0, "files": 0}
+    try:
+        metadata = read_metadata(checkpoint_dir)
+    except CheckpointingException as e:
+        return [(CONFIG_FNAME, str(e))], checked
+    if metadata is None:
+        return [(CONFIG_FNAME, f"{os.path.join(checkpoint_dir, CONFIG_FNAME)} is missing: the checkpoint is incomplete")], checked
+    problems: List[Problem] = []
+    owners = _owners_of_ranges(checkpoint_dir, metadata, problems)
+    for name, ranges in sorted((metadata.checksums or {}).items()):
+        checked["files"] += 1
+        for offset, problem in verify_file(checkpoint_dir, name, ranges):
+            problems.append((owners.get((name, offset), name), problem))
+    if not os.path.isfile(os.path.join(checkpoint_dir, COMMON_FNAME)):
+        problems.append(("common state", f"{os.path.join(checkpoint_dir, COMMON_FNAME)} is missing"))
+    if metadata.config.sharded_backend in ZARR_ENGINES:
+        keys = list_arrays(checkpoint_dir) if metadata.is_legacy else sorted(metadata.tensors)
+        for key in keys:
+            checked["tensors"] += 1
+            try:
+                problems.extend((key, p) for p in damaged_chunks(checkpoint_dir, key))
+            except CheckpointingException as e:
+                problems.append((key, str(e)))
+        for unique_key in metadata.objects or []:
+            checked["objects"] += 1
+            if not os.path.isfile(object_file(checkpoint_dir, unique_key)):
+                problems.append((unique_key, f"{object_file(checkpoint_dir, unique_key)} is missing"))
+    return list(dict.fromkeys(problems)), checked
+
+
+def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problems: List[Problem]) -> Dict:
+    """(file, offset) -> the key stored there; for torch_dist also checks that `.metadata`
+    lists every indexed key and that every listed item lies inside an existing file."""
+    owners = {(COMMON_FNAME, 0): "common state"}
+    for unique_key in metadata.objects or []:
+        owners[(os.path.relpath(object_file(checkpoint_dir, unique_key), checkpoint_dir), 0)] = unique_key
+    if metadata.config.sharded_backend in ZARR_ENGINES:
+        return owners
+    try:
+        dcp = read_dcp_metadata(checkpoint_dir)
+    except CheckpointingException as e:
+        problems.append((DCP_METADATA, str(e)))
+        return owners
+    stored = set(dcp.state_dict_metadata)
+    for key in sorted(set(metadata.tensors or ()) | set(metadata.objects or ())):
+        if key not in stored:
+            problems.append((key, f"{os.path.join(checkpoint_dir, DCP_METADATA)} does not list it"))
+    sizes: Dict[str, Optional[int]] = {}
+    for index, info in dcp.storage_data.items():
+        owners[(info.relative_path, info.offset)] = index.fqn
+        if info.relative_path not in sizes:
+            path = os.path.join(checkpoint_dir, info.relative_path)
+            sizes[info.relative_path] = os.path.getsize(path) if os.path.isfile(path) else None
+        size = sizes[info.relative_path]
+        if size is None or size < info.offset + info.length:
+            state = "is missing" if size is None else f"ends at byte {size}, before the item's end"
+            problems.append((index.fqn, f"{os.path.join(checkpoint_dir, info.relative_path)} {state}"))
+    return owners

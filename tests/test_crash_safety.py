@@ -1,0 +1,80 @@
+"""Crashes during a save: the previous checkpoint stays intact, the interrupted one is reported
+incomplete (never loaded), and a retry into the same directory succeeds."""
+
+import os
+import resource
+import signal
+
+import pytest
+
+import dist_checkpointing as dc
+from dist_checkpointing import CheckpointingException, ShardedObject
+from dist_checkpointing.cli import main
+from layouts import check_loaded, sharded_state_dict
+from multirank import RankFailed, run_ranks
+
+
+class KillOnSave:
+    """Pickling it (when its rank writes it) kills the process: a crash in the middle of a save."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save(rank, world_size, ckpt, engine="zarr"):
+    dc.save(sharded_state_dict(rank, 2), ckpt, engine)
+
+
+def save_and_get_killed(rank, world_size, ckpt, engine):
+    state = sharded_state_dict(rank, 2)
+    if rank == 1:  # rank 1 dies while writing; its peer's collective fails
+        state["rng"] = ShardedObject("rng_state", KillOnSave(), (2,), (1,))
+    with pytest.raises(Exception):
+        dc.save(state, ckpt, engine)
+    return "raised"
+
+
+def load_tp1(ckpt):
+    return check_loaded(dc.load(sharded_state_dict(0, 1, with_data=False, objects=False), ckpt), 0, 1)
+
+
+@pytest.mark.parametrize("engine", ["zarr", "torch_dist"])
+def test_rank_killed_mid_save(tmp_path, capsys, engine):
+    previous, interrupted = str(tmp_path / "previous"), str(tmp_path / "interrupted")
+    run_ranks(save, 2, previous, engine)
+    with pytest.raises(RankFailed) as failure:
+        run_ranks(save_and_get_killed, 2, interrupted, engine)
+    assert "rank 1" in str(failure.value) and "exit code -9" in str(failure.value)
+    assert "--- rank 0 ---" not in str(failure.value)  # rank 0 raised, as expected, and returned
+    assert load_tp1(previous) > 10
+    assert os.listdir(interrupted) and not os.path.exists(os.path.join(interrupted, "metadata.json"))
+    with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
+        load_tp1(interrupted)
+    assert main(["verify", interrupted]) == 1 and "incomplete" in capsys.readouterr().out
+    run_ranks(save, 2, interrupted, engine)  # the retry overwrites the partial files
+    assert load_tp1(interrupted) > 10
+    assert main(["verify", interrupted]) == 0
+
+
+def save_over_file_size_limit(rank, world_size, ckpt, engine):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, hard))
+    try:
+        with pytest.raises(CheckpointingException, match=r"rank\(s\) 1.*File too large") as error:
+            dc.save(sharded_state_dict(rank, 2), ckpt, engine)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    return str(error.value)
+
+
+@pytest.mark.parametrize("engine", ["zarr", "tensorstore", "torch_dist"])
+def test_file_size_limit_during_sync_save(tmp_path, engine):
+    previous, ckpt = str(tmp_path / "previous"), str(tmp_path / "too-large")
+    run_ranks(save, 2, previous, engine)
+    messages = run_ranks(save_over_file_size_limit, 2, ckpt, engine)
+    assert messages[0] == messages[1]  # the same error on every rank
+    assert not os.path.exists(os.path.join(ckpt, "metadata.json"))
+    assert load_tp1(previous) > 10
+    run_ranks(save, 2, ckpt, engine)
+    assert load_tp1(ckpt) > 10
