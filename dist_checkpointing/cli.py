@@ -94,7 +94,7 @@ def _verify(args) -> int:
         print(json.dumps({"sound": not problems, "checked": checked,
                           "problems": [{"entry": e, "problem": p} for e, p in problems]}, indent=1))
     elif problems:
-        print(f"{args.dir}: DAMAGED ({len(problems)} problems)")
+        print(f"{args.dir}: DAMAGED ({len(problems)} problem(s))")
         for entry, problem in problems:
             print(f"  {entry}: {problem}")
     else:
@@ -118,7 +118,7 @@ def _convert(args) -> int:
     print(f"{args.src} -> {args.dst} ({args.to}): {summary['tensors']} tensors, {_human(summary['tensor_bytes'])}")
     if summary.get("skipped_objects") or summary.get("skipped_common_state"):
         print(f"  not in {args.to}: the common state and {summary['skipped_objects']} ShardedObjects "
-              f"({args.to} holds tensors only)")
+              f"(exports hold tensors only)")
     return 0
 
 
