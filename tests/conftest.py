@@ -2,3 +2,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tp2_checkpoints(tmp_path_factory):
+    """A directory with the layouts.py state saved at TP=2 by 2 ranks, one checkpoint per entry
+    of layouts.TP2_SAVES. Shared: tests that damage one copy it first."""
+    from layouts import save_tp2_checkpoints
+    from multirank import run_ranks
+
+    root = str(tmp_path_factory.mktemp("tp2"))
+    run_ranks(save_tp2_checkpoints, 2, root)
+    return root

@@ -8,7 +8,9 @@ import zlib
 
 import torch
 
+import dist_checkpointing as dc
 from dist_checkpointing import ShardedObject, ShardedTensor
+from dist_checkpointing.strategies.config import StrategyConfig
 
 DTYPES = [
     torch.bfloat16,
@@ -178,3 +180,13 @@ def expected_flat(sh):
     gshape = FLAT_KEYS[sh.key][0]
     values = full(sh.key, gshape, sh.dtype)[sh.global_slice()]
     return values.reshape(-1)[sh.flattened_range]
+
+
+# The checkpoints of the `tp2_checkpoints` fixture (conftest.py), by name: what each is saved with
+TP2_SAVES = {"zarr": "zarr", "tensorstore": "tensorstore", "torch_dist": "torch_dist",
+             "zarr_v2": StrategyConfig(zarr_format=2)}
+
+
+def save_tp2_checkpoints(rank, world_size, root):
+    for name, strategy in TP2_SAVES.items():
+        dc.save(sharded_state_dict(rank, 2), f"{root}/{name}", strategy)

@@ -12,24 +12,13 @@ import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException
 from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.strategies.torch import read_dcp_metadata
-from layouts import check_loaded, full, sharded_state_dict
-from multirank import run_ranks
-
-SAVES = {"zarr": "zarr", "tensorstore": "tensorstore", "torch_dist": "torch_dist",
-         "zarr_v2": StrategyConfig(zarr_format=2)}
+from layouts import TP2_SAVES, check_loaded, full, sharded_state_dict
 
 
-def save_tp2(rank, world_size, root):
-    for name, strategy in SAVES.items():
-        dc.save(sharded_state_dict(rank, 2), f"{root}/{name}", strategy)
 
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """TP=2 checkpoints saved by 2 ranks in every engine (copied before each damage)."""
-    root = str(tmp_path_factory.mktemp("saved"))
-    run_ranks(save_tp2, 2, root)
-    return root
+@pytest.fixture
+def saved(tp2_checkpoints):
+    return tp2_checkpoints
 
 
 @pytest.fixture
@@ -59,7 +48,7 @@ def truncate(path):
 
 
 def test_checksums_are_recorded(saved):
-    for name in SAVES:
+    for name in TP2_SAVES:
         with open(f"{saved}/{name}/metadata.json") as f:
             checksums = json.load(f)["checksums"]
         assert "common.pt" in checksums and all(len(r) == 3 for rs in checksums.values() for r in rs)
@@ -172,5 +161,5 @@ def test_checksums_in_metadata_json_are_checked_strictly(copy_of):
 
 
 def test_sound_checkpoints_load(saved):
-    for name in SAVES:
+    for name in TP2_SAVES:
         assert check_loaded(load_tp1(f"{saved}/{name}"), 0, 1) > 10, name

@@ -13,22 +13,14 @@ import dist_checkpointing as dc
 from dist_checkpointing.cli import main
 from dist_checkpointing.dtypes import DTYPES, safetensors_dtype, torch_dtype
 from layouts import check_loaded, sharded_state_dict
-from multirank import run_ranks
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 MEGATRON = ["mcore015_zarr_tp2", "mcore015_torch_dist_tp2", "mcore016_torch_dist_tp2"]
 
 
-def save_tp2(rank, world_size, root):
-    for engine in ("zarr", "torch_dist"):
-        dc.save(sharded_state_dict(rank, 2), f"{root}/{engine}", engine)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("tools"))
-    run_ranks(save_tp2, 2, root)
-    return root
+@pytest.fixture
+def saved(tp2_checkpoints):
+    return tp2_checkpoints
 
 
 def run(capsys, *argv):
