@@ -50,15 +50,16 @@ def digest_object(obj) -> str:
     return hashlib.sha256(dump_object(obj).getbuffer()).hexdigest()
 
 
-def load_object(source, what: str, where: str = None):
+def load_object(source, what: str, where: str = None, map_location="cpu"):
     """`torch.load(source, weights_only=True)` of a path or binary stream.
 
-    `what` names the entry and `where` the file (default: `source`) in error messages.
+    `what` names the entry and `where` the file (default: `source`) in error messages;
+    `map_location="meta"` gives tensors' shapes and strides without reading their data.
     """
     where = where or str(source)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(source, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointingException(
             f"{what}: file {where} is missing; the checkpoint is damaged or incomplete"

@@ -19,6 +19,8 @@ import io
 import itertools
 import math
 import os
+import re
+import zipfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
@@ -266,6 +268,24 @@ def _mcore_data(metadata: Metadata) -> dict:
     return getattr(metadata, "mcore_data", None) or {}
 
 
+def _stored_tensor(blob: memoryview, what: str, path: str) -> torch.Tensor:
+    """The tensor of a `torch.save` blob, as a view of the blob's bytes when it is one stored
+    (uncompressed) storage record, which is what DCP writers produce: one copy less than
+    `torch.load`, which copies the record into a new storage."""
+    meta = load_object(io.BytesIO(blob), what, path, map_location="meta")
+    if not isinstance(meta, torch.Tensor):
+        raise CheckpointingException(f"{what} in {path}: expected a tensor, found {type(meta).__name__}")
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        records = [i for i in archive.infolist() if re.fullmatch(r"[^/]+/data/\d+", i.filename)]
+    if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or not records[0].file_size:
+        return load_object(io.BytesIO(blob), what, path)
+    record = records[0]
+    header = blob[record.header_offset : record.header_offset + 30]  # the local file header
+    start = record.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    storage = torch.frombuffer(blob, dtype=torch.uint8, count=record.file_size, offset=start)
+    return storage.view(meta.dtype).as_strided(meta.shape, meta.stride(), meta.storage_offset())
+
+
 def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
     for axis, (start, length) in enumerate(zip(offsets, lengths)):
         tensor = tensor.narrow(axis, start, length)
@@ -282,8 +302,8 @@ class _Pending:
 class _Reads:
     """The reads of one load: DCP ReadItems per file, and DCP's LoadPlanner callbacks.
 
-    Every request is read as its covering box into a zero-filled tensor (zeros: the
-    allow_shape_mismatch pad). From a reformulated key, each stored shard the box overlaps is
+    Every request is read as its covering box into a new tensor, zeroed only where no stored
+    chunk covers it (the allow_shape_mismatch pad). From a reformulated key, each stored shard the box overlaps is
     read as the smallest flat range holding the overlap, and copied out through a strided view.
     """
 
@@ -311,7 +331,7 @@ class _Reads:
         global_shape = _global_shape(self.metadata, sh.key)
         check_request_against_stored(sh, name_of_torch(stored.properties.dtype, sh.key), global_shape, where)
         offset, shape = sh.covering_box()
-        target = torch.zeros(shape, dtype=sh.dtype)
+        target = torch.empty(shape, dtype=sh.dtype)
         if _reformulated_from(self.metadata, sh.key) is not None:
             self._plan_reformulated(sh.key, stored, global_shape, offset, target)
         else:
@@ -336,22 +356,25 @@ class _Reads:
                 continue
             first = sum((l - c * s) * st for l, c, s, st in zip(lo, cell, shard, strides))
             last = sum((h - 1 - c * s) * st for h, c, s, st in zip(hi, cell, shard, strides))
-            flat = torch.zeros((1,) * len(grid) + (last + 1 - first,), dtype=target.dtype)
+            flat = torch.empty((1,) * len(grid) + (last + 1 - first,), dtype=target.dtype)
             self._read_into(key, stored, tuple(cell) + (first,), flat)
             overlap = [h - l for l, h in zip(lo, hi)]
             into = target[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))]
             self.copy_outs.append((into, flat.reshape(-1).as_strided(overlap, strides)))
 
     def _read_into(self, key: str, stored, offset, destination: torch.Tensor) -> None:
-        """ReadItems filling `destination` (the stored box at `offset`) from the stored chunks."""
+        """ReadItems filling `destination` (the stored box at `offset`, allocated empty) from the
+        stored chunks; what no chunk covers (the allow_shape_mismatch pad) is zeroed."""
         shape = destination.shape
         index = len(self.destinations)
         self.destinations.append(destination)
+        covered = 0  # elements; chunks do not overlap
         for chunk in stored.chunks:
             start = [max(o, c) for o, c in zip(offset, chunk.offsets)]
             stop = [min(o + s, c + l) for o, s, c, l in zip(offset, shape, chunk.offsets, chunk.sizes)]
             if any(b <= a for a, b in zip(start, stop)):
                 continue
+            covered += math.prod(b - a for a, b in zip(start, stop))
             self.items.append(
                 ReadItem(
                     LoadItemType.TENSOR,
@@ -362,6 +385,8 @@ class _Reads:
                     lengths=torch.Size([b - a for a, b in zip(start, stop)]),
                 )
             )
+        if covered < destination.numel():
+            destination.zero_()
 
     def _stored(self, name: str, kind, what: str):
         stored = self.metadata.state_dict_metadata.get(name)
@@ -407,13 +432,14 @@ class _Reads:
                             f"(e.g. compression), which this reader does not support"
                         )
                     f.seek(info.offset)
-                    data = f.read(info.length)
+                    data = bytearray(info.length)
+                    data = memoryview(data)[: f.readinto(data)]
                     checksums.verify(data, self.checkpoint_dir, name, info.offset, what)
                     for item in stored[index]:
                         if item.type == LoadItemType.BYTE_IO:
                             self.load_bytes(item, io.BytesIO(data))
                         else:
-                            tensor = load_object(io.BytesIO(data), what, path)
+                            tensor = _stored_tensor(data, what, path)
                             self.resolve_tensor(item).copy_(_narrow(tensor, item.storage_offsets, item.lengths))
         except CheckpointingException:
             raise
