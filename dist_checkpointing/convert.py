@@ -14,7 +14,6 @@ One process, no torch.distributed.
 
 from typing import Callable, Optional
 
-from .core import require_complete_checkpoint
 from .mapping import ShardedObject, ShardedTensor
 from .serialization import (
     commit_save,
@@ -47,12 +46,10 @@ def convert(
     files. `progress(key)` is called after each entry is written. Returns a summary.
     """
     src, dst = str(src), str(dst)
-    require_complete_checkpoint(src)
-    sharded, common = verify_checkpoint_and_load_strategy(src)
-    entries = load_sharded_metadata(src)
+    sharded, common = verify_checkpoint_and_load_strategy(src)  # refuses an incomplete `src`
+    entries = load_sharded_metadata(src, sharded)
     tensors = sorted((sh for sh in entries.values() if isinstance(sh, ShardedTensor)), key=lambda sh: sh.key)
     objects = [sh for _, sh in sorted(entries.items()) if isinstance(sh, ShardedObject)]
-
     requests = {sh.key: sh for sh in tensors}
 
     def read(key: str):
