@@ -63,9 +63,15 @@ def parents_up_to(path: str, root: str) -> Set[str]:
 
 def atomic_write(path: str, data: bytes) -> None:
     """Replaces `path` with `data` so a crash leaves either the old or the new file, never half."""
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: str, writer: Callable) -> None:
+    """`atomic_write` of what `writer(file)` writes into a binary file (temp file in the same
+    directory, fsync, rename, directory fsync); on any error the temp file is removed."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        write_durably(tmp, data)
+        write_with_durably(tmp, writer)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -95,19 +95,12 @@ class ChecksumIndex:
                 f"data file disagree. The checkpoint is damaged."
             )
         length, crc = self.ranges[name, offset]
-        size = memoryview(data).nbytes
-        if size < length:
-            problem = f"only {size} of {length} bytes could be read (the file is truncated)"
-        elif size > length:
-            problem = f"the file has {size} bytes, not {length} (it was replaced or appended to)"
-        elif crc32c(memoryview(data).cast("B")) != crc:
-            problem = "their CRC-32C does not match (the bytes were changed)"
-        else:
-            return
-        raise CheckpointingException(
-            f"{what}: bytes {offset}..{offset + length} of {path} are damaged: {problem}. "
-            f"Restore the file or the checkpoint from a copy, or save again."
-        )
+        problem = _range_problem(data, length, crc)
+        if problem:
+            raise CheckpointingException(
+                f"{what}: bytes {offset}..{offset + length} of {path} are damaged: {problem}. "
+                f"Restore the file or the checkpoint from a copy, or save again."
+            )
 
     def read_file(self, checkpoint_dir, name: str, what: str) -> io.BytesIO:
         """The whole file `name` of the checkpoint, verified."""
@@ -123,6 +116,18 @@ class ChecksumIndex:
         return io.BytesIO(data)
 
 
+def _range_problem(data, length: int, crc: int) -> Optional[str]:
+    """What is wrong with bytes `data` read for a recorded Range (None if they match it)."""
+    size = memoryview(data).nbytes
+    if size < length:
+        return f"only {size} of {length} bytes could be read (the file is truncated)"
+    if size > length:
+        return f"the file has {size} bytes, not {length} (it was replaced or appended to)"
+    if crc32c(memoryview(data).cast("B")) != crc:
+        return "their CRC-32C does not match (the bytes were changed)"
+    return None
+
+
 def verify_file(checkpoint_dir, name: str, ranges: List[Range]) -> List[Tuple[int, str]]:
     """(offset, problem) for each damaged Range of file `name` (empty if sound); reads it whole."""
     path = os.path.join(str(checkpoint_dir), name)
@@ -133,9 +138,7 @@ def verify_file(checkpoint_dir, name: str, ranges: List[Range]) -> List[Tuple[in
         return [(0, f"{path}: cannot read ({e.strerror or e})")]
     problems = []
     for offset, length, crc in ranges:
-        piece = memoryview(data)[offset : offset + length]
-        if piece.nbytes != length:
-            problems.append((offset, f"{path}: bytes {offset}..{offset + length} are truncated (the file has {len(data)})"))
-        elif crc32c(piece) != crc:
-            problems.append((offset, f"{path}: bytes {offset}..{offset + length} fail their CRC-32C"))
+        problem = _range_problem(memoryview(data)[offset : offset + length], length, crc)
+        if problem:
+            problems.append((offset, f"{path}: bytes {offset}..{offset + length}: {problem}"))
     return problems

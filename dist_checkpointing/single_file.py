@@ -14,6 +14,7 @@ a file that looks whole.
 """
 
 import collections
+import io
 import json
 import os
 import pickle
@@ -23,10 +24,14 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from .dtypes import name_of_torch, safetensors_dtype
-from .fs import fsync_dir
+from .fs import atomic_write, atomic_write_with
 
 TensorSource = Callable[[str], torch.Tensor]  # key -> the whole tensor (on the CPU)
 Entry = Tuple[str, torch.dtype, Tuple[int, ...]]  # key, dtype, global shape
+
+
+def _nbytes(entry: Entry) -> int:
+    return torch.Size(entry[2]).numel() * entry[1].itemsize
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -63,42 +68,23 @@ class _TorchPickler(pickle.Pickler):
 def write_torch_file(path: str, entries: List[Entry], read: TensorSource, progress=None) -> None:
     """`{key: tensor}` for every entry, as a `torch.save` file at `path`."""
     archive = os.path.splitext(os.path.basename(path))[0] or "archive"
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             tensors = {}
             for index, (key, dtype, shape) in enumerate(entries):
-                tensor = read(key)
-                with zf.open(f"{archive}/data/{index}", "w", force_zip64=True) as f:
-                    f.write(_raw_bytes(tensor))
+                with zf.open(f"{archive}/data/{index}", "w", force_zip64=True) as record:
+                    record.write(_raw_bytes(read(key)))
                 tensors[key] = _Tensor(index, dtype, shape)
-                del tensor
                 if progress:
                     progress(key)
-            pickled = _pickle(tensors)
-            zf.writestr(f"{archive}/data.pkl", pickled)
+            pickled = io.BytesIO()
+            _TorchPickler(pickled, protocol=2).dump(tensors)
+            zf.writestr(f"{archive}/data.pkl", pickled.getvalue())
             zf.writestr(f"{archive}/byteorder", "little")
             zf.writestr(f"{archive}/version", "3\n")
-        _commit_file(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
-
-def _pickle(obj) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    _TorchPickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue()
-
-
-def _commit_file(tmp: str, path: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    atomic_write_with(path, write)
 
 
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -110,7 +96,7 @@ def plan_safetensors_files(entries: List[Entry], max_file_bytes: int) -> List[Li
     file of its own)."""
     files, size = [[]], 0
     for entry in entries:
-        nbytes = torch.Size(entry[2]).numel() * entry[1].itemsize
+        nbytes = _nbytes(entry)
         if files[-1] and size + nbytes > max_file_bytes:
             files.append([])
             size = 0
@@ -132,12 +118,8 @@ def write_safetensors(directory: str, entries: List[Entry], read: TensorSource, 
         _write_safetensors_file(os.path.join(directory, name), file_entries, read, progress)
     if len(files) > 1:
         weight_map = {key: name for name, file_entries in zip(names, files) for key, _, _ in file_entries}
-        total = sum(torch.Size(shape).numel() * dtype.itemsize for _, dtype, shape in entries)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        tmp = os.path.join(directory, f"{SAFETENSORS_INDEX}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=2)
-        _commit_file(tmp, os.path.join(directory, SAFETENSORS_INDEX))
+        index = {"metadata": {"total_size": sum(map(_nbytes, entries))}, "weight_map": weight_map}
+        atomic_write(os.path.join(directory, SAFETENSORS_INDEX), json.dumps(index, indent=2).encode())
         names.append(SAFETENSORS_INDEX)
     return names
 
@@ -148,7 +130,7 @@ def safetensors_header(entries: List[Entry]) -> bytes:
     header: Dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, dtype, shape in entries:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        nbytes = _nbytes((key, dtype, shape))
         name = safetensors_dtype(name_of_torch(dtype, key))
         header[key] = {"dtype": name, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -158,16 +140,11 @@ def safetensors_header(entries: List[Entry]) -> bytes:
 
 
 def _write_safetensors_file(path: str, entries: List[Entry], read: TensorSource, progress) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(safetensors_header(entries))
-            for key, _, _ in entries:
-                f.write(_raw_bytes(read(key)))
-                if progress:
-                    progress(key)
-        _commit_file(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f):
+        f.write(safetensors_header(entries))
+        for key, _, _ in entries:
+            f.write(_raw_bytes(read(key)))
+            if progress:
+                progress(key)
+
+    atomic_write_with(path, write)
