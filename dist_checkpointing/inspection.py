@@ -10,6 +10,7 @@ from .core import CONFIG_FNAME, CheckpointingException, CheckpointMetadata, read
 from .dtypes import name_of_torch
 from .integrity import verify_file
 from .layout import COMMON_FNAME, object_file
+from .serialization import load_common_state_dict, load_sharded_metadata
 from .strategies.config import ZARR_ENGINES
 from .strategies.torch import METADATA_FNAME as DCP_METADATA
 from .strategies.torch import read_dcp_metadata
@@ -32,8 +33,6 @@ def describe(checkpoint_dir) -> dict:
     if metadata is None:
         info["problem"] = f"no {CONFIG_FNAME}: the save did not finish (or this is not a checkpoint)"
         return info
-    from .serialization import load_common_state_dict, load_sharded_metadata
-
     config = metadata.config
     info.update(
         complete=True,
