@@ -7,6 +7,7 @@ at the same point, and no rank is left waiting for a peer that already gave up.
 Without an initialized process group everything runs as a single rank.
 """
 
+import contextlib
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,11 +35,13 @@ def group_ranks(group=None) -> List[int]:
     return dist.get_process_group_ranks(group or dist.group.WORLD)
 
 
-def exchange(local_fn: Callable[[], Any], what: str, group=None) -> List[Any]:
+def exchange(local_fn: Callable[[], Any], what: str, group=None, consequence: str = "") -> List[Any]:
     """Runs `local_fn` on every rank and all-gathers the results.
 
     If `local_fn` raised on any rank, every rank raises a `CheckpointingException` naming the
-    failing ranks and their errors (the local exception is chained where it happened).
+    failing ranks and their errors (the local exception is chained where it happened); so does
+    a collective that fails because a peer died or stopped answering. `consequence` (e.g.
+    "nothing was committed") is appended to those messages.
     """
     try:
         payload, error = local_fn(), None
@@ -46,16 +49,47 @@ def exchange(local_fn: Callable[[], Any], what: str, group=None) -> List[Any]:
         payload, error = None, e
     if not is_distributed():
         if error is not None:
-            if isinstance(error, CheckpointingException):
-                raise error
-            raise CheckpointingException(f"{what} failed: {describe_error(error)}") from error
+            message = str(error) if isinstance(error, CheckpointingException) else f"{what} failed: {describe_error(error)}"
+            raise CheckpointingException(_with(message, consequence)) from error
         return [payload]
     gathered: List[Any] = [None] * get_world_size(group)
-    dist.all_gather_object(gathered, (payload, describe_error(error)), group=group)
+    with peers_lost_raise(what, consequence):
+        dist.all_gather_object(gathered, (payload, describe_error(error)), group=group)
     failures = [(rank, msg) for rank, (_, msg) in enumerate(gathered) if msg is not None]
     if failures:
-        raise CheckpointingException(_summarize(what, failures)) from error
+        raise CheckpointingException(_with(_summarize(what, failures), consequence)) from error
     return [p for p, _ in gathered]
+
+
+def on_every_rank(local_fn: Callable[[], Any], what: str, group=None, consequence: str = "") -> Any:
+    """Runs `local_fn` on every rank and returns its local result once it succeeded on every
+    rank (only the outcome travels, not the result); else raises everywhere, like `exchange`."""
+    result = []
+    exchange(lambda: result.append(local_fn()), what, group, consequence)
+    return result[0]
+
+
+@contextlib.contextmanager
+def peers_lost_raise(what: str, consequence: str = ""):
+    """A collective or point-to-point transfer that fails (a peer process died, its connection
+    closed, or it stopped answering within the process group's timeout) raises a
+    `CheckpointingException` saying so, instead of the backend's raw error."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError) as e:  # gloo and NCCL raise RuntimeError subclasses
+        raise CheckpointingException(
+            _with(
+                f"{what} failed: a rank was lost (a peer process died, closed its connection or "
+                f"did not answer in time). Backend error: {type(e).__name__}: {e}",
+                consequence,
+            )
+        ) from e
+
+
+def _with(message: str, consequence: str) -> str:
+    if not consequence:
+        return message
+    return f"{message.rstrip('. ')}. {consequence}"
 
 
 def describe_error(error: Optional[BaseException]) -> Optional[str]:
@@ -111,7 +145,8 @@ def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], gr
     ops = [dist.P2POp(dist.isend, on_wire(t, False).view(torch.uint8), peer, group, tag) for t, peer, tag in sends]
     ops += [dist.P2POp(dist.irecv, on_wire(t, True).view(torch.uint8), peer, group, tag) for t, peer, tag in receives]
     if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        with peers_lost_raise("the exchange of shards between ranks"):
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
     for target, buffer in copies_back:
         target.copy_(buffer.view(target.shape))

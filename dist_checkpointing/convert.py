@@ -12,6 +12,7 @@ tensor, never the whole state:
 One process, no torch.distributed.
 """
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 from .mapping import ShardedObject, ShardedTensor
@@ -73,23 +74,22 @@ def convert(
     refuse_complete_checkpoint(dst)
     objects = _load_objects(objects, sharded, common, src)
     global_metadata = [[obj.without_data() for obj in objects]] + [[sh] for sh in tensors]
-    strategy.plan(group_by_key(global_metadata), [None] * len(global_metadata))
+    plan = strategy.plan(group_by_key(global_metadata), [None] * len(global_metadata))
     outcomes = []
     for rank, shards in enumerate(global_metadata):
-        strategy.rank = rank  # engines name files and choose array writers by the recorded rank
+        rank_plan = replace(plan, rank=rank)  # engines name files and choose array writers by it
         if rank == 0:  # the common state, and the objects (by the engine if it stores them)
             by_engine = strategy.can_handle_sharded_objects
-            job = WriteJob(dst, common_strategy, strategy, common.load_common(src),
-                           [] if by_engine else objects, strategy.stage(objects if by_engine else []))
+            job = WriteJob(dst, common_strategy, strategy, rank_plan, common.load_common(src),
+                           [] if by_engine else objects, strategy.stage(rank_plan, objects if by_engine else []))
         else:
             (sh,) = shards
             whole = ShardedTensor.from_rank_offsets(sh.key, read(sh.key))
-            job = WriteJob(dst, common_strategy, strategy, None, [], strategy.stage([whole]))
+            job = WriteJob(dst, common_strategy, strategy, rank_plan, None, [], strategy.stage(rank_plan, [whole]))
         outcomes.append(job.run())
         if progress and rank:
             progress(shards[0].key)
-    strategy.rank = 0
-    commit_save(dst, common_strategy, strategy, global_metadata, outcomes)
+    commit_save(dst, common_strategy, strategy, replace(plan, rank=0), global_metadata, outcomes)
     summary.update(objects=len(objects), files=[dst])
     return summary
 

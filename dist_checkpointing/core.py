@@ -11,14 +11,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
+from .errors import CheckpointingException
 from .fs import atomic_write
+from .layout import CONFIG_FNAME, relative_path_problem
 
-CONFIG_FNAME = "metadata.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointingException(Exception):
-    """Base checkpointing related exception."""
+MAX_INT_DIGITS = 19  # a JSON integer from a checkpoint fits in 64 bits, or the file is damaged
 
 
 @dataclass
@@ -75,21 +73,44 @@ def maybe_load_config(checkpoint_dir) -> Optional[CheckpointingConfig]:
 def read_metadata(checkpoint_dir) -> Optional[CheckpointMetadata]:
     """Parses `metadata.json` strictly; None if absent. Malformed content raises."""
     path = os.path.join(str(checkpoint_dir), CONFIG_FNAME)
+    if not os.path.lexists(path):
+        return None
+    return _parse_metadata(read_json(path), path)
+
+
+def read_json(path: str):
+    """A JSON document of a checkpoint. Anything but well-formed JSON whose integers fit in
+    64 bits (a file that cannot be read, bad syntax, nesting too deep, NaN) raises a
+    `CheckpointingException` naming the file."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        return None
-    except IsADirectoryError:
-        raise CheckpointingException(f"{path} is a directory, expected a JSON file")
+        raise CheckpointingException(f"{path} is missing; the checkpoint is damaged or incomplete") from None
+    except OSError as e:
+        raise CheckpointingException(f"Cannot read {path}: {e.strerror or e}") from None
+    return parse_json(raw, path)
+
+
+def parse_json(raw: bytes, path: str):
+    """`read_json` of bytes already read from `path`."""
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointingException(
-            f"Malformed {path}: not valid JSON ({e}). The checkpoint is damaged; "
-            f"restore it from a copy or save again."
+            f"Malformed {path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}). The checkpoint "
+            f"is damaged; restore it from a copy or save again."
         ) from None
-    return _parse_metadata(doc, path)
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS or abs(int(text)) >= 2**63:
+        raise ValueError(f"the integer {text[:30]}{'...' if len(text) > 30 else ''} does not fit in 64 bits")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _parse_metadata(doc, path: str) -> CheckpointMetadata:
@@ -158,6 +179,10 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
         isinstance(ranges, list) and all(_is_range(r) for r in ranges) for ranges in checksums.values()
     ):
         fail("'checksums' must map file names to lists of [offset, length, crc32c] (integers >= 0)")
+    for name in checksums:
+        problem = relative_path_problem(name)
+        if problem:
+            fail(f"'checksums' names the file {name!r}, which cannot be inside the checkpoint: {problem}")
     return CheckpointMetadata(config, version, entries, list(objects), {k: list(v) for k, v in checksums.items()})
 
 

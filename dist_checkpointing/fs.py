@@ -17,22 +17,35 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0
 def write_durably(path: str, data) -> None:
     """Writes `data` (any buffer) to `path` and fsyncs the file before returning."""
     view = memoryview(data).cast("B")
-    fd = os.open(path, _OPEN_FLAGS, 0o644)
-    try:
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with naming_file(path):
+        fd = os.open(path, _OPEN_FLAGS, 0o644)
+        try:
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_with_durably(path: str, writer: Callable) -> None:
     """Calls `writer(file)` on `path` opened for binary writing, then fsyncs the file."""
-    with open(path, "wb") as f:
+    with naming_file(path), open(path, "wb") as f:
         writer(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def naming_file(path: str):
+    """An OSError without a file name (a failed write: "No space left on device") gets `path`,
+    so that the error every rank sees says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, path) from e
+        raise
 
 
 def fsync_dir(path: str) -> None:

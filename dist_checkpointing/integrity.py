@@ -18,6 +18,7 @@ import numpy as np
 
 from .core import CheckpointingException
 from .fs import write_durably, write_with_durably
+from .layout import contained_path
 
 Range = Tuple[int, int, int]  # (offset, length, crc32c) of bytes in a file
 Checksums = Dict[str, List[Range]]  # path relative to the checkpoint directory -> its ranges
@@ -29,14 +30,22 @@ def crc32c(data, value: int = 0) -> int:
 
 
 class ChecksummingFile:
-    """A binary file for writers such as `torch.save` that records a Range per `item()` block."""
+    """A binary file for writers such as `torch.save` that records a Range per `item()` block.
+
+    It also keeps the first write error: `torch.save` reports a failed write (e.g. ENOSPC) as
+    an unrelated "unexpected pos" RuntimeError, so the real cause would otherwise be lost."""
 
     def __init__(self, f):
         self.f, self.crc, self.start, self.ranges = f, 0, f.tell(), []
+        self.error: Optional[OSError] = None
 
     def write(self, data) -> int:
         self.crc = crc32c(memoryview(data).cast("B"), self.crc)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -66,7 +75,12 @@ def write_items_checksummed(path: str, write_items: Callable[[ChecksummingFile],
 
     def write(f):
         checked = ChecksummingFile(f)
-        write_items(checked)
+        try:
+            write_items(checked)
+        except Exception as e:
+            if checked.error is not None and checked.error is not e:
+                raise checked.error from e
+            raise
         ranges.extend(checked.ranges)
 
     write_with_durably(path, write)
@@ -88,7 +102,7 @@ class ChecksumIndex:
         """
         if name not in self.files:
             return
-        path = os.path.join(str(checkpoint_dir), name)
+        path = contained_path(checkpoint_dir, name, what)
         if (name, offset) not in self.ranges:
             raise CheckpointingException(
                 f"{what}: {path} has no recorded item at byte {offset}; metadata.json and the "
@@ -104,7 +118,7 @@ class ChecksumIndex:
 
     def read_file(self, checkpoint_dir, name: str, what: str) -> io.BytesIO:
         """The whole file `name` of the checkpoint, verified."""
-        path = os.path.join(str(checkpoint_dir), name)
+        path = contained_path(checkpoint_dir, name, what)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -130,7 +144,10 @@ def _range_problem(data, length: int, crc: int) -> Optional[str]:
 
 def verify_file(checkpoint_dir, name: str, ranges: List[Range]) -> List[Tuple[int, str]]:
     """(offset, problem) for each damaged Range of file `name` (empty if sound); reads it whole."""
-    path = os.path.join(str(checkpoint_dir), name)
+    try:
+        path = contained_path(checkpoint_dir, name, "metadata.json's checksums")
+    except CheckpointingException as e:
+        return [(0, str(e))]
     try:
         with open(path, "rb") as f:
             data = f.read()

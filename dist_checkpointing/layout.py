@@ -1,13 +1,17 @@
 """Where each entry of a checkpoint lives in its directory (see docs/format.md).
 
 Keys become directory names, so a key must be a single safe path component: a key such as
-`../x` must never make a save write outside the checkpoint directory.
+`../x` must never make a save write outside the checkpoint directory. Likewise every file name a
+checkpoint's documents refer to (checksummed files, DCP data files) is resolved with
+`contained_path`, the one place that decides whether a path read from a checkpoint stays inside
+it.
 """
 
 import os
 
-from .core import CONFIG_FNAME, CheckpointingException
+from .errors import CheckpointingException
 
+CONFIG_FNAME = "metadata.json"  # the commit marker, written last
 COMMON_FNAME = "common.pt"
 _RESERVED = {CONFIG_FNAME, COMMON_FNAME, ".metadata"}
 _MAX_NAME_BYTES = 255
@@ -44,3 +48,35 @@ def object_file(checkpoint_dir, unique_key: str) -> str:
 
 def common_file(checkpoint_dir) -> str:
     return os.path.join(str(checkpoint_dir), COMMON_FNAME)
+
+
+def relative_path_problem(name) -> str:
+    """Why `name` (a path read from a checkpoint) cannot be a file inside the checkpoint
+    directory, or "" if it can: it must be relative, with no empty, '.' or '..' component."""
+    if not isinstance(name, str) or not name:
+        return "it is not a non-empty string"
+    if "\0" in name or "\\" in name:
+        return "it contains NUL or a backslash"
+    if os.path.isabs(name):
+        return "it is an absolute path"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "it has an empty, '.' or '..' component"
+    return ""
+
+
+def contained_path(checkpoint_dir, name: str, what: str) -> str:
+    """The path of file `name` of the checkpoint, refused (naming `what` refers to it) unless it
+    stays inside the checkpoint directory, also after following symbolic links."""
+    root = str(checkpoint_dir)
+    problem = relative_path_problem(name)
+    path = os.path.join(root, name) if not problem else ""
+    if not problem:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            problem = "it resolves (through a symbolic link) outside the checkpoint"
+    if problem:
+        raise CheckpointingException(
+            f"{what} refers to the file {name!r} of checkpoint {root}, which is refused: {problem}. "
+            f"A checkpoint only refers to files inside its directory; it is damaged or was tampered with."
+        )
+    return path

@@ -18,8 +18,9 @@ import logging
 import os
 from typing import Callable, Optional, Set, Tuple, Union
 
-from .collectives import exchange, get_rank
+from .collectives import exchange, get_rank, on_every_rank
 from .core import (
+    CONFIG_FNAME,
     FORMAT_VERSION,
     CheckpointingConfig,
     CheckpointingException,
@@ -58,9 +59,12 @@ from .validation import (
     CkptShardedMetadata,
     GlobalMetadata,
     StrictHandling,
-    parse_strict_flag,
+    apply_strict_globally,
+    apply_strict_locally,
+    check_requests_against_checkpoint,
     group_by_key,
-    validate_integrity_and_strict_load,
+    parse_strict_flag,
+    validate_sharding_integrity,
     validate_shards_by_key,
 )
 from .write_job import WriteJob
@@ -129,33 +133,35 @@ def save(
         shards = [sh.without_data() for sh in nested_values(local["sharded"])]
         return shards, common_digest, sharded_strategy.planning_info()
 
-    planned = exchange(plan, "save planning")
+    uncommitted = f"Nothing was committed: {checkpoint_dir} has no {CONFIG_FNAME}; earlier checkpoints are untouched."
+    planned = exchange(plan, "save planning", consequence=uncommitted)
     global_metadata = [shards for shards, _, _ in planned]
     by_key = group_by_key(global_metadata)
     if validate_access_integrity:
         validate_shards_by_key(by_key)
         _warn_if_common_state_differs([digest for _, digest, _ in planned])
-    sharded_strategy.plan(by_key, [info for _, _, info in planned])
-    job = _write_job(checkpoint_dir, common_strategy, sharded_strategy, local)
-    commit = functools.partial(commit_save, checkpoint_dir, common_strategy, sharded_strategy, global_metadata)
+    save_plan = sharded_strategy.plan(by_key, [info for _, _, info in planned])
+    job = _write_job(checkpoint_dir, common_strategy, sharded_strategy, save_plan, local)
+    commit = functools.partial(commit_save, checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_metadata)
     if async_sharded_save:
-        staged = []
-        exchange(lambda: staged.append(job.stage()), f"staging of the save to {checkpoint_dir}")
-        request = AsyncRequest(WriteJob.run, (staged[0],), [])
+        staged = on_every_rank(job.stage, f"staging of the save to {checkpoint_dir}", consequence=uncommitted)
+        request = AsyncRequest(
+            WriteJob.run, (staged,), [], what=f"async save to {checkpoint_dir}", consequence=uncommitted
+        )
 
         def finalize():
             try:
                 commit(request.results)
             finally:
-                staged[0].release()  # the writer is done with the staging buffer
+                staged.release()  # the writer is done with the staging buffer
 
         request.add_finalize_fn(finalize)
         return request
-    commit(exchange(job.run, f"save to {checkpoint_dir}"))
+    commit(exchange(job.run, f"save to {checkpoint_dir}", consequence=uncommitted))
     return None
 
 
-def _write_job(checkpoint_dir, common_strategy, sharded_strategy, local) -> WriteJob:
+def _write_job(checkpoint_dir, common_strategy, sharded_strategy, save_plan, local) -> WriteJob:
     """This rank's part of the write (collective: the strategy's `stage` may exchange data)."""
     shards, objects = local["sharded"], []
     if not sharded_strategy.can_handle_sharded_objects:
@@ -165,13 +171,14 @@ def _write_job(checkpoint_dir, common_strategy, sharded_strategy, local) -> Writ
         checkpoint_dir,
         common_strategy,
         sharded_strategy,
+        save_plan,
         common=local["common"] if get_rank() == 0 else None,
         objects=objects,
-        shards=sharded_strategy.stage(shards),
+        shards=sharded_strategy.stage(save_plan, shards),
     )
 
 
-def commit_save(checkpoint_dir, common_strategy, sharded_strategy, global_metadata, write_outcomes) -> None:
+def commit_save(checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_metadata, write_outcomes) -> None:
     """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`.
 
     `write_outcomes`: every rank's (checksums, sharded write result) from `WriteJob.run`.
@@ -179,7 +186,7 @@ def commit_save(checkpoint_dir, common_strategy, sharded_strategy, global_metada
 
     def commit():
         if get_rank() == 0:
-            sharded_strategy.finalize(checkpoint_dir, [result for _, result in write_outcomes])
+            sharded_strategy.finalize(save_plan, checkpoint_dir, [result for _, result in write_outcomes])
             config = CheckpointingConfig(
                 sharded_strategy.backend,
                 sharded_strategy.version,
@@ -260,65 +267,50 @@ def load(
     """
     checkpoint_dir = str(checkpoint_dir)
     strict = parse_strict_flag(strict)
+    exchange_requests = validate_access_integrity or StrictHandling.requires_global_app_metadata(strict)
     local = {}
 
     def prepare():
+        """Everything that can fail on one rank only: opening the checkpoint, and checking this
+        rank's request against it (so the planning exchange carries every failure)."""
         metadata = require_complete_checkpoint(checkpoint_dir)
         sharded, common = verify_checkpoint_and_load_strategy(
             checkpoint_dir, sharded_strategy, common_strategy, metadata
         )
         local["strategies"] = sharded, common
-        local["metadata"] = metadata
         local["state"] = common.load_common(checkpoint_dir)
-        local["request"], nonpersistent, local["factories"] = load_preprocess(sharded_state_dict)
+        request, nonpersistent, local["factories"] = load_preprocess(sharded_state_dict)
         merge(local["state"], nonpersistent)
-        if StrictHandling.requires_explicit_ckpt_mismatch_check(strict):
-            local["ckpt"] = _sharded_metadata(checkpoint_dir, metadata, sharded, common)
-        return [sh.without_data() for sh in nested_values(local["request"])]
+        local["ckpt"] = _sharded_metadata(checkpoint_dir, metadata, sharded, common)
+        request, local["unexpected"] = apply_strict_locally(request, strict, local["ckpt"])
+        check_requests_against_checkpoint(request, local["ckpt"], checkpoint_dir)
+        local["request"] = request
+        requested = [sh.without_data() for sh in nested_values(request)] if exchange_requests else None
+        return requested, local["unexpected"]
 
-    global_metadata = None
-    if validate_access_integrity or StrictHandling.requires_global_app_metadata(strict):
-        global_metadata = exchange(prepare, "load planning")
-    else:
-        prepare()
+    planned = exchange(prepare, "load planning")
+    global_metadata = [requested for requested, _ in planned] if exchange_requests else None
     sharded, common = local["strategies"]
-    request, missing_keys, unexpected_keys = validate_integrity_and_strict_load(
-        local["request"],
-        strict,
-        validate_access_integrity,
-        None,
-        global_metadata,
-        local.get("ckpt"),
-    )
-    _check_requests_in_index(request, local["metadata"], checkpoint_dir)
-    state = local["state"]
-    if not sharded.can_handle_sharded_objects:
-        objects, request = extract_matching_values(request, lambda v: isinstance(v, ShardedObject))
+    # the same data on every rank from here: any raise happens on every rank
+    missing_keys = apply_strict_globally(strict, local["ckpt"], global_metadata, [u for _, u in planned])
+    if validate_access_integrity:
+        validate_sharding_integrity(global_metadata)
+
+    def read():
+        state, request = local["state"], local["request"]
+        objects = {}
+        if not sharded.can_handle_sharded_objects:
+            objects, request = extract_matching_values(request, lambda v: isinstance(v, ShardedObject))
+        merge(state, sharded.load(request, checkpoint_dir))  # first: it may talk to other ranks
         if objects:
             merge(state, common.load_sharded_objects(objects, checkpoint_dir))
-    merge(state, sharded.load(request, checkpoint_dir))
-    apply_factory_merges(state, local["factories"])
+        apply_factory_merges(state, local["factories"])
+        return state
+
+    state = on_every_rank(read, f"load of {checkpoint_dir}")
     if StrictHandling.requires_returning_mismatch_keys(strict):
-        return state, missing_keys, unexpected_keys
+        return state, missing_keys, local["unexpected"]
     return state
-
-
-def _check_requests_in_index(request, metadata: CheckpointMetadata, checkpoint_dir: str) -> None:
-    """With an index, a key it does not list is not in the checkpoint, whatever files exist."""
-    if metadata.is_legacy:
-        return
-    stored_objects = set(metadata.objects)
-    for sh in nested_values(request):
-        if isinstance(sh, ShardedTensor):
-            known = sh.key in metadata.tensors
-        else:
-            known = sh.unique_key in stored_objects
-        if not known:
-            raise CheckpointingException(
-                f"{type(sh).__name__} '{getattr(sh, 'unique_key', sh.key)}' is not in the "
-                f"checkpoint {checkpoint_dir}. Check the key, or load with "
-                f"strict='log_unexpected' to skip keys the checkpoint does not have."
-            )
 
 
 def verify_checkpoint_and_load_strategy(

@@ -268,33 +268,69 @@ def validate_integrity_and_strict_load(
     global_metadata: Optional[GlobalMetadata] = None,
     ckpt_sharded_metadata: Optional[CkptShardedMetadata] = None,
 ) -> Tuple[ShardedStateDict, Set[str], Set[str]]:
-    """Applies `strict` and the sharding check to a load request.
+    """Applies `strict` and the sharding check to a load request (Megatron-Core's signature):
+    `apply_strict_locally`, then `apply_strict_globally` and the sharding check.
 
     Returns the request without unexpected keys, and the missing and unexpected keys
     (missing keys are equal on all ranks; unexpected keys are per rank).
     """
-    missing_keys, unexpected_keys = set(), set()
-    if StrictHandling.requires_explicit_ckpt_mismatch_check(strict):
-        if ckpt_sharded_metadata is None:
-            raise CheckpointingException("Cannot check the checkpoint keys without its metadata")
-        if local_metadata is None:
-            local_metadata = [sh.without_data() for sh in nested_values(sharded_state_dict)]
-        want_missing = StrictHandling.requires_global_app_metadata(strict)
-        missing_keys, unexpected_keys = _determine_missing_and_unexpected_keys(
-            ckpt_sharded_metadata, local_metadata, global_metadata if want_missing else None
-        )
-        sharded_state_dict = adjust_non_strict_load(sharded_state_dict, unexpected_keys)
-        if strict == StrictHandling.IGNORE_ALL:
-            missing_keys, unexpected_keys = set(), set()
-        elif strict in (StrictHandling.RAISE_UNEXPECTED, StrictHandling.RAISE_ALL):
-            maybe_report_missing_and_unexpected_keys(missing_keys, unexpected_keys, True)
-        elif strict in (StrictHandling.LOG_UNEXPECTED, StrictHandling.LOG_ALL):
-            maybe_report_missing_and_unexpected_keys(missing_keys, unexpected_keys, False)
+    sharded_state_dict, unexpected_keys = apply_strict_locally(
+        sharded_state_dict, strict, ckpt_sharded_metadata, local_metadata
+    )
+    missing_keys = apply_strict_globally(strict, ckpt_sharded_metadata, global_metadata, [unexpected_keys])
     if validate_access_integrity:
         if global_metadata is None:
             raise CheckpointingException("Cannot check the sharding without global metadata")
         validate_sharding_integrity(global_metadata)
+    if strict == StrictHandling.IGNORE_ALL:
+        return sharded_state_dict, set(), set()
     return sharded_state_dict, missing_keys, unexpected_keys
+
+
+def apply_strict_locally(
+    sharded_state_dict: ShardedStateDict,
+    strict: StrictHandling,
+    ckpt_sharded_metadata: Optional[CkptShardedMetadata],
+    local_metadata: Optional[LocalMetadata] = None,
+) -> Tuple[ShardedStateDict, Set[str]]:
+    """The part of `strict` that needs only this rank's request: the request without the keys
+    the checkpoint does not have, and those keys (which travel in the planning exchange)."""
+    if not StrictHandling.requires_explicit_ckpt_mismatch_check(strict):
+        return sharded_state_dict, set()
+    if ckpt_sharded_metadata is None:
+        raise CheckpointingException("Cannot check the checkpoint keys without its metadata")
+    if local_metadata is None:
+        local_metadata = [sh.without_data() for sh in nested_values(sharded_state_dict)]
+    ckpt_keys = {sh.key for sh in ckpt_sharded_metadata.values()}
+    unexpected_keys = {sh.key for sh in local_metadata} - ckpt_keys
+    return adjust_non_strict_load(sharded_state_dict, unexpected_keys), unexpected_keys
+
+
+def apply_strict_globally(
+    strict: StrictHandling,
+    ckpt_sharded_metadata: Optional[CkptShardedMetadata],
+    global_metadata: Optional[GlobalMetadata],
+    unexpected_by_rank: Sequence[Set[str]],
+) -> Set[str]:
+    """The rest of `strict`, from what every rank knows after the planning exchange (every
+    rank's request and unexpected keys), so that a raise happens on every rank alike: raises
+    or logs as the mode says; returns the missing keys."""
+    if not StrictHandling.requires_explicit_ckpt_mismatch_check(strict):
+        return set()
+    missing_keys = set()
+    if StrictHandling.requires_global_app_metadata(strict):
+        if global_metadata is None:
+            raise CheckpointingException("Cannot find missing keys without every rank's request")
+        requested = {sh.key for shards in global_metadata for sh in shards}
+        missing_keys = {sh.key for sh in ckpt_sharded_metadata.values()} - requested
+    unexpected_keys = set().union(*unexpected_by_rank)
+    if strict == StrictHandling.RAISE_UNEXPECTED:
+        maybe_report_missing_and_unexpected_keys(set(), unexpected_keys, True)
+    elif strict == StrictHandling.RAISE_ALL:
+        maybe_report_missing_and_unexpected_keys(missing_keys, unexpected_keys, True)
+    elif strict in (StrictHandling.LOG_UNEXPECTED, StrictHandling.LOG_ALL):
+        maybe_report_missing_and_unexpected_keys(missing_keys, unexpected_keys, False)
+    return missing_keys
 
 
 def adjust_non_strict_load(
@@ -303,19 +339,6 @@ def adjust_non_strict_load(
     """The request without the entries whose key is in `sharded_keys_to_remove`."""
     _, kept = extract_matching_values(sharded_state_dict, lambda x: x.key in sharded_keys_to_remove)
     return kept
-
-
-def _determine_missing_and_unexpected_keys(
-    ckpt_sharded_metadata: CkptShardedMetadata,
-    local_metadata: LocalMetadata,
-    global_metadata: Optional[GlobalMetadata] = None,
-) -> Tuple[Set[str], Set[str]]:
-    ckpt_keys = {sh.key for sh in ckpt_sharded_metadata.values()}
-    unexpected_keys = {sh.key for sh in local_metadata} - ckpt_keys
-    missing_keys = set()
-    if global_metadata is not None:
-        missing_keys = ckpt_keys - {sh.key for shards in global_metadata for sh in shards}
-    return missing_keys, unexpected_keys
 
 
 def maybe_report_missing_and_unexpected_keys(
@@ -333,7 +356,7 @@ def maybe_report_missing_and_unexpected_keys(
     if unexpected_keys:
         parts.append(
             "Unexpected keys (not found in the checkpoint) encountered in the provided sharded "
-            f"state dict. Unexpected keys (for this rank): {sorted(unexpected_keys)}."
+            f"state dict. Unexpected keys (of all ranks): {sorted(unexpected_keys)}."
         )
     message = " ".join(parts)
     if raise_error:
@@ -358,11 +381,13 @@ def shards_of(sharded_state_dict: ShardedStateDict, cls) -> Sequence:
 
 
 def check_request_against_stored(sh: ShardedTensor, stored_dtype: str, stored_shape, where: str) -> None:
-    """Refuses a load request whose dtype or global shape differs from the stored tensor's.
+    """Refuses a load request that does not fit the stored tensor: another dtype, another
+    global shape, or a box outside the stored tensor (any request, main replica or not).
 
     `stored_dtype` is a dtype table name; `where` names the file or directory for the message.
-    A smaller stored tensor is allowed when the request sets `allow_shape_mismatch` (the
-    engine then zero-pads).
+    With `allow_shape_mismatch` the stored shape may differ (same number of axes); the request's
+    box must then lie inside its own global shape, and the engine zero-pads what the stored
+    tensor does not have.
     """
     wanted_dtype = name_of_torch(sh.dtype, sh.key)
     if stored_dtype != wanted_dtype:
@@ -371,8 +396,32 @@ def check_request_against_stored(sh: ShardedTensor, stored_dtype: str, stored_sh
             f"Request the stored dtype and convert after loading."
         )
     stored_shape = tuple(stored_shape)
-    if stored_shape != sh.global_shape and not sh.allow_shape_mismatch:
+    if len(stored_shape) != len(sh.global_shape) or (stored_shape != sh.global_shape and not sh.allow_shape_mismatch):
         raise CheckpointingException(
             f"Key '{sh.key}' has global shape {stored_shape} in {where}, requested "
             f"{sh.global_shape}. Set allow_shape_mismatch=True to read the overlap, zero-padded."
         )
+    offset, shape = sh.global_box()
+    if any(o + s > g for o, s, g in zip(offset, shape, sh.global_shape)):
+        raise CheckpointingException(
+            f"Key '{sh.key}': the request (global offset {sh.global_offset}, local shape "
+            f"{sh.local_shape}) reaches outside the global shape {sh.global_shape} (stored in "
+            f"{where}). Every request must lie inside the tensor; check its offsets."
+        )
+
+
+def check_requests_against_checkpoint(request: ShardedStateDict, stored: CkptShardedMetadata, where: str) -> None:
+    """`check_request_against_stored` for every entry of `request` against the checkpoint's
+    entries (key or unique key -> data-less entry); an entry it does not have is refused."""
+    for sh in nested_values(request):
+        if not isinstance(sh, (ShardedTensor, ShardedObject)):
+            continue
+        name = sh.key if isinstance(sh, ShardedTensor) else sh.unique_key
+        entry = stored.get(name)
+        if not isinstance(entry, type(sh)):
+            raise CheckpointingException(
+                f"{type(sh).__name__} '{name}' is not in the checkpoint {where}. Check the key, or "
+                f"load with strict='log_unexpected' to skip keys the checkpoint does not have."
+            )
+        if isinstance(sh, ShardedTensor):
+            check_request_against_stored(sh, name_of_torch(entry.dtype, name), entry.global_shape, where)

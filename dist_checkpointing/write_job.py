@@ -1,7 +1,7 @@
 """Step 2 of a save: what one rank writes, run here (sync) or staged for a writer process (async).
 
-A `WriteJob` holds everything the write needs: the planned strategies and this rank's common
-state, ShardedObjects and staged shards. `stage()` turns it into a copy that no longer refers to
+A `WriteJob` holds everything the write needs: the strategies, this save's plan, and this rank's
+common state, ShardedObjects and staged shards. `stage()` turns it into a copy that no longer refers to
 the caller's memory, so the caller may change its tensors as soon as `save` returns:
 - the tensors of the shards to write are copied into one shared-memory buffer, which travels to
   the writer process as a single file descriptor (its pages are shared, not pickled) and is
@@ -21,7 +21,7 @@ from .dict_utils import dict_list_map_inplace, nested_values
 from .fs import file_size_limit_raises
 from .integrity import Checksums
 from .mapping import ShardedObject, ShardedTensor, is_main_replica
-from .strategies.base import SaveCommonStrategy, SaveShardedStrategy
+from .strategies.base import SaveCommonStrategy, SaveShardedStrategy, ShardedSavePlan
 
 ALIGNMENT = 64  # bytes; every staged tensor starts at a multiple, so any dtype view is valid
 
@@ -31,6 +31,7 @@ class WriteJob:
     checkpoint_dir: str
     common_strategy: SaveCommonStrategy
     sharded_strategy: SaveShardedStrategy
+    plan: ShardedSavePlan  # this save's, from `sharded_strategy.plan`
     common: Optional[dict]  # rank 0 writes `common.pt`; None elsewhere
     objects: list  # ShardedObjects written by the common strategy
     shards: Any  # what `sharded_strategy.stage` returned
@@ -53,7 +54,7 @@ class WriteJob:
         if self.staged is not None:
             tensors = iter(self.staged.tensors())
             shards = [replace(sh, data=next(tensors)) if isinstance(sh, ShardedTensor) else sh for sh in shards]
-        sharded_checksums, result = self.sharded_strategy.save(shards, self.checkpoint_dir)
+        sharded_checksums, result = self.sharded_strategy.save(self.plan, shards, self.checkpoint_dir)
         checksums.update(sharded_checksums)
         return checksums, result
 

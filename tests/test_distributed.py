@@ -90,7 +90,7 @@ def save_with_failing_rank(rank, world_size, ckpt_dir):
 
     strategy = ZarrSaveShardedStrategy()
     if rank == 1:
-        def failing_save(sharded_state_dict, checkpoint_dir):
+        def failing_save(plan, sharded_state_dict, checkpoint_dir):
             raise OSError(28, "No space left on device")
 
         strategy.save = failing_save
@@ -105,6 +105,7 @@ def test_write_failure_on_one_rank_raises_everywhere_and_commits_nothing(tmp_pat
     ckpt = str(tmp_path / "failed")
     messages = run_ranks(save_with_failing_rank, 2, ckpt)
     assert all(m and "No space left on device" in m and "rank(s) 1" in m for m in messages)
+    assert all("Nothing was committed" in m for m in messages)
     assert not os.path.exists(os.path.join(ckpt, "metadata.json"))
     with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
         dc.load({}, ckpt)

@@ -47,9 +47,9 @@ def save_and_load_fully_parallel(rank, world_size, root, use_dp_groups):
         saver = FullyParallelSaveStrategyWrapper(save_strategy_from_config(config), group, do_cache_distribution=True)
         state = sharded_state_dict(rank, TP, DP)
         dc.save(state, f"{root}/{backend}-first", saver)
-        first = saver.writers
+        first = saver.cached_distribution[1]  # shard id -> writer
         dc.save(state, f"{root}/{backend}-cached", saver)
-        assert saver.writers is first  # the cached distribution was reused
+        assert saver.cached_distribution[1] is first  # the cached distribution was reused
         main_bytes = sum(sh.nbytes for sh in nested_values(state) if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id))
 
         base = load_strategy_from_config(config)
@@ -64,7 +64,7 @@ def save_and_load_fully_parallel(rank, world_size, root, use_dp_groups):
             loaded = dc.load(request, f"{root}/{backend}-{attempt}", loader)
             compared = check_loaded(loaded, rank, TP, DP)
         report[backend] = {
-            "written": _written_bytes(state, saver.writers, rank),
+            "written": _written_bytes(state, first, rank),
             "written_without_wrapper": main_bytes,
             "read_requests": len(read_keys) // 2,
             "requests": compared,

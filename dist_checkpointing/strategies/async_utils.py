@@ -36,6 +36,8 @@ class AsyncRequest:
         finalize_fns: called with no arguments, in order, on every rank, after `async_fn`
             finished on every rank; they can read `results`, every rank's return value of
             `async_fn` (in rank order)
+        what: what the call does, for error messages (e.g. "async save to DIR")
+        consequence: what a failure means, appended to its error (e.g. "nothing was committed")
     """
 
     def __init__(
@@ -46,6 +48,8 @@ class AsyncRequest:
         async_fn_kwargs: Optional[Dict] = None,
         is_frozen: bool = False,
         call_idx: int = 0,
+        what: str = "",
+        consequence: str = "",
     ):
         self.async_fn = async_fn
         self.async_fn_args = tuple(async_fn_args or ())
@@ -53,6 +57,7 @@ class AsyncRequest:
         self.async_fn_kwargs = dict(async_fn_kwargs or {})
         self.is_frozen = is_frozen
         self.call_idx = call_idx
+        self.what, self.consequence = what, consequence
         self.results: Optional[List[Any]] = None
 
     def add_finalize_fn(self, fn: Callable) -> None:
@@ -84,7 +89,8 @@ class AsyncRequest:
                 raise CheckpointingException(value)
             return value
 
-        self.results = exchange(result, f"async call {self.call_idx}")
+        what = f"async call {self.call_idx}" + (f" ({self.what})" if self.what else "")
+        self.results = exchange(result, what, consequence=self.consequence)
         for fn in self.finalize_fns:
             fn()
 

@@ -8,10 +8,12 @@ docstring says so: planning, validation and the commit are done by `serializatio
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, DefaultDict, Dict, List, Sequence, Tuple, Union
 
+from ..collectives import get_rank
 from ..core import CheckpointingException
 from ..integrity import Checksums
 from ..mapping import ShardedStateDict, StateDict
@@ -140,22 +142,32 @@ class SaveCommonStrategy(SaveStrategyBase):
         """Writes the main replicas among the given ShardedObjects; returns the files' checksums."""
 
 
+@dataclass(frozen=True)
+class ShardedSavePlan:
+    """What `SaveShardedStrategy.plan` decided for one save on one rank. A value: it travels with
+    its save (the write job, an async request) into `stage`, `save` and `finalize`, and is never
+    kept on the strategy, so one strategy object can run overlapping saves. Engines extend it."""
+
+    rank: int  # names this rank's files; an async writer process has no process group to ask
+
+
 class SaveShardedStrategy(SaveStrategyBase):
     """Writes ShardedTensors, in four calls mirroring the steps of `serialization.save`.
+
+    A strategy object holds configuration only; what one save decides is its plan.
 
     1. `plan(shards_by_key, planning_infos)` on every rank with the validated global plan (the
        shards of all ranks, without data) and what each rank's `planning_info()` returned
        (it travels in the same exchange): reject what the engine cannot store, decide the
-       layout, remember this rank's part;
-    2. `stage(sharded_state_dict)` on every rank: the only step that may move tensor data
+       layout; returns this rank's `ShardedSavePlan`;
+    2. `stage(plan, sharded_state_dict)` on every rank: the only step that may move tensor data
        between ranks (e.g. to assemble flattened pieces on the rank that writes them);
-    3. `save(...)` on every rank with what `stage` returned: write the main replicas durably
-       (fsync'd) without talking to other ranks; return the checksums of the files written
-       (integrity.py; empty where the format checksums its own chunks) and a small picklable
-       write result.
-       For an async save this runs in a background process on a pickled copy of the strategy
-       (strategies keep what `save` needs in plain attributes);
-    4. `finalize(dir, results)` on rank 0 with every rank's write result, before
+    3. `save(plan, ...)` on every rank with what `stage` returned: write the main replicas
+       durably (fsync'd) without talking to other ranks; return the checksums of the files
+       written (integrity.py; empty where the format checksums its own chunks) and a small
+       picklable write result. For an async save this runs in a background process on pickled
+       copies of the strategy and the plan;
+    4. `finalize(plan, dir, results)` on rank 0 with every rank's write result, before
        `metadata.json` is written: write the engine's own index, if it has one.
     """
 
@@ -163,10 +175,12 @@ class SaveShardedStrategy(SaveStrategyBase):
         """Small picklable facts about this rank that `plan` needs from every rank."""
         return None
 
-    def plan(self, shards_by_key: ShardsByKey, planning_infos: Sequence[Any]) -> None:
-        """Checks and records the global layout (called on every rank before any write)."""
+    def plan(self, shards_by_key: ShardsByKey, planning_infos: Sequence[Any]) -> ShardedSavePlan:
+        """Checks the global layout and decides this rank's part (called on every rank before
+        any write)."""
+        return ShardedSavePlan(get_rank())
 
-    def stage(self, sharded_state_dict: ShardedStateDict) -> ShardedStateDict:
+    def stage(self, plan: ShardedSavePlan, sharded_state_dict: ShardedStateDict) -> ShardedStateDict:
         """What `save` writes on this rank (called on every rank, collectively, after `plan`).
 
         Runs between two collectives of `serialization.save`, so anything that can fail on
@@ -175,9 +189,11 @@ class SaveShardedStrategy(SaveStrategyBase):
         return sharded_state_dict
 
     @abstractmethod
-    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> Tuple[Checksums, Any]:
+    def save(
+        self, plan: ShardedSavePlan, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]
+    ) -> Tuple[Checksums, Any]:
         """Writes this rank's main-replica shards durably; returns the files' checksums and
         this rank's write result (for `finalize`)."""
 
-    def finalize(self, checkpoint_dir: Union[str, Path], write_results: List[Any]) -> None:
+    def finalize(self, plan: ShardedSavePlan, checkpoint_dir: Union[str, Path], write_results: List[Any]) -> None:
         """Completes the engine's files from all ranks' write results (rank 0 only)."""

@@ -15,17 +15,17 @@ Megatron-Core's names and semantics, for every engine. Two differences:
 
 import hashlib
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
-from ..collectives import exchange, get_rank, group_ranks, send_and_receive
+from ..collectives import exchange, get_rank, group_ranks, on_every_rank, send_and_receive
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..mapping import ShardedTensor, is_main_replica
 from ..validation import ShardsByKey
-from .base import LoadShardedStrategy, SaveShardedStrategy
+from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 
 EXCHANGE_ALGOS = ("broadcast", "gather_rounds", "gather_object")
 
@@ -56,6 +56,24 @@ def _request_id(sh: ShardedTensor) -> Tuple:
     return _shard_id(sh) + (sh.local_shape,)
 
 
+@dataclass(frozen=True)
+class FullyParallelSavePlan(ShardedSavePlan):
+    """The wrapped engine's plan, and which rank writes each replicated shard."""
+
+    writers: Dict[Tuple, int]  # shard id -> its writer
+    base: ShardedSavePlan
+
+
+def _as_planned(writers: Dict[Tuple, int], sh, rank: int):
+    """`sh` of `rank` with the replica id that makes its planned writer the main replica."""
+    if not isinstance(sh, ShardedTensor):
+        return sh
+    writes = writers[_shard_id(sh)] == rank
+    if writes == is_main_replica(sh.replica_id):
+        return sh
+    return replace(sh, replica_id=0 if writes else 1)
+
+
 class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
     """Wraps a save strategy so that the ranks of `parallelization_group` (default: all) each
     write a balanced share of the shards replicated among them.
@@ -71,7 +89,6 @@ class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
         self.parallelization_group = parallelization_group
         self.do_cache_distribution = do_cache_distribution
         self.cached_distribution = None  # (shard ids of the plan, shard id -> writer rank)
-        self.writers: Dict[Tuple, int] = {}
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -80,13 +97,14 @@ class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
     def planning_info(self) -> Any:
         return tuple(group_ranks(self.parallelization_group)), self.base_strategy.planning_info()
 
-    def plan(self, shards_by_key: ShardsByKey, planning_infos: Sequence[Any]) -> None:
+    def plan(self, shards_by_key: ShardsByKey, planning_infos: Sequence[Any]) -> FullyParallelSavePlan:
         groups = [frozenset(ranks) for ranks, _ in planning_infos]
-        self.writers = self._distribution(shards_by_key, groups)
+        writers = self._distribution(shards_by_key, groups)
         rewritten = {
-            key: [(rank, self._as_planned(sh, rank)) for rank, sh in ranked] for key, ranked in shards_by_key.items()
+            key: [(rank, _as_planned(writers, sh, rank)) for rank, sh in ranked] for key, ranked in shards_by_key.items()
         }
-        self.base_strategy.plan(rewritten, [base for _, base in planning_infos])
+        base = self.base_strategy.plan(rewritten, [base for _, base in planning_infos])
+        return FullyParallelSavePlan(get_rank(), writers, base)
 
     def _distribution(self, shards_by_key: ShardsByKey, groups: List[frozenset]) -> Dict[Tuple, int]:
         holders, sizes, main = defaultdict(list), {}, {}
@@ -110,25 +128,15 @@ class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
             self.cached_distribution = (plan_ids, writers)
         return writers
 
-    def _as_planned(self, sh, rank: int):
-        """`sh` of `rank` with the replica id that makes its planned writer the main replica."""
-        if not isinstance(sh, ShardedTensor):
-            return sh
-        writes = self.writers[_shard_id(sh)] == rank
-        if writes == is_main_replica(sh.replica_id):
-            return sh
-        return replace(sh, replica_id=0 if writes else 1)
+    def stage(self, plan: FullyParallelSavePlan, sharded_state_dict):
+        dict_list_map_inplace(lambda sh: _as_planned(plan.writers, sh, plan.rank), sharded_state_dict)
+        return self.base_strategy.stage(plan.base, sharded_state_dict)
 
-    def stage(self, sharded_state_dict):
-        rank = get_rank()
-        dict_list_map_inplace(lambda sh: self._as_planned(sh, rank), sharded_state_dict)
-        return self.base_strategy.stage(sharded_state_dict)
+    def save(self, plan: FullyParallelSavePlan, sharded_state_dict, checkpoint_dir):
+        return self.base_strategy.save(plan.base, sharded_state_dict, checkpoint_dir)
 
-    def save(self, sharded_state_dict, checkpoint_dir):
-        return self.base_strategy.save(sharded_state_dict, checkpoint_dir)
-
-    def finalize(self, checkpoint_dir, write_results) -> None:
-        self.base_strategy.finalize(checkpoint_dir, write_results)
+    def finalize(self, plan: FullyParallelSavePlan, checkpoint_dir, write_results) -> None:
+        self.base_strategy.finalize(plan.base, checkpoint_dir, write_results)
 
     def __getstate__(self):
         # an async save pickles the strategy into its writer process, where only `save` runs;
@@ -197,11 +205,8 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
             for i, sh in enumerate(leaves)
             if not isinstance(sh, ShardedTensor) or (readers[_request_id(sh)][0] == rank and requests[_request_id(sh)] is sh)
         }
-        loaded = {}
-        exchange(
-            lambda: loaded.update(self.base_strategy.load(mine, checkpoint_dir)),
-            f"fully parallel load of {checkpoint_dir}",
-            group,
+        loaded = on_every_rank(
+            lambda: self.base_strategy.load(mine, checkpoint_dir), f"fully parallel load of {checkpoint_dir}", group
         )
         read_here = {_request_id(leaves[i]): value for i, value in loaded.items() if isinstance(leaves[i], ShardedTensor)}
         shards = self._exchange_shards(requests, readers, read_here, rank)

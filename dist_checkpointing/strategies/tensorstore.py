@@ -10,7 +10,7 @@ import numpy as np
 import tensorstore as ts
 
 from ..layout import entry_dir
-from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy
+from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy, chunk_dirs
 
 DRIVER = {3: "zarr3", 2: "zarr"}
 
@@ -40,16 +40,16 @@ class TensorStoreSaveShardedStrategy(ZarrFormatSaveStrategy):
         super().__init__(backend, version, config)
         self.context = _context(self.config.thread_count)
 
-    def write_shards(self, shards, checkpoint_dir: str) -> set:
+    def write_shards(self, plan, shards, checkpoint_dir: str) -> set:
         opened, writes, dirs = {}, [], set()
         for key, offset, data in shards:
+            array = plan.arrays[key]
             if key not in opened:
-                array = self.arrays[key]
                 spec = dict(_spec(checkpoint_dir, key, array.zarr_format), metadata=array.document)
                 opened[key] = ts.open(spec, open=True, assume_metadata=True, context=self.context).result()
             box = tuple(slice(o, o + s) for o, s in zip(offset, data.shape))
             writes.append(opened[key][box].write(data))
-            dirs |= self.chunk_dirs(checkpoint_dir, key, offset, data.shape)
+            dirs |= chunk_dirs(checkpoint_dir, key, array, offset, data.shape)
         for write in writes:
             write.result()
         return dirs

@@ -23,6 +23,7 @@ import re
 import zipfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -48,12 +49,33 @@ from ..integrity import ChecksumIndex, Checksums, Range, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..pickling import dump_dcp_metadata, dump_object, load_dcp_metadata, load_object
 from ..validation import check_request_against_stored
-from .base import LoadShardedStrategy, SaveShardedStrategy
+from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 from .config import StrategyConfig
 
 METADATA_FNAME = ".metadata"
 ORIG_SHAPE = "nd_reformulated_orig_global_shape"  # Megatron-Core's `mcore_data` field
 DCP_VERSION = "1.0.0"  # the `Metadata.version` DCP of torch 2.6+ writes
+
+
+@dataclass(frozen=True)
+class DcpSavePlan(ShardedSavePlan):
+    """One save's DCP layout: `.metadata`'s per-key entries, and the n-d reformulated keys."""
+
+    state_dict_metadata: Dict[str, object]
+    mcore_data: Dict[str, dict]  # key -> {ORIG_SHAPE: global shape}, flattened keys
+
+    def chunk_box(self, sh: ShardedTensor):
+        return _chunk_box(self.mcore_data, sh)
+
+
+def _chunk_box(mcore_data: Dict[str, dict], sh: ShardedTensor):
+    """Where shard `sh` is stored: its global box, or for a key with flattened shards
+    (Megatron's n-d reformulation) its flat range in its shard's row of the last axis."""
+    if sh.key not in mcore_data:
+        return sh.global_box()
+    r = sh.flattened_range or slice(0, math.prod(sh.local_shape))
+    ones = (1,) * len(sh.global_shape)
+    return sh.local_chunk_offset_in_global() + (r.start,), ones + (r.stop - r.start,)
 
 
 class TorchDistSaveShardedStrategy(SaveShardedStrategy):
@@ -62,48 +84,33 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
     def __init__(self, backend: str = "torch_dist", version: int = 1, config: Optional[StrategyConfig] = None):
         super().__init__(backend, version)
         self.config = config or StrategyConfig(backend="torch_dist")
-        self.state_dict_metadata: Dict[str, object] = {}
-        self.mcore_data: Dict[str, dict] = {}  # key -> {ORIG_SHAPE: global shape}, flattened keys
-        self.rank = 0
 
     @property
     def can_handle_sharded_objects(self) -> bool:
         return True
 
-    def plan(self, shards_by_key, planning_infos=()) -> None:
+    def plan(self, shards_by_key, planning_infos=()) -> DcpSavePlan:
         """DCP's per-key metadata, from the main replicas of the global plan."""
-        self.rank = get_rank()  # names the data files; an async writer has no process group
-        self.state_dict_metadata, self.mcore_data = {}, {}
+        state_dict_metadata, mcore_data = {}, {}
         for key, ranked in shards_by_key.items():
             main = [sh for _, sh in ranked if is_main_replica(sh.replica_id)]
-            if isinstance(ranked[0][1], ShardedObject):
-                for sh in main:
-                    self.state_dict_metadata[sh.unique_key] = BytesStorageMetadata()
-                continue
             first = ranked[0][1]
+            if isinstance(first, ShardedObject):
+                for sh in main:
+                    state_dict_metadata[sh.unique_key] = BytesStorageMetadata()
+                continue
             if any(sh.flattened_range is not None for sh in main):
-                self.mcore_data[key] = {ORIG_SHAPE: first.global_shape}
+                mcore_data[key] = {ORIG_SHAPE: first.global_shape}
                 size = _reformulated_size(key, main)
             else:
                 size = first.global_shape
-            chunks = []
-            for sh in main:
-                offset, shape = self._chunk_box(sh)
-                if 0 not in shape:
-                    chunks.append(ChunkStorageMetadata(torch.Size(offset), torch.Size(shape)))
+            boxes = [_chunk_box(mcore_data, sh) for sh in main]
+            chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes if 0 not in s]
             properties = TensorProperties(dtype=first.dtype)
-            self.state_dict_metadata[key] = TensorStorageMetadata(properties, torch.Size(size), chunks)
+            state_dict_metadata[key] = TensorStorageMetadata(properties, torch.Size(size), chunks)
+        return DcpSavePlan(get_rank(), state_dict_metadata, mcore_data)
 
-    def _chunk_box(self, sh: ShardedTensor):
-        """Where shard `sh` is stored: its global box, or for a key with flattened shards
-        (Megatron's n-d reformulation) its flat range in its shard's row of the last axis."""
-        if sh.key not in self.mcore_data:
-            return sh.global_box()
-        r = sh.flattened_range or slice(0, math.prod(sh.local_shape))
-        ones = (1,) * len(sh.global_shape)
-        return sh.local_chunk_offset_in_global() + (r.start,), ones + (r.stop - r.start,)
-
-    def save(self, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[WriteResult]]:
+    def save(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[WriteResult]]:
         items = []  # (index, tensor or BytesIO)
         for sh in nested_values(sharded_state_dict):
             if not isinstance(sh, (ShardedTensor, ShardedObject)) or not is_main_replica(sh.replica_id):
@@ -112,11 +119,11 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
                 # Megatron-Core's byte entry: a list of the values stored under the unique key
                 items.append((MetadataIndex(sh.unique_key), dump_object([sh.data])))
                 continue
-            offset, shape = self._chunk_box(sh)
+            offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
         files = _balance(items, self.config.thread_count)
-        names = [f"__{self.rank}_{n}.distcp" for n in range(len(files))]
+        names = [f"__{plan.rank}_{n}.distcp" for n in range(len(files))]
         with ThreadPoolExecutor(max(1, len(files))) as pool:
             written = list(pool.map(_write_file, [str(checkpoint_dir)] * len(files), names, files))
         if files:
@@ -124,16 +131,16 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
         checksums = {name: ranges for name, (_, ranges) in zip(names, written)}
         return checksums, [r for results, _ in written for r in results]
 
-    def finalize(self, checkpoint_dir, write_results: List[List[WriteResult]]) -> None:
+    def finalize(self, plan: DcpSavePlan, checkpoint_dir, write_results: List[List[WriteResult]]) -> None:
         """Writes `.metadata` (rank 0), pointing at every rank's chunks."""
         storage_data = {r.index: r.storage_data for results in write_results for r in results}
         metadata = Metadata(
-            state_dict_metadata=self.state_dict_metadata,
+            state_dict_metadata=dict(plan.state_dict_metadata),
             storage_data=storage_data,
             storage_meta=StorageMeta(checkpoint_id=str(checkpoint_dir), save_id=str(uuid.uuid4())),
             version=DCP_VERSION,
         )
-        metadata.mcore_data = self.mcore_data  # where Megatron-Core looks for the original shapes
+        metadata.mcore_data = dict(plan.mcore_data)  # where Megatron-Core looks for the original shapes
         atomic_write(os.path.join(str(checkpoint_dir), METADATA_FNAME), dump_dcp_metadata(metadata))
 
 

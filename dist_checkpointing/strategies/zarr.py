@@ -60,11 +60,11 @@ class ZarrSaveShardedStrategy(ZarrFormatSaveStrategy):
     def __init__(self, backend: str = "zarr", version: int = 1, config=None):
         super().__init__(backend, version, config)
 
-    def write_shards(self, shards, checkpoint_dir: str) -> set:
+    def write_shards(self, plan, shards, checkpoint_dir: str) -> set:
         store = DurableLocalStore(checkpoint_dir)
         with zarr.config.set({"async.concurrency": self.config.thread_count}):
             for key, offset, data in shards:
-                document, data = _encodable(self.arrays[key].document, data)
+                document, data = _encodable(plan.arrays[key].document, data)
                 array = zarr.Array(
                     zarr.AsyncArray(
                         metadata=document,

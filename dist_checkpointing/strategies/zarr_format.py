@@ -30,7 +30,7 @@ from ..integrity import crc32c
 from ..layout import check_key, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..validation import ShardsByKey, check_request_against_stored, shards_of, validate_flat_tiling
-from .base import LoadShardedStrategy, SaveShardedStrategy
+from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 from .config import ZARR_ENGINES, StrategyConfig
 
 logger = logging.getLogger(__name__)
@@ -394,57 +394,61 @@ class StoredArray(ABC):
         """The values of `selection` (inside the array)."""
 
 
+@dataclass(frozen=True)
+class ZarrSavePlan(ShardedSavePlan):
+    """One save's Zarr layout: every key's array, and who writes each flattened chunk."""
+
+    arrays: Dict[str, ArrayPlan]
+    flat_chunks: Dict[FlatShardId, List[FlatChunk]]
+
+
 class ZarrFormatSaveStrategy(SaveShardedStrategy):
     """Save side shared by the Zarr engines; an engine supplies `write_shards`."""
 
     def __init__(self, backend: str, version: int = 1, config: Optional[StrategyConfig] = None):
         super().__init__(backend, version)
         self.config = config or StrategyConfig(backend=backend)
-        self.arrays: Dict[str, ArrayPlan] = {}
-        self.flat_chunks: Dict[FlatShardId, List[FlatChunk]] = {}
-        self.rank = 0
 
-    def plan(self, shards_by_key: ShardsByKey, planning_infos=()) -> None:
-        self.rank = get_rank()  # recorded: an async save's writer process has no process group
-        self.arrays = plan_arrays(shards_by_key, self.config)
-        self.flat_chunks = plan_flat_chunks(shards_by_key, self.arrays)
+    def plan(self, shards_by_key: ShardsByKey, planning_infos=()) -> ZarrSavePlan:
+        arrays = plan_arrays(shards_by_key, self.config)
+        return ZarrSavePlan(get_rank(), arrays, plan_flat_chunks(shards_by_key, arrays))
 
-    def stage(self, sharded_state_dict):
+    def stage(self, plan: ZarrSavePlan, sharded_state_dict):
         """Flattened pieces become the chunks this rank writes (docs/format.md §4.4)."""
-        return assemble_flat_chunks(sharded_state_dict, self.flat_chunks)
+        return assemble_flat_chunks(sharded_state_dict, plan.flat_chunks)
 
-    def save(self, sharded_state_dict, checkpoint_dir):
+    def save(self, plan: ZarrSavePlan, sharded_state_dict, checkpoint_dir):
         """Writes the arrays this rank documents and its chunks; no checksums to report, as
         v3 chunks carry their own (the `crc32c` codec)."""
         touched = set()
-        for key, array in self.arrays.items():
-            if array.metadata_writer == self.rank:
+        for key, array in plan.arrays.items():
+            if array.metadata_writer == plan.rank:
                 touched |= write_array_metadata(checkpoint_dir, key, array)
         shards = []
         for sh in shards_of(sharded_state_dict, ShardedTensor):
             offset, shape = sh.global_box()
             if is_main_replica(sh.replica_id) and 0 not in shape:
-                if sh.key not in self.arrays or sh.flattened_range is not None:
+                if sh.key not in plan.arrays or sh.flattened_range is not None:
                     raise CheckpointingException(f"Key '{sh.key}' was not in the planned layout")
                 data = to_numpy(sh.data.detach().to("cpu").contiguous()).reshape(shape)
                 shards.append((sh.key, offset, data))
-        touched |= self.write_shards(shards, str(checkpoint_dir))
+        touched |= self.write_shards(plan, shards, str(checkpoint_dir))
         fsync_dirs(touched)
         return {}, None
 
     @abstractmethod
-    def write_shards(self, shards: List[Tuple[str, Tuple[int, ...], np.ndarray]], checkpoint_dir: str) -> set:
-        """Writes each (key, global offset, values) durably into `self.arrays[key]`; returns the
+    def write_shards(self, plan: ZarrSavePlan, shards: List[Tuple[str, Tuple[int, ...], np.ndarray]], checkpoint_dir: str) -> set:
+        """Writes each (key, global offset, values) durably into `plan.arrays[key]`; returns the
         directories that gained entries (to be fsync'd)."""
 
-    def chunk_dirs(self, checkpoint_dir: str, key: str, offset, shape) -> set:
-        """The directories holding the chunk files of box (offset, shape) of `key`."""
-        array = self.arrays[key]
-        root = entry_dir(checkpoint_dir, key)
-        dirs = set()
-        for index in chunk_indices(offset, shape, array.chunks):
-            dirs |= parents_up_to(os.path.join(root, chunk_key(array.zarr_format, index)), checkpoint_dir)
-        return dirs
+
+def chunk_dirs(checkpoint_dir: str, key: str, array: ArrayPlan, offset, shape) -> set:
+    """The directories holding the chunk files of box (offset, shape) of `array`."""
+    root = entry_dir(checkpoint_dir, key)
+    dirs = set()
+    for index in chunk_indices(offset, shape, array.chunks):
+        dirs |= parents_up_to(os.path.join(root, chunk_key(array.zarr_format, index)), checkpoint_dir)
+    return dirs
 
 
 class ZarrFormatLoadStrategy(LoadShardedStrategy):
