@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 from .errors import CheckpointingException
 from .fs import atomic_write
-from .layout import CONFIG_FNAME, relative_path_problem
+from .layout import CONFIG_FNAME, relative_path_problem, split_unique_key
 
 FORMAT_VERSION = 1
 MAX_INT_DIGITS = 19  # a JSON integer from a checkpoint fits in 64 bits, or the file is damaged
@@ -174,6 +174,11 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
     objects = doc.get("objects")
     if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
         fail("'objects' must be a list of strings")
+    for unique_key in objects:
+        try:
+            split_unique_key(unique_key)
+        except CheckpointingException as e:
+            fail(f"'objects': {e}")
     checksums = doc.get("checksums", {})
     if not isinstance(checksums, dict) or not all(
         isinstance(ranges, list) and all(_is_range(r) for r in ranges) for ranges in checksums.values()

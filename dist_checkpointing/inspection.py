@@ -6,14 +6,16 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
 from .core import CONFIG_FNAME, CheckpointingException, CheckpointMetadata, read_metadata
-from .dtypes import name_of_torch
+from .dtypes import name_of_torch, zarr_v2_dtype
 from .integrity import verify_file
-from .layout import COMMON_FNAME, object_file
+from .layout import COMMON_FNAME, contained_path, object_file
 from .serialization import load_common_state_dict, load_sharded_metadata
 from .strategies.config import ZARR_ENGINES
-from .strategies.torch import METADATA_FNAME as DCP_METADATA
-from .strategies.torch import read_dcp_metadata
+from .strategies.dcp_format import METADATA_FNAME as DCP_METADATA
+from .strategies.dcp_format import check_chunks_tile, read_dcp_metadata
 from .strategies.zarr_format import chunk_shape, damaged_chunks, list_arrays, read_array_document
 
 Problem = Tuple[str, str]  # (what is damaged: a key, "common state", ...; the problem and file)
@@ -40,8 +42,12 @@ def describe(checkpoint_dir) -> dict:
         engine=config.sharded_backend,
         common_backend=config.common_backend,
     )
-    entries = load_sharded_metadata(checkpoint_dir)
-    grids = _shard_grids(checkpoint_dir, config.sharded_backend)
+    try:
+        entries = load_sharded_metadata(checkpoint_dir)
+        grids = _shard_grids(checkpoint_dir, config.sharded_backend)
+    except CheckpointingException as e:  # a damaged index of the engine: report, do not crash
+        info.update(tensors=[], objects=[], tensor_bytes=0, common_keys=None, problem=str(e))
+        return info
     tensors, objects = [], []
     for name, sh in sorted(entries.items()):
         if hasattr(sh, "dtype"):
@@ -55,12 +61,12 @@ def describe(checkpoint_dir) -> dict:
         else:
             objects.append(name)
     info.update(tensors=tensors, objects=objects, tensor_bytes=sum(t["bytes"] for t in tensors))
-    if config.sharded_backend in ZARR_ENGINES and tensors:
-        info["zarr_format"] = read_array_document(checkpoint_dir, tensors[0]["key"])["zarr_format"]
     try:
+        if config.sharded_backend in ZARR_ENGINES and tensors:
+            info["zarr_format"] = read_array_document(checkpoint_dir, tensors[0]["key"])["zarr_format"]
         info["common_keys"] = sorted(map(str, load_common_state_dict(checkpoint_dir)))
     except CheckpointingException as e:
-        info["common_keys"], info["problem"] = None, str(e)
+        info["common_keys"], info["problem"] = info.get("common_keys"), str(e)
     return info
 
 
@@ -109,11 +115,14 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
     if not os.path.isfile(os.path.join(checkpoint_dir, COMMON_FNAME)):
         problems.append(("common state", f"{os.path.join(checkpoint_dir, COMMON_FNAME)} is missing"))
     if metadata.config.sharded_backend in ZARR_ENGINES:
-        keys = list_arrays(checkpoint_dir) if metadata.is_legacy else sorted(metadata.tensors)
+        try:
+            keys = list_arrays(checkpoint_dir) if metadata.is_legacy else sorted(metadata.tensors)
+        except CheckpointingException as e:
+            keys, problems = [], problems + [(checkpoint_dir, str(e))]
         for key in keys:
             checked["tensors"] += 1
             try:
-                problems.extend((key, p) for p in damaged_chunks(checkpoint_dir, key))
+                problems.extend((key, p) for p in _array_problems(checkpoint_dir, key, metadata))
             except CheckpointingException as e:
                 problems.append((key, str(e)))
         for unique_key in metadata.objects or []:
@@ -123,9 +132,24 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
     return list(dict.fromkeys(problems)), checked
 
 
+def _array_problems(checkpoint_dir: str, key: str, metadata: CheckpointMetadata) -> List[str]:
+    """The array of `key` against the index (shape, dtype), and its chunk files."""
+    problems = []
+    if not metadata.is_legacy:
+        document, entry = read_array_document(checkpoint_dir, key), metadata.tensors[key]
+        dtype = document.get("data_type", document.get("dtype"))
+        if document["shape"] != entry.shape or dtype not in (entry.dtype, zarr_v2_dtype(entry.dtype)):
+            problems.append(
+                f"the array document says shape {document['shape']} and dtype {dtype}, "
+                f"{CONFIG_FNAME} says {entry.shape} and {entry.dtype}"
+            )
+    return problems + damaged_chunks(checkpoint_dir, key)
+
+
 def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problems: List[Problem]) -> Dict:
     """(file, offset) -> the key stored there; for torch_dist also checks that `.metadata`
-    lists every indexed key and that every listed item lies inside an existing file."""
+    lists every indexed key, that each key's chunks tile it, and that every listed item lies
+    inside an existing file of the checkpoint."""
     owners = {(COMMON_FNAME, 0): "common state"}
     for unique_key in metadata.objects or []:
         owners[(os.path.relpath(object_file(checkpoint_dir, unique_key), checkpoint_dir), 0)] = unique_key
@@ -140,13 +164,26 @@ def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problem
     for key in sorted(set(metadata.tensors or ()) | set(metadata.objects or ())):
         if key not in stored:
             problems.append((key, f"{os.path.join(checkpoint_dir, DCP_METADATA)} does not list it"))
+    for key, entry in sorted(dcp.state_dict_metadata.items()):
+        if isinstance(entry, TensorStorageMetadata):
+            try:
+                check_chunks_tile(checkpoint_dir, key, entry)
+            except CheckpointingException as e:
+                problems.append((key, str(e)))
     sizes: Dict[str, Optional[int]] = {}
     for index, info in dcp.storage_data.items():
         owners[(info.relative_path, info.offset)] = index.fqn
         if info.relative_path not in sizes:
-            path = os.path.join(checkpoint_dir, info.relative_path)
+            try:
+                path = contained_path(checkpoint_dir, info.relative_path, f"{DCP_METADATA} (key '{index.fqn}')")
+            except CheckpointingException as e:
+                problems.append((index.fqn, str(e)))
+                sizes[info.relative_path] = -1
+                continue
             sizes[info.relative_path] = os.path.getsize(path) if os.path.isfile(path) else None
         size = sizes[info.relative_path]
+        if size == -1:
+            continue
         if size is None or size < info.offset + info.length:
             state = "is missing" if size is None else f"ends at byte {size}, before the item's end"
             problems.append((index.fqn, f"{os.path.join(checkpoint_dir, info.relative_path)} {state}"))

@@ -10,7 +10,6 @@ Zarr v3 `crc32c` codec uses:
 """
 
 import io
-import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import google_crc32c

@@ -42,8 +42,20 @@ def entry_dir(checkpoint_dir, key: str) -> str:
 
 def object_file(checkpoint_dir, unique_key: str) -> str:
     """`<dir>/<key>/shard_<offsets>_<shape>.pt` for a ShardedObject's unique key."""
-    key, shard = unique_key.split("/")
+    key, shard = split_unique_key(unique_key)
     return os.path.join(entry_dir(checkpoint_dir, key), f"{shard}.pt")
+
+
+def split_unique_key(unique_key: str):
+    """(key, "shard_<offsets>_<shape>") of a ShardedObject's unique key, refused unless both
+    are safe file names."""
+    parts = unique_key.split("/") if isinstance(unique_key, str) else []
+    if len(parts) != 2 or not parts[1].startswith("shard_"):
+        raise CheckpointingException(
+            f"Invalid ShardedObject unique key {unique_key!r}: expected '<key>/shard_<offsets>_<shape>'"
+        )
+    check_key(parts[1])
+    return check_key(parts[0]), parts[1]
 
 
 def common_file(checkpoint_dir) -> str:

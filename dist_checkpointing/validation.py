@@ -16,6 +16,7 @@ from .collectives import exchange
 from .core import CheckpointingException
 from .dict_utils import extract_matching_values, nested_values
 from .dtypes import name_of_torch
+from .geometry import contains, cover_fault, inside
 from .mapping import (
     ShardedBase,
     ShardedObject,
@@ -149,15 +150,13 @@ def _validate_tensor_shards(key: str, ranked: List[Tuple[int, ShardedTensor]]) -
     main = [(rank, sh) for rank, sh in ranked if is_main_replica(sh.replica_id)]
     pieces = defaultdict(list)  # flattened shards: the flat pieces of each local shard
     for rank, sh in main:
-        offset, shape = sh.global_box()
-        for o, s, g in zip(offset, shape, sh.global_shape):
-            if o + s > g:
-                raise CheckpointingException(
-                    f"Shard of key '{key}' on rank {rank} (offset {sh.global_offset}, local shape "
-                    f"{sh.local_shape}) exceeds the global shape {sh.global_shape}"
-                )
+        if not inside(sh.global_box(), sh.global_shape):
+            raise CheckpointingException(
+                f"Shard of key '{key}' on rank {rank} (offset {sh.global_offset}, local shape "
+                f"{sh.local_shape}) exceeds the global shape {sh.global_shape}"
+            )
         if sh.flattened_range is not None:
-            pieces[offset].append((rank, sh))
+            pieces[sh.global_offset].append((rank, sh))
     for offset, flat in pieces.items():
         validate_flat_tiling(key, offset, flat)
     boxes = defaultdict(list)  # box -> ranks holding it
@@ -189,46 +188,21 @@ def validate_flat_tiling(key: str, offset, flat: List[Tuple[int, ShardedTensor]]
 
 
 def _validate_coverage(key: str, global_shape: Tuple[int, ...], boxes) -> None:
-    """Each element of `global_shape` must lie in exactly one box (count repeated boxes too).
-
-    Boundaries of all boxes along each axis cut the tensor into cells (one per shard for a
-    regular grid); counting boxes per cell checks coverage for any layout.
-    """
-    if any(s == 0 for s in global_shape):
+    """Each element of `global_shape` must lie in exactly one box (count repeated boxes too)."""
+    fault = cover_fault(global_shape, [(box, len(ranks)) for box, ranks in boxes])
+    if fault is None:
         return
-    cuts = []
-    for axis, size in enumerate(global_shape):
-        points = {0, size}
-        for (offset, shape), _ in boxes:
-            points.update((offset[axis], offset[axis] + shape[axis]))
-        cuts.append(np.array(sorted(points)))
-    counts = np.zeros([len(c) - 1 for c in cuts], dtype=np.int32)
-    for (offset, shape), ranks in boxes:
-        if any(s == 0 for s in shape):
-            continue
-        index = tuple(
-            slice(np.searchsorted(c, o), np.searchsorted(c, o + s)) for c, o, s in zip(cuts, offset, shape)
-        )
-        counts[index] += len(ranks)
-    bad = np.argwhere(counts != 1)
-    if len(bad):
-        cell = bad[0]
-        region = [f"{c[i]}:{c[i + 1]}" for c, i in zip(cuts, cell)]
-        n = counts[tuple(cell)]
-        holders = [r for (o, s), ranks in boxes for r in ranks if _contains(o, s, cuts, cell)]
-        raise CheckpointingException(
-            f"Invalid sharding of key '{key}' (global shape {tuple(global_shape)}): elements "
-            f"[{', '.join(region)}] are held by {n} main replicas"
-            + (f" (ranks {sorted(holders)})" if holders else "")
-            + ", expected exactly 1. Every element must belong to exactly one main replica "
-            "(replica_id 0) across all ranks; check the rank offsets and replica_id of this "
-            "key's shards (a load that reads only part of a tensor on purpose passes "
-            "validate_access_integrity=False)."
-        )
-
-
-def _contains(offset, shape, cuts, cell) -> bool:
-    return all(o <= c[i] and c[i + 1] <= o + s for o, s, c, i in zip(offset, shape, cuts, cell))
+    region, n = fault
+    holders = [r for box, ranks in boxes for r in ranks if contains(box, region)]
+    raise CheckpointingException(
+        f"Invalid sharding of key '{key}' (global shape {tuple(global_shape)}): elements "
+        f"[{', '.join(f'{a}:{b}' for a, b in region)}] are held by {n} main replicas"
+        + (f" (ranks {sorted(holders)})" if holders else "")
+        + ", expected exactly 1. Every element must belong to exactly one main replica "
+        "(replica_id 0) across all ranks; check the rank offsets and replica_id of this "
+        "key's shards (a load that reads only part of a tensor on purpose passes "
+        "validate_access_integrity=False)."
+    )
 
 
 def _validate_object_shards(key: str, ranked: List[Tuple[int, ShardedObject]]) -> None:
@@ -401,8 +375,7 @@ def check_request_against_stored(sh: ShardedTensor, stored_dtype: str, stored_sh
             f"Key '{sh.key}' has global shape {stored_shape} in {where}, requested "
             f"{sh.global_shape}. Set allow_shape_mismatch=True to read the overlap, zero-padded."
         )
-    offset, shape = sh.global_box()
-    if any(o + s > g for o, s, g in zip(offset, shape, sh.global_shape)):
+    if not inside(sh.global_box(), sh.global_shape):
         raise CheckpointingException(
             f"Key '{sh.key}': the request (global offset {sh.global_offset}, local shape "
             f"{sh.local_shape}) reaches outside the global shape {sh.global_shape} (stored in "

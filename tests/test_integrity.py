@@ -11,7 +11,7 @@ import torch
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException
 from dist_checkpointing.strategies.config import StrategyConfig
-from dist_checkpointing.strategies.torch import read_dcp_metadata
+from dist_checkpointing.strategies.dcp_format import read_dcp_metadata
 from layouts import TP2_SAVES, check_loaded, full, sharded_state_dict
 
 

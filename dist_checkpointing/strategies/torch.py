@@ -19,12 +19,10 @@ import io
 import itertools
 import math
 import os
-import re
-import zipfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -46,16 +44,25 @@ from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_torch
 from ..fs import atomic_write, fsync_dir
 from ..integrity import ChecksumIndex, Checksums, Range, write_items_checksummed
-from ..mapping import ShardedObject, ShardedTensor, is_main_replica, whole_tensor_metadata
-from ..pickling import dump_dcp_metadata, dump_object, load_dcp_metadata, load_object
+from ..mapping import ShardedObject, ShardedTensor, is_main_replica
+from ..geometry import intersection
+from ..layout import contained_path
+from ..pickling import dump_dcp_metadata, dump_object, load_object
 from ..validation import check_request_against_stored
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 from .config import StrategyConfig
-
-METADATA_FNAME = ".metadata"
-ORIG_SHAPE = "nd_reformulated_orig_global_shape"  # Megatron-Core's `mcore_data` field
-DCP_VERSION = "1.0.0"  # the `Metadata.version` DCP of torch 2.6+ writes
-
+from .dcp_format import (
+    DCP_VERSION,
+    METADATA_FNAME,
+    ORIG_SHAPE,
+    check_chunks_tile,
+    global_shape,
+    mcore_data,
+    read_dcp_metadata,
+    reformulated_from,
+    stored_entries,
+    stored_tensor,
+)
 
 @dataclass(frozen=True)
 class DcpSavePlan(ShardedSavePlan):
@@ -91,7 +98,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
 
     def plan(self, shards_by_key, planning_infos=()) -> DcpSavePlan:
         """DCP's per-key metadata, from the main replicas of the global plan."""
-        state_dict_metadata, mcore_data = {}, {}
+        state_dict_metadata, reformulated = {}, {}
         for key, ranked in shards_by_key.items():
             main = [sh for _, sh in ranked if is_main_replica(sh.replica_id)]
             first = ranked[0][1]
@@ -100,15 +107,15 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
                     state_dict_metadata[sh.unique_key] = BytesStorageMetadata()
                 continue
             if any(sh.flattened_range is not None for sh in main):
-                mcore_data[key] = {ORIG_SHAPE: first.global_shape}
+                reformulated[key] = {ORIG_SHAPE: first.global_shape}
                 size = _reformulated_size(key, main)
             else:
                 size = first.global_shape
-            boxes = [_chunk_box(mcore_data, sh) for sh in main]
+            boxes = [_chunk_box(reformulated, sh) for sh in main]
             chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes if 0 not in s]
             properties = TensorProperties(dtype=first.dtype)
             state_dict_metadata[key] = TensorStorageMetadata(properties, torch.Size(size), chunks)
-        return DcpSavePlan(get_rank(), state_dict_metadata, mcore_data)
+        return DcpSavePlan(get_rank(), state_dict_metadata, reformulated)
 
     def save(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[WriteResult]]:
         items = []  # (index, tensor or BytesIO)
@@ -225,72 +232,23 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         return dict_list_map_inplace(reads.result, placeholders)
 
     def load_tensors_metadata(self, checkpoint_dir):
-        return _stored_entries(read_dcp_metadata(str(checkpoint_dir)), with_objects=False)
+        return stored_entries(read_dcp_metadata(str(checkpoint_dir)), with_objects=False)
 
     def load_sharded_metadata(self, checkpoint_dir):
-        return _stored_entries(read_dcp_metadata(str(checkpoint_dir)), with_objects=True)
+        return stored_entries(read_dcp_metadata(str(checkpoint_dir)), with_objects=True)
 
     def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
         """Drops the keys from `.metadata` (rewritten atomically); their bytes stay in the files."""
         path = os.path.join(str(checkpoint_dir), METADATA_FNAME)
-        metadata = load_dcp_metadata(path)
+        metadata = read_dcp_metadata(str(checkpoint_dir))
         metadata.state_dict_metadata = {
             k: v for k, v in metadata.state_dict_metadata.items() if not k.startswith(key_prefix)
         }
         metadata.storage_data = {
             k: v for k, v in metadata.storage_data.items() if not k.fqn.startswith(key_prefix)
         }
-        metadata.mcore_data = {k: v for k, v in _mcore_data(metadata).items() if not k.startswith(key_prefix)}
+        metadata.mcore_data = {k: v for k, v in mcore_data(metadata).items() if not k.startswith(key_prefix)}
         atomic_write(path, dump_dcp_metadata(metadata))
-
-
-def read_dcp_metadata(checkpoint_dir: str) -> Metadata:
-    return load_dcp_metadata(os.path.join(checkpoint_dir, METADATA_FNAME))
-
-
-def _stored_entries(metadata: Metadata, with_objects: bool) -> dict:
-    """key -> data-less whole ShardedTensor (and unique key -> ShardedObject) from `.metadata`."""
-    result = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata):
-            result[key] = whole_tensor_metadata(key, md.properties.dtype, _global_shape(metadata, key))
-        elif with_objects and isinstance(md, BytesStorageMetadata):
-            result[key] = ShardedObject.empty_from_unique_key(key)
-    return result
-
-
-def _global_shape(metadata: Metadata, key: str) -> Tuple[int, ...]:
-    """The tensor's shape as saved (not its n-d reformulation)."""
-    original = _reformulated_from(metadata, key)
-    return original if original is not None else tuple(metadata.state_dict_metadata[key].size)
-
-
-def _reformulated_from(metadata: Metadata, key: str) -> Optional[Tuple[int, ...]]:
-    """The original global shape of a key stored in the n-d formulation, else None."""
-    original = _mcore_data(metadata).get(key, {}).get(ORIG_SHAPE)
-    return None if original is None else tuple(original)
-
-
-def _mcore_data(metadata: Metadata) -> dict:
-    return getattr(metadata, "mcore_data", None) or {}
-
-
-def _stored_tensor(blob: memoryview, what: str, path: str) -> torch.Tensor:
-    """The tensor of a `torch.save` blob, as a view of the blob's bytes when it is one stored
-    (uncompressed) storage record, which is what DCP writers produce: one copy less than
-    `torch.load`, which copies the record into a new storage."""
-    meta = load_object(io.BytesIO(blob), what, path, map_location="meta")
-    if not isinstance(meta, torch.Tensor):
-        raise CheckpointingException(f"{what} in {path}: expected a tensor, found {type(meta).__name__}")
-    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
-        records = [i for i in archive.infolist() if re.fullmatch(r"[^/]+/data/\d+", i.filename)]
-    if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or not records[0].file_size:
-        return load_object(io.BytesIO(blob), what, path)
-    record = records[0]
-    header = blob[record.header_offset : record.header_offset + 30]  # the local file header
-    start = record.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
-    storage = torch.frombuffer(blob, dtype=torch.uint8, count=record.file_size, offset=start)
-    return storage.view(meta.dtype).as_strided(meta.shape, meta.stride(), meta.storage_offset())
 
 
 def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
@@ -321,6 +279,8 @@ class _Reads:
         self.destinations: List[torch.Tensor] = []  # per ReadItem.dest_index.index
         self.copy_outs: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (target view, read view)
         self.items: List[ReadItem] = []
+        self.tiled: Set[str] = set()  # keys whose stored chunks were checked to tile the tensor
+        self.chunk_sizes: Dict[MetadataIndex, torch.Size] = {}  # what each stored item must hold
 
     def plan(self, sh):
         if isinstance(sh, ShardedObject):
@@ -334,13 +294,16 @@ class _Reads:
         if not isinstance(sh, ShardedTensor):
             return sh
         stored = self._stored(sh.key, TensorStorageMetadata, "ShardedTensor")
+        if sh.key not in self.tiled:
+            check_chunks_tile(self.checkpoint_dir, sh.key, stored)
+            self.tiled.add(sh.key)
         where = os.path.join(self.checkpoint_dir, METADATA_FNAME)
-        global_shape = _global_shape(self.metadata, sh.key)
-        check_request_against_stored(sh, name_of_torch(stored.properties.dtype, sh.key), global_shape, where)
+        stored_shape = global_shape(self.metadata, sh.key)
+        check_request_against_stored(sh, name_of_torch(stored.properties.dtype, sh.key), stored_shape, where)
         offset, shape = sh.covering_box()
         target = torch.empty(shape, dtype=sh.dtype)
-        if _reformulated_from(self.metadata, sh.key) is not None:
-            self._plan_reformulated(sh.key, stored, global_shape, offset, target)
+        if reformulated_from(self.metadata, sh.key) is not None:
+            self._plan_reformulated(sh.key, stored, stored_shape, offset, target)
         else:
             self._read_into(sh.key, stored, offset, target)
         return _Pending(self._add(sh, target))
@@ -371,25 +334,26 @@ class _Reads:
 
     def _read_into(self, key: str, stored, offset, destination: torch.Tensor) -> None:
         """ReadItems filling `destination` (the stored box at `offset`, allocated empty) from the
-        stored chunks; what no chunk covers (the allow_shape_mismatch pad) is zeroed."""
-        shape = destination.shape
+        stored chunks, which tile the stored tensor (`check_chunks_tile`); so what no chunk
+        covers lies outside it: the allow_shape_mismatch pad, zeroed."""
         index = len(self.destinations)
         self.destinations.append(destination)
         covered = 0  # elements; chunks do not overlap
         for chunk in stored.chunks:
-            start = [max(o, c) for o, c in zip(offset, chunk.offsets)]
-            stop = [min(o + s, c + l) for o, s, c, l in zip(offset, shape, chunk.offsets, chunk.sizes)]
-            if any(b <= a for a, b in zip(start, stop)):
+            region = intersection((tuple(offset), tuple(destination.shape)), (chunk.offsets, chunk.sizes))
+            if region is None:
                 continue
-            covered += math.prod(b - a for a, b in zip(start, stop))
+            covered += math.prod(b - a for a, b in region)
+            storage_index = MetadataIndex(key, chunk.offsets)
+            self.chunk_sizes[storage_index] = chunk.sizes
             self.items.append(
                 ReadItem(
                     LoadItemType.TENSOR,
                     dest_index=MetadataIndex(key, torch.Size(offset), index=index),
-                    dest_offsets=torch.Size([a - o for a, o in zip(start, offset)]),
-                    storage_index=MetadataIndex(key, chunk.offsets),
-                    storage_offsets=torch.Size([a - c for a, c in zip(start, chunk.offsets)]),
-                    lengths=torch.Size([b - a for a, b in zip(start, stop)]),
+                    dest_offsets=torch.Size([a - o for (a, _), o in zip(region, offset)]),
+                    storage_index=storage_index,
+                    storage_offsets=torch.Size([a - c for (a, _), c in zip(region, chunk.offsets)]),
+                    lengths=torch.Size([b - a for a, b in region]),
                 )
             )
         if covered < destination.numel():
@@ -427,16 +391,24 @@ class _Reads:
             into.copy_(read)
 
     def _read_file(self, name: str, stored: Dict[MetadataIndex, List[ReadItem]], checksums: ChecksumIndex) -> None:
-        path = os.path.join(self.checkpoint_dir, name)
+        keys = sorted({index.fqn for index in stored})
+        path = contained_path(self.checkpoint_dir, name, f"{METADATA_FNAME} (keys {keys})")
         infos = sorted(((self.metadata.storage_data[index], index) for index in stored), key=lambda e: e[0].offset)
         try:
             with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 for info, index in infos:
                     what = f"Key '{index.fqn}'"
                     if getattr(info, "transform_descriptors", None):
                         raise CheckpointingException(
                             f"{what} in {path} is stored with transforms {info.transform_descriptors} "
                             f"(e.g. compression), which this reader does not support"
+                        )
+                    if info.offset + info.length > size:
+                        raise CheckpointingException(
+                            f"{what}: {path} ends at byte {size}, before the item's bytes "
+                            f"{info.offset}..{info.offset + info.length}; the file is truncated or the "
+                            f"checkpoint is damaged"
                         )
                     f.seek(info.offset)
                     data = bytearray(info.length)
@@ -446,15 +418,27 @@ class _Reads:
                         if item.type == LoadItemType.BYTE_IO:
                             self.load_bytes(item, io.BytesIO(data))
                         else:
-                            tensor = _stored_tensor(data, what, path)
+                            tensor = self._chunk_tensor(index, data, what, path)
                             self.resolve_tensor(item).copy_(_narrow(tensor, item.storage_offsets, item.lengths))
         except CheckpointingException:
             raise
         except Exception as e:  # a missing, truncated or corrupt data file
-            keys = sorted({index.fqn for index in stored})
             raise CheckpointingException(
                 f"Cannot read keys {keys} from {path}: {type(e).__name__}: {e}. The checkpoint is damaged."
             ) from e
+
+    def _chunk_tensor(self, index: MetadataIndex, data, what: str, path: str) -> torch.Tensor:
+        """The tensor stored for chunk `index`, refused unless it has the chunk's size and the
+        key's dtype (a stored item that disagrees with `.metadata` is damage, not data)."""
+        tensor = stored_tensor(data, what, path)
+        dtype = self.metadata.state_dict_metadata[index.fqn].properties.dtype
+        if tensor.shape != self.chunk_sizes[index] or tensor.dtype != dtype:
+            raise CheckpointingException(
+                f"{what}: the item at chunk {tuple(index.offset)} in {path} holds a {tensor.dtype} tensor "
+                f"of shape {tuple(tensor.shape)}, {METADATA_FNAME} says {dtype} of shape "
+                f"{tuple(self.chunk_sizes[index])}; the checkpoint is damaged"
+            )
+        return tensor
 
     def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
         return _narrow(self.destinations[item.dest_index.index], item.dest_offsets, item.lengths)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..collectives import get_rank, send_and_receive
-from ..core import CheckpointingException
+from ..core import CheckpointingException, read_json
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import DTYPES, name_of_numpy, name_of_torch, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
 from ..fs import fsync_dirs, parents_up_to, write_durably
@@ -315,9 +315,9 @@ def array_format(checkpoint_dir, key: str) -> Optional[int]:
         return 2
     v3 = os.path.join(path, METADATA_FNAME[3])
     if os.path.isfile(v3):
-        with open(v3, "rb") as f:
-            if json.loads(f.read()).get("node_type") == "array":
-                return 3
+        document = read_json(v3)
+        if isinstance(document, dict) and document.get("node_type") == "array":
+            return 3
     return None
 
 
@@ -333,26 +333,63 @@ def require_array(checkpoint_dir, key: str) -> int:
     return zarr_format
 
 
+MAX_CHUNKS = 2**26  # per array; more chunk files than any checkpoint writes means damage
+
+
 def read_array_document(checkpoint_dir, key: str) -> dict:
-    """The array document of `key` (`zarr.json` or `.zarray`)."""
+    """The array document of `key` (`zarr.json` or `.zarray`), checked: a Zarr array of a known
+    dtype whose shape and chunk grid are bounded (numbers from a checkpoint are not trusted)."""
     path = os.path.join(entry_dir(checkpoint_dir, key), METADATA_FNAME[require_array(checkpoint_dir, key)])
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError) as e:
-        raise CheckpointingException(f"Key '{key}': cannot read the array document {path}: {e}") from None
+    document = read_json(path)
+    problem = _document_problem(document)
+    if problem:
+        raise CheckpointingException(
+            f"Key '{key}': the array document {path} is damaged: {problem}. Restore the checkpoint from a copy."
+        )
+    return document
+
+
+def _document_problem(document) -> str:
+    """What is wrong with an array document ("" if it is one this library can read)."""
+    if not isinstance(document, dict) or document.get("zarr_format") not in (2, 3):
+        return "not a Zarr v2 or v3 array document"
+    shape = document.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if document["zarr_format"] == 3:
+        grid = document.get("chunk_grid")
+        if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
+            return "its chunk_grid is not a regular grid"
+        if not isinstance(document.get("codecs"), list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in document["codecs"]):
+            return "its codecs are not a list of named codecs"
+        chunks, dtype = grid["configuration"].get("chunk_shape"), document.get("data_type")
+    else:
+        chunks, dtype = document.get("chunks"), document.get("dtype")
+        if document.get("dimension_separator", ".") not in (".", "/"):
+            return f"dimension_separator {document['dimension_separator']!r} is not '.' or '/'"
+    if not isinstance(dtype, str):
+        return f"its data type {dtype!r} is not a string"
+    if (
+        not isinstance(chunks, list)
+        or len(chunks) != len(shape)
+        or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= max(n, 1) for c, n in zip(chunks, shape))
+    ):
+        return f"chunk shape {chunks!r} must have one positive extent, at most the array's, per axis of {shape}"
+    if math.prod(shape) >= 2**63:
+        return f"shape {shape} has more than 2**63 elements"
+    n_chunks = math.prod(-(-n // c) for n, c in zip(shape, chunks))
+    if n_chunks > MAX_CHUNKS:
+        return f"shape {shape} in chunks {chunks} makes {n_chunks} chunks, more than {MAX_CHUNKS}"
+    return ""
 
 
 def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[str]:
     """What is wrong with the chunk files of `key` that box (offset, shape) covers (default:
     all): missing files and, in Zarr v3, files whose CRC-32C does not match. Empty if sound."""
     document = read_array_document(checkpoint_dir, key)
-    try:
-        chunks, global_shape = chunk_shape(document), document["shape"]
-        checksummed = document["zarr_format"] == 3 and document["codecs"][-1]["name"] == "crc32c"
-        separator = document.get("dimension_separator", ".")
-    except (KeyError, IndexError, TypeError) as e:
-        return [f"{entry_dir(checkpoint_dir, key)}: malformed array document ({e!r})"]
+    chunks, global_shape = chunk_shape(document), document["shape"]
+    checksummed = document["zarr_format"] == 3 and document["codecs"][-1:] != [] and document["codecs"][-1]["name"] == "crc32c"
+    separator = document.get("dimension_separator", ".")
     offset = [0] * len(global_shape) if offset is None else offset
     shape = global_shape if shape is None else shape
     stops = [min(o + s, g) for o, s, g in zip(offset, shape, global_shape)]
@@ -365,6 +402,9 @@ def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[st
                 data = f.read()
         except FileNotFoundError:
             problems.append(f"{path}: missing")
+            continue
+        except OSError as e:
+            problems.append(f"{path}: cannot be read ({e.strerror or e})")
             continue
         if checksummed and (len(data) < 4 or crc32c(data[:-4]) != int.from_bytes(data[-4:], "little")):
             problems.append(f"{path}: fails its CRC-32C (truncated or changed)")
@@ -466,7 +506,7 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
         """Opens the existing array of `key` read-only."""
 
     def _open(self, checkpoint_dir, key: str) -> StoredArray:
-        zarr_format = require_array(checkpoint_dir, key)
+        zarr_format = read_array_document(checkpoint_dir, key)["zarr_format"]  # checked first
         try:
             return self.open_array(str(checkpoint_dir), key, zarr_format)
         except Exception as e:  # engines raise many types for a damaged array

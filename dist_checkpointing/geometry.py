@@ -1,0 +1,63 @@
+"""Boxes in a global tensor: (offset, shape) rectangles, their intersections, and exact cover.
+
+The one place for this arithmetic: save validation (every element held by exactly one main
+replica), load requests (inside the stored tensor), and the chunks a checkpoint lists (they
+must tile the stored tensor) all use it.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+Box = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (global offset, shape)
+Region = Tuple[Tuple[int, int], ...]  # (start, stop) along each axis
+
+
+def inside(box: Box, shape: Sequence[int]) -> bool:
+    """Whether `box` lies within a tensor of `shape` (same number of axes)."""
+    offset, extent = box
+    return len(offset) == len(shape) and all(0 <= o and o + s <= g for o, s, g in zip(offset, extent, shape))
+
+
+def intersection(a: Box, b: Box) -> Optional[Region]:
+    """The region `a` and `b` share, or None if they share no element."""
+    region = tuple(
+        (max(ao, bo), min(ao + asz, bo + bsz)) for ao, asz, bo, bsz in zip(a[0], a[1], b[0], b[1])
+    )
+    return None if any(stop <= start for start, stop in region) else region
+
+
+def contains(box: Box, region: Region) -> bool:
+    return all(o <= start and stop <= o + s for o, s, (start, stop) in zip(box[0], box[1], region))
+
+
+def cover_fault(shape: Sequence[int], boxes: Sequence[Tuple[Box, int]]) -> Optional[Tuple[Region, int]]:
+    """The first region of a tensor of `shape` that `boxes` (each counted the given number of
+    times; all inside `shape`) do not cover exactly once, with how often it is covered; None if
+    they tile the tensor exactly.
+
+    The boundaries of all boxes along each axis cut the tensor into cells (one per box for a
+    regular grid); counting boxes per cell checks any layout in O(cells + boxes).
+    """
+    if any(s == 0 for s in shape):
+        return None
+    cuts = []
+    for axis, size in enumerate(shape):
+        points = {0, size}
+        for (offset, extent), _ in boxes:
+            points.update((offset[axis], offset[axis] + extent[axis]))
+        cuts.append(np.array(sorted(points)))
+    counts = np.zeros([len(c) - 1 for c in cuts], dtype=np.int64)
+    for (offset, extent), n in boxes:
+        if any(s == 0 for s in extent):
+            continue
+        index = tuple(
+            slice(np.searchsorted(c, o), np.searchsorted(c, o + s)) for c, o, s in zip(cuts, offset, extent)
+        )
+        counts[index] += n
+    bad = np.argwhere(counts != 1)
+    if not len(bad):
+        return None
+    cell = bad[0]
+    region = tuple((int(c[i]), int(c[i + 1])) for c, i in zip(cuts, cell))
+    return region, int(counts[tuple(cell)])
