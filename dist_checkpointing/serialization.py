@@ -141,10 +141,10 @@ def save(
         validate_shards_by_key(by_key)
         _warn_if_common_state_differs([digest for _, digest, _ in planned])
     save_plan = sharded_strategy.plan(by_key, [info for _, _, info in planned])
-    job = _write_job(checkpoint_dir, common_strategy, sharded_strategy, save_plan, local)
+    job = functools.partial(_write_job, checkpoint_dir, common_strategy, sharded_strategy, save_plan, local)
     commit = functools.partial(commit_save, checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_metadata)
     if async_sharded_save:
-        staged = on_every_rank(job.stage, f"staging of the save to {checkpoint_dir}", consequence=uncommitted)
+        staged = on_every_rank(lambda: job().stage(), f"staging of the save to {checkpoint_dir}", consequence=uncommitted)
         request = AsyncRequest(
             WriteJob.run, (staged,), [], what=f"async save to {checkpoint_dir}", consequence=uncommitted
         )
@@ -157,7 +157,7 @@ def save(
 
         request.add_finalize_fn(finalize)
         return request
-    commit(exchange(job.run, f"save to {checkpoint_dir}", consequence=uncommitted))
+    commit(exchange(lambda: job().run(), f"save to {checkpoint_dir}", consequence=uncommitted))
     return None
 
 

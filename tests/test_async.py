@@ -6,6 +6,7 @@ import resource
 import signal
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import dist_checkpointing as dc
@@ -58,11 +59,36 @@ def async_saves(rank, world_size, root):
     while not queue.maybe_finalize_async_calls(blocking=False):
         polls += 1
     assert finalized == [rank] and _committed(f"{root}/polled")
+    _overlapping_saves_with_one_strategy_object(rank, root, queue)
     queue.close()
     # execute_sync runs the same request in this process
     dc.save(sharded_state_dict(rank, 2), f"{root}/sync", "torch_dist", async_sharded_save=True).execute_sync()
     assert _reload(rank, f"{root}/sync") > 10
     return index
+
+
+def _other_state(rank, with_data=True):
+    """A state with other keys and shapes than `sharded_state_dict`."""
+    values = torch.arange(12.0).reshape(4, 3)[rank * 2 : rank * 2 + 2] + 100
+    return {"other": ShardedTensor.from_rank_offsets("other.weight", values if with_data else torch.zeros(2, 3), (0, rank, 2))}
+
+
+def _overlapping_saves_with_one_strategy_object(rank, root, queue):
+    """Two async saves in flight at once through the registry's one strategy object per
+    engine, of different states: each checkpoint gets its own plan and its own content."""
+    for backend in ENGINES:
+        strategy = dc.get_default_save_sharded_strategy(backend)
+        first, second = f"{root}/overlap-{backend}-1", f"{root}/overlap-{backend}-2"
+        requests = [
+            dc.save(sharded_state_dict(rank, 2), first, strategy, async_sharded_save=True),
+            dc.save(_other_state(rank), second, strategy, async_sharded_save=True),
+        ]
+        for request in requests:
+            queue.schedule_async_request(request)
+        queue.maybe_finalize_async_calls(blocking=True)
+        assert _reload(rank, first) > 10, backend
+        loaded = dc.load(_other_state(rank, with_data=False), second)["other"]
+        assert torch.equal(loaded, _other_state(rank)["other"].data), backend
 
 
 def test_async_save_every_engine(tmp_path):

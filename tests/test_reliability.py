@@ -1,0 +1,237 @@
+"""Untrusted checkpoints and failing peers: every damage, tampering or bad request surfaces as a
+CheckpointingException naming the key and the file, on every rank; never zeros, never a read
+outside the checkpoint, never a parser's traceback, never a hang."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+
+import pytest
+import torch
+
+import dist_checkpointing as dc
+from dist_checkpointing import CheckpointingException, ShardedTensor
+from dist_checkpointing.cli import main
+from dist_checkpointing.pickling import dump_dcp_metadata
+from dist_checkpointing.strategies import load_strategy_from_config
+from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
+from dist_checkpointing.strategies.dcp_format import read_dcp_metadata
+from dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+from layouts import check_loaded, sharded_state_dict
+from multirank import run_ranks
+
+
+@pytest.fixture
+def copy_of(tp2_checkpoints, tmp_path):
+    def copy(name):
+        shutil.copytree(f"{tp2_checkpoints}/{name}", tmp_path / name)
+        return str(tmp_path / name)
+
+    return copy
+
+
+def load_tp1(ckpt, **kwargs):
+    return dc.load(sharded_state_dict(0, 1, with_data=False, objects=False), ckpt, **kwargs)
+
+
+def rewrite_dcp_metadata(ckpt, change):
+    metadata = read_dcp_metadata(ckpt)
+    change(metadata)
+    with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+        f.write(dump_dcp_metadata(metadata))
+
+
+def assert_reported(ckpt, capsys, *fragments):
+    """`dist-ckpt verify` and `inspect` exit 1 on `ckpt` and name each fragment; no traceback."""
+    assert main(["verify", ckpt]) == 1
+    out = capsys.readouterr()
+    for fragment in fragments:
+        assert fragment in out.out + out.err, (fragment, out)
+    assert main(["inspect", ckpt]) in (0, 1)  # it describes what it can, and never crashes
+    capsys.readouterr()
+
+
+# 2: a tampered .metadata makes no load read a file outside the checkpoint
+@pytest.mark.parametrize("where", ["../outside.distcp", "/ABSOLUTE/outside.distcp", "symlink"])
+def test_dcp_data_file_outside_the_checkpoint_is_refused(copy_of, tmp_path, capsys, where):
+    ckpt = copy_of("torch_dist")
+    outside = str(tmp_path / "outside.distcp")
+    shutil.copy(os.path.join(ckpt, "__0_0.distcp"), outside)  # the bytes an attacker offers
+    if where == "symlink":
+        os.remove(os.path.join(ckpt, "__0_0.distcp"))
+        os.symlink(outside, os.path.join(ckpt, "__0_0.distcp"))
+    else:
+        target = where.replace("/ABSOLUTE", str(tmp_path))
+
+        def redirect(metadata):
+            for info in metadata.storage_data.values():
+                if info.relative_path == "__0_0.distcp":
+                    info.relative_path = target
+
+        rewrite_dcp_metadata(ckpt, redirect)
+    with pytest.raises(CheckpointingException, match="outside|absolute|'\\.\\.'") as error:
+        load_tp1(ckpt)
+    assert "__0_0.distcp" in str(error.value) or "outside.distcp" in str(error.value)
+    assert_reported(ckpt, capsys, "outside.distcp" if where != "symlink" else "__0_0.distcp")
+
+
+# 3: chunks that do not cover a tensor are damage, not zeros
+def test_dcp_chunks_that_leave_a_hole_are_damage(copy_of, capsys):
+    ckpt = copy_of("torch_dist")
+
+    def drop_a_chunk(metadata):
+        metadata.state_dict_metadata["embedding.weight"].chunks.pop()
+
+    rewrite_dcp_metadata(ckpt, drop_a_chunk)
+    with pytest.raises(CheckpointingException, match="Key 'embedding.weight'.*no chunk holds elements"):
+        load_tp1(ckpt)
+    assert_reported(ckpt, capsys, "embedding.weight", "no chunk holds")
+
+
+# 4: out-of-bounds requests (main replica or not) raise instead of reading zeros
+@pytest.mark.parametrize("engine", ENGINES)
+def test_request_outside_the_stored_tensor_is_refused(tmp_path, engine):
+    ckpt = str(tmp_path / engine)
+    dc.save({"w": ShardedTensor.from_rank_offsets("w", torch.arange(8.0).reshape(8, 1))}, ckpt, engine)
+    beyond = ShardedTensor("w", torch.empty(4, 1), torch.float32, (4, 1), (8, 1), (6, 0), None, replica_id=1)
+    with pytest.raises(CheckpointingException, match="Key 'w'.*outside the global shape"):
+        dc.load({"w": beyond}, ckpt, validate_access_integrity=False)
+    # the engines refuse it too, when called directly
+    with pytest.raises(CheckpointingException, match="outside the global shape"):
+        load_strategy_from_config(StrategyConfig(backend=engine)).load({"w": beyond}, ckpt)
+    # inside the tensor, a non-main replica reads the real values
+    inside = ShardedTensor("w", torch.empty(2, 1), torch.float32, (2, 1), (8, 1), (6, 0), None, replica_id=1)
+    assert dc.load({"w": inside}, ckpt, validate_access_integrity=False)["w"].flatten().tolist() == [6.0, 7.0]
+
+
+# 6, 9: Zarr array documents that are not JSON, or whose numbers are absurd
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b'{"zarr_format": 3, "node_type": "array", "shape": [' + b"9" * 5000 + b"]}", None],
+    ids=["not-json", "5000-digits", "huge-shape"],
+)
+def test_damaged_zarr_document_raises_and_is_reported(copy_of, capsys, content):
+    ckpt = copy_of("zarr")
+    path = os.path.join(ckpt, "embedding.weight", "zarr.json")
+    if content is None:  # well-formed JSON, a shape of 2**124 elements in 1-element chunks
+        with open(path) as f:
+            document = json.load(f)
+        document["shape"] = [2**62, 2**62]
+        document["chunk_grid"]["configuration"]["chunk_shape"] = [1, 1]
+        content = json.dumps(document).encode()
+    with open(path, "wb") as f:
+        f.write(content)
+    with pytest.raises(CheckpointingException, match="embedding.weight") as error:
+        load_tp1(ckpt)
+    assert "zarr.json" in str(error.value)
+    assert_reported(ckpt, capsys, "embedding.weight", "zarr.json")
+
+
+# 7: a .metadata that unpickles to the wrong type
+@pytest.mark.parametrize("value", [{"state_dict_metadata": {}}, ["not", "metadata"], 42])
+def test_dcp_metadata_of_the_wrong_type(copy_of, capsys, value):
+    ckpt = copy_of("torch_dist")
+    with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+        pickle.dump(value, f)
+    with pytest.raises(CheckpointingException, match=r"\.metadata is damaged.*not DCP's Metadata"):
+        load_tp1(ckpt)
+    assert_reported(ckpt, capsys, ".metadata")
+
+
+# 8, 11: metadata.json with a 5000-digit number, or a checksummed file outside the checkpoint
+def test_metadata_json_numbers_and_paths_are_bounded(copy_of, capsys):
+    ckpt = copy_of("zarr")
+    path = os.path.join(ckpt, "metadata.json")
+    with open(path) as f:
+        original = f.read()
+    with open(path, "w") as f:
+        f.write(original.replace('"sharded_backend_version": 1', '"sharded_backend_version": ' + "9" * 5000))
+    with pytest.raises(CheckpointingException, match="metadata.json.*does not fit in 64 bits"):
+        load_tp1(ckpt)
+    assert dc.check_is_distributed_checkpoint(ckpt) is False
+    assert_reported(ckpt, capsys, "metadata.json")
+    for name in ["/etc/hostname", "../outside", "a/../../outside"]:
+        document = json.loads(original)
+        document["checksums"][name] = [[0, 1, 0]]
+        with open(path, "w") as f:
+            json.dump(document, f)
+        with pytest.raises(CheckpointingException, match="cannot be inside the checkpoint"):
+            load_tp1(ckpt)
+        assert_reported(ckpt, capsys, name)
+
+
+# 5, and a lost peer: failures on one rank raise the same exception on every rank, no hang
+def one_rank_fails(rank, world_size, root):
+    messages = {}
+    good = sharded_state_dict(rank, 2, with_data=False)
+    bad = dict(good, extra=ShardedTensor.from_rank_offsets("not.saved", torch.zeros(2)))
+    fully_parallel = FullyParallelLoadStrategyWrapper(load_strategy_from_config(StrategyConfig()))
+    for name, strategy in [("plain", None), ("fully-parallel", fully_parallel)]:
+        with pytest.raises(CheckpointingException, match="rank\\(s\\) 1.*'not.saved' is not in the checkpoint") as e:
+            dc.load(bad if rank == 1 else good, f"{root}/zarr", strategy)
+        messages[name] = str(e.value)
+    # a damaged chunk only rank 1 reads: rank 0's load fails too
+    if rank == 1:
+        chunk = f"{root}/damaged/embedding.weight/c/1/0"
+        with open(chunk, "r+b") as f:
+            f.write(b"\xff\xff\xff\xff")
+    torch.distributed.barrier()
+    with pytest.raises(CheckpointingException, match="rank\\(s\\) 1.*embedding.weight/c/1/0") as e:
+        dc.load(sharded_state_dict(rank, 2, with_data=False), f"{root}/damaged")
+    messages["damaged"] = str(e.value)
+    assert check_loaded(dc.load(good, f"{root}/zarr"), rank, 2) > 10  # the group is still usable
+    return messages
+
+
+def test_failure_on_one_rank_raises_on_every_rank(tp2_checkpoints, tmp_path):
+    shutil.copytree(f"{tp2_checkpoints}/zarr", tmp_path / "zarr")
+    shutil.copytree(f"{tp2_checkpoints}/zarr", tmp_path / "damaged")
+    messages = run_ranks(one_rank_fails, 2, str(tmp_path), timeout=90)
+    assert messages[0] == messages[1]
+
+
+def killed_during_load(rank, world_size, ckpt):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    with pytest.raises(CheckpointingException, match="load planning failed: a rank was lost"):
+        dc.load(sharded_state_dict(rank, 2, with_data=False), ckpt)
+    return "raised"
+
+
+def test_rank_killed_during_load(tp2_checkpoints):
+    from multirank import RankFailed
+
+    with pytest.raises(RankFailed) as failure:
+        run_ranks(killed_during_load, 2, f"{tp2_checkpoints}/torch_dist", timeout=90)
+    assert "--- rank 1 ---" in str(failure.value) and "--- rank 0 ---" not in str(failure.value)
+
+
+# 10: a disk that fills up names the cause and the file, and commits nothing
+def _small_file_system(path):
+    os.makedirs(path)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", path], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot mount a small tmpfs here: {e}")
+
+
+def save_onto_full_disk(rank, world_size, ckpt):
+    with pytest.raises(CheckpointingException) as error:
+        dc.save(sharded_state_dict(rank, 2) | {"big": ShardedTensor.from_rank_offsets("big", torch.ones(2, 40000), (0, rank, 2))}, ckpt, "torch_dist")
+    return str(error.value)
+
+
+def test_disk_full_names_the_cause(tmp_path):
+    mount = str(tmp_path / "small")
+    _small_file_system(mount)
+    try:
+        messages = run_ranks(save_onto_full_disk, 2, f"{mount}/ckpt")
+        for message in messages:
+            assert "No space left on device" in message and ".distcp" in message, message
+            assert "Nothing was committed" in message, message
+        assert not os.path.exists(f"{mount}/ckpt/metadata.json")
+    finally:
+        subprocess.run(["umount", mount], check=False)
