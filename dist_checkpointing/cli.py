@@ -6,7 +6,7 @@
                       [--zarr-format 2|3] [--max-file-size 5GB]
 
 Exit codes: 0 success (for verify: the checkpoint is sound), 1 a damaged or incomplete
-checkpoint or a failed conversion, 2 bad arguments.
+checkpoint (inspect: one it could not fully describe) or a failed conversion, 2 bad arguments.
 """
 
 import argparse
@@ -64,7 +64,7 @@ def _inspect(args) -> int:
     info = describe(args.dir)
     if args.json:
         print(json.dumps(info, indent=1))
-        return 0 if info["complete"] else 1
+        return 0 if info["complete"] and not info["problem"] else 1
     print(f"{info['path']}: {'complete' if info['complete'] else 'INCOMPLETE'}")
     if not info["complete"]:
         print(f"  {info['problem']}")
@@ -85,6 +85,7 @@ def _inspect(args) -> int:
         print(f"\n  common state keys: {', '.join(info['common_keys']) or '(none)'}")
     if info["problem"]:
         print(f"\n  problem: {info['problem']}")
+        return 1
     return 0
 
 

@@ -16,3 +16,15 @@ def tp2_checkpoints(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tp2"))
     run_ranks(save_tp2_checkpoints, 2, root)
     return root
+
+
+@pytest.fixture
+def copy_of(tp2_checkpoints, tmp_path):
+    """copy_of(name): a private copy of one of the `tp2_checkpoints`, to damage."""
+    import shutil
+
+    def copy(name):
+        shutil.copytree(f"{tp2_checkpoints}/{name}", tmp_path / name)
+        return str(tmp_path / name)
+
+    return copy

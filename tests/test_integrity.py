@@ -3,7 +3,6 @@ metadata.json, raises a CheckpointingException naming the key and the file; neve
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -12,26 +11,13 @@ import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException
 from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.strategies.dcp_format import read_dcp_metadata
-from layouts import TP2_SAVES, check_loaded, full, sharded_state_dict
+from layouts import TP2_SAVES, check_loaded, full, load_tp1, sharded_state_dict
 
 
 
 @pytest.fixture
 def saved(tp2_checkpoints):
     return tp2_checkpoints
-
-
-@pytest.fixture
-def copy_of(saved, tmp_path):
-    def copy(name):
-        shutil.copytree(f"{saved}/{name}", tmp_path / name)
-        return str(tmp_path / name)
-
-    return copy
-
-
-def load_tp1(ckpt, **kwargs):
-    return dc.load(sharded_state_dict(0, 1, with_data=False, objects=False), ckpt, **kwargs)
 
 
 def flip_byte(path, offset):

@@ -20,21 +20,8 @@ from dist_checkpointing.strategies import load_strategy_from_config
 from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
 from dist_checkpointing.strategies.dcp_format import read_dcp_metadata
 from dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
-from layouts import check_loaded, sharded_state_dict
+from layouts import check_loaded, load_tp1, sharded_state_dict
 from multirank import run_ranks
-
-
-@pytest.fixture
-def copy_of(tp2_checkpoints, tmp_path):
-    def copy(name):
-        shutil.copytree(f"{tp2_checkpoints}/{name}", tmp_path / name)
-        return str(tmp_path / name)
-
-    return copy
-
-
-def load_tp1(ckpt, **kwargs):
-    return dc.load(sharded_state_dict(0, 1, with_data=False, objects=False), ckpt, **kwargs)
 
 
 def rewrite_dcp_metadata(ckpt, change):
@@ -44,14 +31,19 @@ def rewrite_dcp_metadata(ckpt, change):
         f.write(dump_dcp_metadata(metadata))
 
 
-def assert_reported(ckpt, capsys, *fragments):
-    """`dist-ckpt verify` and `inspect` exit 1 on `ckpt` and name each fragment; no traceback."""
+def assert_reported(ckpt, capsys, *fragments, inspect_reads_it=True):
+    """`dist-ckpt verify` exits 1 on `ckpt` naming each fragment; `inspect` never crashes, and
+    exits 1 naming the problem where the damage is in what it reads (not the data files)."""
     assert main(["verify", ckpt]) == 1
     out = capsys.readouterr()
     for fragment in fragments:
         assert fragment in out.out + out.err, (fragment, out)
-    assert main(["inspect", ckpt]) in (0, 1)  # it describes what it can, and never crashes
-    capsys.readouterr()
+    code = main(["inspect", ckpt])
+    out = capsys.readouterr().out
+    if inspect_reads_it:
+        assert code == 1 and ("problem" in out or "INCOMPLETE" in out), out
+    else:
+        assert code in (0, 1), out
 
 
 # 2: a tampered .metadata makes no load read a file outside the checkpoint
@@ -75,7 +67,7 @@ def test_dcp_data_file_outside_the_checkpoint_is_refused(copy_of, tmp_path, caps
     with pytest.raises(CheckpointingException, match="outside|absolute|'\\.\\.'") as error:
         load_tp1(ckpt)
     assert "__0_0.distcp" in str(error.value) or "outside.distcp" in str(error.value)
-    assert_reported(ckpt, capsys, "outside.distcp" if where != "symlink" else "__0_0.distcp")
+    assert_reported(ckpt, capsys, "outside.distcp" if where != "symlink" else "__0_0.distcp", inspect_reads_it=where != "symlink")
 
 
 # 3: chunks that do not cover a tensor are damage, not zeros
@@ -88,7 +80,7 @@ def test_dcp_chunks_that_leave_a_hole_are_damage(copy_of, capsys):
     rewrite_dcp_metadata(ckpt, drop_a_chunk)
     with pytest.raises(CheckpointingException, match="Key 'embedding.weight'.*no chunk holds elements"):
         load_tp1(ckpt)
-    assert_reported(ckpt, capsys, "embedding.weight", "no chunk holds")
+    assert_reported(ckpt, capsys, "embedding.weight", "no chunk holds", inspect_reads_it=False)
 
 
 # 4: out-of-bounds requests (main replica or not) raise instead of reading zeros
@@ -139,6 +131,20 @@ def test_dcp_metadata_of_the_wrong_type(copy_of, capsys, value):
     with pytest.raises(CheckpointingException, match=r"\.metadata is damaged.*not DCP's Metadata"):
         load_tp1(ckpt)
     assert_reported(ckpt, capsys, ".metadata")
+
+
+def test_common_state_of_the_wrong_type(tmp_path):
+    ckpt = str(tmp_path / "c")
+    dc.save({"w": ShardedTensor.from_rank_offsets("w", torch.ones(2))}, ckpt)
+    document_path = os.path.join(ckpt, "metadata.json")
+    with open(document_path) as f:
+        document = json.load(f)
+    del document["checksums"]["common.pt"]  # as if written by a writer that records none
+    with open(document_path, "w") as f:
+        json.dump(document, f)
+    torch.save([1, 2, 3], os.path.join(ckpt, "common.pt"))
+    with pytest.raises(CheckpointingException, match="common.pt holds a list, not the common state dict"):
+        dc.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(2))}, ckpt)
 
 
 # 8, 11: metadata.json with a 5000-digit number, or a checksummed file outside the checkpoint

@@ -7,7 +7,7 @@ Layout (Megatron-Core's): `<dir>/common.pt`, and one file per ShardedObject piec
 import glob
 import os
 
-from ..core import read_metadata
+from ..core import CheckpointingException, read_metadata
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..fs import fsync_dirs
 from ..integrity import Checksums, ChecksumIndex
@@ -49,7 +49,13 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
         return True
 
     def load_common(self, checkpoint_dir):
-        return _load_verified(checkpoint_dir, common_file(checkpoint_dir), "common state dict")
+        path = common_file(checkpoint_dir)
+        state = _load_verified(checkpoint_dir, path, "common state dict")
+        if not isinstance(state, dict):
+            raise CheckpointingException(
+                f"{path} holds a {type(state).__name__}, not the common state dict; the checkpoint is damaged"
+            )
+        return state
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
         checksums = _checksums(checkpoint_dir)
