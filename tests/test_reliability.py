@@ -155,10 +155,14 @@ def test_metadata_json_numbers_and_paths_are_bounded(copy_of, capsys):
         original = f.read()
     with open(path, "w") as f:
         f.write(original.replace('"sharded_backend_version": 1', '"sharded_backend_version": ' + "9" * 5000))
-    with pytest.raises(CheckpointingException, match="metadata.json.*does not fit in 64 bits"):
+    with pytest.raises(CheckpointingException, match="Malformed .*metadata.json: not valid JSON"):
         load_tp1(ckpt)
     assert dc.check_is_distributed_checkpoint(ckpt) is False
     assert_reported(ckpt, capsys, "metadata.json")
+    with open(path, "w") as f:  # a number Python parses but no 64-bit reader could
+        f.write(original.replace('"sharded_backend_version": 1', f'"sharded_backend_version": {2**64}'))
+    with pytest.raises(CheckpointingException, match="'sharded_backend_version' must be an integer"):
+        load_tp1(ckpt)
     for name in ["/etc/hostname", "../outside", "a/../../outside"]:
         document = json.loads(original)
         document["checksums"][name] = [[0, 1, 0]]

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from ..core import CheckpointingException
+from ..core import CheckpointingException, is_int
 from ..geometry import cover_fault, inside
 from ..layout import relative_path_problem
 from ..mapping import ShardedObject, whole_tensor_metadata
@@ -35,7 +35,6 @@ from ..pickling import load_dcp_metadata, load_object
 METADATA_FNAME = ".metadata"
 ORIG_SHAPE = "nd_reformulated_orig_global_shape"  # Megatron-Core's `mcore_data` field
 DCP_VERSION = "1.0.0"  # the `Metadata.version` DCP of torch 2.6+ writes
-_MAX = 2**63 - 1
 
 
 def read_dcp_metadata(checkpoint_dir: str) -> Metadata:
@@ -49,7 +48,7 @@ def read_dcp_metadata(checkpoint_dir: str) -> Metadata:
 
 
 def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _MAX
+    return is_int(x) and x >= 0
 
 
 def _is_shape(x, ndim: Optional[int] = None) -> bool:
@@ -57,7 +56,7 @@ def _is_shape(x, ndim: Optional[int] = None) -> bool:
         isinstance(x, (torch.Size, tuple, list))
         and (ndim is None or len(x) == ndim)
         and all(_is_count(n) for n in x)
-        and math.prod(x) <= _MAX
+        and math.prod(x) < 2**63
     )
 
 

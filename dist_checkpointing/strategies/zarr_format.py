@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..collectives import get_rank, send_and_receive
-from ..core import CheckpointingException, read_json
+from ..core import CheckpointingException, is_int, read_json
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import DTYPES, name_of_numpy, name_of_torch, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
 from ..fs import fsync_dirs, parents_up_to, write_durably
@@ -354,8 +354,8 @@ def _document_problem(document) -> str:
     if not isinstance(document, dict) or document.get("zarr_format") not in (2, 3):
         return "not a Zarr v2 or v3 array document"
     shape = document.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        return f"shape {shape!r} is not a list of non-negative integers"
+    if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
+        return f"shape {shape!r} is not a list of non-negative 64-bit integers"
     if document["zarr_format"] == 3:
         grid = document.get("chunk_grid")
         if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
@@ -372,7 +372,7 @@ def _document_problem(document) -> str:
     if (
         not isinstance(chunks, list)
         or len(chunks) != len(shape)
-        or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= max(n, 1) for c, n in zip(chunks, shape))
+        or not all(is_int(c) and 1 <= c <= max(n, 1) for c, n in zip(chunks, shape))
     ):
         return f"chunk shape {chunks!r} must have one positive extent, at most the array's, per axis of {shape}"
     if math.prod(shape) >= 2**63:
