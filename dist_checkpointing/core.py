@@ -78,8 +78,8 @@ def read_metadata(checkpoint_dir) -> Optional[CheckpointMetadata]:
 
 
 def read_json(path: str):
-    """A JSON document of a checkpoint. Anything but well-formed JSON whose integers fit in
-    64 bits (a file that cannot be read, bad syntax, nesting too deep, NaN) raises a
+    """A JSON document of a checkpoint. Anything but well-formed JSON (a file that cannot be
+    read, bad syntax, nesting too deep, NaN, an integer of more than 4300 digits) raises a
     `CheckpointingException` naming the file."""
     try:
         with open(path, "rb") as f:

@@ -70,6 +70,23 @@ def test_dcp_data_file_outside_the_checkpoint_is_refused(copy_of, tmp_path, caps
     assert_reported(ckpt, capsys, "outside.distcp" if where != "symlink" else "__0_0.distcp", inspect_reads_it=where != "symlink")
 
 
+def test_zarr_array_linked_outside_the_checkpoint_is_refused(copy_of, tmp_path, capsys):
+    ckpt = copy_of("zarr")
+    array = os.path.join(ckpt, "final_norm")
+    shutil.move(array, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", array)
+    with pytest.raises(CheckpointingException, match="Key 'final_norm'.*outside the checkpoint"):
+        load_tp1(ckpt)
+    assert_reported(ckpt, capsys, "final_norm")
+    os.remove(array)  # a linked chunk file: verify names it
+    shutil.copytree(tmp_path / "elsewhere", array)
+    chunk = os.path.join(array, "c", "0")
+    os.rename(chunk, tmp_path / "chunk")
+    os.symlink(tmp_path / "chunk", chunk)
+    assert main(["verify", ckpt]) == 1
+    assert "c/0: a symbolic link" in capsys.readouterr().out
+
+
 # 3: chunks that do not cover a tensor are damage, not zeros
 def test_dcp_chunks_that_leave_a_hole_are_damage(copy_of, capsys):
     ckpt = copy_of("torch_dist")

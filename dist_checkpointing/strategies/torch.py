@@ -12,7 +12,7 @@ We write and read the data files ourselves instead of calling DCP's `save`/`load
 `serialization.save` has already exchanged and validated the plan (DCP would do both again,
 with its own collectives), fs.py makes every file durable, and each item's bytes are checked
 against the CRC-32C recorded in `metadata.json` before they are unpickled (integrity.py).
-`.metadata` is unpickled with an allow-list (pickling.py).
+`.metadata` is unpickled with an allow-list (pickling.py) and type-checked (dcp_format.py).
 """
 
 import io

@@ -27,7 +27,7 @@ from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import DTYPES, name_of_numpy, name_of_torch, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
 from ..fs import fsync_dirs, parents_up_to, write_durably
 from ..integrity import crc32c
-from ..layout import check_key, entry_dir
+from ..layout import check_key, contained_path, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..validation import ShardsByKey, check_request_against_stored, shards_of, validate_flat_tiling
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
@@ -339,7 +339,8 @@ MAX_CHUNKS = 2**26  # per array; more chunk files than any checkpoint writes mea
 def read_array_document(checkpoint_dir, key: str) -> dict:
     """The array document of `key` (`zarr.json` or `.zarray`), checked: a Zarr array of a known
     dtype whose shape and chunk grid are bounded (numbers from a checkpoint are not trusted)."""
-    path = os.path.join(entry_dir(checkpoint_dir, key), METADATA_FNAME[require_array(checkpoint_dir, key)])
+    array_dir = contained_path(checkpoint_dir, check_key(key), f"Key '{key}'")  # no link leads out
+    path = os.path.join(array_dir, METADATA_FNAME[require_array(checkpoint_dir, key)])
     document = read_json(path)
     problem = _document_problem(document)
     if problem:
@@ -397,6 +398,9 @@ def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[st
     for index in chunk_indices(offset, [max(0, e - o) for o, e in zip(offset, stops)], chunks):
         name = chunk_key(document["zarr_format"], index).replace(".", separator)
         path = os.path.join(entry_dir(checkpoint_dir, key), name)
+        if os.path.islink(path):
+            problems.append(f"{path}: a symbolic link, not a chunk file of the checkpoint")
+            continue
         try:
             with open(path, "rb") as f:
                 data = f.read()
