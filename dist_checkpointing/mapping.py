@@ -191,6 +191,34 @@ class ShardedTensor(ShardedBase):
         skipped = first * row
         return values.reshape(-1)[r.start - skipped : r.stop - skipped]
 
+    def load_destination(self) -> Optional[torch.Tensor]:
+        """The caller's tensor a load fills in place: `data` when it can hold this request's
+        values (the dtype and `data_shape`, any strides and device, not the meta device);
+        None when the load must allocate. Writers write through `.detach()` (a parameter that
+        requires grad is filled as it is, like `torch.no_grad()` would)."""
+        data = self.data
+        if data is None or data.device.type == "meta" or data.dtype != self.dtype or tuple(data.shape) != self.data_shape:
+            return None
+        return data
+
+    def deliver(self, box_values: torch.Tensor) -> torch.Tensor:
+        """What a load returns for this request, given the values of its `covering_box()` (on
+        the CPU, or already read into the destination): the destination (`load_destination`)
+        filled in place, else the values (moved to `data`'s device when that is not the CPU)."""
+        values = self.from_covering_box(box_values)
+        destination = self.load_destination()
+        if destination is None:
+            on_device = self.data is not None and self.data.device.type not in ("cpu", "meta")
+            return values.to(self.data.device) if on_device else values
+        read_in_place = (
+            values.device == destination.device
+            and values.data_ptr() == destination.data_ptr()
+            and values.stride() == destination.stride()
+        )
+        if not read_in_place:
+            destination.detach().copy_(values)  # detached: a parameter that requires grad is filled too
+        return destination
+
     def _flat_rows(self) -> Tuple[int, int, int]:
         """(first row, end row, elements per row) of the local rows the flat range touches."""
         r, row = self.flattened_range, math.prod(self.local_shape[1:])

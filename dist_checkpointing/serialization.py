@@ -251,6 +251,10 @@ def load(
     ShardedObjects filled in at their places, and LocalNonpersistentObjects unwrapped.
     A ShardedTensor may ask for any rectangle of the stored global tensor.
 
+    In place: a requested ShardedTensor whose `data` has the requested dtype and shape (any
+    strides, any device but meta) is filled, and that very tensor is returned; other requests
+    (no data, meta data) get new tensors. A load that fails may have written part of them.
+
     Args:
         sharded_state_dict: the request: ShardedTensors say which part to read
         checkpoint_dir: a complete checkpoint

@@ -316,3 +316,32 @@ def test_megatron_core_zarr_reader_loads_our_zarr_v2_checkpoint(tmp_path):
     ckpt = str(tmp_path / "c")
     dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy={"backend": "zarr", "zarr_format": 2})
     assert run_ranks(megatron_tensorstore_loads_ours, 1, ckpt) == [True]
+
+
+@pytest.mark.parametrize("name", ["zarr", "tensorstore", "torch_dist", "zarr_v2"])
+def test_load_fills_the_callers_tensors_in_place(tp2_checkpoints, name):
+    """A request holding a tensor of the right shape and dtype gets that very tensor back,
+    filled (also a strided view into a larger buffer, and at another layout than saved); one
+    without data, or on the meta device, gets a new tensor."""
+    request = sharded_state_dict(0, 1, with_data=False, objects=False)  # saved at TP=2
+    buffer = torch.zeros(16, 64 + 3, dtype=torch.bfloat16)  # the caller's view into a fused buffer
+    request["embedding"].data = buffer[:, 3:].t()
+    request["final_norm"].data = torch.empty(16, device="meta")
+    request["none"] = dataclasses.replace(request["dtypes"][0], data=None, replica_id=1)
+    parameter = request["dtypes"][2].data = torch.nn.Parameter(torch.zeros(8, 12))  # float32, requires grad
+    held = {
+        "embedding": request["embedding"].data,
+        "dtypes": [sh.data for sh in request["dtypes"]],
+        "qkv": [sh.data for sh in request["layers"]["qkv"]],
+        "fc2": [sh.data for sh in request["layers"]["fc2"]],
+    }
+    loaded = dc.load(request, f"{tp2_checkpoints}/{name}")
+    assert check_loaded({k: v for k, v in loaded.items() if k != "none"}, 0, 1) > 10
+    assert loaded["embedding"] is held["embedding"]
+    assert torch.equal(buffer[:, 3:].t(), full("embedding.weight", (64, 16), torch.bfloat16))
+    assert all(a is b for a, b in zip(loaded["dtypes"], held["dtypes"]))
+    assert all(a is b for a, b in zip(loaded["layers"]["qkv"], held["qkv"]))  # prepended axis
+    assert all(a is b for a, b in zip(loaded["layers"]["fc2"], held["fc2"]))
+    assert loaded["dtypes"][2] is parameter and parameter.requires_grad
+    assert loaded["final_norm"].device.type == "cpu"  # the meta request gets a new tensor
+    assert torch.equal(loaded["none"], loaded["dtypes"][0]) and loaded["none"] is not held["dtypes"][0]

@@ -58,6 +58,7 @@ def save_flat_load_everywhere(rank, world_size, ckpt_dir, engine):
         loaded = dc.load({"optimizer": request}, ckpt_dir)["optimizer"]
         for sh, value in zip(request, loaded):
             assert torch.equal(value, expected_flat(sh)), (sh.key, tp, dp)
+            assert value is sh.data  # filled in place
             checked += 1
     shards = flat_key_shards(rank % 4, 4)
     requests = [

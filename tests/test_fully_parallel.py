@@ -62,6 +62,9 @@ def save_and_load_fully_parallel(rank, world_size, root, use_dp_groups):
         for attempt in ("first", "cached"):
             request = sharded_state_dict(rank, TP, DP, with_data=False)
             loaded = dc.load(request, f"{root}/{backend}-{attempt}", loader)
+            # read here or received: in the caller's tensors
+            assert loaded["embedding"] is request["embedding"].data
+            assert all(value is sh.data for value, sh in zip(loaded["dtypes"], request["dtypes"]))
             compared = check_loaded(loaded, rank, TP, DP)
         report[backend] = {
             "written": _written_bytes(state, first, rank),

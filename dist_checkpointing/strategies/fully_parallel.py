@@ -216,10 +216,15 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
             i = next(position)
             if not isinstance(sh, ShardedTensor):
                 return loaded[i]
-            shard = _request_id(sh)
-            value = shards[shard] if shard not in handed_out else shards[shard].clone()  # no aliasing
+            shard, destination = _request_id(sh), sh.load_destination()
+            value = shards[shard]
+            if destination is not None:  # filled in place (received into it, or copied)
+                if destination is not value:
+                    destination.detach().copy_(value)
+            elif shard in handed_out:
+                value = value.clone()  # no aliasing between two results
             handed_out.add(shard)
-            return value
+            return value if destination is None else destination
 
         return dict_list_map_inplace(result, sharded_state_dict)
 
@@ -246,7 +251,7 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
 
     def _exchange_shards(self, requests, readers, read_here, rank) -> Dict[Tuple, torch.Tensor]:
         """Every shard this rank asked for: read here, or received from its reader straight
-        into the result tensor."""
+        into the result tensor (the caller's, when it can hold it)."""
         group = self.parallelization_group
         shards, sends, receives = {}, [], []
         for tag, shard in enumerate(sorted(readers)):
@@ -257,9 +262,13 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
                     sends += [(local.detach(), peer, tag) for peer in askers if peer != rank]
             elif rank in askers:
                 sh = requests[shard]
-                device = sh.data.device if sh.data is not None else torch.device("cpu")
-                target = shards[shard] = torch.empty(sh.data_shape, dtype=sh.dtype, device=device)
+                target = sh.load_destination()
+                if target is None or not target.is_contiguous():  # receives need contiguous targets
+                    has_device = sh.data is not None and sh.data.device.type != "meta"
+                    device = sh.data.device if has_device else torch.device("cpu")
+                    target = torch.empty(sh.data_shape, dtype=sh.dtype, device=device)
+                shards[shard] = target
                 if target.numel():
-                    receives.append((target, reader, tag))
+                    receives.append((target.detach(), reader, tag))
         send_and_receive(sends, receives, group)
         return shards

@@ -251,6 +251,16 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         atomic_write(path, dump_dcp_metadata(metadata))
 
 
+def _read_target(sh: ShardedTensor, box_shape) -> torch.Tensor:
+    """Where the chunks of request `sh` are read: straight into the caller's tensor when it is
+    a CPU destination of the whole box (viewed with the box's leading unit axes), else a new
+    CPU tensor of the box (flattened requests, other devices, requests without data)."""
+    destination = sh.load_destination()
+    if destination is not None and destination.device.type == "cpu" and sh.flattened_range is None:
+        return destination.detach()[(None,) * sh.prepend_axis_num]
+    return torch.empty(box_shape, dtype=sh.dtype)
+
+
 def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
     for axis, (start, length) in enumerate(zip(offsets, lengths)):
         tensor = tensor.narrow(axis, start, length)
@@ -267,8 +277,9 @@ class _Pending:
 class _Reads:
     """The reads of one load: DCP ReadItems per file, and DCP's LoadPlanner callbacks.
 
-    Every request is read as its covering box into a new tensor, zeroed only where no stored
-    chunk covers it (the allow_shape_mismatch pad). From a reformulated key, each stored shard the box overlaps is
+    Every request is read as its covering box, into the caller's tensor where it can hold it
+    (`_read_target`) or a new one, zeroed only where no stored chunk covers it (the
+    allow_shape_mismatch pad). From a reformulated key, each stored shard the box overlaps is
     read as the smallest flat range holding the overlap, and copied out through a strided view.
     """
 
@@ -301,7 +312,7 @@ class _Reads:
         stored_shape = global_shape(self.metadata, sh.key)
         check_request_against_stored(sh, name_of_torch(stored.properties.dtype, sh.key), stored_shape, where)
         offset, shape = sh.covering_box()
-        target = torch.empty(shape, dtype=sh.dtype)
+        target = _read_target(sh, shape)
         if reformulated_from(self.metadata, sh.key) is not None:
             self._plan_reformulated(sh.key, stored, stored_shape, offset, target)
         else:
@@ -458,7 +469,4 @@ class _Reads:
         sh, loaded = self.requests[value.n], self.values[value.n]
         if isinstance(sh, ShardedObject):
             return loaded
-        loaded = sh.from_covering_box(loaded)
-        if sh.data is not None and sh.data.device.type != "cpu":
-            loaded = loaded.to(sh.data.device)
-        return loaded
+        return sh.deliver(loaded)

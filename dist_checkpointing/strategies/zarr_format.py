@@ -543,7 +543,8 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
 
 
 def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch.Tensor:
-    """The values of request `sh`, on the device of `sh.data` (CPU if it has none).
+    """The values of request `sh`: in `sh.data` when it can hold them (`ShardedTensor.deliver`),
+    else a new tensor on the device of `sh.data` (CPU if it has none).
 
     A chunk that is missing or fails its checksum raises, naming the damaged files."""
     where = entry_dir(checkpoint_dir, sh.key)
@@ -558,7 +559,4 @@ def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch
             + ("; ".join(damaged) if damaged else f"{type(e).__name__}: {e}")
             + ". The checkpoint is damaged; restore these files from a copy or save again."
         ) from e
-    tensor = sh.from_covering_box(to_torch(values))
-    if sh.data is not None and sh.data.device.type != "cpu":
-        tensor = tensor.to(sh.data.device)
-    return tensor
+    return sh.deliver(to_torch(values))
