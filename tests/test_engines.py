@@ -345,3 +345,20 @@ def test_load_fills_the_callers_tensors_in_place(tp2_checkpoints, name):
     assert loaded["dtypes"][2] is parameter and parameter.requires_grad
     assert loaded["final_norm"].device.type == "cpu"  # the meta request gets a new tensor
     assert torch.equal(loaded["none"], loaded["dtypes"][0]) and loaded["none"] is not held["dtypes"][0]
+
+
+def test_a_load_imports_only_the_engine_it_needs(tp2_checkpoints):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, dist_checkpointing as dc\n"
+        "from layouts import load_tp1\n"
+        f"load_tp1({tp2_checkpoints + '/torch_dist'!r})\n"
+        "print(sorted(m for m in ('zarr', 'tensorstore') if m in sys.modules))\n"
+        f"load_tp1({tp2_checkpoints + '/zarr'!r})\n"
+        "print(sorted(m for m in ('zarr', 'tensorstore') if m in sys.modules))\n"
+    )
+    here = os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-c", script], cwd=here, capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "['zarr']"], out

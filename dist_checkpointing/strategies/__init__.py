@@ -14,7 +14,6 @@ _ENGINE_CLASSES = {
     "tensorstore": ("tensorstore", "TensorStoreSaveShardedStrategy", "TensorStoreLoadShardedStrategy"),
     "torch_dist": ("torch", "TorchDistSaveShardedStrategy", "TorchDistLoadShardedStrategy"),
 }
-_registered = False
 
 
 def engine_classes(backend: str) -> Tuple[type, type]:
@@ -32,18 +31,27 @@ def load_strategy_from_config(config: StrategyConfig):
     return engine_classes(config.backend)[1](config.backend, 1, config)
 
 
-def register_builtin_strategies() -> None:
-    """Registers the built-in engines as the defaults for their (backend, 1)."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    from .base import StrategyAction, register_default_strategy
-    from .common import TorchCommonLoadStrategy, TorchCommonSaveStrategy
+def builtin_backends(action) -> Tuple[Tuple[str, int], ...]:
+    """The (backend, version) pairs with a built-in strategy for `action`."""
+    from .base import StrategyAction
 
-    register_default_strategy(StrategyAction.SAVE_COMMON, "torch", 1, TorchCommonSaveStrategy())
-    register_default_strategy(StrategyAction.LOAD_COMMON, "torch", 1, TorchCommonLoadStrategy())
-    for backend in ENGINES:
-        config = StrategyConfig(backend=backend)
-        register_default_strategy(StrategyAction.SAVE_SHARDED, backend, 1, save_strategy_from_config(config))
-        register_default_strategy(StrategyAction.LOAD_SHARDED, backend, 1, load_strategy_from_config(config))
+    if action in (StrategyAction.SAVE_COMMON, StrategyAction.LOAD_COMMON):
+        return (("torch", 1),)
+    return tuple((backend, 1) for backend in ENGINES)
+
+
+def builtin_strategy(action, backend: str, version: int):
+    """A new built-in strategy for `action` and (backend, version), or None if there is none.
+    Only that engine's module (and the libraries it needs) is imported."""
+    from .base import StrategyAction
+
+    if (backend, version) not in builtin_backends(action):
+        return None
+    if action in (StrategyAction.SAVE_COMMON, StrategyAction.LOAD_COMMON):
+        from .common import TorchCommonLoadStrategy, TorchCommonSaveStrategy
+
+        return TorchCommonSaveStrategy() if action == StrategyAction.SAVE_COMMON else TorchCommonLoadStrategy()
+    config = StrategyConfig(backend=backend)
+    if action == StrategyAction.SAVE_SHARDED:
+        return save_strategy_from_config(config)
+    return load_strategy_from_config(config)

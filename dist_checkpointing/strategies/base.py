@@ -36,14 +36,19 @@ def register_default_strategy(action: StrategyAction, backend: str, version: int
 
 
 def get_default_strategy(action: StrategyAction, backend: str, version: int):
-    """The registered default strategy for `action` and (backend, version)."""
-    from . import register_builtin_strategies
+    """The registered default strategy for `action` and (backend, version); a built-in one is
+    created on first use, importing only its own engine."""
+    from . import builtin_backends, builtin_strategy
 
-    register_builtin_strategies()
+    registered = default_strategies[action.value]
+    if (backend, version) not in registered:
+        builtin = builtin_strategy(action, backend, version)
+        if builtin is not None:
+            registered[(backend, version)] = builtin
     try:
-        return default_strategies[action.value][(backend, version)]
+        return registered[(backend, version)]
     except KeyError:
-        known = sorted(default_strategies[action.value])
+        known = sorted(set(registered) | set(builtin_backends(action)))
         raise CheckpointingException(
             f"No default {action.value} strategy for backend {backend!r} version {version}; "
             f"available: {known}"
