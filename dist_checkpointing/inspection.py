@@ -66,7 +66,8 @@ def describe(checkpoint_dir) -> dict:
             info["zarr_format"] = read_array_document(checkpoint_dir, tensors[0]["key"])["zarr_format"]
         info["common_keys"] = sorted(map(str, load_common_state_dict(checkpoint_dir)))
     except CheckpointingException as e:
-        info["common_keys"], info["problem"] = info.get("common_keys"), str(e)
+        info.setdefault("common_keys", None)
+        info["problem"] = str(e)
     return info
 
 
@@ -170,20 +171,21 @@ def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problem
                 check_chunks_tile(checkpoint_dir, key, entry)
             except CheckpointingException as e:
                 problems.append((key, str(e)))
-    sizes: Dict[str, Optional[int]] = {}
+    sizes: Dict[str, Optional[int]] = {}  # file -> its size; None if missing
+    refused = set()  # files that are not inside the checkpoint (reported once)
     for index, info in dcp.storage_data.items():
         owners[(info.relative_path, info.offset)] = index.fqn
+        if info.relative_path in refused:
+            continue
         if info.relative_path not in sizes:
             try:
                 path = contained_path(checkpoint_dir, info.relative_path, f"{DCP_METADATA} (key '{index.fqn}')")
             except CheckpointingException as e:
                 problems.append((index.fqn, str(e)))
-                sizes[info.relative_path] = -1
+                refused.add(info.relative_path)
                 continue
             sizes[info.relative_path] = os.path.getsize(path) if os.path.isfile(path) else None
         size = sizes[info.relative_path]
-        if size == -1:
-            continue
         if size is None or size < info.offset + info.length:
             state = "is missing" if size is None else f"ends at byte {size}, before the item's end"
             problems.append((index.fqn, f"{os.path.join(checkpoint_dir, info.relative_path)} {state}"))

@@ -202,10 +202,13 @@ class ShardedTensor(ShardedBase):
         return data
 
     def deliver(self, box_values: torch.Tensor) -> torch.Tensor:
-        """What a load returns for this request, given the values of its `covering_box()` (on
-        the CPU, or already read into the destination): the destination (`load_destination`)
-        filled in place, else the values (moved to `data`'s device when that is not the CPU)."""
-        values = self.from_covering_box(box_values)
+        """What a load returns for this request, given the values of its `covering_box()`."""
+        return self.fill(self.from_covering_box(box_values))
+
+    def fill(self, values: torch.Tensor) -> torch.Tensor:
+        """What a load returns for this request, given its values (of `data_shape`; on the CPU,
+        or already read into the destination): the destination (`load_destination`) filled in
+        place, else the values (moved to `data`'s device when that is not the CPU)."""
         destination = self.load_destination()
         if destination is None:
             on_device = self.data is not None and self.data.device.type not in ("cpu", "meta")

@@ -273,10 +273,9 @@ def apply_strict_locally(
         return sharded_state_dict, set()
     if ckpt_sharded_metadata is None:
         raise CheckpointingException("Cannot check the checkpoint keys without its metadata")
-    if local_metadata is None:
-        local_metadata = [sh.without_data() for sh in nested_values(sharded_state_dict)]
+    requested = local_metadata if local_metadata is not None else nested_values(sharded_state_dict)
     ckpt_keys = {sh.key for sh in ckpt_sharded_metadata.values()}
-    unexpected_keys = {sh.key for sh in local_metadata} - ckpt_keys
+    unexpected_keys = {sh.key for sh in requested} - ckpt_keys
     return adjust_non_strict_load(sharded_state_dict, unexpected_keys), unexpected_keys
 
 

@@ -216,15 +216,12 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
             i = next(position)
             if not isinstance(sh, ShardedTensor):
                 return loaded[i]
-            shard, destination = _request_id(sh), sh.load_destination()
+            shard = _request_id(sh)
             value = shards[shard]
-            if destination is not None:  # filled in place (received into it, or copied)
-                if destination is not value:
-                    destination.detach().copy_(value)
-            elif shard in handed_out:
+            if shard in handed_out and sh.load_destination() is None:
                 value = value.clone()  # no aliasing between two results
             handed_out.add(shard)
-            return value if destination is None else destination
+            return sh.fill(value)  # into the caller's tensor, unless it was received there
 
         return dict_list_map_inplace(result, sharded_state_dict)
 

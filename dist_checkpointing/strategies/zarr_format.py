@@ -321,27 +321,22 @@ def array_format(checkpoint_dir, key: str) -> Optional[int]:
     return None
 
 
-def require_array(checkpoint_dir, key: str) -> int:
-    """The Zarr format of the array at `key`; a clear error if the key has no array."""
-    zarr_format = array_format(checkpoint_dir, check_key(key))
-    if zarr_format is None:
-        raise CheckpointingException(
-            f"Key '{key}' is not in the checkpoint {checkpoint_dir} (no Zarr array at "
-            f"{entry_dir(checkpoint_dir, key)}). Check the key, or load with "
-            f"strict='log_unexpected' to skip it."
-        )
-    return zarr_format
-
-
 MAX_CHUNKS = 2**26  # per array; more chunk files than any checkpoint writes means damage
 
 
 def read_array_document(checkpoint_dir, key: str) -> dict:
-    """The array document of `key` (`zarr.json` or `.zarray`), checked: a Zarr array of a known
-    dtype whose shape and chunk grid are bounded (numbers from a checkpoint are not trusted)."""
+    """The array document of `key` (`.zarray`, else `zarr.json`), read once and checked: a Zarr
+    array of a known dtype whose shape and chunk grid are bounded (numbers from a checkpoint are
+    not trusted). A key with no array raises a clear error."""
     array_dir = contained_path(checkpoint_dir, check_key(key), f"Key '{key}'")  # no link leads out
-    path = os.path.join(array_dir, METADATA_FNAME[require_array(checkpoint_dir, key)])
-    document = read_json(path)
+    paths = [os.path.join(array_dir, METADATA_FNAME[zarr_format]) for zarr_format in (2, 3)]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    document = read_json(path) if path else None
+    if path is None or (path == paths[1] and isinstance(document, dict) and document.get("node_type") != "array"):
+        raise CheckpointingException(
+            f"Key '{key}' is not in the checkpoint {checkpoint_dir} (no Zarr array at "
+            f"{array_dir}). Check the key, or load with strict='log_unexpected' to skip it."
+        )
     problem = _document_problem(document)
     if problem:
         raise CheckpointingException(
@@ -389,7 +384,7 @@ def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[st
     all): missing files and, in Zarr v3, files whose CRC-32C does not match. Empty if sound."""
     document = read_array_document(checkpoint_dir, key)
     chunks, global_shape = chunk_shape(document), document["shape"]
-    checksummed = document["zarr_format"] == 3 and document["codecs"][-1:] != [] and document["codecs"][-1]["name"] == "crc32c"
+    checksummed = document["zarr_format"] == 3 and [c["name"] for c in document["codecs"][-1:]] == ["crc32c"]
     separator = document.get("dimension_separator", ".")
     offset = [0] * len(global_shape) if offset is None else offset
     shape = global_shape if shape is None else shape
