@@ -8,7 +8,10 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+.PHONY: install demo test bench-env clean
 
 install: $(STAMP)
 
@@ -25,5 +28,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests -q
 
+# The benchmarks' own environment: the peer they are measured against (Megatron-Core 0.16.1,
+# without its CUDA dependencies) next to this library (docs/performance.md says which benchmark needs it).
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e .
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps megatron-core==0.16.1
+	touch $(BENCH_STAMP)
+
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) $(BENCH_VENV) demo_output

@@ -6,7 +6,7 @@ torch tensors cross into numpy through a 16-bit integer view, which is exact.
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import ml_dtypes
 import numpy as np
@@ -31,6 +31,7 @@ DTYPES = {
 }
 _NAME_OF_TORCH = {t: name for name, (t, _, _) in DTYPES.items()}
 _NAME_OF_NUMPY = {n: name for name, (_, n, _) in DTYPES.items()}
+_NAME_OF_ZARR_V2 = {("bfloat16" if name == "bfloat16" else n.str): name for name, (_, n, _) in DTYPES.items()}
 
 
 def name_of_torch(dtype: torch.dtype, key: str = "") -> str:
@@ -53,7 +54,12 @@ def name_of_numpy(dtype: np.dtype, key: str = "") -> str:
 
 def zarr_v2_dtype(name: str) -> str:
     """The `.zarray` "dtype" for a table name: numpy's typestr, "bfloat16" as Megatron wrote it."""
-    return "bfloat16" if name == "bfloat16" else DTYPES[name][1].str
+    return next(typestr for typestr, known in _NAME_OF_ZARR_V2.items() if known == name)
+
+
+def name_of_zarr_v2(typestr) -> Optional[str]:
+    """The table name of a `.zarray` "dtype" (little-endian or byte-sized); None otherwise."""
+    return _NAME_OF_ZARR_V2.get(typestr) if isinstance(typestr, str) else None
 
 
 def safetensors_dtype(name: str) -> str:

@@ -93,26 +93,38 @@ class ChecksumIndex:
         self.files = set(checksums or ())
         self.ranges = {(name, o): (n, crc) for name, rs in (checksums or {}).items() for o, n, crc in rs}
 
-    def verify(self, data, checkpoint_dir, name: str, offset: int, what: str) -> None:
-        """Checks bytes `data` read from `name` at `offset` against their recorded Range.
-
-        Files without a record (written by Megatron-Core, or by no checksumming writer) pass;
-        a recorded range read shorter (a truncated file) or with another CRC fails.
-        """
+    def recorded(self, checkpoint_dir, name: str, offset: int, what: str) -> Optional[Tuple[int, int]]:
+        """(length, crc) recorded for the range of file `name` at `offset`; None for a file
+        without records (written by Megatron-Core, or by no checksumming writer)."""
         if name not in self.files:
-            return
-        path = contained_path(checkpoint_dir, name, what)
+            return None
         if (name, offset) not in self.ranges:
             raise CheckpointingException(
-                f"{what}: {path} has no recorded item at byte {offset}; metadata.json and the "
-                f"data file disagree. The checkpoint is damaged."
+                f"{what}: {contained_path(checkpoint_dir, name, what)} has no recorded item at byte "
+                f"{offset}; metadata.json and the data file disagree. The checkpoint is damaged."
             )
-        length, crc = self.ranges[name, offset]
-        problem = _range_problem(data, length, crc)
+        return self.ranges[name, offset]
+
+    def verify(self, data, checkpoint_dir, name: str, offset: int, what: str) -> None:
+        """Checks bytes `data` read from `name` at `offset` against their recorded Range (a
+        recorded range read shorter, e.g. from a truncated file, or with another CRC fails)."""
+        recorded = self.recorded(checkpoint_dir, name, offset, what)
+        if recorded is not None:
+            size = memoryview(data).nbytes
+            self._check(_problem(size, *recorded, lambda: crc32c(memoryview(data).cast("B"))), checkpoint_dir, name, offset, what)
+
+    def verify_crc(self, crc: int, size: int, checkpoint_dir, name: str, offset: int, what: str) -> None:
+        """Like `verify`, for `size` bytes whose CRC-32C `crc` the reader computed as they landed."""
+        recorded = self.recorded(checkpoint_dir, name, offset, what)
+        if recorded is not None:
+            self._check(_problem(size, *recorded, lambda: crc), checkpoint_dir, name, offset, what)
+
+    def _check(self, problem: Optional[str], checkpoint_dir, name: str, offset: int, what: str) -> None:
         if problem:
+            length = self.ranges[name, offset][0]
             raise CheckpointingException(
-                f"{what}: bytes {offset}..{offset + length} of {path} are damaged: {problem}. "
-                f"Restore the file or the checkpoint from a copy, or save again."
+                f"{what}: bytes {offset}..{offset + length} of {contained_path(checkpoint_dir, name, what)} "
+                f"are damaged: {problem}. Restore the file or the checkpoint from a copy, or save again."
             )
 
     def read_file(self, checkpoint_dir, name: str, what: str) -> io.BytesIO:
@@ -131,12 +143,17 @@ class ChecksumIndex:
 
 def _range_problem(data, length: int, crc: int) -> Optional[str]:
     """What is wrong with bytes `data` read for a recorded Range (None if they match it)."""
-    size = memoryview(data).nbytes
+    return _problem(memoryview(data).nbytes, length, crc, lambda: crc32c(memoryview(data).cast("B")))
+
+
+def _problem(size: int, length: int, crc: int, actual_crc: Callable[[], int]) -> Optional[str]:
+    """What is wrong with `size` bytes read for a recorded Range of `length` and `crc`, whose
+    CRC-32C `actual_crc()` gives (None if they match it)."""
     if size < length:
         return f"only {size} of {length} bytes could be read (the file is truncated)"
     if size > length:
         return f"the file has {size} bytes, not {length} (it was replaced or appended to)"
-    if crc32c(memoryview(data).cast("B")) != crc:
+    if actual_crc() != crc:
         return "their CRC-32C does not match (the bytes were changed)"
     return None
 

@@ -201,6 +201,15 @@ class ShardedTensor(ShardedBase):
             return None
         return data
 
+    def box_destination(self) -> Optional[torch.Tensor]:
+        """The destination (`load_destination`) viewed as the values of `covering_box()` (with
+        the box's leading unit axes), for a reader to write into; None when the load must
+        allocate the box, also for a flattened request (its box is the rows around its range)."""
+        destination = self.load_destination()
+        if destination is None or self.flattened_range is not None:
+            return None
+        return destination.detach()[(None,) * self.prepend_axis_num]
+
     def deliver(self, box_values: torch.Tensor) -> torch.Tensor:
         """What a load returns for this request, given the values of its `covering_box()`."""
         return self.fill(self.from_covering_box(box_values))

@@ -8,17 +8,19 @@ Users allow their own classes globally with `torch.serialization.add_safe_global
 """
 
 import argparse
+import collections
 import hashlib
 import io
 import pathlib
 import pickle
 import types
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .core import CheckpointingException
+from .core import CheckpointingException, is_int
 from .integrity import Range, write_checksummed
 
 SAFE_GLOBALS = [
@@ -157,3 +159,56 @@ def load_dcp_metadata(path: str):
 def dump_dcp_metadata(metadata) -> bytes:
     """The `.metadata` bytes DCP readers expect (a plain pickle of DCP's `Metadata`)."""
     return pickle.dumps(metadata)
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What the `data.pkl` of a `torch.save`d tensor says about it, short of building it."""
+
+    storage_key: str  # the name of its storage record, `<archive>/data/<storage_key>`
+    dtype: torch.dtype
+    storage_numel: int
+    storage_offset: int
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+
+
+def _storage_dtypes() -> dict:
+    """Storage class name (what a torch.save pickle names, e.g. "BFloat16Storage") -> dtype."""
+    return {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+
+
+class _TensorRecordUnpickler(pickle.Unpickler):
+    """Reads a tensor's `data.pkl` into a TensorRecord: it can build nothing but that."""
+
+    _STORAGES = _storage_dtypes()
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _record
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in self._STORAGES:
+            return self._STORAGES[name]
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype) or not isinstance(key, str) or not is_int(numel):
+            raise pickle.UnpicklingError(f"storage {pid!r}")
+        return key, dtype, numel
+
+
+def _record(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    key, dtype, numel = storage
+    return TensorRecord(key, dtype, numel, storage_offset, tuple(size), tuple(stride))
+
+
+def tensor_record(pickled: bytes) -> Optional[TensorRecord]:
+    """The TensorRecord of a `data.pkl`; None when it holds anything but one plain tensor (a
+    reader then falls back to `load_object`, which also explains what is wrong)."""
+    try:
+        record = _TensorRecordUnpickler(io.BytesIO(pickled)).load()
+    except Exception:
+        return None
+    return record if isinstance(record, TensorRecord) else None

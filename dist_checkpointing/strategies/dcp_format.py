@@ -12,9 +12,9 @@ load for the keys it reads, and by `dist-ckpt verify` for all.
 import io
 import math
 import os
-import re
-import zipfile
-from typing import Optional, Tuple
+import struct
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -30,7 +30,7 @@ from ..core import CheckpointingException, is_int
 from ..geometry import cover_fault, inside
 from ..layout import relative_path_problem
 from ..mapping import ShardedObject, whole_tensor_metadata
-from ..pickling import load_dcp_metadata, load_object
+from ..pickling import TensorRecord, load_dcp_metadata, load_object, tensor_record
 
 METADATA_FNAME = ".metadata"
 ORIG_SHAPE = "nd_reformulated_orig_global_shape"  # Megatron-Core's `mcore_data` field
@@ -157,19 +157,150 @@ def mcore_data(metadata: Metadata) -> dict:
     return getattr(metadata, "mcore_data", None) or {}
 
 
-def stored_tensor(blob: memoryview, what: str, path: str) -> torch.Tensor:
-    """The tensor of a `torch.save` blob, as a view of the blob's bytes when it is one stored
-    (uncompressed) storage record, which is what DCP writers produce: one copy less than
-    `torch.load`, which copies the record into a new storage."""
-    meta = load_object(io.BytesIO(blob), what, path, map_location="meta")
-    if not isinstance(meta, torch.Tensor):
-        raise CheckpointingException(f"{what} in {path}: expected a tensor, found {type(meta).__name__}")
-    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
-        records = [i for i in archive.infolist() if re.fullmatch(r"[^/]+/data/\d+", i.filename)]
-    if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or not records[0].file_size:
-        return load_object(io.BytesIO(blob), what, path)
-    record = records[0]
-    header = blob[record.header_offset : record.header_offset + 30]  # the local file header
-    start = record.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
-    storage = torch.frombuffer(blob, dtype=torch.uint8, count=record.file_size, offset=start)
-    return storage.view(meta.dtype).as_strided(meta.shape, meta.stride(), meta.storage_offset())
+# A DCP item is one `torch.save` zip archive: `<archive>/data.pkl` (the tensor's dtype, shape and
+# strides), small records, `<archive>/data/<n>` (the storage's bytes, stored uncompressed) and the
+# central directory; the records' local headers carry no sizes (they are in data descriptors),
+# so an item is read from its central directory at the end.
+_MAX_DIRECTORY = 2**20  # bytes; a tensor item's directory has a handful of entries
+_TAIL = 4096  # what is read first from an item's end: its directories, usually
+
+
+@dataclass(frozen=True)
+class TensorItem:
+    """Where the values of a `torch.save`d tensor lie in its item, found without loading it:
+    `head` (the item's bytes before the values), `nbytes` of values, `tail` (the bytes after)."""
+
+    record: TensorRecord
+    head: bytes
+    nbytes: int
+    tail: bytes
+
+    @property
+    def start(self) -> int:
+        return len(self.head)
+
+
+def tensor_item(read: Callable[[int, int], bytes], length: int) -> Optional[TensorItem]:
+    """The TensorItem of the `torch.save` item of `length` bytes that `read(offset, n)` reads;
+    None unless it is one plain contiguous tensor in one uncompressed record (a reader then
+    falls back to `load_object`, which also says what is wrong with a damaged item)."""
+    try:
+        return _tensor_item(read, length)
+    except (struct.error, ValueError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _tensor_item(read, length: int) -> Optional[TensorItem]:
+    tail_start = max(0, length - _TAIL)
+    tail = read(tail_start, length - tail_start)
+    entries = _central_directory(read, length, tail_start, tail)
+    if entries is None:
+        return None
+    pickles = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        return None
+    prefix = pickles[0][: -len("data.pkl")]
+    records = [n for n in entries if n.startswith(prefix + "data/")]
+    if len(records) != 1 or any(entries[n][0] != 0 for n in (pickles[0], records[0])):
+        return None  # compressed, or more than one storage
+    storage = records[0]
+    head = read(0, min(length, entries[storage][2] + 30 + len(storage) + 256))
+
+    def content(name: str) -> Tuple[int, int]:  # (start, size) of an entry's bytes
+        _, size, offset = entries[name]
+        signature, name_length, extra_length = struct.unpack_from("<4s22xHH", head, offset)
+        if signature != b"PK\x03\x04":
+            raise ValueError(name)
+        return offset + 30 + name_length + extra_length, size
+
+    byteorder = prefix + "byteorder"
+    if byteorder in entries:
+        at, size = content(byteorder)
+        if bytes(head[at : at + size]) != b"little":
+            return None
+    at, size = content(pickles[0])
+    record = tensor_record(bytes(head[at : at + size]))
+    start, nbytes = content(storage)
+    if (
+        record is None
+        or storage != prefix + "data/" + record.storage_key
+        or record.storage_offset != 0
+        or record.stride != _contiguous_strides(record.shape)
+        or record.storage_numel != math.prod(record.shape)
+        or nbytes != record.storage_numel * record.dtype.itemsize
+        or start + nbytes > length
+    ):
+        return None
+    if start > len(head):
+        head = read(0, start)
+    end = start + nbytes
+    rest = tail[end - tail_start :] if end >= tail_start else read(end, length - end)
+    return TensorItem(record, bytes(head[:start]), nbytes, bytes(rest))
+
+
+def _central_directory(read, length: int, tail_start: int, tail) -> Optional[Dict[str, Tuple[int, int, int]]]:
+    """name -> (compression method, size, local header offset) of each entry of the item's zip
+    directory (Zip64 records read where present, as `torch.save` writes them)."""
+    end = bytes(tail).rfind(b"PK\x05\x06")
+    if end < 0:
+        return None
+    count, size, offset = struct.unpack_from("<10xHII", tail, end)
+    locator = end - 20
+    if locator >= 0 and bytes(tail[locator : locator + 4]) == b"PK\x06\x07":
+        (record_at,) = struct.unpack_from("<8xQ", tail, locator)
+        record = read(record_at, 56) if record_at < tail_start else tail[record_at - tail_start :]
+        signature, count, size, offset = struct.unpack_from("<4s28xQQQ", record)
+        if signature != b"PK\x06\x06":
+            return None
+    if size > _MAX_DIRECTORY or offset + size > length:
+        return None
+    directory = read(offset, size) if offset < tail_start else tail[offset - tail_start : offset - tail_start + size]
+    entries, at = {}, 0
+    for _ in range(count):
+        signature, method, compressed, uncompressed, name_length, extra_length, comment_length, header = (
+            struct.unpack_from("<4s6xH8xIIHHH8xI", directory, at)
+        )
+        if signature != b"PK\x01\x02":
+            return None
+        name = bytes(directory[at + 46 : at + 46 + name_length]).decode()
+        extra = bytes(directory[at + 46 + name_length : at + 46 + name_length + extra_length])
+        compressed, header = _zip64_sizes(extra, uncompressed, compressed, header)
+        entries[name] = (method, compressed, header)
+        at += 46 + name_length + extra_length + comment_length
+    return entries
+
+
+def _zip64_sizes(extra: bytes, uncompressed: int, compressed: int, header: int) -> Tuple[int, int]:
+    """(compressed size, header offset) of a directory entry, from its Zip64 extra field where
+    the 32-bit fields are saturated."""
+    at = 0
+    while at + 4 <= len(extra):
+        kind, size = struct.unpack_from("<HH", extra, at)
+        if kind == 1:
+            values = iter(struct.unpack_from(f"<{size // 8}Q", extra, at + 4))
+            if uncompressed == 0xFFFFFFFF:
+                next(values)
+            if compressed == 0xFFFFFFFF:
+                compressed = next(values)
+            if header == 0xFFFFFFFF:
+                header = next(values)
+        at += 4 + size
+    return compressed, header
+
+
+def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    return tuple(math.prod(shape[axis + 1 :]) for axis in range(len(shape)))
+
+
+def stored_tensor(blob, what: str, path: str) -> torch.Tensor:
+    """The tensor of an in-memory `torch.save` item, as a view of its bytes where it is one
+    plain tensor (what DCP writers produce), else as `torch.load` builds it."""
+    blob = memoryview(blob).cast("B")
+    item = tensor_item(lambda offset, n: blob[offset : offset + n], blob.nbytes)
+    if item is None:
+        tensor = load_object(io.BytesIO(blob), what, path)
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointingException(f"{what} in {path}: expected a tensor, found {type(tensor).__name__}")
+        return tensor
+    values = torch.frombuffer(blob, dtype=torch.uint8, count=item.nbytes, offset=item.start) if item.nbytes else torch.empty(0, dtype=torch.uint8)
+    return values.view(item.record.dtype).reshape(item.record.shape)

@@ -43,7 +43,7 @@ from ..core import CheckpointingException, read_metadata
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_torch
 from ..fs import atomic_write, fsync_dir
-from ..integrity import ChecksumIndex, Checksums, Range, write_items_checksummed
+from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
 from ..geometry import intersection
 from ..layout import contained_path
@@ -60,9 +60,12 @@ from .dcp_format import (
     mcore_data,
     read_dcp_metadata,
     reformulated_from,
+    TensorItem,
     stored_entries,
     stored_tensor,
+    tensor_item,
 )
+from .reading import Piece, read_chunk, read_exactly
 
 @dataclass(frozen=True)
 class DcpSavePlan(ShardedSavePlan):
@@ -252,19 +255,37 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
 
 
 def _read_target(sh: ShardedTensor, box_shape) -> torch.Tensor:
-    """Where the chunks of request `sh` are read: straight into the caller's tensor when it is
-    a CPU destination of the whole box (viewed with the box's leading unit axes), else a new
-    CPU tensor of the box (flattened requests, other devices, requests without data)."""
-    destination = sh.load_destination()
-    if destination is not None and destination.device.type == "cpu" and sh.flattened_range is None:
-        return destination.detach()[(None,) * sh.prepend_axis_num]
-    return torch.empty(box_shape, dtype=sh.dtype)
+    """Where the chunks of request `sh` are read: the caller's tensor when it can hold the box
+    (on any device), else a new CPU tensor of the box."""
+    target = sh.box_destination()
+    return target if target is not None else torch.empty(box_shape, dtype=sh.dtype)
 
 
 def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
     for axis, (start, length) in enumerate(zip(offsets, lengths)):
         tensor = tensor.narrow(axis, start, length)
     return tensor
+
+
+IN_MEMORY_ITEM_BYTES = 2**20  # smaller items are read whole, then copied: fewer reads
+
+
+@dataclass(frozen=True)
+class _ItemRead:
+    """One stored item being read: where it is, and how it is checked."""
+
+    checkpoint_dir: str
+    name: str  # of its file, relative to the checkpoint
+    path: str
+    fd: int
+    info: _StorageInfo
+    what: str
+    checksums: ChecksumIndex
+
+    def read(self, offset: int, n: int) -> memoryview:
+        """`n` bytes of the item from `offset` (fewer at the file's end)."""
+        data = bytearray(n)
+        return memoryview(data)[: read_exactly(self.fd, self.info.offset + offset, data)]
 
 
 class _Pending:
@@ -406,8 +427,8 @@ class _Reads:
         path = contained_path(self.checkpoint_dir, name, f"{METADATA_FNAME} (keys {keys})")
         infos = sorted(((self.metadata.storage_data[index], index) for index in stored), key=lambda e: e[0].offset)
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            with open(path, "rb", buffering=0) as f:
+                fd, size = f.fileno(), os.fstat(f.fileno()).st_size
                 for info, index in infos:
                     what = f"Key '{index.fqn}'"
                     if getattr(info, "transform_descriptors", None):
@@ -421,16 +442,14 @@ class _Reads:
                             f"{info.offset}..{info.offset + info.length}; the file is truncated or the "
                             f"checkpoint is damaged"
                         )
-                    f.seek(info.offset)
-                    data = bytearray(info.length)
-                    data = memoryview(data)[: f.readinto(data)]
-                    checksums.verify(data, self.checkpoint_dir, name, info.offset, what)
-                    for item in stored[index]:
-                        if item.type == LoadItemType.BYTE_IO:
-                            self.load_bytes(item, io.BytesIO(data))
-                        else:
-                            tensor = self._chunk_tensor(index, data, what, path)
-                            self.resolve_tensor(item).copy_(_narrow(tensor, item.storage_offsets, item.lengths))
+                    item = _ItemRead(self.checkpoint_dir, name, path, fd, info, what, checksums)
+                    readers = stored[index]
+                    if readers[0].type == LoadItemType.TENSOR and info.length > IN_MEMORY_ITEM_BYTES:
+                        layout = tensor_item(item.read, info.length)
+                        if layout is not None:
+                            self._read_in_place(item, index, layout, readers)
+                            continue
+                    self._read_in_memory(item, index, readers)
         except CheckpointingException:
             raise
         except Exception as e:  # a missing, truncated or corrupt data file
@@ -438,18 +457,44 @@ class _Reads:
                 f"Cannot read keys {keys} from {path}: {type(e).__name__}: {e}. The checkpoint is damaged."
             ) from e
 
-    def _chunk_tensor(self, index: MetadataIndex, data, what: str, path: str) -> torch.Tensor:
-        """The tensor stored for chunk `index`, refused unless it has the chunk's size and the
-        key's dtype (a stored item that disagrees with `.metadata` is damage, not data)."""
-        tensor = stored_tensor(data, what, path)
-        dtype = self.metadata.state_dict_metadata[index.fqn].properties.dtype
-        if tensor.shape != self.chunk_sizes[index] or tensor.dtype != dtype:
+    def _read_in_place(self, item: "_ItemRead", index: MetadataIndex, layout: TensorItem, readers: List[ReadItem]) -> None:
+        """The item's values read straight into their destinations, checked as they land."""
+        record = layout.record
+        self._check_chunk(index, record.dtype, record.shape, item.what, item.path)
+        pieces = [
+            Piece(tuple(slice(o, o + n) for o, n in zip(r.storage_offsets, r.lengths)), self.resolve_tensor(r))
+            for r in readers
+        ]
+        recorded = item.checksums.recorded(self.checkpoint_dir, item.name, item.info.offset, item.what)
+        crc = None if recorded is None else crc32c(layout.head)
+        crc = read_chunk(item.fd, item.info.offset + layout.start, record.shape, record.dtype, pieces, crc, item.path)
+        if recorded is not None:
+            crc = crc32c(layout.tail, crc)
+            item.checksums.verify_crc(crc, item.info.length, self.checkpoint_dir, item.name, item.info.offset, item.what)
+
+    def _read_in_memory(self, item: "_ItemRead", index: MetadataIndex, readers: List[ReadItem]) -> None:
+        """The item read whole into memory, verified, then copied where it is needed."""
+        data = item.read(0, item.info.length)
+        item.checksums.verify(data, self.checkpoint_dir, item.name, item.info.offset, item.what)
+        if readers[0].type == LoadItemType.BYTE_IO:
+            for reader in readers:
+                self.load_bytes(reader, io.BytesIO(data))
+            return
+        tensor = stored_tensor(data, item.what, item.path)
+        self._check_chunk(index, tensor.dtype, tensor.shape, item.what, item.path)
+        for reader in readers:
+            self.resolve_tensor(reader).copy_(_narrow(tensor, reader.storage_offsets, reader.lengths))
+
+    def _check_chunk(self, index: MetadataIndex, dtype: torch.dtype, shape, what: str, path: str) -> None:
+        """A stored item must hold a tensor of its chunk's size and the key's dtype (one that
+        disagrees with `.metadata` is damage, not data)."""
+        expected = self.metadata.state_dict_metadata[index.fqn].properties.dtype
+        if tuple(shape) != tuple(self.chunk_sizes[index]) or dtype != expected:
             raise CheckpointingException(
-                f"{what}: the item at chunk {tuple(index.offset)} in {path} holds a {tensor.dtype} tensor "
-                f"of shape {tuple(tensor.shape)}, {METADATA_FNAME} says {dtype} of shape "
+                f"{what}: the item at chunk {tuple(index.offset)} in {path} holds a {dtype} tensor "
+                f"of shape {tuple(shape)}, {METADATA_FNAME} says {expected} of shape "
                 f"{tuple(self.chunk_sizes[index])}; the checkpoint is damaged"
             )
-        return tensor
 
     def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
         return _narrow(self.destinations[item.dest_index.index], item.dest_offsets, item.lengths)

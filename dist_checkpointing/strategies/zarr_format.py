@@ -24,14 +24,16 @@ import torch
 from ..collectives import get_rank, send_and_receive
 from ..core import CheckpointingException, is_int, read_json
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..dtypes import DTYPES, name_of_numpy, name_of_torch, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
+from ..dtypes import DTYPES, name_of_numpy, name_of_torch, name_of_zarr_v2, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
 from ..fs import fsync_dirs, parents_up_to, write_durably
 from ..integrity import crc32c
+from ..geometry import intersection
 from ..layout import check_key, contained_path, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..validation import ShardsByKey, check_request_against_stored, shards_of, validate_flat_tiling
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 from .config import ZARR_ENGINES, StrategyConfig
+from .reading import Piece, piece_of, read_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -279,11 +281,24 @@ def _v2_compressor(config: StrategyConfig, itemsize: int) -> Optional[dict]:
     return None
 
 
-def chunk_key(zarr_format: int, chunk_index: Sequence[int]) -> str:
-    """A chunk's file path inside its array directory ("c/1/0" in v3, "1.0" in v2)."""
+def chunk_key(zarr_format: int, chunk_index: Sequence[int], separator: Optional[str] = None) -> str:
+    """A chunk's file path inside its array directory ("c/1/0" in v3, "1.0" in v2, with the
+    array's separator where it names another)."""
     if zarr_format == 2:
-        return ".".join(map(str, chunk_index)) or "0"
-    return "/".join(["c", *map(str, chunk_index)])
+        return (separator or ".").join(map(str, chunk_index)) or "0"
+    return (separator or "/").join(["c", *map(str, chunk_index)])
+
+
+def key_separator(document: dict) -> Optional[str]:
+    """The separator of the array's chunk file names; None for an encoding other than the
+    default one (only the engines read those)."""
+    if document["zarr_format"] == 2:
+        return document.get("dimension_separator") or "."
+    encoding = document.get("chunk_key_encoding", {"name": "default"})
+    if not isinstance(encoding, dict) or encoding.get("name") != "default":
+        return None
+    separator = (encoding.get("configuration") or {}).get("separator", "/")
+    return separator if separator in ("/", ".") else None
 
 
 def chunk_indices(offset: Sequence[int], shape: Sequence[int], chunks: Sequence[int]):
@@ -385,14 +400,13 @@ def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[st
     document = read_array_document(checkpoint_dir, key)
     chunks, global_shape = chunk_shape(document), document["shape"]
     checksummed = document["zarr_format"] == 3 and [c["name"] for c in document["codecs"][-1:]] == ["crc32c"]
-    separator = document.get("dimension_separator", ".")
+    separator = key_separator(document)
     offset = [0] * len(global_shape) if offset is None else offset
     shape = global_shape if shape is None else shape
     stops = [min(o + s, g) for o, s, g in zip(offset, shape, global_shape)]
     problems = []
     for index in chunk_indices(offset, [max(0, e - o) for o, e in zip(offset, stops)], chunks):
-        name = chunk_key(document["zarr_format"], index).replace(".", separator)
-        path = os.path.join(entry_dir(checkpoint_dir, key), name)
+        path = os.path.join(entry_dir(checkpoint_dir, key), chunk_key(document["zarr_format"], index, separator))
         if os.path.islink(path):
             problems.append(f"{path}: a symbolic link, not a chunk file of the checkpoint")
             continue
@@ -504,8 +518,9 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
     def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
         """Opens the existing array of `key` read-only."""
 
-    def _open(self, checkpoint_dir, key: str) -> StoredArray:
-        zarr_format = read_array_document(checkpoint_dir, key)["zarr_format"]  # checked first
+    def _open(self, checkpoint_dir, key: str, document: Optional[dict] = None) -> StoredArray:
+        """The engine's array of `key`, whose document (read if not given) was checked first."""
+        zarr_format = (document or read_array_document(checkpoint_dir, key))["zarr_format"]
         try:
             return self.open_array(str(checkpoint_dir), key, zarr_format)
         except Exception as e:  # engines raise many types for a damaged array
@@ -513,13 +528,19 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
             raise CheckpointingException(f"Key '{key}': cannot open the Zarr array at {where}: {e}") from e
 
     def load(self, sharded_state_dict, checkpoint_dir):
-        """Opens each key's array once, then reads all requests concurrently (both engines
-        release the GIL while reading and decoding)."""
+        """Reads every request: arrays of raw chunks by the layout's own reader, straight into
+        the destinations (`RawChunkReads`); others (compressed) through the engine, opened once
+        per key. Both run their reads concurrently (the engines release the GIL)."""
+        checkpoint_dir = str(checkpoint_dir)
         requests = [sh for sh in nested_values(sharded_state_dict) if isinstance(sh, ShardedTensor)]
-        arrays = {key: self._open(checkpoint_dir, key) for key in dict.fromkeys(sh.key for sh in requests)}
+        documents = {key: read_array_document(checkpoint_dir, key) for key in dict.fromkeys(sh.key for sh in requests)}
+        raw = RawChunkReads(checkpoint_dir)
+        decoded = [sh for sh in requests if not raw.plan(sh, documents[sh.key])]
+        loaded = raw.run(self.config.thread_count)
+        arrays = {key: self._open(checkpoint_dir, key, documents[key]) for key in dict.fromkeys(sh.key for sh in decoded)}
         with ThreadPoolExecutor(self.config.thread_count) as pool:
-            values = pool.map(lambda sh: read_request(arrays[sh.key], sh, checkpoint_dir), requests)
-            loaded = {id(sh): value for sh, value in zip(requests, values)}
+            values = pool.map(lambda sh: read_request(arrays[sh.key], sh, checkpoint_dir), decoded)
+            loaded.update((id(sh), value) for sh, value in zip(decoded, values))
         return dict_list_map_inplace(lambda sh: loaded.get(id(sh), sh), sharded_state_dict)
 
     def load_tensors_metadata(self, checkpoint_dir):
@@ -537,6 +558,111 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
         fsync_dirs([str(checkpoint_dir)])
 
 
+def raw_dtype(document: dict) -> Optional[torch.dtype]:
+    """The dtype of an array whose chunk files are its values as stored in memory (C order,
+    little-endian, uncompressed; in Zarr v3 followed by their CRC-32C), which a load reads
+    without an engine; None for any other array."""
+    if key_separator(document) is None:
+        return None
+    if document["zarr_format"] == 2:
+        name = name_of_zarr_v2(document.get("dtype"))
+        plain = document.get("compressor") is None and not document.get("filters") and document.get("order") == "C"
+    else:
+        name = document.get("data_type")
+        codecs = document["codecs"]
+        names = [c["name"] for c in codecs]
+        little = (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
+        plain = names in (["bytes"], ["bytes", "crc32c"]) and little
+    return torch_dtype(name) if plain and name in DTYPES else None
+
+
+class RawChunkReads:
+    """The reads of one load from arrays of raw chunks (`raw_dtype`): every chunk file a
+    request needs is read once, straight into the request's tensor where it is the whole chunk
+    (reading.py), its CRC-32C checked on the bytes as they land."""
+
+    def __init__(self, checkpoint_dir: str):
+        self.checkpoint_dir = checkpoint_dir
+        self.targets: List[Tuple[ShardedTensor, torch.Tensor]] = []
+        self.chunks: Dict[str, "_ChunkFile"] = {}  # by path relative to the checkpoint
+
+    def plan(self, sh: ShardedTensor, document: dict) -> bool:
+        """Plans the reads of request `sh`; False if its array is not one of raw chunks."""
+        dtype = raw_dtype(document)
+        if dtype is None:
+            return False
+        stored_shape = tuple(document["shape"])
+        where = entry_dir(self.checkpoint_dir, sh.key)
+        check_request_against_stored(sh, name_of_torch(dtype, sh.key), stored_shape, where)
+        offset, shape = sh.covering_box()
+        target = sh.box_destination()
+        if target is None:
+            target = torch.empty(shape, dtype=dtype)
+        if any(o + n > g for o, n, g in zip(offset, shape, stored_shape)):
+            target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
+        stops = [min(o + n, g) for o, n, g in zip(offset, shape, stored_shape)]
+        inside = [max(0, e - o) for o, e in zip(offset, stops)]
+        chunks, separator = chunk_shape(document), key_separator(document)
+        for index in chunk_indices(offset, inside, chunks):
+            origin = [i * c for i, c in zip(index, chunks)]
+            box = intersection((tuple(offset), tuple(inside)), (tuple(origin), tuple(chunks)))
+            if box is None:
+                continue
+            name = f"{sh.key}/{chunk_key(document['zarr_format'], index, separator)}"
+            if name not in self.chunks:
+                checksummed = document["zarr_format"] == 3 and document["codecs"][-1]["name"] == "crc32c"
+                self.chunks[name] = _ChunkFile(sh.key, tuple(chunks), dtype, checksummed, [])
+            region = (tuple(a for a, _ in box), tuple(b - a for a, b in box))
+            self.chunks[name].pieces.append(piece_of(origin, region, target, offset))
+        self.targets.append((sh, target))
+        return True
+
+    def run(self, thread_count: int) -> Dict[int, torch.Tensor]:
+        """Reads every planned chunk; returns each request's value by `id` of the request."""
+        with ThreadPoolExecutor(max(1, thread_count)) as pool:
+            list(pool.map(self._read, self.chunks.items()))
+        return {id(sh): sh.deliver(target) for sh, target in self.targets}
+
+    def _read(self, entry: Tuple[str, "_ChunkFile"]) -> None:
+        name, chunk = entry
+        what = f"Key '{chunk.key}'"
+        path = contained_path(self.checkpoint_dir, name, what)
+        nbytes = math.prod(chunk.shape) * chunk.dtype.itemsize
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: missing"]) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != nbytes + 4 * chunk.checksummed:
+                raise _damaged(chunk.key, self.checkpoint_dir, [
+                    f"{path}: has {size} bytes, a chunk of shape {list(chunk.shape)} has {nbytes + 4 * chunk.checksummed} (truncated or changed)"
+                ])
+            crc = read_chunk(fd, 0, chunk.shape, chunk.dtype, chunk.pieces, 0 if chunk.checksummed else None, path)
+            if chunk.checksummed and os.pread(fd, 4, nbytes) != crc.to_bytes(4, "little"):
+                raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: fails its CRC-32C (truncated or changed)"])
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class _ChunkFile:
+    key: str
+    shape: Tuple[int, ...]  # of the chunk (edge chunks are stored whole)
+    dtype: torch.dtype
+    checksummed: bool  # ends with the CRC-32C of the values (Zarr v3's `crc32c` codec)
+    pieces: List[Piece]
+
+
+def _damaged(key: str, checkpoint_dir, problems: List[str], cause: str = "") -> CheckpointingException:
+    """The error for a request that cannot be read: the damaged chunk files it needs."""
+    return CheckpointingException(
+        f"Key '{key}': cannot read from {entry_dir(checkpoint_dir, key)}: "
+        + ("; ".join(problems) if problems else cause)
+        + ". The checkpoint is damaged; restore these files from a copy or save again."
+    )
+
+
 def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch.Tensor:
     """The values of request `sh`: in `sh.data` when it can hold them (`ShardedTensor.deliver`),
     else a new tensor on the device of `sh.data` (CPU if it has none).
@@ -549,9 +675,5 @@ def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch
         values = read_box(array, offset, shape)
     except Exception as e:  # engines raise ValueError, OSError, ... for damaged chunks
         damaged = damaged_chunks(checkpoint_dir, sh.key, offset, shape)
-        raise CheckpointingException(
-            f"Key '{sh.key}': cannot read from {where}: "
-            + ("; ".join(damaged) if damaged else f"{type(e).__name__}: {e}")
-            + ". The checkpoint is damaged; restore these files from a copy or save again."
-        ) from e
+        raise _damaged(sh.key, checkpoint_dir, damaged, f"{type(e).__name__}: {e}") from e
     return sh.deliver(to_torch(values))
