@@ -9,7 +9,7 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Callable, Iterable, Set
+from typing import Callable, Iterable, List, Set
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
@@ -106,3 +106,19 @@ def file_size_limit_raises():
         yield
     finally:
         signal.signal(signal.SIGXFSZ, previous)
+
+
+def balance(items: list, bins: int, size: Callable[[object], int], min_bin: int = 0) -> List[list]:
+    """I/O work (files to write, chunks to read) split into at most `bins` lists of similar
+    total `size`, largest first, so that each thread gets one list: one hand-off per thread,
+    not per item. With `min_bin`, fewer lists, none much under that size: threads pay off only
+    where the work releases the GIL long enough (large reads and copies), not for many small
+    items, where they contend for it."""
+    total = sum(size(item) for item in items)
+    bins = max(1, min(bins, -(-total // min_bin) if min_bin else bins))
+    lists, totals = [[] for _ in range(bins)], [0] * bins
+    for item in sorted(items, key=size, reverse=True):
+        smallest = totals.index(min(totals))
+        lists[smallest].append(item)
+        totals[smallest] += size(item)
+    return [batch for batch in lists if batch]

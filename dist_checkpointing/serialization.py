@@ -42,6 +42,7 @@ from .mapping import (
     is_main_replica,
     whole_tensor_metadata,
 )
+from .opening import open_checkpoint
 from .pickling import digest_object
 from .state_dict_utils import load_preprocess, save_preprocess
 from .strategies import load_strategy_from_config, save_strategy_from_config
@@ -277,15 +278,15 @@ def load(
     def prepare():
         """Everything that can fail on one rank only: opening the checkpoint, and checking this
         rank's request against it (so the planning exchange carries every failure)."""
-        metadata = require_complete_checkpoint(checkpoint_dir)
+        checkpoint = local["checkpoint"] = open_checkpoint(checkpoint_dir, require_complete=True)
         sharded, common = verify_checkpoint_and_load_strategy(
-            checkpoint_dir, sharded_strategy, common_strategy, metadata
+            checkpoint_dir, sharded_strategy, common_strategy, checkpoint.metadata
         )
         local["strategies"] = sharded, common
-        local["state"] = common.load_common(checkpoint_dir)
+        local["state"] = common.load_common(checkpoint)
         request, nonpersistent, local["factories"] = load_preprocess(sharded_state_dict)
         merge(local["state"], nonpersistent)
-        local["ckpt"] = _sharded_metadata(checkpoint_dir, metadata, sharded, common)
+        local["ckpt"] = _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
         request, local["unexpected"] = apply_strict_locally(request, strict, local["ckpt"])
         check_requests_against_checkpoint(request, local["ckpt"], checkpoint_dir)
         local["request"] = request
@@ -301,13 +302,13 @@ def load(
         validate_sharding_integrity(global_metadata)
 
     def read():
-        state, request = local["state"], local["request"]
+        state, request, checkpoint = local["state"], local["request"], local["checkpoint"]
         objects = {}
         if not sharded.can_handle_sharded_objects:
             objects, request = extract_matching_values(request, lambda v: isinstance(v, ShardedObject))
-        merge(state, sharded.load(request, checkpoint_dir))  # first: it may talk to other ranks
+        merge(state, sharded.load(request, checkpoint))  # first: it may talk to other ranks
         if objects:
-            merge(state, common.load_sharded_objects(objects, checkpoint_dir))
+            merge(state, common.load_sharded_objects(objects, checkpoint))
         apply_factory_merges(state, local["factories"])
         return state
 
@@ -378,8 +379,9 @@ def _sharded_metadata(checkpoint_dir, metadata, sharded_strategy, common_strateg
 
 def load_common_state_dict(checkpoint_dir) -> StateDict:
     """The common (non-sharded) state of a checkpoint."""
-    _, common = verify_checkpoint_and_load_strategy(checkpoint_dir)
-    return common.load_common(str(checkpoint_dir))
+    checkpoint = open_checkpoint(checkpoint_dir, require_complete=True)
+    _, common = verify_checkpoint_and_load_strategy(checkpoint.path, None, None, checkpoint.metadata)
+    return common.load_common(checkpoint)
 
 
 def load_tensors_metadata(checkpoint_dir, sharded_strategy: LoadShardedStrategyLike = None):
@@ -388,25 +390,25 @@ def load_tensors_metadata(checkpoint_dir, sharded_strategy: LoadShardedStrategyL
     Keys are ShardedTensor keys, not state dict keys. The entries are unsharded, so they can be
     passed to `load` to read whole tensors.
     """
-    metadata = require_complete_checkpoint(checkpoint_dir)
-    sharded, _ = verify_checkpoint_and_load_strategy(checkpoint_dir, sharded_strategy, None, metadata)
-    return _tensors_metadata(str(checkpoint_dir), metadata, sharded)
+    checkpoint = open_checkpoint(checkpoint_dir, require_complete=True)
+    sharded, _ = verify_checkpoint_and_load_strategy(checkpoint.path, sharded_strategy, None, checkpoint.metadata)
+    return _tensors_metadata(checkpoint, checkpoint.metadata, sharded)
 
 
 def load_sharded_metadata(checkpoint_dir, sharded_strategy: LoadShardedStrategyLike = None):
     """Like `load_tensors_metadata`, plus the ShardedObjects (keyed by unique key)."""
-    metadata = require_complete_checkpoint(checkpoint_dir)
+    checkpoint = open_checkpoint(checkpoint_dir, require_complete=True)
     sharded, common = verify_checkpoint_and_load_strategy(
-        checkpoint_dir, sharded_strategy, None, metadata
+        checkpoint.path, sharded_strategy, None, checkpoint.metadata
     )
-    return _sharded_metadata(str(checkpoint_dir), metadata, sharded, common)
+    return _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
 
 
 def load_plain_tensors(checkpoint_dir) -> StateDict:
     """Every stored tensor, whole, keyed by its key (common state not included)."""
-    metadata = require_complete_checkpoint(checkpoint_dir)
-    sharded, _ = verify_checkpoint_and_load_strategy(checkpoint_dir, None, None, metadata)
-    return sharded.load(_tensors_metadata(str(checkpoint_dir), metadata, sharded), str(checkpoint_dir))
+    checkpoint = open_checkpoint(checkpoint_dir, require_complete=True)
+    sharded, _ = verify_checkpoint_and_load_strategy(checkpoint.path, None, None, checkpoint.metadata)
+    return sharded.load(_tensors_metadata(checkpoint, checkpoint.metadata, sharded), checkpoint)
 
 
 def load_content_metadata(checkpoint_dir=None, *, preloaded_state_dict: Optional[StateDict] = None):

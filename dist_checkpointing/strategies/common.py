@@ -7,12 +7,13 @@ Layout (Megatron-Core's): `<dir>/common.pt`, and one file per ShardedObject piec
 import glob
 import os
 
-from ..core import CheckpointingException, read_metadata
+from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..fs import fsync_dirs
 from ..integrity import Checksums, ChecksumIndex
 from ..layout import COMMON_FNAME, common_file, object_file
 from ..mapping import ShardedObject, is_main_replica
+from ..opening import open_checkpoint
 from ..pickling import load_object, save_object
 from .base import LoadCommonStrategy, SaveCommonStrategy
 
@@ -58,7 +59,7 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
         return state
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
-        checksums = _checksums(checkpoint_dir)
+        checksums = open_checkpoint(checkpoint_dir).checksums
 
         def load_one(obj):
             if not isinstance(obj, ShardedObject):
@@ -78,12 +79,7 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
         return found
 
 
-def _checksums(checkpoint_dir) -> ChecksumIndex:
-    metadata = read_metadata(checkpoint_dir)
-    return ChecksumIndex(metadata.checksums if metadata else None)
-
-
 def _load_verified(checkpoint_dir, path: str, what: str, checksums: ChecksumIndex = None):
-    checksums = checksums or _checksums(checkpoint_dir)
+    checksums = checksums or open_checkpoint(checkpoint_dir).checksums
     name = os.path.relpath(path, str(checkpoint_dir))
     return load_object(checksums.read_file(checkpoint_dir, name, what), what, path)

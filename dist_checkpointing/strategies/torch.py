@@ -39,14 +39,15 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.distributed.checkpoint.storage import WriteResult
 
 from ..collectives import get_rank
-from ..core import CheckpointingException, read_metadata
+from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_torch
-from ..fs import atomic_write, fsync_dir
+from ..fs import atomic_write, balance, fsync_dir
 from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
 from ..geometry import intersection
 from ..layout import contained_path
+from ..opening import OpenCheckpoint, open_checkpoint
 from ..pickling import dump_dcp_metadata, dump_object, load_object
 from ..validation import check_request_against_stored
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
@@ -65,7 +66,7 @@ from .dcp_format import (
     stored_tensor,
     tensor_item,
 )
-from .reading import Piece, read_chunk, read_exactly
+from .reading import THREAD_BYTES, Piece, read_chunk, read_exactly
 
 @dataclass(frozen=True)
 class DcpSavePlan(ShardedSavePlan):
@@ -132,7 +133,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
-        files = _balance(items, self.config.thread_count)
+        files = balance(items, self.config.thread_count, _nbytes)
         names = [f"__{plan.rank}_{n}.distcp" for n in range(len(files))]
         with ThreadPoolExecutor(max(1, len(files))) as pool:
             written = list(pool.map(_write_file, [str(checkpoint_dir)] * len(files), names, files))
@@ -183,18 +184,9 @@ def _compact_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _balance(items, bins: int) -> List[list]:
-    """Splits items into at most `bins` files of similar byte size (largest first)."""
-    def nbytes(item):
-        data = item[1]
-        return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else data.getbuffer().nbytes
-
-    files, sizes = [[] for _ in range(bins)], [0] * bins
-    for item in sorted(items, key=nbytes, reverse=True):
-        smallest = sizes.index(min(sizes))
-        files[smallest].append(item)
-        sizes[smallest] += nbytes(item)
-    return [f for f in files if f]
+def _nbytes(item) -> int:
+    data = item[1]
+    return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else data.getbuffer().nbytes
 
 
 def _write_file(checkpoint_dir: str, name: str, items) -> Tuple[List[WriteResult], List[Range]]:
@@ -226,19 +218,17 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         return True
 
     def load(self, sharded_state_dict, checkpoint_dir):
-        checkpoint_dir = str(checkpoint_dir)
-        metadata = read_dcp_metadata(checkpoint_dir)
-        reads = _Reads(checkpoint_dir, metadata)
+        checkpoint = open_checkpoint(checkpoint_dir)
+        reads = _Reads(checkpoint.path, _dcp_metadata(checkpoint))
         placeholders = dict_list_map_inplace(reads.plan, sharded_state_dict)
-        recorded = read_metadata(checkpoint_dir) if self.config.verify_checksums else None
-        reads.run(ChecksumIndex(recorded and recorded.checksums), self.config.thread_count)
+        reads.run(checkpoint.checksums if self.config.verify_checksums else ChecksumIndex(None), self.config.thread_count)
         return dict_list_map_inplace(reads.result, placeholders)
 
     def load_tensors_metadata(self, checkpoint_dir):
-        return stored_entries(read_dcp_metadata(str(checkpoint_dir)), with_objects=False)
+        return stored_entries(_dcp_metadata(open_checkpoint(checkpoint_dir)), with_objects=False)
 
     def load_sharded_metadata(self, checkpoint_dir):
-        return stored_entries(read_dcp_metadata(str(checkpoint_dir)), with_objects=True)
+        return stored_entries(_dcp_metadata(open_checkpoint(checkpoint_dir)), with_objects=True)
 
     def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
         """Drops the keys from `.metadata` (rewritten atomically); their bytes stay in the files."""
@@ -252,6 +242,11 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         }
         metadata.mcore_data = {k: v for k, v in mcore_data(metadata).items() if not k.startswith(key_prefix)}
         atomic_write(path, dump_dcp_metadata(metadata))
+
+
+def _dcp_metadata(checkpoint: OpenCheckpoint) -> Metadata:
+    """`.metadata`, parsed once per open checkpoint."""
+    return checkpoint.parsed(METADATA_FNAME, lambda: read_dcp_metadata(checkpoint.path))
 
 
 def _read_target(sh: ShardedTensor, box_shape) -> torch.Tensor:
@@ -417,8 +412,16 @@ class _Reads:
                     f"lists no bytes for the chunk at {item.storage_index.offset}; it is damaged"
                 )
             by_file.setdefault(info.relative_path, {}).setdefault(item.storage_index, []).append(item)
-        with ThreadPoolExecutor(max(1, min(thread_count, len(by_file)))) as pool:
-            list(pool.map(lambda entry: self._read_file(*entry, checksums), by_file.items()))
+        def nbytes(entry) -> int:
+            return sum(self.metadata.storage_data[index].length for index in entry[1])
+
+        def read_files(batch) -> None:
+            for name, stored in batch:
+                self._read_file(name, stored, checksums)
+
+        batches = balance(list(by_file.items()), thread_count, nbytes, THREAD_BYTES)
+        with ThreadPoolExecutor(len(batches) or 1) as pool:
+            list(pool.map(read_files, batches))
         for into, read in self.copy_outs:
             into.copy_(read)
 

@@ -25,15 +25,16 @@ from ..collectives import get_rank, send_and_receive
 from ..core import CheckpointingException, is_int, read_json
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import DTYPES, name_of_numpy, name_of_torch, name_of_zarr_v2, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
-from ..fs import fsync_dirs, parents_up_to, write_durably
+from ..fs import balance, fsync_dirs, parents_up_to, write_durably
 from ..integrity import crc32c
 from ..geometry import intersection
-from ..layout import check_key, contained_path, entry_dir
+from ..layout import LinkFreeTree, check_key, contained_path, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
+from ..opening import OpenCheckpoint, open_checkpoint
 from ..validation import ShardsByKey, check_request_against_stored, shards_of, validate_flat_tiling
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 from .config import ZARR_ENGINES, StrategyConfig
-from .reading import Piece, piece_of, read_chunk
+from .reading import THREAD_BYTES, Piece, piece_of, read_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -518,35 +519,36 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
     def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
         """Opens the existing array of `key` read-only."""
 
-    def _open(self, checkpoint_dir, key: str, document: Optional[dict] = None) -> StoredArray:
-        """The engine's array of `key`, whose document (read if not given) was checked first."""
-        zarr_format = (document or read_array_document(checkpoint_dir, key))["zarr_format"]
+    def _open(self, checkpoint: OpenCheckpoint, key: str) -> StoredArray:
+        """The engine's array of `key`, whose document was checked first."""
+        zarr_format = _array_document(checkpoint, key)["zarr_format"]
         try:
-            return self.open_array(str(checkpoint_dir), key, zarr_format)
+            return self.open_array(checkpoint.path, key, zarr_format)
         except Exception as e:  # engines raise many types for a damaged array
-            where = entry_dir(checkpoint_dir, key)
+            where = entry_dir(checkpoint.path, key)
             raise CheckpointingException(f"Key '{key}': cannot open the Zarr array at {where}: {e}") from e
 
     def load(self, sharded_state_dict, checkpoint_dir):
         """Reads every request: arrays of raw chunks by the layout's own reader, straight into
         the destinations (`RawChunkReads`); others (compressed) through the engine, opened once
         per key. Both run their reads concurrently (the engines release the GIL)."""
-        checkpoint_dir = str(checkpoint_dir)
+        checkpoint = open_checkpoint(checkpoint_dir)
+        checkpoint_dir = checkpoint.path
         requests = [sh for sh in nested_values(sharded_state_dict) if isinstance(sh, ShardedTensor)]
-        documents = {key: read_array_document(checkpoint_dir, key) for key in dict.fromkeys(sh.key for sh in requests)}
+        documents = {key: _array_document(checkpoint, key) for key in dict.fromkeys(sh.key for sh in requests)}
         raw = RawChunkReads(checkpoint_dir)
         decoded = [sh for sh in requests if not raw.plan(sh, documents[sh.key])]
         loaded = raw.run(self.config.thread_count)
-        arrays = {key: self._open(checkpoint_dir, key, documents[key]) for key in dict.fromkeys(sh.key for sh in decoded)}
+        arrays = {key: self._open(checkpoint, key) for key in dict.fromkeys(sh.key for sh in decoded)}
         with ThreadPoolExecutor(self.config.thread_count) as pool:
             values = pool.map(lambda sh: read_request(arrays[sh.key], sh, checkpoint_dir), decoded)
             loaded.update((id(sh), value) for sh, value in zip(decoded, values))
         return dict_list_map_inplace(lambda sh: loaded.get(id(sh), sh), sharded_state_dict)
 
     def load_tensors_metadata(self, checkpoint_dir):
-        result = {}
-        for key in list_arrays(checkpoint_dir):
-            array = self._open(checkpoint_dir, key)
+        checkpoint, result = open_checkpoint(checkpoint_dir), {}
+        for key in list_arrays(checkpoint.path):
+            array = self._open(checkpoint, key)
             dtype = torch_dtype(name_of_numpy(array.dtype, key))
             result[key] = whole_tensor_metadata(key, dtype, tuple(array.shape))
         return result
@@ -556,6 +558,11 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
             if key.startswith(key_prefix):
                 shutil.rmtree(entry_dir(checkpoint_dir, key))
         fsync_dirs([str(checkpoint_dir)])
+
+
+def _array_document(checkpoint: OpenCheckpoint, key: str) -> dict:
+    """The array document of `key`, read and checked once per open checkpoint."""
+    return checkpoint.parsed(("array", key), lambda: read_array_document(checkpoint.path, key))
 
 
 def raw_dtype(document: dict) -> Optional[torch.dtype]:
@@ -618,18 +625,26 @@ class RawChunkReads:
         return True
 
     def run(self, thread_count: int) -> Dict[int, torch.Tensor]:
-        """Reads every planned chunk; returns each request's value by `id` of the request."""
-        with ThreadPoolExecutor(max(1, thread_count)) as pool:
-            list(pool.map(self._read, self.chunks.items()))
+        """Reads every planned chunk, in `thread_count` batches of similar size (one task per
+        thread: thousands of small chunks would otherwise cost more in hand-offs than in
+        reading); returns each request's value by `id` of the request."""
+        batches = balance(list(self.chunks.items()), thread_count, lambda entry: entry[1].nbytes, THREAD_BYTES)
+        with ThreadPoolExecutor(max(1, len(batches))) as pool:
+            list(pool.map(self._read_batch, batches))
         return {id(sh): sh.deliver(target) for sh, target in self.targets}
 
-    def _read(self, entry: Tuple[str, "_ChunkFile"]) -> None:
-        name, chunk = entry
-        what = f"Key '{chunk.key}'"
-        path = contained_path(self.checkpoint_dir, name, what)
-        nbytes = math.prod(chunk.shape) * chunk.dtype.itemsize
+    def _read_batch(self, batch) -> None:
+        trees = {}  # key -> its array directory's files
+        for name, chunk in batch:
+            if chunk.key not in trees:
+                trees[chunk.key] = LinkFreeTree(entry_dir(self.checkpoint_dir, chunk.key), f"Key '{chunk.key}'")
+            self._read(trees[chunk.key], name[len(chunk.key) + 1 :], chunk)
+
+    def _read(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile") -> None:
+        path = os.path.join(tree.root, name)
+        nbytes = chunk.nbytes
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = tree.open(name)
         except FileNotFoundError:
             raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: missing"]) from None
         try:
@@ -652,6 +667,10 @@ class _ChunkFile:
     dtype: torch.dtype
     checksummed: bool  # ends with the CRC-32C of the values (Zarr v3's `crc32c` codec)
     pieces: List[Piece]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _damaged(key: str, checkpoint_dir, problems: List[str], cause: str = "") -> CheckpointingException:
