@@ -29,7 +29,8 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q
 
 # The benchmarks' own environment: the peer they are measured against (Megatron-Core 0.16.1,
-# without its CUDA dependencies) next to this library (docs/performance.md says which benchmark needs it).
+# without its CUDA dependencies) and the zarrs codec pipeline next to this library
+# (docs/performance.md says which benchmark needs it).
 bench-env: $(BENCH_STAMP)
 
 $(BENCH_STAMP): setup.cfg pyproject.toml Makefile
@@ -37,6 +38,7 @@ $(BENCH_STAMP): setup.cfg pyproject.toml Makefile
 	$(BENCH_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BENCH_VENV)/bin/python -m pip install --quiet -e .
 	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps megatron-core==0.16.1
+	$(BENCH_VENV)/bin/python -m pip install --quiet zarrs==0.2.3
 	touch $(BENCH_STAMP)
 
 clean:

@@ -29,10 +29,9 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dist_checkpointing as dc
-from harness import dir_stats, report, run_on_ranks, scratch_dir
+from harness import dir_stats, in_fresh_process, report, run_on_ranks, scratch_dir
 from workload import ENGINES, gpt_state
 
 TP = 2
@@ -193,16 +192,6 @@ def load_once(loader, path, mb, adam, results):
     results.put({"load_s": elapsed, "peak_rss": _rss_bytes("VmHWM"), "baseline_rss": baseline})
 
 
-def measure_load(loader, path, mb, adam):
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=load_once, args=(loader, path, mb, adam, results))
-    process.start()
-    result = results.get(timeout=600)
-    process.join()
-    return result
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=1024, help="MiB of bf16 weights in total")
@@ -223,7 +212,7 @@ def main():
                     runs[saver][name].append(value)
                 stats[saver] = dir_stats(os.path.join(work, saver))
             for loader in loaders:
-                for name, value in measure_load(loader, os.path.join(work, loader), args.mb, args.adam).items():
+                for name, value in in_fresh_process(load_once, loader, os.path.join(work, loader), args.mb, args.adam).items():
                     runs[loader][name].append(value)
     rows = _rows(runs, stats, savers, loaders, state_bytes)
     targets = _targets(rows, state_bytes)

@@ -49,6 +49,17 @@ def _rank_entry(rank, world, fn, work, args, results):
     dist.destroy_process_group()
 
 
+def in_fresh_process(fn, *args, timeout: float = 600):
+    """Runs `fn(*args, results)` in a new spawned process; returns what it put on `results`."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=fn, args=(*args, results))
+    process.start()
+    result = results.get(timeout=timeout)
+    process.join()
+    return result
+
+
 def dir_stats(path: str):
     """(number of files, bytes) below `path`."""
     files = size = 0

@@ -28,9 +28,8 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from harness import report, run_on_ranks, scratch_dir
+from harness import in_fresh_process, report, run_on_ranks, scratch_dir
 from workload import ENGINES, gpt_state
 
 TP = 2
@@ -51,10 +50,9 @@ def patch_megatron_for_cpu():
     filesystem_async._process_memory = lambda: 0
 
 
-def _tp_split(sh):
-    """(axis, rank, TP) of a shard split over TP, or () for a replicated one."""
-    axes = [a for a, (l, g) in enumerate(zip(sh.local_shape, sh.global_shape)) if l != g]
-    return axes
+def _tp_axes(sh):
+    """The axes along which a shard is split over TP (none for a replicated one)."""
+    return [a for a, (l, g) in enumerate(zip(sh.local_shape, sh.global_shape)) if l != g]
 
 
 def save_on_rank(rank, world, work, model):
@@ -74,7 +72,7 @@ def save_on_rank(rank, world, work, model):
 
     mstate = {}
     for key, sh in state.items():
-        axes = _tp_split(sh)
+        axes = _tp_axes(sh)
         split = [(axes[0], rank, TP)] if axes else []
         mstate[key] = mdc.ShardedTensor.from_rank_offsets(key, sh.data, *split, replica_id=0 if axes else rank)
     os.makedirs(os.path.join(work, "megatron"), exist_ok=True)
@@ -136,16 +134,6 @@ def load_once(loader, path, model, results):
                  "baseline": baseline, "peak": peak, "requested": requested})
 
 
-def _measure(loader, path, model):
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=load_once, args=(loader, path, model, results))
-    process.start()
-    result = results.get(timeout=600)
-    process.join()
-    return result
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -163,7 +151,7 @@ def main():
             for run in range(args.runs):
                 order = loaders if run % 2 == 0 else loaders[::-1]
                 for loader in order:
-                    measured[loader].append(_measure(loader, os.path.join(work, loader), model))
+                    measured[loader].append(in_fresh_process(load_once, loader, os.path.join(work, loader), model))
         rows.extend(_rows(workload, measured))
     report(f"TP=2 -> TP=1 loads into held tensors ({args.runs} runs, medians)", {}, rows, args.json)
 

@@ -31,6 +31,25 @@ def contains(box: Box, region: Region) -> bool:
     return all(o <= start and stop <= o + s for o, s, (start, stop) in zip(box[0], box[1], region))
 
 
+def _slabs_tile(shape: Sequence[int], boxes: Sequence[Tuple[Box, int]]) -> bool:
+    """Whether `boxes`, each counted once and all spanning the whole tensor except along one
+    axis, follow each other along it from 0 to its end without gap or overlap."""
+    if any(n != 1 for _, n in boxes):
+        return False
+    split = {axis for (offset, extent), _ in boxes for axis, (o, e, g) in enumerate(zip(offset, extent, shape)) if (o, e) != (0, g)}
+    if not split:
+        return len(boxes) == 1
+    if len(split) > 1:
+        return False
+    (axis,) = split
+    end = 0
+    for offset, extent in sorted((box for box, _ in boxes), key=lambda box: box[0][axis]):
+        if offset[axis] != end:
+            return False
+        end += extent[axis]
+    return end == shape[axis]
+
+
 def cover_fault(shape: Sequence[int], boxes: Sequence[Tuple[Box, int]]) -> Optional[Tuple[Region, int]]:
     """The first region of a tensor of `shape` that `boxes` (each counted the given number of
     times; all inside `shape`) do not cover exactly once, with how often it is covered; None if
@@ -41,8 +60,8 @@ def cover_fault(shape: Sequence[int], boxes: Sequence[Tuple[Box, int]]) -> Optio
     """
     if any(s == 0 for s in shape):
         return None
-    if len(boxes) == 1 and boxes[0][1] == 1 and boxes[0][0] == ((0,) * len(shape), tuple(shape)):
-        return None  # the common case of a key stored whole: no grid needed
+    if _slabs_tile(shape, boxes):
+        return None  # the common cases, a key stored whole or split along one axis: no grid needed
     cuts = []
     for axis, size in enumerate(shape):
         points = {0, size}

@@ -6,6 +6,8 @@ chunk cache (a checkpoint is written once and read once), and all shard writes o
 issued at once so tensorstore encodes and writes chunks in parallel.
 """
 
+import functools
+
 import numpy as np
 import tensorstore as ts
 
@@ -69,7 +71,12 @@ class TensorStoreLoadShardedStrategy(ZarrFormatLoadStrategy):
 
     def __init__(self, backend: str = "tensorstore", version: int = 1, config=None):
         super().__init__(backend, version, config)
-        self.context = _context(self.config.thread_count)  # one concurrency limit for all arrays
+
+    @functools.cached_property
+    def context(self) -> ts.Context:
+        """One concurrency limit for all arrays; made when the first array needs the engine
+        (raw chunks are read without it)."""
+        return _context(self.config.thread_count)
 
     def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
         spec = _spec(checkpoint_dir, key, zarr_format)
