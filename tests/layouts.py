@@ -189,7 +189,7 @@ def expected_flat(sh):
 
 # The checkpoints of the `tp2_checkpoints` fixture (conftest.py), by name: what each is saved with
 TP2_SAVES = {"zarr": "zarr", "tensorstore": "tensorstore", "torch_dist": "torch_dist",
-             "zarr_v2": StrategyConfig(zarr_format=2)}
+             "zarr_v2": StrategyConfig(zarr_format=2), "zstd": StrategyConfig(compression="zstd")}
 
 
 def save_tp2_checkpoints(rank, world_size, root):

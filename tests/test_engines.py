@@ -318,8 +318,11 @@ def test_megatron_core_zarr_reader_loads_our_zarr_v2_checkpoint(tmp_path):
     assert run_ranks(megatron_tensorstore_loads_ours, 1, ckpt) == [True]
 
 
-@pytest.mark.parametrize("name", ["zarr", "tensorstore", "torch_dist", "zarr_v2"])
-def test_load_fills_the_callers_tensors_in_place(tp2_checkpoints, name):
+@pytest.mark.parametrize("name, engine", [
+    ("zarr", None), ("tensorstore", None), ("torch_dist", None), ("zarr_v2", None),
+    ("zstd", "zarr"), ("zstd", "tensorstore"),  # compressed: decoded by the engine into the tensors
+])
+def test_load_fills_the_callers_tensors_in_place(tp2_checkpoints, name, engine):
     """A request holding a tensor of the right shape and dtype gets that very tensor back,
     filled (also a strided view into a larger buffer, and at another layout than saved); one
     without data, or on the meta device, gets a new tensor."""
@@ -335,7 +338,7 @@ def test_load_fills_the_callers_tensors_in_place(tp2_checkpoints, name):
         "qkv": [sh.data for sh in request["layers"]["qkv"]],
         "fc2": [sh.data for sh in request["layers"]["fc2"]],
     }
-    loaded = dc.load(request, f"{tp2_checkpoints}/{name}")
+    loaded = dc.load(request, f"{tp2_checkpoints}/{name}", engine)
     assert check_loaded({k: v for k, v in loaded.items() if k != "none"}, 0, 1) > 10
     assert loaded["embedding"] is held["embedding"]
     assert torch.equal(buffer[:, 3:].t(), full("embedding.weight", (64, 16), torch.bfloat16))

@@ -62,8 +62,11 @@ class TensorStoreArray(StoredArray):
         self.array = array
         self.shape, self.dtype = tuple(array.shape), np.dtype(array.dtype.numpy_dtype)
 
-    def read(self, selection) -> np.ndarray:
-        return self.array[selection].read().result()
+    def read_into(self, selection, out: np.ndarray) -> None:
+        if out.dtype == self.dtype:
+            ts.array(out, copy=False, write=True).write(self.array[selection]).result()
+        else:
+            out[...] = self.array[selection].read().result()
 
 
 class TensorStoreLoadShardedStrategy(ZarrFormatLoadStrategy):

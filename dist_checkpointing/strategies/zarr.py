@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 from zarr.storage import LocalStore, StorePath
 
 from ..dtypes import BFLOAT16, register_zarr_bfloat16
@@ -89,9 +90,12 @@ class ZarrArray(StoredArray):
         self.array, self.concurrency = array, concurrency
         self.shape, self.dtype = tuple(array.shape), array.dtype
 
-    def read(self, selection) -> np.ndarray:
+    def read_into(self, selection, out: np.ndarray) -> None:
         with zarr.config.set({"async.concurrency": self.concurrency}):
-            return self.array[selection] if selection else np.asarray(self.array[()])
+            if out.dtype == self.dtype:
+                self.array.get_basic_selection(selection or (), out=NDBuffer.from_numpy_array(out))
+            else:
+                out[...] = self.array[selection or ()]
 
 
 class ZarrLoadShardedStrategy(ZarrFormatLoadStrategy):

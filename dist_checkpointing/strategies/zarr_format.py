@@ -435,16 +435,16 @@ def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[st
     return problems
 
 
-def read_box(array: "StoredArray", offset, shape) -> np.ndarray:
-    """Reads box (offset, shape); where it extends past the stored shape, zeros."""
+def read_box(array: "StoredArray", offset, target: torch.Tensor) -> None:
+    """Reads the box of `target`'s shape at `offset` into `target` (a CPU tensor of the
+    array's dtype); where the box extends past the stored shape, zeros."""
+    shape = tuple(target.shape)
     stops = [min(o + s, n) for o, s, n in zip(offset, shape, array.shape)]
-    inside = tuple(slice(o, max(o, stop)) for o, stop in zip(offset, stops))
-    if all(stop == o + s for stop, o, s in zip(stops, offset, shape)):
-        return np.asarray(array.read(inside)).reshape(shape)
-    values = np.zeros(shape, dtype=array.dtype)
+    if any(stop != o + s for stop, o, s in zip(stops, offset, shape)):
+        target.zero_()
     if all(stop > o for stop, o in zip(stops, offset)):
-        values[tuple(slice(0, stop - o) for stop, o in zip(stops, offset))] = array.read(inside)
-    return values
+        inside = tuple(slice(o, stop) for o, stop in zip(offset, stops))
+        array.read_into(inside, to_numpy(target[tuple(slice(0, stop - o) for stop, o in zip(stops, offset))]))
 
 
 class StoredArray(ABC):
@@ -454,8 +454,9 @@ class StoredArray(ABC):
     dtype: np.dtype
 
     @abstractmethod
-    def read(self, selection: Tuple[slice, ...]) -> np.ndarray:
-        """The values of `selection` (inside the array)."""
+    def read_into(self, selection: Tuple[slice, ...], out: np.ndarray) -> None:
+        """Decodes `selection` (inside the array) into `out` (a writable view of its shape,
+        any strides): straight in where the dtypes agree, else converted."""
 
 
 @dataclass(frozen=True)
@@ -693,16 +694,20 @@ def _damaged(key: str, checkpoint_dir, problems: List[str], cause: str = "") -> 
 
 
 def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch.Tensor:
-    """The values of request `sh`: in `sh.data` when it can hold them (`ShardedTensor.deliver`),
-    else a new tensor on the device of `sh.data` (CPU if it has none).
+    """The values of request `sh`, decoded by the engine straight into `sh.data` when it can
+    hold them (`ShardedTensor.box_destination`, in host memory), else into a new tensor that
+    `ShardedTensor.deliver` moves to the device of `sh.data` (CPU if it has none).
 
     A chunk that is missing or fails its checksum raises, naming the damaged files."""
     where = entry_dir(checkpoint_dir, sh.key)
     check_request_against_stored(sh, name_of_numpy(array.dtype, sh.key), array.shape, where)
     offset, shape = sh.covering_box()
+    target = sh.box_destination()
+    if target is None or target.device.type != "cpu":
+        target = torch.empty(shape, dtype=torch_dtype(name_of_numpy(array.dtype, sh.key)))
     try:
-        values = read_box(array, offset, shape)
+        read_box(array, offset, target)
     except Exception as e:  # engines raise ValueError, OSError, ... for damaged chunks
         damaged = damaged_chunks(checkpoint_dir, sh.key, offset, shape)
         raise _damaged(sh.key, checkpoint_dir, damaged, f"{type(e).__name__}: {e}") from e
-    return sh.deliver(to_torch(values))
+    return sh.deliver(target)
