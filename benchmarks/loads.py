@@ -12,8 +12,8 @@ Megatron-Core's `dist_checkpointing.load` of a checkpoint Megatron-Core saved (i
 torch_dist strategy). Loaders alternate within each run. Per loader, medians over runs: load
 seconds; the process's RSS before the load, its peak during it and what the load added; and
 the first-load overhead: `import dist_checkpointing` (or `megatron.core.dist_checkpointing`)
-plus the first load's time beyond a second, identical load in the same process (after the
-engine's own library was imported).
+plus the first load's time beyond a second, identical load in the same process (what the
+load imports counts, except the engine's own library: `_engine_import`).
 
 Needs Megatron-Core 0.16.1: run in the benchmark environment (`make bench-env`):
 
@@ -86,11 +86,10 @@ def _rss(field: str) -> int:
 
 
 def _engine_import(loader):
-    if loader == "zarr":
-        import zarr  # noqa: F401
-    elif loader == "tensorstore":
-        import tensorstore  # noqa: F401
-    elif loader == "torch_dist":
+    """The library an engine's load needs, imported before timing (as Megatron-Core's own
+    import is): torch_dist reads DCP's metadata classes, whose package takes ~1.2 s to import
+    here; loads of raw Zarr chunks need neither zarr-python nor tensorstore."""
+    if loader == "torch_dist":
         import torch.distributed.checkpoint  # noqa: F401
 
 

@@ -9,7 +9,6 @@ issued at once so tensorstore encodes and writes chunks in parallel.
 import functools
 
 import numpy as np
-import tensorstore as ts
 
 from ..layout import entry_dir
 from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy, chunk_dirs
@@ -17,8 +16,16 @@ from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStra
 DRIVER = {3: "zarr3", 2: "zarr"}
 
 
-def _context(thread_count: int) -> ts.Context:
-    return ts.Context(
+def _tensorstore():
+    """The tensorstore library, imported on first use: raw chunks are loaded without it
+    (zarr_format.RawChunkReads), so such loads do not pay for importing it."""
+    import tensorstore
+
+    return tensorstore
+
+
+def _context(thread_count: int):
+    return _tensorstore().Context(
         {
             "cache_pool": {"total_bytes_limit": 0},
             "data_copy_concurrency": {"limit": thread_count},
@@ -48,7 +55,7 @@ class TensorStoreSaveShardedStrategy(ZarrFormatSaveStrategy):
             array = plan.arrays[key]
             if key not in opened:
                 spec = dict(_spec(checkpoint_dir, key, array.zarr_format), metadata=array.document)
-                opened[key] = ts.open(spec, open=True, assume_metadata=True, context=self.context).result()
+                opened[key] = _tensorstore().open(spec, open=True, assume_metadata=True, context=self.context).result()
             box = tuple(slice(o, o + s) for o, s in zip(offset, data.shape))
             writes.append(opened[key][box].write(data))
             dirs |= chunk_dirs(checkpoint_dir, key, array, offset, data.shape)
@@ -58,13 +65,13 @@ class TensorStoreSaveShardedStrategy(ZarrFormatSaveStrategy):
 
 
 class TensorStoreArray(StoredArray):
-    def __init__(self, array: ts.TensorStore):
+    def __init__(self, array):
         self.array = array
         self.shape, self.dtype = tuple(array.shape), np.dtype(array.dtype.numpy_dtype)
 
     def read_into(self, selection, out: np.ndarray) -> None:
         if out.dtype == self.dtype:
-            ts.array(out, copy=False, write=True).write(self.array[selection]).result()
+            _tensorstore().array(out, copy=False, write=True).write(self.array[selection]).result()
         else:
             out[...] = self.array[selection].read().result()
 
@@ -76,11 +83,11 @@ class TensorStoreLoadShardedStrategy(ZarrFormatLoadStrategy):
         super().__init__(backend, version, config)
 
     @functools.cached_property
-    def context(self) -> ts.Context:
+    def context(self):
         """One concurrency limit for all arrays; made when the first array needs the engine
         (raw chunks are read without it)."""
         return _context(self.config.thread_count)
 
     def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
         spec = _spec(checkpoint_dir, key, zarr_format)
-        return TensorStoreArray(ts.open(spec, open=True, read=True, context=self.context).result())
+        return TensorStoreArray(_tensorstore().open(spec, open=True, read=True, context=self.context).result())

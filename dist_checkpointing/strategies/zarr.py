@@ -1,60 +1,8 @@
-"""The zarr engine: the Zarr layout (zarr_format.py) written and read with zarr-python 3.
+"""The zarr engine: the Zarr layout (zarr_format.py) written, and read where an engine must
+decode, with zarr-python 3 (zarr_python.py, imported on first use)."""
 
-Each array's metadata is built in memory from the plan (no file is read or locked to create
-it), and each rank writes its chunks through a store that fsyncs every file it writes.
-"""
-
-import asyncio
-import os
-
-import numpy as np
-import zarr
-from zarr.core.buffer.cpu import NDBuffer
-from zarr.storage import LocalStore, StorePath
-
-from ..dtypes import BFLOAT16, register_zarr_bfloat16
-from ..fs import parents_up_to, write_durably
 from ..layout import entry_dir
 from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy
-
-register_zarr_bfloat16()
-
-
-class DurableLocalStore(LocalStore):
-    """A zarr LocalStore whose writes are fsync'd, remembering which directories gained entries.
-
-    Chunks are written in place (not via a temporary file): a checkpoint is committed as a whole
-    by `metadata.json`, so a half-written chunk only ever exists in an uncommitted directory.
-    """
-
-    def __init__(self, root):
-        super().__init__(root)
-        self.touched_dirs = set()
-
-    async def set(self, key: str, value) -> None:
-        await asyncio.to_thread(self._write, key, value.as_buffer_like())
-
-    def _write(self, key: str, data) -> None:
-        path = os.path.join(str(self.root), key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_durably(path, data)
-        self.touched_dirs.update(parents_up_to(path, str(self.root)))
-
-
-class StrictLocalStore(LocalStore):
-    """A read-only LocalStore for which a missing chunk is an error. (zarr-python reads a
-    missing chunk as the fill value, which would load a lost file as zeros.)"""
-
-    _DOCUMENTS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
-
-    def __init__(self, root):
-        super().__init__(root, read_only=True)
-
-    async def get(self, key, prototype, byte_range=None):
-        value = await super().get(key, prototype, byte_range)
-        if value is None and os.path.basename(key) not in self._DOCUMENTS:
-            raise FileNotFoundError(f"chunk file {os.path.join(str(self.root), key)} is missing")
-        return value
 
 
 class ZarrSaveShardedStrategy(ZarrFormatSaveStrategy):
@@ -62,40 +10,9 @@ class ZarrSaveShardedStrategy(ZarrFormatSaveStrategy):
         super().__init__(backend, version, config)
 
     def write_shards(self, plan, shards, checkpoint_dir: str) -> set:
-        store = DurableLocalStore(checkpoint_dir)
-        with zarr.config.set({"async.concurrency": self.config.thread_count}):
-            for key, offset, data in shards:
-                document, data = _encodable(plan.arrays[key].document, data)
-                array = zarr.Array(
-                    zarr.AsyncArray(
-                        metadata=document,
-                        store_path=StorePath(store, key),
-                        config={"write_empty_chunks": True},  # zero chunks written, not scanned
-                    )
-                )
-                array[tuple(slice(o, o + s) for o, s in zip(offset, data.shape))] = data
-        return store.touched_dirs
+        from . import zarr_python
 
-
-def _encodable(document: dict, data: np.ndarray):
-    """Zarr v2 compressors (numcodecs) take only buffers numpy can describe, which bfloat16
-    is not: write those chunks through an int16 view (the same bytes on disk)."""
-    if document["zarr_format"] == 2 and data.dtype == BFLOAT16:
-        return dict(document, dtype="<i2"), data.view(np.int16)
-    return document, data
-
-
-class ZarrArray(StoredArray):
-    def __init__(self, array: zarr.Array, concurrency: int):
-        self.array, self.concurrency = array, concurrency
-        self.shape, self.dtype = tuple(array.shape), array.dtype
-
-    def read_into(self, selection, out: np.ndarray) -> None:
-        with zarr.config.set({"async.concurrency": self.concurrency}):
-            if out.dtype == self.dtype:
-                self.array.get_basic_selection(selection or (), out=NDBuffer.from_numpy_array(out))
-            else:
-                out[...] = self.array[selection or ()]
+        return zarr_python.write_shards(plan.arrays, shards, checkpoint_dir, self.config.thread_count)
 
 
 class ZarrLoadShardedStrategy(ZarrFormatLoadStrategy):
@@ -105,5 +22,6 @@ class ZarrLoadShardedStrategy(ZarrFormatLoadStrategy):
         super().__init__(backend, version, config)
 
     def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
-        store = StrictLocalStore(entry_dir(checkpoint_dir, key))
-        return ZarrArray(zarr.open_array(store, mode="r"), self.config.thread_count)
+        from . import zarr_python
+
+        return zarr_python.open_array(entry_dir(checkpoint_dir, key), self.config.thread_count)
