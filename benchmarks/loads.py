@@ -90,7 +90,7 @@ def _engine_import(loader):
     import is): torch_dist reads DCP's metadata classes, whose package takes ~1.2 s to import
     here; loads of raw Zarr chunks need neither zarr-python nor tensorstore."""
     if loader == "torch_dist":
-        import torch.distributed.checkpoint  # noqa: F401
+        import torch.distributed.checkpoint  # noqa: F401  (imported for its cost)
 
 
 def load_once(loader, path, model, results):

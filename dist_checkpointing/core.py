@@ -77,14 +77,19 @@ def read_metadata(checkpoint_dir) -> Optional[CheckpointMetadata]:
     return _parse_metadata(read_json(path), path)
 
 
-def read_json(path: str):
-    """A JSON document of a checkpoint. Anything but well-formed JSON (a file that cannot be
-    read, bad syntax, nesting too deep, NaN, an integer of more than 4300 digits) raises a
-    `CheckpointingException` naming the file."""
+MISSING = object()  # what `read_json(..., missing_ok=True)` returns for a file that is not there
+
+
+def read_json(path: str, missing_ok: bool = False):
+    """A JSON document of a checkpoint (MISSING for a missing file with `missing_ok`). Anything
+    but well-formed JSON (a file that cannot be read, bad syntax, nesting too deep, NaN, an
+    integer of more than 4300 digits) raises a `CheckpointingException` naming the file."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        if missing_ok:
+            return MISSING
         raise CheckpointingException(f"{path} is missing; the checkpoint is damaged or incomplete") from None
     except OSError as e:
         raise CheckpointingException(f"Cannot read {path}: {e.strerror or e}") from None

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from ..collectives import get_rank, send_and_receive
-from ..core import CheckpointingException, is_int, parse_json, read_json
+from ..core import MISSING, CheckpointingException, is_int, read_json
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..dtypes import DTYPES, name_of_numpy, name_of_torch, name_of_zarr_v2, to_numpy, to_torch, torch_dtype, zarr_v2_dtype
+from ..dtypes import DTYPES, name_of_numpy, name_of_torch, name_of_zarr_v2, to_numpy, torch_dtype, zarr_v2_dtype
 from ..fs import balance, fsync_dirs, parents_up_to, write_durably
 from ..integrity import crc32c
 from ..geometry import intersection
@@ -290,6 +290,12 @@ def chunk_key(zarr_format: int, chunk_index: Sequence[int], separator: Optional[
     return (separator or "/").join(["c", *map(str, chunk_index)])
 
 
+def chunks_checksummed(document: dict) -> bool:
+    """Whether each chunk file ends with the CRC-32C of what precedes it (the Zarr v3 `crc32c`
+    codec, last)."""
+    return document["zarr_format"] == 3 and [c["name"] for c in document["codecs"][-1:]] == ["crc32c"]
+
+
 def key_separator(document: dict) -> Optional[str]:
     """The separator of the array's chunk file names; None for an encoding other than the
     default one (only the engines read those)."""
@@ -350,14 +356,10 @@ def read_array_document(checkpoint_dir, key: str) -> dict:
     paths = [os.path.join(array_dir, METADATA_FNAME[zarr_format]) for zarr_format in (2, 3)]
     path, document = None, None
     for candidate in paths:
-        try:
-            with open(candidate, "rb") as f:
-                path, document = candidate, parse_json(f.read(), candidate)
+        found = read_json(candidate, missing_ok=True)
+        if found is not MISSING:
+            path, document = candidate, found
             break
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as e:
-            raise CheckpointingException(f"Cannot read {candidate}: {e.strerror or e}") from None
     if path is None or (path == paths[1] and isinstance(document, dict) and document.get("node_type") != "array"):
         raise CheckpointingException(
             f"Key '{key}' is not in the checkpoint {checkpoint_dir} (no Zarr array at "
@@ -410,7 +412,7 @@ def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[st
     all): missing files and, in Zarr v3, files whose CRC-32C does not match. Empty if sound."""
     document = read_array_document(checkpoint_dir, key)
     chunks, global_shape = chunk_shape(document), document["shape"]
-    checksummed = document["zarr_format"] == 3 and [c["name"] for c in document["codecs"][-1:]] == ["crc32c"]
+    checksummed = chunks_checksummed(document)
     separator = key_separator(document)
     offset = [0] * len(global_shape) if offset is None else offset
     shape = global_shape if shape is None else shape
@@ -628,8 +630,7 @@ class RawChunkReads:
                 continue
             name = f"{sh.key}/{chunk_key(document['zarr_format'], index, separator)}"
             if name not in self.chunks:
-                checksummed = document["zarr_format"] == 3 and document["codecs"][-1]["name"] == "crc32c"
-                self.chunks[name] = _ChunkFile(sh.key, tuple(chunks), dtype, checksummed, [])
+                self.chunks[name] = _ChunkFile(sh.key, tuple(chunks), dtype, chunks_checksummed(document), [])
             region = (tuple(a for a, _ in box), tuple(b - a for a, b in box))
             self.chunks[name].pieces.append(piece_of(origin, region, target, offset))
         self.targets.append((sh, target))
