@@ -201,13 +201,14 @@ class ShardedTensor(ShardedBase):
             return None
         return data
 
-    def box_destination(self) -> Optional[torch.Tensor]:
-        """The destination (`load_destination`) viewed as the values of `covering_box()` (with
-        the box's leading unit axes), for a reader to write into; None when the load must
-        allocate the box, also for a flattened request (its box is the rows around its range)."""
+    def box_target(self, host_only: bool = False) -> torch.Tensor:
+        """Where a reader writes the values of `covering_box()`: the destination
+        (`load_destination`) viewed with the box's leading unit axes; or a new CPU tensor of the
+        box where the load must allocate: no destination, a flattened request (its box is the
+        rows around its range), or with `host_only` a destination off the CPU."""
         destination = self.load_destination()
-        if destination is None or self.flattened_range is not None:
-            return None
+        if destination is None or self.flattened_range is not None or (host_only and destination.device.type != "cpu"):
+            return torch.empty(self.covering_box()[1], dtype=self.dtype)
         return destination.detach()[(None,) * self.prepend_axis_num]
 
     def deliver(self, box_values: torch.Tensor) -> torch.Tensor:

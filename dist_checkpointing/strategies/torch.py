@@ -249,13 +249,6 @@ def _dcp_metadata(checkpoint: OpenCheckpoint) -> Metadata:
     return checkpoint.parsed(METADATA_FNAME, lambda: read_dcp_metadata(checkpoint.path))
 
 
-def _read_target(sh: ShardedTensor, box_shape) -> torch.Tensor:
-    """Where the chunks of request `sh` are read: the caller's tensor when it can hold the box
-    (on any device), else a new CPU tensor of the box."""
-    target = sh.box_destination()
-    return target if target is not None else torch.empty(box_shape, dtype=sh.dtype)
-
-
 def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
     for axis, (start, length) in enumerate(zip(offsets, lengths)):
         tensor = tensor.narrow(axis, start, length)
@@ -269,7 +262,6 @@ IN_MEMORY_ITEM_BYTES = 2**20  # smaller items are read whole, then copied: fewer
 class _ItemRead:
     """One stored item being read: where it is, and how it is checked."""
 
-    checkpoint_dir: str
     name: str  # of its file, relative to the checkpoint
     path: str
     fd: int
@@ -294,7 +286,7 @@ class _Reads:
     """The reads of one load: DCP ReadItems per file, and DCP's LoadPlanner callbacks.
 
     Every request is read as its covering box, into the caller's tensor where it can hold it
-    (`_read_target`) or a new one, zeroed only where no stored chunk covers it (the
+    (`ShardedTensor.box_target`) or a new one, zeroed only where no stored chunk covers it (the
     allow_shape_mismatch pad). From a reformulated key, each stored shard the box overlaps is
     read as the smallest flat range holding the overlap, and copied out through a strided view.
     """
@@ -328,7 +320,7 @@ class _Reads:
         stored_shape = global_shape(self.metadata, sh.key)
         check_request_against_stored(sh, name_of_torch(stored.properties.dtype, sh.key), stored_shape, where)
         offset, shape = sh.covering_box()
-        target = _read_target(sh, shape)
+        target = sh.box_target()
         if reformulated_from(self.metadata, sh.key) is not None:
             self._plan_reformulated(sh.key, stored, stored_shape, offset, target)
         else:
@@ -445,7 +437,7 @@ class _Reads:
                             f"{info.offset}..{info.offset + info.length}; the file is truncated or the "
                             f"checkpoint is damaged"
                         )
-                    item = _ItemRead(self.checkpoint_dir, name, path, fd, info, what, checksums)
+                    item = _ItemRead(name, path, fd, info, what, checksums)
                     readers = stored[index]
                     if readers[0].type == LoadItemType.TENSOR and info.length > IN_MEMORY_ITEM_BYTES:
                         layout = tensor_item(item.read, info.length)

@@ -615,9 +615,7 @@ class RawChunkReads:
         where = entry_dir(self.checkpoint_dir, sh.key)
         check_request_against_stored(sh, name_of_torch(dtype, sh.key), stored_shape, where)
         offset, shape = sh.covering_box()
-        target = sh.box_destination()
-        if target is None:
-            target = torch.empty(shape, dtype=dtype)
+        target = sh.box_target()
         if any(o + n > g for o, n, g in zip(offset, shape, stored_shape)):
             target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
         stops = [min(o + n, g) for o, n, g in zip(offset, shape, stored_shape)]
@@ -696,16 +694,14 @@ def _damaged(key: str, checkpoint_dir, problems: List[str], cause: str = "") -> 
 
 def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch.Tensor:
     """The values of request `sh`, decoded by the engine straight into `sh.data` when it can
-    hold them (`ShardedTensor.box_destination`, in host memory), else into a new tensor that
+    hold them (`ShardedTensor.box_target`, in host memory), else into a new tensor that
     `ShardedTensor.deliver` moves to the device of `sh.data` (CPU if it has none).
 
     A chunk that is missing or fails its checksum raises, naming the damaged files."""
     where = entry_dir(checkpoint_dir, sh.key)
     check_request_against_stored(sh, name_of_numpy(array.dtype, sh.key), array.shape, where)
     offset, shape = sh.covering_box()
-    target = sh.box_destination()
-    if target is None or target.device.type != "cpu":
-        target = torch.empty(shape, dtype=torch_dtype(name_of_numpy(array.dtype, sh.key)))
+    target = sh.box_target(host_only=True)  # engines decode into host memory
     try:
         read_box(array, offset, target)
     except Exception as e:  # engines raise ValueError, OSError, ... for damaged chunks
