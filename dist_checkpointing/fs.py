@@ -1,31 +1,138 @@
 """Durable file writes: the only place that decides when bytes reach the disk.
 
-A checkpoint is committed by `metadata.json`; everything it points at must be on disk first.
-So every data file is fsync'd after writing, every directory that gained an entry is fsync'd,
-and `metadata.json` itself is replaced atomically (temp file, fsync, rename, directory fsync).
+A checkpoint is committed by `metadata.json`; everything it points at must be on stable storage
+first. A save step writes its files through a `DurableDir`, which makes them durable in one of
+two ways (docs/format.md, "Durability"):
+- `syncfs`: files are written without syncing, then one `syncfs(2)` of their file system flushes
+  every file and directory entry and reports any write-back error since the step began. Used on
+  Linux >= 5.8 (which reports those errors) for local file systems that implement it;
+- `fsync`: each file is fsync'd as it is written, and every directory that gained an entry is
+  fsync'd at the end. Used everywhere else (network and parallel file systems, other platforms).
+`metadata.json` itself is replaced atomically (temp file, fsync, rename, directory fsync).
 """
 
 import contextlib
+import ctypes
 import os
+import platform
 import signal
+import sys
 import threading
-from typing import Callable, Iterable, List, Set
+from typing import Callable, Iterable, List, Sequence, Set
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
 def write_durably(path: str, data) -> None:
     """Writes `data` (any buffer) to `path` and fsyncs the file before returning."""
-    view = memoryview(data).cast("B")
+    _write_file(path, [data], sync=True)
+
+
+def _write_file(path: str, buffers: Sequence, sync: bool) -> None:
+    """Writes the buffers one after another into a new file `path` (one `writev` where the
+    system takes them all), fsync'd if `sync`."""
+    views = [memoryview(b).cast("B") for b in buffers]
     with naming_file(path):
         fd = os.open(path, _OPEN_FLAGS, 0o644)
         try:
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written:])
-            os.fsync(fd)
+            while views:
+                written = os.writev(fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views:
+                    views[0] = views[0][written:]
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# file systems whose syncfs(2) flushes all of their files' data and metadata (statfs f_type)
+_SYNCFS_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0xF2F52010: "f2fs", 0x01021994: "tmpfs"}
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs_covers(path: str) -> bool:
+    """Whether one `syncfs` of the file system holding `path` makes files written below it
+    durable and reports their write-back errors: Linux >= 5.8 (earlier kernels may not report
+    errors of files already closed) on a local file system listed in _SYNCFS_FILESYSTEMS."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        version = tuple(int(part) for part in platform.release().split("-")[0].split(".")[:2])
+        libc = _libc()
+        buffer = ctypes.create_string_buffer(256)  # struct statfs; f_type (a long) comes first
+        if version < (5, 8) or not hasattr(libc, "syncfs") or libc.statfs(os.fsencode(path), buffer) != 0:
+            return False
+    except (ValueError, OSError):
+        return False
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF in _SYNCFS_FILESYSTEMS
+
+
+class DurableDir(os.PathLike):
+    """The directory one save step writes into (on one rank), and how what it writes there
+    becomes durable: `write` and `makedirs` below it, then `sync()` once every file is written
+    (the step's results may be reported only after `sync` returns). The mode (module docstring)
+    is chosen per directory by `syncfs_covers`. Safe to use from several threads."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        os.makedirs(self.path, exist_ok=True)
+        self.syncfs = syncfs_covers(self.path)
+        # held from the start: syncfs reports the write-back errors seen since its fd was opened
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        self._dirs: Set[str] = {self.path}
+        self._lock = threading.Lock()
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+    def makedirs(self, directory: str) -> None:
+        """Creates `directory` (below the root) and its missing parents."""
+        if directory in self._dirs:
+            return
+        os.makedirs(directory, exist_ok=True)
+        created = parents_up_to(os.path.join(directory, "-"), self.path)
+        with self._lock:
+            self._dirs |= created
+
+    def write(self, path: str, buffers: Sequence) -> None:
+        """Writes a new file `path` (in an existing directory) holding the buffers in order."""
+        _write_file(path, buffers, sync=not self.syncfs)
+
+    def write_with(self, path: str, writer: Callable) -> None:
+        """Calls `writer(file)` on a new file `path` opened for binary writing."""
+        with naming_file(path), open(path, "wb") as f:
+            writer(f)
+            if not self.syncfs:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def sync(self) -> None:
+        """Makes everything written so far durable: one syncfs, or the directories' fsyncs."""
+        with naming_file(self.path):
+            if self.syncfs:
+                if _libc().syncfs(self._fd) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"syncfs failed: {os.strerror(error)}", self.path)
+            else:
+                fsync_dirs(self._dirs)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> "DurableDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_with_durably(path: str, writer: Callable) -> None:

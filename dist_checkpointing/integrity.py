@@ -16,7 +16,7 @@ import google_crc32c
 import numpy as np
 
 from .core import CheckpointingException
-from .fs import write_durably, write_with_durably
+from .fs import DurableDir
 from .layout import contained_path
 
 Range = Tuple[int, int, int]  # (offset, length, crc32c) of bytes in a file
@@ -61,15 +61,15 @@ class ChecksummingFile:
         return item
 
 
-def write_checksummed(path: str, data) -> List[Range]:
-    """Writes `data` durably to `path`; its one Range."""
-    write_durably(path, data)
+def write_checksummed(target: DurableDir, path: str, data) -> List[Range]:
+    """Writes `data` to `path` through `target`; its one Range."""
+    target.write(path, [data])
     return [(0, memoryview(data).nbytes, crc32c(memoryview(data).cast("B")))]
 
 
-def write_items_checksummed(path: str, write_items: Callable[[ChecksummingFile], None]) -> List[Range]:
+def write_items_checksummed(target: DurableDir, path: str, write_items: Callable[[ChecksummingFile], None]) -> List[Range]:
     """Calls `write_items(file)` (which ends each item with `file.end_item()`) on `path` opened
-    for writing, fsyncs it, and returns the items' Ranges."""
+    for writing through `target`, and returns the items' Ranges."""
     ranges = []
 
     def write(f):
@@ -82,7 +82,7 @@ def write_items_checksummed(path: str, write_items: Callable[[ChecksummingFile],
             raise
         ranges.extend(checked.ranges)
 
-    write_with_durably(path, write)
+    target.write_with(path, write)
     return ranges
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .core import CheckpointingException, is_int
+from .fs import DurableDir
 from .integrity import Range, write_checksummed
 
 SAFE_GLOBALS = [
@@ -35,9 +36,9 @@ SAFE_GLOBALS = [
 ]
 
 
-def save_object(obj, path: str) -> List[Range]:
-    """`torch.save` to `path`, fsync'd; returns the file's checksummed Range."""
-    return write_checksummed(path, dump_object(obj).getbuffer())
+def save_object(obj, target: DurableDir, path: str) -> List[Range]:
+    """`torch.save` to `path` through `target`; returns the file's checksummed Range."""
+    return write_checksummed(target, path, dump_object(obj).getbuffer())
 
 
 def dump_object(obj) -> io.BytesIO:

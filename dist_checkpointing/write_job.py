@@ -10,7 +10,6 @@ the caller's memory, so the caller may change its tensors as soon as `save` retu
 """
 
 import copy
-import os
 from dataclasses import dataclass, field, replace
 from threading import Lock
 from typing import Any, List, Optional, Tuple
@@ -18,7 +17,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .dict_utils import dict_list_map_inplace, nested_values
-from .fs import file_size_limit_raises
+from .fs import DurableDir, file_size_limit_raises
 from .integrity import Checksums
 from .mapping import ShardedObject, ShardedTensor, is_main_replica
 from .strategies.base import SaveCommonStrategy, SaveShardedStrategy, ShardedSavePlan
@@ -44,18 +43,19 @@ class WriteJob:
             return self._write()
 
     def _write(self) -> Tuple[Checksums, Any]:
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        checksums = {}
-        if self.common is not None:
-            checksums.update(self.common_strategy.save_common(self.common, self.checkpoint_dir))
-        if self.objects:
-            checksums.update(self.common_strategy.save_sharded_objects(self.objects, self.checkpoint_dir))
-        shards = self.shards
-        if self.staged is not None:
-            tensors = iter(self.staged.tensors())
-            shards = [replace(sh, data=next(tensors)) if isinstance(sh, ShardedTensor) else sh for sh in shards]
-        sharded_checksums, result = self.sharded_strategy.save(self.plan, shards, self.checkpoint_dir)
-        checksums.update(sharded_checksums)
+        with DurableDir(self.checkpoint_dir) as target:
+            checksums = {}
+            if self.common is not None:
+                checksums.update(self.common_strategy.save_common(self.common, target))
+            if self.objects:
+                checksums.update(self.common_strategy.save_sharded_objects(self.objects, target))
+            shards = self.shards
+            if self.staged is not None:
+                tensors = iter(self.staged.tensors())
+                shards = [replace(sh, data=next(tensors)) if isinstance(sh, ShardedTensor) else sh for sh in shards]
+            sharded_checksums, result = self.sharded_strategy.save(self.plan, shards, target)
+            checksums.update(sharded_checksums)
+            target.sync()  # before any rank may report success
         return checksums, result
 
     def stage(self) -> "WriteJob":

@@ -11,7 +11,8 @@ import zarr
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
-from dist_checkpointing.dtypes import to_torch
+from dist_checkpointing.strategies.config import StrategyConfig
+from dist_checkpointing.dtypes import register_zarr_bfloat16, to_torch
 from layouts import DTYPES, dtype_key, full, sharded_state_dict
 
 
@@ -31,7 +32,7 @@ def test_arrays_readable_by_stock_tensorstore_and_zarr(ckpt, dtype):
     assert doc["data_type"] == str(dtype).split(".")[-1]
     store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(ckpt, key)}}).result()
     assert torch.equal(to_torch(np.ascontiguousarray(store.read().result())), expected)
-    # zarr-python sees the bf16 type once dist_checkpointing registered it (imported above)
+    register_zarr_bfloat16()  # zarr-python has no bf16 of its own
     assert torch.equal(to_torch(zarr.open_array(os.path.join(ckpt, key), mode="r")[:]), expected)
 
 
@@ -123,11 +124,22 @@ def test_stale_arrays_from_an_interrupted_save_are_not_part_of_the_checkpoint(tm
         dc.load(request, path)
 
 
-def test_data_is_fsynced_before_metadata_json_is_renamed_into_place(tmp_path, monkeypatch):
+DURABLE_SAVES = {
+    "zarr": "zarr", "torch_dist": "torch_dist", "zarr_v2": StrategyConfig(zarr_format=2),
+    "zstd-zarr": StrategyConfig(compression="zstd"),
+    "zstd-tensorstore": StrategyConfig(backend="tensorstore", compression="zstd"),
+}
+
+
+@pytest.mark.parametrize("mode", ["syncfs", "fsync"])
+@pytest.mark.parametrize("save", ["zarr", "torch_dist", "zarr_v2", "zstd-zarr", "zstd-tensorstore", "async"])
+def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, monkeypatch, save, mode):
+    """Every file is on stable storage before the commit: fsync'd (with every new directory), or
+    complete when one syncfs of the file system is issued, which then precedes the rename."""
     from dist_checkpointing import fs
 
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
+    events, renamed = [], {}
+    real_fsync, real_replace, real_libc = os.fsync, os.replace, fs._libc
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -135,18 +147,43 @@ def test_data_is_fsynced_before_metadata_json_is_renamed_into_place(tmp_path, mo
 
     def replace(src, dst):
         events.append(("rename", str(dst)))
+        renamed[str(dst)] = str(src)
         return real_replace(src, dst)
+
+    class Libc:
+        def __getattr__(self, name):
+            return getattr(real_libc(), name)
+
+        def syncfs(self, fd):
+            on_disk = {os.path.join(r, f): os.path.getsize(os.path.join(r, f)) for r, _, fs_ in os.walk(path) for f in fs_}
+            events.append(("syncfs", on_disk))
+            return real_libc().syncfs(fd)
 
     monkeypatch.setattr(fs.os, "fsync", fsync)
     monkeypatch.setattr(fs.os, "replace", replace)
+    monkeypatch.setattr(fs, "_libc", Libc)
+    if mode == "fsync":
+        monkeypatch.setattr(fs, "syncfs_covers", lambda path: False)
     path = str(tmp_path / "durable")
-    dc.save(sharded_state_dict(0, 1), path)
+    if save == "async":
+        dc.save(sharded_state_dict(0, 1), path, async_sharded_save=True).execute_sync()
+    else:
+        dc.save(sharded_state_dict(0, 1), path, DURABLE_SAVES[save])
     commit = events.index(("rename", os.path.join(path, "metadata.json")))
+    written = {os.path.join(root, f): os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files}
+    del written[os.path.join(path, "metadata.json")]
+    assert written
     synced = {p for kind, p in events[:commit] if kind == "fsync"}
-    written = {os.path.join(root, f) for root, _, files in os.walk(path) for f in files}
-    written.discard(os.path.join(path, "metadata.json"))
-    assert written and written <= synced
-    assert os.path.join(path, "embedding.weight", "c") in synced  # new directories too
+    synced |= {dst for dst, src in renamed.items() if src in synced}  # e.g. the engine's index
+    if mode == "syncfs":
+        [(_, on_disk)] = [e for e in events[:commit] if e[0] == "syncfs"]
+        complete = {name for name, size in on_disk.items() if written.get(name) == size}
+        assert set(written) <= complete | synced
+    else:
+        assert not any(kind == "syncfs" for kind, _ in events)
+        by_engine = {p for p in written if save == "zstd-tensorstore" and "/c/" in p}  # its own fsyncs
+        assert set(written) - by_engine <= synced
+        assert {root for root, _, _ in os.walk(path)} <= synced  # new directories too
     assert events[commit + 1] == ("fsync", path)  # the rename itself is made durable
 
 

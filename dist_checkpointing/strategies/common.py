@@ -9,7 +9,6 @@ import os
 
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..fs import fsync_dirs
 from ..integrity import Checksums, ChecksumIndex
 from ..layout import COMMON_FNAME, common_file, object_file
 from ..mapping import ShardedObject, is_main_replica
@@ -27,17 +26,15 @@ class TorchCommonSaveStrategy(SaveCommonStrategy):
         return True
 
     def save_common(self, common_state_dict, checkpoint_dir) -> Checksums:
-        return {COMMON_FNAME: save_object(common_state_dict, common_file(checkpoint_dir))}
+        return {COMMON_FNAME: save_object(common_state_dict, checkpoint_dir, common_file(checkpoint_dir))}
 
     def save_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir) -> Checksums:
-        dirs, checksums = set(), {}
+        checksums = {}
         for obj in nested_values(sharded_objects_state_dict):
             if isinstance(obj, ShardedObject) and is_main_replica(obj.replica_id):
                 path = object_file(checkpoint_dir, obj.unique_key)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                checksums[os.path.relpath(path, str(checkpoint_dir))] = save_object(obj.data, path)
-                dirs.update((os.path.dirname(path), str(checkpoint_dir)))
-        fsync_dirs(dirs)
+                checkpoint_dir.makedirs(os.path.dirname(path))
+                checksums[os.path.relpath(path, str(checkpoint_dir))] = save_object(obj.data, checkpoint_dir, path)
         return checksums
 
 

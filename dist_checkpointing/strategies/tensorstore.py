@@ -11,7 +11,7 @@ import functools
 import numpy as np
 
 from ..layout import entry_dir
-from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy, chunk_dirs
+from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy, make_chunk_dirs
 
 DRIVER = {3: "zarr3", 2: "zarr"}
 
@@ -24,13 +24,13 @@ def _tensorstore():
     return tensorstore
 
 
-def _context(thread_count: int):
+def _context(thread_count: int, fsync: bool = False):
     return _tensorstore().Context(
         {
             "cache_pool": {"total_bytes_limit": 0},
             "data_copy_concurrency": {"limit": thread_count},
             "file_io_concurrency": {"limit": thread_count},
-            "file_io_sync": True,  # fsync every chunk file
+            "file_io_sync": fsync,  # each chunk file, where its DurableDir does not syncfs
         }
     )
 
@@ -45,23 +45,25 @@ def _spec(checkpoint_dir: str, key: str, zarr_format: int) -> dict:
 
 
 class TensorStoreSaveShardedStrategy(ZarrFormatSaveStrategy):
+    """Encodes compressed arrays with tensorstore (raw arrays are written by the layout's own
+    writer, zarr_format.RawChunkWrites)."""
+
     def __init__(self, backend: str = "tensorstore", version: int = 1, config=None):
         super().__init__(backend, version, config)
-        self.context = _context(self.config.thread_count)
 
-    def write_shards(self, plan, shards, checkpoint_dir: str) -> set:
-        opened, writes, dirs = {}, [], set()
+    def write_shards(self, plan, shards, checkpoint_dir) -> None:
+        context = _context(self.config.thread_count, fsync=not checkpoint_dir.syncfs)
+        opened, writes = {}, []
         for key, offset, data in shards:
             array = plan.arrays[key]
             if key not in opened:
-                spec = dict(_spec(checkpoint_dir, key, array.zarr_format), metadata=array.document)
-                opened[key] = _tensorstore().open(spec, open=True, assume_metadata=True, context=self.context).result()
+                spec = dict(_spec(str(checkpoint_dir), key, array.zarr_format), metadata=array.document)
+                opened[key] = _tensorstore().open(spec, open=True, assume_metadata=True, context=context).result()
             box = tuple(slice(o, o + s) for o, s in zip(offset, data.shape))
+            make_chunk_dirs(checkpoint_dir, key, array, offset, data.shape)
             writes.append(opened[key][box].write(data))
-            dirs |= chunk_dirs(checkpoint_dir, key, array, offset, data.shape)
         for write in writes:
             write.result()
-        return dirs
 
 
 class TensorStoreArray(StoredArray):

@@ -42,7 +42,7 @@ from ..collectives import get_rank
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_torch
-from ..fs import atomic_write, balance, fsync_dir
+from ..fs import DurableDir, atomic_write, balance
 from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
 from ..geometry import intersection
@@ -136,9 +136,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
         files = balance(items, self.config.thread_count, _nbytes)
         names = [f"__{plan.rank}_{n}.distcp" for n in range(len(files))]
         with ThreadPoolExecutor(max(1, len(files))) as pool:
-            written = list(pool.map(_write_file, [str(checkpoint_dir)] * len(files), names, files))
-        if files:
-            fsync_dir(str(checkpoint_dir))
+            written = list(pool.map(_write_file, [checkpoint_dir] * len(files), names, files))
         checksums = {name: ranges for name, (_, ranges) in zip(names, written)}
         return checksums, [r for results, _ in written for r in results]
 
@@ -189,7 +187,7 @@ def _nbytes(item) -> int:
     return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else data.getbuffer().nbytes
 
 
-def _write_file(checkpoint_dir: str, name: str, items) -> Tuple[List[WriteResult], List[Range]]:
+def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[List[WriteResult], List[Range]]:
     """One `.distcp` file: the items' `torch.save` blobs back to back, each checksummed."""
     results = []
 
@@ -202,7 +200,7 @@ def _write_file(checkpoint_dir: str, name: str, items) -> Tuple[List[WriteResult
             offset, length, _ = f.end_item()
             results.append(WriteResult(index, length, _StorageInfo(name, offset, length)))
 
-    ranges = write_items_checksummed(os.path.join(checkpoint_dir, name), write)
+    ranges = write_items_checksummed(checkpoint_dir, os.path.join(checkpoint_dir, name), write)
     return results, ranges
 
 

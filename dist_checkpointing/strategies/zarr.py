@@ -9,10 +9,10 @@ class ZarrSaveShardedStrategy(ZarrFormatSaveStrategy):
     def __init__(self, backend: str = "zarr", version: int = 1, config=None):
         super().__init__(backend, version, config)
 
-    def write_shards(self, plan, shards, checkpoint_dir: str) -> set:
+    def write_shards(self, plan, shards, checkpoint_dir) -> None:
         from . import zarr_python
 
-        return zarr_python.write_shards(plan.arrays, shards, checkpoint_dir, self.config.thread_count)
+        zarr_python.write_shards(plan.arrays, shards, checkpoint_dir, self.config.thread_count)
 
 
 class ZarrLoadShardedStrategy(ZarrFormatLoadStrategy):

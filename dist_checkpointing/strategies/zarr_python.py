@@ -15,31 +15,30 @@ from zarr.core.buffer.cpu import NDBuffer
 from zarr.storage import LocalStore, StorePath
 
 from ..dtypes import BFLOAT16, register_zarr_bfloat16
-from ..fs import parents_up_to, write_durably
+from ..fs import DurableDir
 from .zarr_format import StoredArray
 
 register_zarr_bfloat16()
 
 
 class DurableLocalStore(LocalStore):
-    """A zarr LocalStore whose writes are fsync'd, remembering which directories gained entries.
+    """A zarr LocalStore writing through a DurableDir (which makes the files durable).
 
     Chunks are written in place (not via a temporary file): a checkpoint is committed as a whole
     by `metadata.json`, so a half-written chunk only ever exists in an uncommitted directory.
     """
 
-    def __init__(self, root):
-        super().__init__(root)
-        self.touched_dirs = set()
+    def __init__(self, target: DurableDir):
+        super().__init__(str(target))
+        self.target = target
 
     async def set(self, key: str, value) -> None:
         await asyncio.to_thread(self._write, key, value.as_buffer_like())
 
     def _write(self, key: str, data) -> None:
         path = os.path.join(str(self.root), key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_durably(path, data)
-        self.touched_dirs.update(parents_up_to(path, str(self.root)))
+        self.target.makedirs(os.path.dirname(path))
+        self.target.write(path, [data])
 
 
 class StrictLocalStore(LocalStore):
@@ -58,9 +57,9 @@ class StrictLocalStore(LocalStore):
         return value
 
 
-def write_shards(arrays, shards, checkpoint_dir: str, concurrency: int) -> set:
+def write_shards(arrays, shards, checkpoint_dir: DurableDir, concurrency: int) -> None:
     """Writes each (key, global offset, values) into `arrays[key]` (ArrayPlans) through a
-    DurableLocalStore; returns the directories that gained entries."""
+    DurableLocalStore."""
     store = DurableLocalStore(checkpoint_dir)
     with zarr.config.set({"async.concurrency": concurrency}):
         for key, offset, data in shards:
@@ -73,7 +72,6 @@ def write_shards(arrays, shards, checkpoint_dir: str, concurrency: int) -> set:
                 )
             )
             array[tuple(slice(o, o + s) for o, s in zip(offset, data.shape))] = data
-    return store.touched_dirs
 
 
 def open_array(array_dir: str, concurrency: int) -> StoredArray:

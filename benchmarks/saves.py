@@ -1,0 +1,145 @@
+"""Saves side by side: our engines (sync and async), Megatron-Core 0.16.1's torch_dist and a raw write.
+
+Two workloads (workload.py), each saved at TP=2 by the same 2 gloo ranks, every saver in turn:
+- gpt: hidden 2048, 4 layers, vocab 32000, bf16 (534 MB);
+- small: hidden 64, 400 layers with a layer norm each, vocab 32000 (2001 tensors, 40 MB).
+
+Savers: `raw` is each rank writing its bytes to one file with write+fsync (the disk's limit for
+these bytes); our zarr, tensorstore and torch_dist engines, checksums on (always); `megatron` is
+Megatron-Core's `dist_checkpointing.save` (its default torch_dist strategy); `<engine>-async`
+is an async save through a persistent AsyncCallsQueue after `prepare_async_save` (what a
+training loop does once): `blocking s` is until `save` and `schedule_async_request` return,
+`save s` until the checkpoint is committed (`maybe_finalize_async_calls(blocking=True)`).
+
+Round 0 holds every saver's first save in the process (imports, caches, staging memory; its
+times are the `first` columns); rounds 1.. alternate the savers' order, and the other columns
+are their medians. Each save goes to a new directory, deleted outside the timing.
+
+Needs Megatron-Core 0.16.1: run in the benchmark environment (`make bench-env`):
+
+    .venv-bench/bin/python benchmarks/saves.py [--runs 3] [--workloads gpt,small] [--json]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from harness import dir_stats, report, run_on_ranks, scratch_dir
+from loads import TP, WORKLOADS, _tp_axes, patch_megatron_for_cpu
+from workload import ENGINES, gpt_state
+
+SAVERS = ["raw", *ENGINES, "megatron", *(f"{engine}-async" for engine in ENGINES)]
+
+
+def raw_save(state, path, rank):
+    with open(os.path.join(path, f"rank{rank}.bin"), "wb", buffering=0) as f:
+        for sh in state.values():
+            f.write(sh.data.view(torch.uint8).numpy().data)
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def megatron_state(state, rank):
+    from megatron.core import dist_checkpointing as mdc
+
+    mstate = {}
+    for key, sh in state.items():
+        axes = _tp_axes(sh)
+        split = [(axes[0], rank, TP)] if axes else []
+        mstate[key] = mdc.ShardedTensor.from_rank_offsets(key, sh.data, *split, replica_id=0 if axes else rank)
+    return mstate
+
+
+def save_on_rank(rank, world, work, model, savers, runs):
+    import dist_checkpointing as dc
+    from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    state = gpt_state(rank, TP, 0, **model)
+    mstate = None
+    if "megatron" in savers:
+        patch_megatron_for_cpu()
+        from megatron.core import dist_checkpointing as mdc
+
+        mstate = megatron_state(state, rank)
+    queue = AsyncCallsQueue(persistent=True)
+    if any(s.endswith("-async") for s in savers):
+        getattr(dc, "prepare_async_save", lambda s: None)(state)
+    times = {saver: [] for saver in savers}
+    for run in range(runs + 1):
+        for saver in savers if run % 2 == 0 else savers[::-1]:
+            path = os.path.join(work, f"{saver}-{run}")
+            if rank == 0:
+                os.makedirs(path)
+            dist.barrier()
+            start = time.perf_counter()
+            blocking = None
+            if saver == "raw":
+                raw_save(state, path, rank)
+            elif saver == "megatron":
+                mdc.save(mstate, path)
+            elif saver.endswith("-async"):
+                queue.schedule_async_request(dc.save(state, path, saver[: -len("-async")], async_sharded_save=True))
+                blocking = time.perf_counter() - start
+                queue.maybe_finalize_async_calls(blocking=True)
+            else:
+                dc.save(state, path, saver)
+            dist.barrier()
+            elapsed = time.perf_counter() - start
+            files, size = dir_stats(path)
+            times[saver].append({"save_s": elapsed, "blocking_s": blocking, "files": files, "bytes": size})
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(path)
+    queue.close()
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--savers", default=",".join(SAVERS))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    savers = args.savers.split(",")
+    rows = []
+    for workload in args.workloads.split(","):
+        with scratch_dir() as work:
+            times = run_on_ranks(save_on_rank, TP, work, WORKLOADS[workload], savers, args.runs)
+        rows.extend(_rows(workload, times))
+    report(f"TP=2 saves by 2 ranks (first save, then medians of {args.runs} alternating runs)", {}, rows, args.json)
+
+
+def _rows(workload, times):
+    def median(saver, field):
+        values = [t[field] for t in times[saver][1:]]
+        return statistics.median(values) if None not in values else None
+
+    raw, megatron = times.get("raw") and median("raw", "save_s"), times.get("megatron") and median("megatron", "save_s")
+    rows = []
+    for saver, runs in times.items():
+        save_s, blocking = median(saver, "save_s"), median(saver, "blocking_s")
+        sync = saver.endswith("-async") and saver[: -len("-async")] in times and median(saver[: -len("-async")], "save_s")
+        rows.append({
+            "workload": workload, "saver": saver, "save s": round(save_s, 3), "first save s": round(runs[0]["save_s"], 3),
+            "x raw": raw and round(raw / save_s, 2),
+            "speedup over Megatron": megatron and round(megatron / save_s, 2),
+            "blocking s": blocking and round(blocking, 3),
+            "first blocking s": runs[0]["blocking_s"] and round(runs[0]["blocking_s"], 3),
+            "blocking / sync": blocking and sync and round(blocking / sync, 3),
+            "total / sync": blocking and sync and round(save_s / sync, 2),
+            "GB/s": round(runs[-1]["bytes"] / save_s / 1e9, 2), "files": runs[-1]["files"],
+        })
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
