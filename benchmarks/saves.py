@@ -13,7 +13,9 @@ training loop does once): `blocking s` is until `save` and `schedule_async_reque
 
 Round 0 holds every saver's first save in the process (imports, caches, staging memory; its
 times are the `first` columns); rounds 1.. alternate the savers' order, and the other columns
-are their medians. Each save goes to a new directory, deleted outside the timing.
+are their medians. Each save goes to a new directory, all deleted at the end: a file system
+creates files slower for a while where many were just deleted (ext4 skips recently freed
+inodes), which a training job's retention does not do between saves.
 
 Needs Megatron-Core 0.16.1: run in the benchmark environment (`make bench-env`):
 
@@ -22,7 +24,6 @@ Needs Megatron-Core 0.16.1: run in the benchmark environment (`make bench-env`):
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -70,8 +71,9 @@ def save_on_rank(rank, world, work, model, savers, runs):
 
         mstate = megatron_state(state, rank)
     queue = AsyncCallsQueue(persistent=True)
-    if any(s.endswith("-async") for s in savers):
-        getattr(dc, "prepare_async_save", lambda s: None)(state)
+    for saver in savers:
+        if saver.endswith("-async"):
+            dc.prepare_async_save(state, saver[: -len("-async")])
     times = {saver: [] for saver in savers}
     for run in range(runs + 1):
         for saver in savers if run % 2 == 0 else savers[::-1]:
@@ -95,9 +97,6 @@ def save_on_rank(rank, world, work, model, savers, runs):
             elapsed = time.perf_counter() - start
             files, size = dir_stats(path)
             times[saver].append({"save_s": elapsed, "blocking_s": blocking, "files": files, "bytes": size})
-            dist.barrier()
-            if rank == 0:
-                shutil.rmtree(path)
     queue.close()
     return times
 

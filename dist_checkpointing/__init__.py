@@ -20,6 +20,7 @@ from .serialization import (
     load_plain_tensors,
     load_sharded_metadata,
     load_tensors_metadata,
+    prepare_async_save,
     remove_sharded_tensors,
     save,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "load_plain_tensors",
     "load_sharded_metadata",
     "load_tensors_metadata",
+    "prepare_async_save",
     "remove_sharded_tensors",
     "save",
 ]

@@ -28,10 +28,11 @@ def write_durably(path: str, data) -> None:
     _write_file(path, [data], sync=True)
 
 
-def _write_file(path: str, buffers: Sequence, sync: bool) -> None:
+def _write_file(path: str, buffers: Sequence, sync: bool) -> int:
     """Writes the buffers one after another into a new file `path` (one `writev` where the
-    system takes them all), fsync'd if `sync`."""
+    system takes them all), fsync'd if `sync`; returns the file's size."""
     views = [memoryview(b).cast("B") for b in buffers]
+    size = sum(len(view) for view in views)
     with naming_file(path):
         fd = os.open(path, _OPEN_FLAGS, 0o644)
         try:
@@ -46,6 +47,7 @@ def _write_file(path: str, buffers: Sequence, sync: bool) -> None:
                 os.fsync(fd)
         finally:
             os.close(fd)
+    return size
 
 
 # file systems whose syncfs(2) flushes all of their files' data and metadata (statfs f_type)
@@ -73,6 +75,13 @@ def syncfs_covers(path: str) -> bool:
     return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF in _SYNCFS_FILESYSTEMS
 
 
+def _mkdir(directory: str) -> None:
+    try:
+        os.mkdir(directory)
+    except FileExistsError:  # e.g. made by another rank
+        pass
+
+
 class DurableDir(os.PathLike):
     """The directory one save step writes into (on one rank), and how what it writes there
     becomes durable: `write` and `makedirs` below it, then `sync()` once every file is written
@@ -87,6 +96,12 @@ class DurableDir(os.PathLike):
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
         self._dirs: Set[str] = {self.path}
         self._lock = threading.Lock()
+        self.files = self.nbytes = 0  # written so far
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self.files += 1
+            self.nbytes += nbytes
 
     def __fspath__(self) -> str:
         return self.path
@@ -95,25 +110,35 @@ class DurableDir(os.PathLike):
         return self.path
 
     def makedirs(self, directory: str) -> None:
-        """Creates `directory` (below the root) and its missing parents."""
+        """Creates `directory` (below the root) and its missing parents: one `mkdir` where the
+        parent exists (directories are costly to create on some file systems; `os.makedirs`
+        would also look its parents up first)."""
         if directory in self._dirs:
             return
-        os.makedirs(directory, exist_ok=True)
-        created = parents_up_to(os.path.join(directory, "-"), self.path)
+        try:
+            _mkdir(directory)
+        except FileNotFoundError:
+            self.makedirs(os.path.dirname(directory))
+            _mkdir(directory)
         with self._lock:
-            self._dirs |= created
+            self._dirs.add(directory)
 
     def write(self, path: str, buffers: Sequence) -> None:
         """Writes a new file `path` (in an existing directory) holding the buffers in order."""
-        _write_file(path, buffers, sync=not self.syncfs)
+        self._count(_write_file(path, buffers, sync=not self.syncfs))
 
     def write_with(self, path: str, writer: Callable) -> None:
         """Calls `writer(file)` on a new file `path` opened for binary writing."""
         with naming_file(path), open(path, "wb") as f:
             writer(f)
+            f.flush()
             if not self.syncfs:
-                f.flush()
                 os.fsync(f.fileno())
+            self._count(f.tell())
+
+    def add_written(self, path: str) -> None:
+        """Counts a file that an engine wrote below the root by itself."""
+        self._count(os.stat(path).st_size)
 
     def sync(self) -> None:
         """Makes everything written so far durable: one syncfs, or the directories' fsyncs."""
@@ -167,18 +192,6 @@ def fsync_dir(path: str) -> None:
 def fsync_dirs(paths: Iterable[str]) -> None:
     for path in sorted(set(paths)):
         fsync_dir(path)
-
-
-def parents_up_to(path: str, root: str) -> Set[str]:
-    """Directories from `path`'s parent up to and including `root` (entries were created there)."""
-    root = os.path.abspath(root)
-    dirs = set()
-    current = os.path.dirname(os.path.abspath(path))
-    while True:
-        dirs.add(current)
-        if current == root or len(current) <= len(root):
-            return dirs
-        current = os.path.dirname(current)
 
 
 def atomic_write(path: str, data: bytes) -> None:

@@ -5,6 +5,7 @@ piece of non-tensor state that differs per rank in a `ShardedObject`, and everyt
 a plain value that goes to `common.pt`.
 """
 
+import copy
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -168,7 +169,7 @@ class ShardedTensor(ShardedBase):
         return tuple(chunks)
 
     def without_data(self) -> "ShardedTensor":
-        return replace(self, data=None)
+        return _without_data(self)
 
     def covering_box(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         """The smallest global box whose values give this shard's data: `global_box()`, or for
@@ -424,7 +425,7 @@ class ShardedObject(ShardedBase):
             )
 
     def without_data(self) -> "ShardedObject":
-        return replace(self, data=None)
+        return _without_data(self)
 
     @property
     def unique_key(self) -> str:
@@ -484,7 +485,15 @@ class ShardedTensorFactory(ShardedBase):
         """Nothing to check before `build`."""
 
     def without_data(self) -> "ShardedTensorFactory":
-        return replace(self, data=None)
+        return _without_data(self)
+
+
+def _without_data(sharded: ShardedBase) -> ShardedBase:
+    """A shallow copy with `data=None`; its metadata was validated when `sharded` was made, so
+    it is not validated again (`replace` would: ~25 us each, thousands per save)."""
+    clone = copy.copy(sharded)
+    clone.data = None
+    return clone
 
 
 def apply_factories(sharded_state_dict: ShardedStateDict) -> None:

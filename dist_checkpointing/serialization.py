@@ -16,6 +16,7 @@ runs in a background writer process and step 3 when the request is finalized
 import functools
 import logging
 import os
+import time
 from typing import Callable, Optional, Set, Tuple, Union
 
 from .collectives import exchange, get_rank, on_every_rank
@@ -68,7 +69,7 @@ from .validation import (
     validate_sharding_integrity,
     validate_shards_by_key,
 )
-from .write_job import WriteJob
+from .write_job import WriteJob, reserve_staging_memory, staged_size
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def save(
         return shards, common_digest, sharded_strategy.planning_info()
 
     uncommitted = f"Nothing was committed: {checkpoint_dir} has no {CONFIG_FNAME}; earlier checkpoints are untouched."
+    started = time.perf_counter()
     planned = exchange(plan, "save planning", consequence=uncommitted)
     global_metadata = [shards for shards, _, _ in planned]
     by_key = group_by_key(global_metadata)
@@ -142,24 +144,46 @@ def save(
         validate_shards_by_key(by_key)
         _warn_if_common_state_differs([digest for _, digest, _ in planned])
     save_plan = sharded_strategy.plan(by_key, [info for _, _, info in planned])
+    seconds = {"plan": time.perf_counter() - started}
     job = functools.partial(_write_job, checkpoint_dir, common_strategy, sharded_strategy, save_plan, local)
     commit = functools.partial(commit_save, checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_metadata)
+
+    def stage(copy: bool):
+        started = time.perf_counter()
+        write_job = job().stage() if copy else job()
+        seconds["stage"] = time.perf_counter() - started
+        return write_job
+
     if async_sharded_save:
-        staged = on_every_rank(lambda: job().stage(), f"staging of the save to {checkpoint_dir}", consequence=uncommitted)
+        staged = on_every_rank(lambda: stage(copy=True), f"staging of the save to {checkpoint_dir}", consequence=uncommitted)
         request = AsyncRequest(
             WriteJob.run, (staged,), [], what=f"async save to {checkpoint_dir}", consequence=uncommitted
         )
 
         def finalize():
             try:
-                commit(request.results)
+                commit(request.results, seconds)
             finally:
                 staged.release()  # the writer is done with the staging buffer
 
         request.add_finalize_fn(finalize)
         return request
-    commit(exchange(lambda: job().run(), f"save to {checkpoint_dir}", consequence=uncommitted))
+    commit(exchange(lambda: stage(copy=False).run(), f"save to {checkpoint_dir}", consequence=uncommitted), seconds)
     return None
+
+
+def prepare_async_save(sharded_state_dict: ShardedStateDict, sharded_strategy: SaveShardedStrategyLike = None) -> None:
+    """What the first async save of this state dict would otherwise do in its blocking part,
+    done ahead on this rank (local, no collective): allocate and fault in the staging memory,
+    and load the engine `sharded_strategy` names (as `save` takes it; default zarr), so that
+    the first save's blocking part is a copy at memory bandwidth too.
+
+    The memory is sized for every ShardedTensor of this rank (a main replica or not); a save
+    that needs more (flattened pieces assembled into whole chunks) allocates at its staging."""
+    _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or "zarr")
+    sharded, _ = save_preprocess(sharded_state_dict)
+    tensors = [sh.data for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)]
+    reserve_staging_memory(sum(staged_size(t.numel() * t.element_size()) for t in tensors))
 
 
 def _write_job(checkpoint_dir, common_strategy, sharded_strategy, save_plan, local) -> WriteJob:
@@ -179,15 +203,19 @@ def _write_job(checkpoint_dir, common_strategy, sharded_strategy, save_plan, loc
     )
 
 
-def commit_save(checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_metadata, write_outcomes) -> None:
-    """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`.
+def commit_save(
+    checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_metadata, write_outcomes, seconds=None
+) -> None:
+    """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`, then logs
+    what the save wrote and how long each step took (`seconds` of the earlier steps).
 
-    `write_outcomes`: every rank's (checksums, sharded write result) from `WriteJob.run`.
+    `write_outcomes`: every rank's `WriteOutcome`.
     """
 
     def commit():
         if get_rank() == 0:
-            sharded_strategy.finalize(save_plan, checkpoint_dir, [result for _, result in write_outcomes])
+            started = time.perf_counter()
+            sharded_strategy.finalize(save_plan, checkpoint_dir, [outcome.result for outcome in write_outcomes])
             config = CheckpointingConfig(
                 sharded_strategy.backend,
                 sharded_strategy.version,
@@ -195,10 +223,24 @@ def commit_save(checkpoint_dir, common_strategy, sharded_strategy, save_plan, gl
                 common_strategy.version,
             )
             index = _index(config, global_metadata)
-            index.checksums = {name: ranges for checksums, _ in write_outcomes for name, ranges in checksums.items()}
+            index.checksums = {name: ranges for outcome in write_outcomes for name, ranges in outcome.checksums.items()}
             write_metadata(checkpoint_dir, index)
+            _log_save(checkpoint_dir, write_outcomes, dict(seconds or {}, commit=time.perf_counter() - started))
 
     exchange(commit, f"commit of {checkpoint_dir}")
+
+
+def _log_save(checkpoint_dir, write_outcomes, seconds) -> None:
+    """One INFO line per save (rank 0): bytes and files written by all ranks, each step's
+    seconds (writing: the slowest rank's, until its files were durable) and write throughput."""
+    nbytes = sum(outcome.nbytes for outcome in write_outcomes)
+    seconds["write"] = max((outcome.seconds for outcome in write_outcomes), default=0.0)
+    steps = ", ".join(f"{step} {seconds[step]:.3f} s" for step in ("plan", "stage", "write", "commit") if step in seconds)
+    logger.info(
+        "Saved %s: %d bytes in %d files by %d rank(s); %s; %.3g GB/s written",
+        checkpoint_dir, nbytes, sum(outcome.files for outcome in write_outcomes), len(write_outcomes),
+        steps, nbytes / max(seconds["write"], 1e-9) / 1e9,
+    )
 
 
 def _warn_if_common_state_differs(digests) -> None:

@@ -5,11 +5,14 @@ common state, ShardedObjects and staged shards. `stage()` turns it into a copy t
 the caller's memory, so the caller may change its tensors as soon as `save` returns:
 - the tensors of the shards to write are copied into one shared-memory buffer, which travels to
   the writer process as a single file descriptor (its pages are shared, not pickled) and is
-  reused by the next save of the same size;
+  reused by the next save of the same size (`reserve_staging_memory` allocates it ahead of the
+  first save). From CUDA tensors the copies go to the buffer pinned (page-locked), all issued
+  before one wait;
 - everything else (common state, objects) is a deep copy on the CPU, small by design.
 """
 
 import copy
+import time
 from dataclasses import dataclass, field, replace
 from threading import Lock
 from typing import Any, List, Optional, Tuple
@@ -36,13 +39,13 @@ class WriteJob:
     shards: Any  # what `sharded_strategy.stage` returned
     staged: Optional["SharedTensors"] = None  # the shards' tensors, when staged
 
-    def run(self) -> Tuple[Checksums, Any]:
-        """Writes everything durably; returns the checksums of the files written and the
-        sharded strategy's write result."""
+    def run(self) -> "WriteOutcome":
+        """Writes everything durably; returns what the commit needs to know of it."""
         with file_size_limit_raises():
             return self._write()
 
-    def _write(self) -> Tuple[Checksums, Any]:
+    def _write(self) -> "WriteOutcome":
+        started = time.perf_counter()
         with DurableDir(self.checkpoint_dir) as target:
             checksums = {}
             if self.common is not None:
@@ -56,7 +59,7 @@ class WriteJob:
             sharded_checksums, result = self.sharded_strategy.save(self.plan, shards, target)
             checksums.update(sharded_checksums)
             target.sync()  # before any rank may report success
-        return checksums, result
+        return WriteOutcome(checksums, result, target.files, target.nbytes, time.perf_counter() - started)
 
     def stage(self) -> "WriteJob":
         """A copy holding its own data: shard tensors in shared memory, the rest copied.
@@ -83,6 +86,17 @@ class WriteJob:
             self.staged = None
 
 
+@dataclass(frozen=True)
+class WriteOutcome:
+    """What one rank's write step reports to the commit."""
+
+    checksums: Checksums  # of the files written (integrity.py)
+    result: Any  # the sharded strategy's write result, for its `finalize`
+    files: int
+    nbytes: int
+    seconds: float  # from the first write until everything was durable
+
+
 def _cpu_copy(obj):
     obj = copy.deepcopy(obj)
     if isinstance(obj, (dict, list)):
@@ -104,10 +118,13 @@ class SharedTensors:
         layout, end = [], 0
         for t in tensors:
             layout.append((end, t.dtype, tuple(t.shape)))
-            end += -(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT
-        staged = cls(_pool.acquire(end), layout)
+            end += staged_size(t.numel() * t.element_size())
+        devices = {t.device for t in tensors if t.is_cuda}
+        staged = cls(_pool.acquire(end, pinned=bool(devices)), layout)
         for view, t in zip(staged.tensors(), tensors):
-            view.copy_(t.detach())  # device to host for CUDA tensors
+            view.copy_(t.detach(), non_blocking=bool(devices))
+        for device in devices:  # the copies from each GPU are done
+            torch.cuda.synchronize(device)
         return staged
 
     def tensors(self) -> List[torch.Tensor]:
@@ -118,34 +135,74 @@ class SharedTensors:
         return views
 
 
+def staged_size(nbytes: int) -> int:
+    """The bytes a tensor of `nbytes` takes in the staging buffer."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
 class _BufferPool:
     """Shared-memory buffers kept between saves: a fresh buffer costs a page fault per 4 KiB
     on first touch, which is most of the staging time; a reused one is a plain copy."""
 
     def __init__(self):
         self.free: List[torch.Tensor] = []
+        self.pinned = set()  # data pointers of buffers registered with CUDA
         self.lock = Lock()
 
-    def acquire(self, nbytes: int) -> torch.Tensor:
+    def acquire(self, nbytes: int, pinned: bool = False) -> torch.Tensor:
         with self.lock:
             fitting = [b for b in self.free if b.numel() >= nbytes]
             if fitting:
                 buffer = min(fitting, key=torch.Tensor.numel)
                 self.free.remove(buffer)
-                return buffer
-            self.free.clear()  # all too small for this state: let them go
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8).share_memory_()
+            else:
+                self._drop(self.free)  # all too small for this state: let them go
+                buffer = _shared_buffer(nbytes)
+            if pinned and buffer.data_ptr() not in self.pinned:
+                # page-locked in place (a shared buffer cannot be allocated pinned), so that
+                # device-to-host copies run at full speed and asynchronously
+                torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+                self.pinned.add(buffer.data_ptr())
+        return buffer
 
     def release(self, buffer: torch.Tensor) -> None:
         with self.lock:
             self.free.append(buffer)
 
+    def reserve(self, nbytes: int) -> None:
+        """Makes a faulted-in buffer of at least `nbytes` available for the next save."""
+        with self.lock:
+            if any(b.numel() >= nbytes for b in self.free):
+                return
+        self.release(self.acquire(nbytes))
+
     def clear(self) -> None:
         with self.lock:
-            self.free.clear()
+            self._drop(self.free)
+
+    def _drop(self, buffers: List[torch.Tensor]) -> None:
+        for buffer in buffers:
+            if buffer.data_ptr() in self.pinned:
+                self.pinned.discard(buffer.data_ptr())
+                torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        buffers.clear()
+
+
+def _shared_buffer(nbytes: int) -> torch.Tensor:
+    """A byte tensor in shared memory, allocated there directly (not copied in, as
+    `share_memory_()` would) and faulted in now rather than during the copy."""
+    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+    buffer.zero_()
+    return buffer
 
 
 _pool = _BufferPool()
+
+
+def reserve_staging_memory(nbytes: int) -> None:
+    """Allocates (once) the shared memory that async saves staging `nbytes` on this rank use."""
+    _pool.reserve(nbytes)
 
 
 def release_staging_buffers() -> None:

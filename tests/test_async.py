@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import dist_checkpointing as dc
-from dist_checkpointing import CheckpointingException, ShardedTensor
+from dist_checkpointing import CheckpointingException, ShardedTensor, write_job
 from dist_checkpointing.dict_utils import nested_values
 from dist_checkpointing.strategies import save_strategy_from_config
 from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -40,16 +40,23 @@ def async_saves(rank, world_size, root):
     queue = AsyncCallsQueue(persistent=True)
     strategies = {backend: backend for backend in ENGINES}
     strategies["zarr-fully-parallel"] = FullyParallelSaveStrategyWrapper(save_strategy_from_config(StrategyConfig()))
+    allocated = _count_staging_allocations()
+    dc.prepare_async_save(sharded_state_dict(rank, 2), "torch_dist")  # once, before the first save
+    assert allocated == [1]
     for name, strategy in strategies.items():
         ckpt = f"{root}/{name}"
         state = sharded_state_dict(rank, 2)
         request = dc.save(state, ckpt, strategy, async_sharded_save=True)
         _scribble(state)
         queue.schedule_async_request(request)
-        assert not _committed(ckpt)  # only finalize commits
+        assert not _committed(ckpt) and not request.committed.done()  # only finalize commits
         assert queue.maybe_finalize_async_calls(blocking=True) == [queue.call_idx]
         assert _committed(ckpt) and queue.get_num_unfinalized_calls() == 0
+        assert request.committed.result(timeout=0) == request.results
         assert _reload(rank, ckpt) > 10, name
+    assert allocated == [1]  # every save staged into the prepared memory
+    # the writer yields the CPU to training
+    assert os.getpriority(os.PRIO_PROCESS, queue.writer.process.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
     # non-blocking: nothing is final until every rank's writer is done, then it is
     request = dc.save(sharded_state_dict(rank, 2), f"{root}/polled", async_sharded_save=True)
     finalized = []
@@ -65,6 +72,18 @@ def async_saves(rank, world_size, root):
     dc.save(sharded_state_dict(rank, 2), f"{root}/sync", "torch_dist", async_sharded_save=True).execute_sync()
     assert _reload(rank, f"{root}/sync") > 10
     return index
+
+
+def _count_staging_allocations():
+    """A list whose one element counts the shared-memory buffers allocated from now on."""
+    count, allocate = [0], write_job._shared_buffer
+
+    def counted(nbytes):
+        count[0] += 1
+        return allocate(nbytes)
+
+    write_job._shared_buffer = counted
+    return count
 
 
 def _other_state(rank, with_data=True):
@@ -110,6 +129,7 @@ def async_failures(rank, world_size, root):
     with pytest.raises(CheckpointingException, match=r"rank\(s\) 1.*File too large"):
         queue.maybe_finalize_async_calls(blocking=True)
     assert not _committed(f"{root}/too-large")
+    assert isinstance(request.committed.exception(timeout=0), CheckpointingException)
     # a writer killed on rank 1: a clear error on both ranks, no hang
     queue = AsyncCallsQueue(persistent=True)
     request = dc.save(sharded_state_dict(rank, 2), f"{root}/killed", async_sharded_save=True)

@@ -13,10 +13,14 @@ on any rank raises the same `CheckpointingException` everywhere, and only then d
 functions run (the save's commit, which writes `metadata.json`, is the first).
 """
 
+import ctypes
 import os
+import platform
 import queue
 import signal
+import sys
 from collections import deque
+from concurrent.futures import Future
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch.multiprocessing as mp
@@ -38,6 +42,11 @@ class AsyncRequest:
             `async_fn` (in rank order)
         what: what the call does, for error messages (e.g. "async save to DIR")
         consequence: what a failure means, appended to its error (e.g. "nothing was committed")
+
+    `committed` is a Future resolved when the request was finalized on this rank: with
+    `results` once every finalize function ran (for a save: `metadata.json` is written, the
+    checkpoint is complete), or with the exception finalizing raised. (A save hands its request
+    over once its data is staged: the caller may change its tensors as soon as `save` returns.)
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class AsyncRequest:
         self.call_idx = call_idx
         self.what, self.consequence = what, consequence
         self.results: Optional[List[Any]] = None
+        self.committed: Future = Future()
 
     def add_finalize_fn(self, fn: Callable) -> None:
         """Adds `fn`, to be called after the existing finalize functions."""
@@ -90,9 +100,14 @@ class AsyncRequest:
             return value
 
         what = f"async call {self.call_idx}" + (f" ({self.what})" if self.what else "")
-        self.results = exchange(result, what, consequence=self.consequence)
-        for fn in self.finalize_fns:
-            fn()
+        try:
+            self.results = exchange(result, what, consequence=self.consequence)
+            for fn in self.finalize_fns:
+                fn()
+        except BaseException as e:
+            self.committed.set_exception(e)
+            raise
+        self.committed.set_result(self.results)
 
 
 class AsyncCallsQueue:
@@ -213,8 +228,27 @@ class _Writer:
             self.process.join()
 
 
+WRITER_NICENESS = 10
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}  # Linux syscall numbers
+_IOPRIO_BEST_EFFORT_LOWEST = (2 << 13) | 7  # IOPRIO_PRIO_VALUE(IOPRIO_CLASS_BE, 7)
+
+
+def lower_priority() -> None:
+    """The calling process yields the CPU and the disk to the training processes: niceness
+    +10, and on Linux the lowest best-effort I/O priority (where the scheduler honours it).
+    Best effort: a platform without these keeps the default priorities."""
+    try:
+        os.nice(WRITER_NICENESS)
+    except OSError:
+        pass
+    number = _IOPRIO_SET.get(platform.machine()) if sys.platform.startswith("linux") else None
+    if number is not None:
+        ctypes.CDLL(None, use_errno=True).syscall(number, 1, 0, _IOPRIO_BEST_EFFORT_LOWEST)  # this process
+
+
 def _writer_loop(jobs, results, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
+    lower_priority()
     while True:
         try:
             job = jobs.get(timeout=1.0)

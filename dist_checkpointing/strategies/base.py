@@ -15,6 +15,7 @@ from typing import Any, DefaultDict, Dict, List, Sequence, Tuple, Union
 
 from ..collectives import get_rank
 from ..core import CheckpointingException
+from ..fs import DurableDir
 from ..integrity import Checksums
 from ..mapping import ShardedStateDict, StateDict
 from ..validation import ShardsByKey
@@ -137,14 +138,14 @@ class SaveCommonStrategy(SaveStrategyBase):
     """Writes `common.pt` (rank 0) and ShardedObjects (their main replicas)."""
 
     @abstractmethod
-    def save_common(self, common_state_dict: StateDict, checkpoint_dir: Union[str, Path]) -> Checksums:
-        """Writes the common state dict (rank 0 only); returns the files' checksums."""
+    def save_common(self, common_state_dict: StateDict, checkpoint_dir: DurableDir) -> Checksums:
+        """Writes the common state dict (rank 0 only) through `checkpoint_dir`; returns the
+        files' checksums."""
 
     @abstractmethod
-    def save_sharded_objects(
-        self, sharded_objects_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]
-    ) -> Checksums:
-        """Writes the main replicas among the given ShardedObjects; returns the files' checksums."""
+    def save_sharded_objects(self, sharded_objects_state_dict: ShardedStateDict, checkpoint_dir: DurableDir) -> Checksums:
+        """Writes the main replicas among the given ShardedObjects through `checkpoint_dir`;
+        returns the files' checksums."""
 
 
 @dataclass(frozen=True)
@@ -168,10 +169,12 @@ class SaveShardedStrategy(SaveStrategyBase):
     2. `stage(plan, sharded_state_dict)` on every rank: the only step that may move tensor data
        between ranks (e.g. to assemble flattened pieces on the rank that writes them);
     3. `save(plan, ...)` on every rank with what `stage` returned: write the main replicas
-       durably (fsync'd) without talking to other ranks; return the checksums of the files
-       written (integrity.py; empty where the format checksums its own chunks) and a small
-       picklable write result. For an async save this runs in a background process on pickled
-       copies of the strategy and the plan;
+       without talking to other ranks, through `checkpoint_dir`, an `fs.DurableDir` (a path
+       that also writes files and creates directories; its `sync`, called after `save`, makes
+       them durable, so files written otherwise must be fsync'd by the strategy); return the
+       checksums of the files written (integrity.py; empty where the format checksums its own
+       chunks) and a small picklable write result. For an async save this runs in a background
+       process on pickled copies of the strategy and the plan;
     4. `finalize(plan, dir, results)` on rank 0 with every rank's write result, before
        `metadata.json` is written: write the engine's own index, if it has one.
     """
@@ -195,10 +198,10 @@ class SaveShardedStrategy(SaveStrategyBase):
 
     @abstractmethod
     def save(
-        self, plan: ShardedSavePlan, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]
+        self, plan: ShardedSavePlan, sharded_state_dict: ShardedStateDict, checkpoint_dir: DurableDir
     ) -> Tuple[Checksums, Any]:
-        """Writes this rank's main-replica shards durably; returns the files' checksums and
-        this rank's write result (for `finalize`)."""
+        """Writes this rank's main-replica shards through `checkpoint_dir`; returns the files'
+        checksums and this rank's write result (for `finalize`)."""
 
     def finalize(self, plan: ShardedSavePlan, checkpoint_dir: Union[str, Path], write_results: List[Any]) -> None:
         """Completes the engine's files from all ranks' write results (rank 0 only)."""

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 
 from ..layout import entry_dir
-from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy, make_chunk_dirs
+from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy, engine_chunk_files
 
 DRIVER = {3: "zarr3", 2: "zarr"}
 
@@ -53,17 +53,19 @@ class TensorStoreSaveShardedStrategy(ZarrFormatSaveStrategy):
 
     def write_shards(self, plan, shards, checkpoint_dir) -> None:
         context = _context(self.config.thread_count, fsync=not checkpoint_dir.syncfs)
-        opened, writes = {}, []
+        opened, writes, files = {}, [], []
         for key, offset, data in shards:
             array = plan.arrays[key]
             if key not in opened:
                 spec = dict(_spec(str(checkpoint_dir), key, array.zarr_format), metadata=array.document)
                 opened[key] = _tensorstore().open(spec, open=True, assume_metadata=True, context=context).result()
             box = tuple(slice(o, o + s) for o, s in zip(offset, data.shape))
-            make_chunk_dirs(checkpoint_dir, key, array, offset, data.shape)
+            files += engine_chunk_files(checkpoint_dir, key, array, offset, data.shape)
             writes.append(opened[key][box].write(data))
         for write in writes:
             write.result()
+        for path in files:
+            checkpoint_dir.add_written(path)
 
 
 class TensorStoreArray(StoredArray):

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.utils.serialization import config as serialization_config
 
 from ..collectives import get_rank
 from ..core import CheckpointingException
@@ -135,7 +136,11 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
         files = balance(items, self.config.thread_count, _nbytes)
         names = [f"__{plan.rank}_{n}.distcp" for n in range(len(files))]
-        with ThreadPoolExecutor(max(1, len(files))) as pool:
+        # Each item is checksummed (CRC-32C, metadata.json), so torch.save's own zlib CRC-32 of
+        # every record is skipped: it costs ~1/3 of a small item's save and 40 ms per 100 MB.
+        # torch.load (DCP's and Megatron's readers) reads such records; the setting is
+        # process-wide, hence set once around all writer threads.
+        with serialization_config.patch("save.compute_crc32", False), ThreadPoolExecutor(max(1, len(files))) as pool:
             written = list(pool.map(_write_file, [checkpoint_dir] * len(files), names, files))
         checksums = {name: ranges for name, (_, ranges) in zip(names, written)}
         return checksums, [r for results, _ in written for r in results]
@@ -193,10 +198,10 @@ def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[List[Writ
 
     def write(f):
         for index, data in items:
-            if isinstance(data, torch.Tensor):
-                torch.save(data, f)
-            else:
-                f.write(data.getbuffer())
+            if isinstance(data, torch.Tensor) and _nbytes((index, data)) >= IN_MEMORY_ITEM_BYTES:
+                torch.save(data, f)  # its values in one write, from the tensor's memory
+            else:  # one write, not torch.save's ~40 small ones, each checksummed
+                f.write((dump_object(data) if isinstance(data, torch.Tensor) else data).getbuffer())
             offset, length, _ = f.end_item()
             results.append(WriteResult(index, length, _StorageInfo(name, offset, length)))
 
@@ -253,7 +258,7 @@ def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
     return tensor
 
 
-IN_MEMORY_ITEM_BYTES = 2**20  # smaller items are read whole, then copied: fewer reads
+IN_MEMORY_ITEM_BYTES = 2**20  # smaller items are written and read whole (one call each), larger ones in place
 
 
 @dataclass(frozen=True)

@@ -571,12 +571,14 @@ class _ChunkWrite:
         return [raw, crc32c(raw).to_bytes(4, "little")] if self.checksummed else [raw]
 
 
-def make_chunk_dirs(checkpoint_dir: DurableDir, key: str, array: ArrayPlan, offset, shape) -> None:
-    """Creates the directories of the chunk files of box (offset, shape) of `array` (for an
-    engine that writes them)."""
-    root = entry_dir(checkpoint_dir, key)
+def engine_chunk_files(checkpoint_dir: DurableDir, key: str, array: ArrayPlan, offset, shape) -> List[str]:
+    """The chunk files of box (offset, shape) of `array`, whose directories are created here
+    for an engine that writes the files itself."""
+    root, paths = entry_dir(checkpoint_dir, key), []
     for index in chunk_indices(offset, shape, array.chunks):
-        checkpoint_dir.makedirs(os.path.dirname(os.path.join(root, chunk_key(array.zarr_format, index))))
+        paths.append(os.path.join(root, chunk_key(array.zarr_format, index)))
+        checkpoint_dir.makedirs(os.path.dirname(paths[-1]))
+    return paths
 
 
 class ZarrFormatLoadStrategy(LoadShardedStrategy):
