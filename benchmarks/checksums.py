@@ -18,7 +18,7 @@ import numpy as np
 
 import dist_checkpointing as dc
 from dist_checkpointing import integrity
-from dist_checkpointing.strategies import zarr_format
+from dist_checkpointing.strategies import zarr_plan
 from dist_checkpointing.strategies.config import StrategyConfig
 from harness import parse_args, report, scratch_dir
 from workload import ENGINES, gpt_state
@@ -26,19 +26,19 @@ from workload import ENGINES, gpt_state
 
 @contextlib.contextmanager
 def checksums_off():
-    document, write = zarr_format.array_document, integrity.ChecksummingFile.write
+    document, write = zarr_plan.array_document, integrity.ChecksummingFile.write
 
     def without_crc_codec(*args):
         doc = document(*args)
         doc["codecs"] = [c for c in doc["codecs"] if c["name"] != "crc32c"]
         return doc
 
-    zarr_format.array_document = without_crc_codec
+    zarr_plan.array_document = without_crc_codec
     integrity.ChecksummingFile.write = lambda self, data: self.f.write(data)  # items' CRC not computed
     try:
         yield
     finally:
-        zarr_format.array_document, integrity.ChecksummingFile.write = document, write
+        zarr_plan.array_document, integrity.ChecksummingFile.write = document, write
 
 
 def timed(fn) -> float:

@@ -22,6 +22,20 @@ def parse_args(doc: str, mb_default: int, mb_help: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def parse_side_by_side(doc: str, workloads, kind: str, contenders) -> argparse.Namespace:
+    """--runs, --workloads, --<kind> (the contenders, comma-separated; default all of each)
+    and --json; the lists come back split."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workloads", default=",".join(workloads))
+    parser.add_argument(f"--{kind}", default=",".join(contenders))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    args.workloads = args.workloads.split(",")
+    setattr(args, kind, getattr(args, kind).split(","))
+    return args
+
+
 @contextlib.contextmanager
 def scratch_dir():
     """A temporary directory for the checkpoints of one benchmark run, removed afterwards."""

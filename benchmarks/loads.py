@@ -20,7 +20,6 @@ Needs Megatron-Core 0.16.1: run in the benchmark environment (`make bench-env`):
     .venv-bench/bin/python benchmarks/loads.py [--runs 3] [--workloads gpt,small] [--json]
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from harness import in_fresh_process, report, run_on_ranks, scratch_dir
+from harness import in_fresh_process, parse_side_by_side, report, run_on_ranks, scratch_dir
 from workload import ENGINES, gpt_state
 
 TP = 2
@@ -134,15 +133,10 @@ def load_once(loader, path, model, results):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--loaders", default=",".join(LOADERS))
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    loaders = args.loaders.split(",")
+    args = parse_side_by_side(__doc__, WORKLOADS, "loaders", LOADERS)
+    loaders = args.loaders
     rows = []
-    for workload in args.workloads.split(","):
+    for workload in args.workloads:
         model = WORKLOADS[workload]
         measured = {loader: [] for loader in loaders}
         with scratch_dir() as work:

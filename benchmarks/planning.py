@@ -19,7 +19,7 @@ import torch
 from dist_checkpointing.mapping import ShardedTensor
 from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-from dist_checkpointing.strategies.zarr_format import plan_arrays
+from dist_checkpointing.strategies.zarr_plan import plan_arrays
 from dist_checkpointing.validation import group_by_key, validate_shards_by_key
 from harness import report
 

@@ -22,7 +22,6 @@ Needs Megatron-Core 0.16.1: run in the benchmark environment (`make bench-env`):
     .venv-bench/bin/python benchmarks/saves.py [--runs 3] [--workloads gpt,small] [--json]
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from harness import dir_stats, report, run_on_ranks, scratch_dir
+from harness import dir_stats, parse_side_by_side, report, run_on_ranks, scratch_dir
 from loads import TP, WORKLOADS, _tp_axes, patch_megatron_for_cpu
 from workload import ENGINES, gpt_state
 
@@ -102,17 +101,11 @@ def save_on_rank(rank, world, work, model, savers, runs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--savers", default=",".join(SAVERS))
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    savers = args.savers.split(",")
+    args = parse_side_by_side(__doc__, WORKLOADS, "savers", SAVERS)
     rows = []
-    for workload in args.workloads.split(","):
+    for workload in args.workloads:
         with scratch_dir() as work:
-            times = run_on_ranks(save_on_rank, TP, work, WORKLOADS[workload], savers, args.runs)
+            times = run_on_ranks(save_on_rank, TP, work, WORKLOADS[workload], args.savers, args.runs)
         rows.extend(_rows(workload, times))
     report(f"TP=2 saves by 2 ranks (first save, then medians of {args.runs} alternating runs)", {}, rows, args.json)
 

@@ -25,7 +25,7 @@ from zarr.storage import LocalStore, StorePath
 
 from dist_checkpointing.dtypes import DTYPES, register_zarr_bfloat16, to_numpy
 from dist_checkpointing.strategies.config import StrategyConfig
-from dist_checkpointing.strategies.zarr_format import array_document
+from dist_checkpointing.strategies.zarr_spec import array_document
 
 PIPELINES = {"zarr-python": "zarr.core.codec_pipeline.BatchedCodecPipeline", "zarrs": "zarrs.ZarrsCodecPipeline"}
 

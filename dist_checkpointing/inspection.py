@@ -16,7 +16,8 @@ from .serialization import load_common_state_dict, load_sharded_metadata
 from .strategies.config import ZARR_ENGINES
 from .strategies.dcp_format import METADATA_FNAME as DCP_METADATA
 from .strategies.dcp_format import check_chunks_tile, read_dcp_metadata
-from .strategies.zarr_format import chunk_shape, damaged_chunks, list_arrays, read_array_document
+from .strategies.zarr_format import damaged_chunks
+from .strategies.zarr_spec import chunk_shape, list_arrays, read_array_document
 
 Problem = Tuple[str, str]  # (what is damaged: a key, "common state", ...; the problem and file)
 

@@ -96,7 +96,7 @@ def test_irregular_and_empty_shards(tmp_path, backend):
 
 
 def test_chunk_grid_is_the_largest_that_respects_every_shard():
-    from dist_checkpointing.strategies.zarr_format import chunk_grid
+    from dist_checkpointing.strategies.zarr_plan import chunk_grid
 
     assert chunk_grid((64, 16), [((0, 0), (32, 16)), ((32, 0), (32, 16))]) == (32, 16)
     assert chunk_grid((10,), [((0,), (4,)), ((4,), (4,)), ((8,), (2,))]) == (4,)  # short last

@@ -137,17 +137,17 @@ def test_megatron_core_reads_our_flattened_torch_dist(tmp_path):
 def test_each_dp_rank_writes_the_chunks_inside_its_range(monkeypatch):
     """A (12, 4) shard cut at flat elements 18 and 30 over 3 DP ranks, 16-byte rows, 32-byte
     chunk limit: 2-row chunks, each written by the rank holding most of it."""
-    from dist_checkpointing.strategies import zarr_format
+    from dist_checkpointing.strategies import zarr_plan
     from dist_checkpointing.strategies.config import StrategyConfig
     from dist_checkpointing.validation import group_by_key
 
-    monkeypatch.setattr(zarr_format, "FLAT_CHUNK_BYTES", 32)
+    monkeypatch.setattr(zarr_plan, "FLAT_CHUNK_BYTES", 32)
     ranges = [(0, 18), (18, 30), (30, 48)]
     plan = [[ShardedTensor.from_rank_offsets_flat("k", torch.zeros(b - a), (12, 4), flattened_range=slice(a, b))] for a, b in ranges]
     by_key = group_by_key(plan)
-    arrays = zarr_format.plan_arrays(by_key, StrategyConfig())
+    arrays = zarr_plan.plan_arrays(by_key, StrategyConfig())
     assert arrays["k"].chunks == (2, 4)
-    chunks = zarr_format.plan_flat_chunks(by_key, arrays)[("k", (0, 0))]
+    chunks = zarr_plan.plan_flat_chunks(by_key, arrays)[("k", (0, 0))]
     assert [c.rows for c in chunks] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
     assert [c.writer for c in chunks] == [0, 0, 1, 1, 2, 2]  # chunk 2 (elements 16:24): rank 1 holds 6 of 8
     assert chunks[2].parts == ((16, 18, 0), (18, 24, 1))

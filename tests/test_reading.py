@@ -159,7 +159,7 @@ def test_raw_zarr_chunks_damaged_truncated_or_linked_are_named(saved, tmp_path):
 @pytest.mark.parametrize("backend", ["torch_dist", "zarr"])
 def test_a_load_parses_each_document_once(saved, backend, monkeypatch):
     from dist_checkpointing import core
-    from dist_checkpointing.strategies import dcp_format, torch as torch_engine, zarr_format
+    from dist_checkpointing.strategies import dcp_format, torch as torch_engine, zarr_spec
 
     parsed = []
     real_read_json, real_dcp = core.read_json, dcp_format.read_dcp_metadata
@@ -170,7 +170,7 @@ def test_a_load_parses_each_document_once(saved, backend, monkeypatch):
             parsed.append(os.path.basename(path))
         return document
 
-    monkeypatch.setattr(zarr_format, "read_json", read_json)
+    monkeypatch.setattr(zarr_spec, "read_json", read_json)
     monkeypatch.setattr(torch_engine, "read_dcp_metadata", lambda d: parsed.append(".metadata") or real_dcp(d))
     dc.load(_state(), str(saved / backend))
     expected = {"torch_dist": [".metadata", "metadata.json"], "zarr": ["metadata.json", "zarr.json", "zarr.json"]}

@@ -1,4 +1,4 @@
-"""The tensorstore engine: the Zarr layout (zarr_format.py) written and read with tensorstore.
+"""The tensorstore engine: the Zarr layout (zarr_spec.py) written and read with tensorstore.
 
 Same files as the zarr engine, so either engine reads what the other wrote. Arrays are opened
 with `assume_metadata` (the document comes from the plan; nothing is read or locked), with no

@@ -1,4 +1,4 @@
-"""The zarr engine: the Zarr layout (zarr_format.py) written, and read where an engine must
+"""The zarr engine: the Zarr layout (zarr_spec.py) written, and read where an engine must
 decode, with zarr-python 3 (zarr_python.py, imported on first use)."""
 
 from ..layout import entry_dir

@@ -1,407 +1,38 @@
-"""The Zarr layout that both Zarr engines (zarr-python and tensorstore) write and read.
-
-One Zarr array per ShardedTensor key at `<dir>/<key>`. The chunk grid is chosen from the global
-plan so that every main shard is a whole number of chunks (`chunk_grid`): each rank writes only
-its own chunk files, so no two ranks touch one file (no locks, no read-modify-write), and any
-rectangle can be read back. Specified in docs/format.md.
+"""The save and load strategies both Zarr engines share (zarr-python and tensorstore): the
+layout (zarr_spec.py) planned as zarr_plan.py decides, raw chunks written and read by this
+module's own readers and writers, compressed ones encoded and decoded by the engine.
 """
 
-import itertools
-import json
-import logging
 import math
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..collectives import get_rank, send_and_receive
-from ..core import MISSING, CheckpointingException, is_int, read_json
+from ..collectives import get_rank
+from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..dtypes import DTYPES, name_of_numpy, name_of_torch, name_of_zarr_v2, to_numpy, torch_dtype, zarr_v2_dtype
+from ..dtypes import name_of_numpy, name_of_torch, to_numpy, torch_dtype
 from ..fs import DurableDir, balance, fsync_dirs
 from ..integrity import crc32c
 from ..geometry import intersection
-from ..layout import LinkFreeTree, check_key, contained_path, entry_dir
+from ..layout import LinkFreeTree, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
-from ..validation import ShardsByKey, check_request_against_stored, shards_of, validate_flat_tiling
-from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
+from ..validation import ShardsByKey, check_request_against_stored, shards_of
+from .base import LoadShardedStrategy, SaveShardedStrategy
 from .config import ZARR_ENGINES, StrategyConfig
 from .reading import THREAD_BYTES, Piece, piece_of, read_chunk
-
-logger = logging.getLogger(__name__)
-
-METADATA_FNAME = {3: "zarr.json", 2: ".zarray"}
-Box = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (global offset, shape)
-
-
-@dataclass(frozen=True)
-class ArrayPlan:
-    """How one key is stored: its array document and which rank writes it."""
-
-    document: dict  # the content of zarr.json (v3) or .zarray (v2)
-    metadata_writer: int
-
-    @property
-    def zarr_format(self) -> int:
-        return self.document["zarr_format"]
-
-    @property
-    def chunks(self) -> Tuple[int, ...]:
-        return chunk_shape(self.document)
-
-
-def chunk_shape(document: dict) -> Tuple[int, ...]:
-    if document["zarr_format"] == 2:
-        return tuple(document["chunks"])
-    return tuple(document["chunk_grid"]["configuration"]["chunk_shape"])
-
-
-def chunk_grid(global_shape: Sequence[int], boxes: Sequence[Box]) -> Tuple[int, ...]:
-    """The largest regular chunk shape whose chunks never straddle a shard boundary.
-
-    Along each axis the chunk extent is the gcd of all interior shard boundaries (the global
-    end may cut the last chunk short). A regular grid from `from_rank_offsets` gives the local
-    shard shape; an irregular split such as 7/5/6/6 gives gcd(7, 12, 18) = 1.
-    """
-    chunks = []
-    for axis, size in enumerate(global_shape):
-        cuts = {p for offset, shape in boxes for p in (offset[axis], offset[axis] + shape[axis])}
-        cuts -= {0, size}
-        chunks.append(math.gcd(*cuts) if cuts else max(size, 1))
-    return tuple(chunks)
-
-
-def plan_arrays(shards_by_key: ShardsByKey, config: StrategyConfig) -> Dict[str, ArrayPlan]:
-    """The array of every tensor key in the global plan (the same result on every rank)."""
-    plans = {}
-    for key, ranked in shards_by_key.items():
-        tensors = [(rank, sh) for rank, sh in ranked if isinstance(sh, ShardedTensor)]
-        if not tensors:
-            continue
-        check_key(key)
-        main = [(rank, sh) for rank, sh in tensors if is_main_replica(sh.replica_id)]
-        first = tensors[0][1]
-        boxes = list({sh.global_box() for _, sh in main})  # flat pieces of a shard share its box
-        chunks = chunk_grid(first.global_shape, boxes)
-        _warn_if_many_chunks(key, first.global_shape, chunks, len(boxes))
-        flat = [sh for _, sh in main if sh.flattened_range is not None]
-        if flat and flat[0].local_shape:
-            chunks = _split_rows(chunks, flat[0].prepend_axis_num, first.dtype.itemsize)
-        document = array_document(first.global_shape, chunks, name_of_torch(first.dtype, key), config)
-        writer = min(rank for rank, _ in (main or tensors))
-        plans[key] = ArrayPlan(document, writer)
-    return plans
-
-
-FLAT_CHUNK_BYTES = 16 * 2**20
-
-
-def _split_rows(chunks: Tuple[int, ...], axis: int, itemsize: int) -> Tuple[int, ...]:
-    """Chunks of a key with flattened shards: along the shards' first local axis, the largest
-    divisor of the extent whose chunks stay within FLAT_CHUNK_BYTES (at least one row), so that
-    each DP rank can write the chunks inside its own flat range (plan_flat_chunks)."""
-    row_bytes = math.prod(chunks[axis + 1 :]) * itemsize
-    extent = chunks[axis]
-    limit = max(1, FLAT_CHUNK_BYTES // max(row_bytes, 1))
-    divisors = {d for i in range(1, math.isqrt(extent) + 1) if extent % i == 0 for d in (i, extent // i)}
-    return chunks[:axis] + (max(d for d in divisors if d <= limit),) + chunks[axis + 1 :]
-
-
-@dataclass(frozen=True)
-class FlatChunk:
-    """A chunk of a flattened shard (a row block of it), assembled and written by `writer`,
-    the rank holding most of it; `parts` are the (start, stop, holder) flat ranges of the shard
-    that make it up."""
-
-    writer: int
-    rows: Tuple[int, int]  # [first, last) along the shard's first local axis
-    parts: Tuple[Tuple[int, int, int], ...]
-
-
-FlatShardId = Tuple[str, Tuple[int, ...]]  # (key, global offset of the shard)
-
-
-def plan_flat_chunks(shards_by_key: ShardsByKey, arrays: Dict[str, ArrayPlan]) -> Dict[FlatShardId, List[FlatChunk]]:
-    """Who writes each chunk of each flattened shard (the same result on every rank).
-
-    Each DP rank writes the chunks it holds most of; only chunks cut by a flat range boundary
-    need pieces from other ranks.
-    """
-    pieces = defaultdict(list)
-    for key, ranked in shards_by_key.items():
-        for rank, sh in ranked:
-            if isinstance(sh, ShardedTensor) and sh.flattened_range is not None and is_main_replica(sh.replica_id):
-                pieces[(key, sh.global_offset)].append((rank, sh))
-    plans = {}
-    for (key, offset), held in pieces.items():
-        validate_flat_tiling(key, offset, held)  # also when the save skips validation
-        template = held[0][1]
-        ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in held)
-        rows = template.local_shape[0] if template.local_shape else 1
-        row = math.prod(template.local_shape[1:])
-        step = arrays[key].chunks[template.prepend_axis_num] if template.local_shape else 1
-        chunks = []
-        for first in range(0, rows, step):
-            last = min(first + step, rows)
-            lo, hi = first * row, last * row
-            parts = tuple((max(a, lo), min(b, hi), r) for a, b, r in ranges if max(a, lo) < min(b, hi))
-            if not parts:
-                continue
-            share = defaultdict(int)
-            for a, b, r in parts:
-                share[r] += b - a
-            writer = min(share, key=lambda r: (-share[r], r))
-            chunks.append(FlatChunk(writer, (first, last), parts))
-        plans[(key, offset)] = chunks
-    return plans
-
-
-def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatChunk]]) -> list:
-    """The shards this rank writes: its flattened pieces replaced by the chunks it writes,
-    assembled from the pieces of all ranks (collective: every rank calls it with the same
-    `plans`)."""
-    rank = get_rank()
-    mine, kept = defaultdict(list), []
-    for sh in nested_values(sharded_state_dict):
-        if not isinstance(sh, ShardedTensor) or sh.flattened_range is None:
-            kept.append(sh)
-        elif is_main_replica(sh.replica_id) and sh.flattened_range.stop > sh.flattened_range.start:
-            mine[(sh.key, sh.global_offset)].append(sh)
-    sends, receives = [], []
-    tag = 0
-    for shard_id, chunks in sorted(plans.items()):
-        local = mine.pop(shard_id, [])
-
-        def my_values(start, stop):
-            piece = next(p for p in local if p.flattened_range.start <= start and stop <= p.flattened_range.stop)
-            return piece.data.detach()[start - piece.flattened_range.start : stop - piece.flattened_range.start]
-
-        for chunk in chunks:
-            base = chunk.parts[0][0]
-            if chunk.parts == ((base, chunk.parts[-1][1], rank),):  # all mine: no copy
-                tag += 1  # every rank counts every part, so tags match
-                kept.append(_chunk_shard(local[0], chunk.rows, my_values(base, chunk.parts[-1][1])))
-                continue
-            if chunk.writer == rank:
-                # on the shards' device, so that NCCL receives into it directly
-                values = torch.empty(chunk.parts[-1][1] - base, dtype=local[0].dtype, device=local[0].data.device)
-            for start, stop, holder in chunk.parts:
-                tag += 1
-                if chunk.writer == rank and holder == rank:
-                    values[start - base : stop - base].copy_(my_values(start, stop))
-                elif chunk.writer == rank:
-                    receives.append((values[start - base : stop - base], holder, tag))
-                elif holder == rank:
-                    sends.append((my_values(start, stop), chunk.writer, tag))
-            if chunk.writer == rank:
-                kept.append(_chunk_shard(local[0], chunk.rows, values))
-    send_and_receive(sends, receives)
-    if mine:
-        raise CheckpointingException(f"Flattened shards {sorted(mine)} were not in the planned layout")
-    return kept
-
-
-def _chunk_shard(piece: ShardedTensor, rows: Tuple[int, int], values: torch.Tensor) -> ShardedTensor:
-    """Rows [first, last) of the local shard of flat `piece`, as an ordinary (irregular) shard."""
-    if not piece.local_shape:
-        return replace(piece, data=values.reshape(()), flattened_range=None)
-    axis = piece.prepend_axis_num
-    shape = (rows[1] - rows[0],) + piece.local_shape[1:]
-    offset = list(piece.global_offset)
-    offset[axis] += rows[0]
-    return replace(
-        piece, data=values.view(shape), local_shape=shape, global_offset=tuple(offset),
-        axis_fragmentations=None, flattened_range=None,
-    )
-
-
-def _warn_if_many_chunks(key: str, global_shape, chunks, n_shards: int) -> None:
-    n_chunks = math.prod(math.ceil(g / c) for g, c in zip(global_shape, chunks))
-    if n_chunks > 16 * max(n_shards, 1):
-        logger.warning(
-            "Key '%s': its shards (%d) do not form a regular grid, so it is stored in %d chunks "
-            "of shape %s. Shard sizes with a large common divisor (or the torch_dist engine) "
-            "avoid the many small files.",
-            key, n_shards, n_chunks, chunks,
-        )
-
-
-def array_document(global_shape, chunks, dtype_name: str, config: StrategyConfig) -> dict:
-    """The array metadata document (`zarr.json` or `.zarray`), specified in docs/format.md."""
-    fill_value = False if dtype_name == "bool" else 0
-    itemsize = DTYPES[dtype_name][1].itemsize
-    if config.zarr_format == 2:
-        return {
-            "zarr_format": 2,
-            "shape": list(global_shape),
-            "chunks": list(chunks),
-            "dtype": zarr_v2_dtype(dtype_name),
-            "compressor": _v2_compressor(config, itemsize),
-            "fill_value": fill_value,
-            "order": "C",
-            "filters": None,
-            "dimension_separator": ".",
-        }
-    return {
-        "zarr_format": 3,
-        "node_type": "array",
-        "shape": list(global_shape),
-        "data_type": dtype_name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": fill_value,
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]
-        + _v3_compressor(config, itemsize)
-        + [{"name": "crc32c"}],  # last: the checksum covers the stored bytes
-        "attributes": {},
-    }
-
-
-def _v3_compressor(config: StrategyConfig, itemsize: int) -> List[dict]:
-    if config.compression == "zstd":
-        return [{"name": "zstd", "configuration": {"level": config.level, "checksum": False}}]
-    if config.compression == "blosc":
-        blosc = {"cname": "zstd", "clevel": config.level, "shuffle": "shuffle", "typesize": itemsize, "blocksize": 0}
-        return [{"name": "blosc", "configuration": blosc}]
-    return []
-
-
-def _v2_compressor(config: StrategyConfig, itemsize: int) -> Optional[dict]:
-    if config.compression == "zstd":
-        return {"id": "zstd", "level": config.level}
-    if config.compression == "blosc":
-        return {"id": "blosc", "cname": "zstd", "clevel": config.level, "shuffle": 1, "blocksize": 0}
-    return None
-
-
-def chunk_key(zarr_format: int, chunk_index: Sequence[int], separator: Optional[str] = None) -> str:
-    """A chunk's file path inside its array directory ("c/1/0" in v3, "1.0" in v2, with the
-    array's separator where it names another)."""
-    if zarr_format == 2:
-        return (separator or ".").join(map(str, chunk_index)) or "0"
-    return (separator or "/").join(["c", *map(str, chunk_index)])
-
-
-def chunks_checksummed(document: dict) -> bool:
-    """Whether each chunk file ends with the CRC-32C of what precedes it (the Zarr v3 `crc32c`
-    codec, last)."""
-    return document["zarr_format"] == 3 and [c["name"] for c in document["codecs"][-1:]] == ["crc32c"]
-
-
-def key_separator(document: dict) -> Optional[str]:
-    """The separator of the array's chunk file names; None for an encoding other than the
-    default one (only the engines read those)."""
-    if document["zarr_format"] == 2:
-        return document.get("dimension_separator") or "."
-    encoding = document.get("chunk_key_encoding", {"name": "default"})
-    if not isinstance(encoding, dict) or encoding.get("name") != "default":
-        return None
-    separator = (encoding.get("configuration") or {}).get("separator", "/")
-    return separator if separator in ("/", ".") else None
-
-
-def chunk_indices(offset: Sequence[int], shape: Sequence[int], chunks: Sequence[int]):
-    """The grid positions of the chunks that box (offset, shape) covers."""
-    return itertools.product(*(range(o // c, -(-(o + s) // c)) for o, s, c in zip(offset, shape, chunks)))
-
-
-def document_bytes(document: dict) -> bytes:
-    """An array document as stored (compact JSON: the C encoder, ~10x faster than indented)."""
-    return json.dumps(document, separators=(",", ":")).encode()
-
-
-def list_arrays(checkpoint_dir) -> List[str]:
-    """Keys of the arrays in a checkpoint directory (those with `zarr.json` or `.zarray`)."""
-    keys = []
-    for name in sorted(os.listdir(str(checkpoint_dir))):
-        if array_format(checkpoint_dir, name) is not None:
-            keys.append(name)
-    return keys
-
-
-def array_format(checkpoint_dir, key: str) -> Optional[int]:
-    """2 or 3 for the Zarr array stored at `key`, None if there is none."""
-    path = os.path.join(str(checkpoint_dir), key)
-    if os.path.isfile(os.path.join(path, METADATA_FNAME[2])):
-        return 2
-    v3 = os.path.join(path, METADATA_FNAME[3])
-    if os.path.isfile(v3):
-        document = read_json(v3)
-        if isinstance(document, dict) and document.get("node_type") == "array":
-            return 3
-    return None
-
-
-MAX_CHUNKS = 2**26  # per array; more chunk files than any checkpoint writes means damage
-
-
-def read_array_document(checkpoint_dir, key: str) -> dict:
-    """The array document of `key` (`.zarray`, else `zarr.json`), read once and checked: a Zarr
-    array of a known dtype whose shape and chunk grid are bounded (numbers from a checkpoint are
-    not trusted). A key with no array raises a clear error."""
-    array_dir = os.path.join(str(checkpoint_dir), check_key(key))  # one component, checked
-    if os.path.islink(array_dir):  # allowed if it stays inside (resolving costs; links are rare)
-        contained_path(checkpoint_dir, key, f"Key '{key}'")
-    paths = [os.path.join(array_dir, METADATA_FNAME[zarr_format]) for zarr_format in (2, 3)]
-    path, document = None, None
-    for candidate in paths:
-        found = read_json(candidate, missing_ok=True)
-        if found is not MISSING:
-            path, document = candidate, found
-            break
-    if path is None or (path == paths[1] and isinstance(document, dict) and document.get("node_type") != "array"):
-        raise CheckpointingException(
-            f"Key '{key}' is not in the checkpoint {checkpoint_dir} (no Zarr array at "
-            f"{array_dir}). Check the key, or load with strict='log_unexpected' to skip it."
-        )
-    problem = _document_problem(document)
-    if problem:
-        raise CheckpointingException(
-            f"Key '{key}': the array document {path} is damaged: {problem}. Restore the checkpoint from a copy."
-        )
-    return document
-
-
-def _document_problem(document) -> str:
-    """What is wrong with an array document ("" if it is one this library can read)."""
-    if not isinstance(document, dict) or document.get("zarr_format") not in (2, 3):
-        return "not a Zarr v2 or v3 array document"
-    shape = document.get("shape")
-    if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
-        return f"shape {shape!r} is not a list of non-negative 64-bit integers"
-    if document["zarr_format"] == 3:
-        grid = document.get("chunk_grid")
-        if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
-            return "its chunk_grid is not a regular grid"
-        if not isinstance(document.get("codecs"), list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in document["codecs"]):
-            return "its codecs are not a list of named codecs"
-        chunks, dtype = grid["configuration"].get("chunk_shape"), document.get("data_type")
-    else:
-        chunks, dtype = document.get("chunks"), document.get("dtype")
-        if document.get("dimension_separator", ".") not in (".", "/"):
-            return f"dimension_separator {document['dimension_separator']!r} is not '.' or '/'"
-    if not isinstance(dtype, str):
-        return f"its data type {dtype!r} is not a string"
-    if (
-        not isinstance(chunks, list)
-        or len(chunks) != len(shape)
-        or not all(is_int(c) and 1 <= c <= max(n, 1) for c, n in zip(chunks, shape))
-    ):
-        return f"chunk shape {chunks!r} must have one positive extent, at most the array's, per axis of {shape}"
-    if math.prod(shape) >= 2**63:
-        return f"shape {shape} has more than 2**63 elements"
-    n_chunks = math.prod(-(-n // c) for n, c in zip(shape, chunks))
-    if n_chunks > MAX_CHUNKS:
-        return f"shape {shape} in chunks {chunks} makes {n_chunks} chunks, more than {MAX_CHUNKS}"
-    return ""
+from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
+from .zarr_spec import (
+    METADATA_FNAME, chunk_indices, chunk_key, chunk_shape, chunks_checksummed, document_bytes, key_separator,
+    list_arrays, raw_dtype, read_array_document,
+)
 
 
 def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[str]:
@@ -456,14 +87,6 @@ class StoredArray(ABC):
     def read_into(self, selection: Tuple[slice, ...], out: np.ndarray) -> None:
         """Decodes `selection` (inside the array) into `out` (a writable view of its shape,
         any strides): straight in where the dtypes agree, else converted."""
-
-
-@dataclass(frozen=True)
-class ZarrSavePlan(ShardedSavePlan):
-    """One save's Zarr layout: every key's array, and who writes each flattened chunk."""
-
-    arrays: Dict[str, ArrayPlan]
-    flat_chunks: Dict[FlatShardId, List[FlatChunk]]
 
 
 class ZarrFormatSaveStrategy(SaveShardedStrategy):
@@ -639,24 +262,6 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
 def _array_document(checkpoint: OpenCheckpoint, key: str) -> dict:
     """The array document of `key`, read and checked once per open checkpoint."""
     return checkpoint.parsed(("array", key), lambda: read_array_document(checkpoint.path, key))
-
-
-def raw_dtype(document: dict) -> Optional[torch.dtype]:
-    """The dtype of an array whose chunk files are its values as stored in memory (C order,
-    little-endian, uncompressed; in Zarr v3 followed by their CRC-32C), which a load reads
-    without an engine; None for any other array."""
-    if key_separator(document) is None:
-        return None
-    if document["zarr_format"] == 2:
-        name = name_of_zarr_v2(document.get("dtype"))
-        plain = document.get("compressor") is None and not document.get("filters") and document.get("order") == "C"
-    else:
-        name = document.get("data_type")
-        codecs = document["codecs"]
-        names = [c["name"] for c in codecs]
-        little = (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
-        plain = names in (["bytes"], ["bytes", "crc32c"]) and little
-    return torch_dtype(name) if plain and name in DTYPES else None
 
 
 class RawChunkReads:

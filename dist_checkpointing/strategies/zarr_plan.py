@@ -1,0 +1,226 @@
+"""Planning a save in the Zarr layout: every key's array and chunk grid, and who writes each
+chunk, the same on every rank.
+
+One Zarr array per ShardedTensor key at `<dir>/<key>`. The chunk grid is chosen from the global
+plan so that every main shard is a whole number of chunks (`chunk_grid`): each rank writes only
+its own chunk files, so no two ranks touch one file (no locks, no read-modify-write), and any
+rectangle can be read back. Flattened pieces (a distributed optimizer's) are assembled into whole
+chunks on the rank that writes them.
+"""
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from ..collectives import get_rank, send_and_receive
+from ..core import CheckpointingException
+from ..dict_utils import nested_values
+from ..dtypes import name_of_torch
+from ..geometry import Box
+from ..layout import check_key
+from ..mapping import ShardedTensor, is_main_replica
+from ..validation import ShardsByKey, validate_flat_tiling
+from .base import ShardedSavePlan
+from .config import StrategyConfig
+from .zarr_spec import array_document, chunk_shape
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArrayPlan:
+    """How one key is stored: its array document and which rank writes it."""
+
+    document: dict  # the content of zarr.json (v3) or .zarray (v2)
+    metadata_writer: int
+
+    @property
+    def zarr_format(self) -> int:
+        return self.document["zarr_format"]
+
+    @property
+    def chunks(self) -> Tuple[int, ...]:
+        return chunk_shape(self.document)
+
+
+def chunk_grid(global_shape: Sequence[int], boxes: Sequence[Box]) -> Tuple[int, ...]:
+    """The largest regular chunk shape whose chunks never straddle a shard boundary.
+
+    Along each axis the chunk extent is the gcd of all interior shard boundaries (the global
+    end may cut the last chunk short). A regular grid from `from_rank_offsets` gives the local
+    shard shape; an irregular split such as 7/5/6/6 gives gcd(7, 12, 18) = 1.
+    """
+    chunks = []
+    for axis, size in enumerate(global_shape):
+        cuts = {p for offset, shape in boxes for p in (offset[axis], offset[axis] + shape[axis])}
+        cuts -= {0, size}
+        chunks.append(math.gcd(*cuts) if cuts else max(size, 1))
+    return tuple(chunks)
+
+
+def plan_arrays(shards_by_key: ShardsByKey, config: StrategyConfig) -> Dict[str, ArrayPlan]:
+    """The array of every tensor key in the global plan (the same result on every rank)."""
+    plans = {}
+    for key, ranked in shards_by_key.items():
+        tensors = [(rank, sh) for rank, sh in ranked if isinstance(sh, ShardedTensor)]
+        if not tensors:
+            continue
+        check_key(key)
+        main = [(rank, sh) for rank, sh in tensors if is_main_replica(sh.replica_id)]
+        first = tensors[0][1]
+        boxes = list({sh.global_box() for _, sh in main})  # flat pieces of a shard share its box
+        chunks = chunk_grid(first.global_shape, boxes)
+        _warn_if_many_chunks(key, first.global_shape, chunks, len(boxes))
+        flat = [sh for _, sh in main if sh.flattened_range is not None]
+        if flat and flat[0].local_shape:
+            chunks = _split_rows(chunks, flat[0].prepend_axis_num, first.dtype.itemsize)
+        document = array_document(first.global_shape, chunks, name_of_torch(first.dtype, key), config)
+        writer = min(rank for rank, _ in (main or tensors))
+        plans[key] = ArrayPlan(document, writer)
+    return plans
+
+
+FLAT_CHUNK_BYTES = 16 * 2**20
+
+
+def _split_rows(chunks: Tuple[int, ...], axis: int, itemsize: int) -> Tuple[int, ...]:
+    """Chunks of a key with flattened shards: along the shards' first local axis, the largest
+    divisor of the extent whose chunks stay within FLAT_CHUNK_BYTES (at least one row), so that
+    each DP rank can write the chunks inside its own flat range (plan_flat_chunks)."""
+    row_bytes = math.prod(chunks[axis + 1 :]) * itemsize
+    extent = chunks[axis]
+    limit = max(1, FLAT_CHUNK_BYTES // max(row_bytes, 1))
+    divisors = {d for i in range(1, math.isqrt(extent) + 1) if extent % i == 0 for d in (i, extent // i)}
+    return chunks[:axis] + (max(d for d in divisors if d <= limit),) + chunks[axis + 1 :]
+
+
+@dataclass(frozen=True)
+class FlatChunk:
+    """A chunk of a flattened shard (a row block of it), assembled and written by `writer`,
+    the rank holding most of it; `parts` are the (start, stop, holder) flat ranges of the shard
+    that make it up."""
+
+    writer: int
+    rows: Tuple[int, int]  # [first, last) along the shard's first local axis
+    parts: Tuple[Tuple[int, int, int], ...]
+
+
+FlatShardId = Tuple[str, Tuple[int, ...]]  # (key, global offset of the shard)
+
+
+def plan_flat_chunks(shards_by_key: ShardsByKey, arrays: Dict[str, ArrayPlan]) -> Dict[FlatShardId, List[FlatChunk]]:
+    """Who writes each chunk of each flattened shard (the same result on every rank).
+
+    Each DP rank writes the chunks it holds most of; only chunks cut by a flat range boundary
+    need pieces from other ranks.
+    """
+    pieces = defaultdict(list)
+    for key, ranked in shards_by_key.items():
+        for rank, sh in ranked:
+            if isinstance(sh, ShardedTensor) and sh.flattened_range is not None and is_main_replica(sh.replica_id):
+                pieces[(key, sh.global_offset)].append((rank, sh))
+    plans = {}
+    for (key, offset), held in pieces.items():
+        validate_flat_tiling(key, offset, held)  # also when the save skips validation
+        template = held[0][1]
+        ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in held)
+        rows = template.local_shape[0] if template.local_shape else 1
+        row = math.prod(template.local_shape[1:])
+        step = arrays[key].chunks[template.prepend_axis_num] if template.local_shape else 1
+        chunks = []
+        for first in range(0, rows, step):
+            last = min(first + step, rows)
+            lo, hi = first * row, last * row
+            parts = tuple((max(a, lo), min(b, hi), r) for a, b, r in ranges if max(a, lo) < min(b, hi))
+            if not parts:
+                continue
+            share = defaultdict(int)
+            for a, b, r in parts:
+                share[r] += b - a
+            writer = min(share, key=lambda r: (-share[r], r))
+            chunks.append(FlatChunk(writer, (first, last), parts))
+        plans[(key, offset)] = chunks
+    return plans
+
+
+def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatChunk]]) -> list:
+    """The shards this rank writes: its flattened pieces replaced by the chunks it writes,
+    assembled from the pieces of all ranks (collective: every rank calls it with the same
+    `plans`)."""
+    rank = get_rank()
+    mine, kept = defaultdict(list), []
+    for sh in nested_values(sharded_state_dict):
+        if not isinstance(sh, ShardedTensor) or sh.flattened_range is None:
+            kept.append(sh)
+        elif is_main_replica(sh.replica_id) and sh.flattened_range.stop > sh.flattened_range.start:
+            mine[(sh.key, sh.global_offset)].append(sh)
+    sends, receives = [], []
+    tag = 0
+    for shard_id, chunks in sorted(plans.items()):
+        local = mine.pop(shard_id, [])
+
+        def my_values(start, stop):
+            piece = next(p for p in local if p.flattened_range.start <= start and stop <= p.flattened_range.stop)
+            return piece.data.detach()[start - piece.flattened_range.start : stop - piece.flattened_range.start]
+
+        for chunk in chunks:
+            base = chunk.parts[0][0]
+            if chunk.parts == ((base, chunk.parts[-1][1], rank),):  # all mine: no copy
+                tag += 1  # every rank counts every part, so tags match
+                kept.append(_chunk_shard(local[0], chunk.rows, my_values(base, chunk.parts[-1][1])))
+                continue
+            if chunk.writer == rank:
+                # on the shards' device, so that NCCL receives into it directly
+                values = torch.empty(chunk.parts[-1][1] - base, dtype=local[0].dtype, device=local[0].data.device)
+            for start, stop, holder in chunk.parts:
+                tag += 1
+                if chunk.writer == rank and holder == rank:
+                    values[start - base : stop - base].copy_(my_values(start, stop))
+                elif chunk.writer == rank:
+                    receives.append((values[start - base : stop - base], holder, tag))
+                elif holder == rank:
+                    sends.append((my_values(start, stop), chunk.writer, tag))
+            if chunk.writer == rank:
+                kept.append(_chunk_shard(local[0], chunk.rows, values))
+    send_and_receive(sends, receives)
+    if mine:
+        raise CheckpointingException(f"Flattened shards {sorted(mine)} were not in the planned layout")
+    return kept
+
+
+def _chunk_shard(piece: ShardedTensor, rows: Tuple[int, int], values: torch.Tensor) -> ShardedTensor:
+    """Rows [first, last) of the local shard of flat `piece`, as an ordinary (irregular) shard."""
+    if not piece.local_shape:
+        return replace(piece, data=values.reshape(()), flattened_range=None)
+    axis = piece.prepend_axis_num
+    shape = (rows[1] - rows[0],) + piece.local_shape[1:]
+    offset = list(piece.global_offset)
+    offset[axis] += rows[0]
+    return replace(
+        piece, data=values.view(shape), local_shape=shape, global_offset=tuple(offset),
+        axis_fragmentations=None, flattened_range=None,
+    )
+
+
+def _warn_if_many_chunks(key: str, global_shape, chunks, n_shards: int) -> None:
+    n_chunks = math.prod(math.ceil(g / c) for g, c in zip(global_shape, chunks))
+    if n_chunks > 16 * max(n_shards, 1):
+        logger.warning(
+            "Key '%s': its shards (%d) do not form a regular grid, so it is stored in %d chunks "
+            "of shape %s. Shard sizes with a large common divisor (or the torch_dist engine) "
+            "avoid the many small files.",
+            key, n_shards, n_chunks, chunks,
+        )
+
+
+@dataclass(frozen=True)
+class ZarrSavePlan(ShardedSavePlan):
+    """One save's Zarr layout: every key's array, and who writes each flattened chunk."""
+
+    arrays: Dict[str, ArrayPlan]
+    flat_chunks: Dict[FlatShardId, List[FlatChunk]]

@@ -1,0 +1,212 @@
+"""The Zarr layout on disk, which both Zarr engines write and read (docs/format.md §4): array
+documents and how a reader checks them, chunk file names, and which arrays hold raw chunks."""
+
+import itertools
+import json
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..core import MISSING, CheckpointingException, is_int, read_json
+from ..dtypes import DTYPES, name_of_zarr_v2, torch_dtype, zarr_v2_dtype
+from ..layout import check_key, contained_path
+from .config import StrategyConfig
+
+
+METADATA_FNAME = {3: "zarr.json", 2: ".zarray"}
+
+
+def chunk_shape(document: dict) -> Tuple[int, ...]:
+    if document["zarr_format"] == 2:
+        return tuple(document["chunks"])
+    return tuple(document["chunk_grid"]["configuration"]["chunk_shape"])
+
+
+def array_document(global_shape, chunks, dtype_name: str, config: StrategyConfig) -> dict:
+    """The array metadata document (`zarr.json` or `.zarray`), specified in docs/format.md."""
+    fill_value = False if dtype_name == "bool" else 0
+    itemsize = DTYPES[dtype_name][1].itemsize
+    if config.zarr_format == 2:
+        return {
+            "zarr_format": 2,
+            "shape": list(global_shape),
+            "chunks": list(chunks),
+            "dtype": zarr_v2_dtype(dtype_name),
+            "compressor": _v2_compressor(config, itemsize),
+            "fill_value": fill_value,
+            "order": "C",
+            "filters": None,
+            "dimension_separator": ".",
+        }
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(global_shape),
+        "data_type": dtype_name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill_value,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]
+        + _v3_compressor(config, itemsize)
+        + [{"name": "crc32c"}],  # last: the checksum covers the stored bytes
+        "attributes": {},
+    }
+
+
+def _v3_compressor(config: StrategyConfig, itemsize: int) -> List[dict]:
+    if config.compression == "zstd":
+        return [{"name": "zstd", "configuration": {"level": config.level, "checksum": False}}]
+    if config.compression == "blosc":
+        blosc = {"cname": "zstd", "clevel": config.level, "shuffle": "shuffle", "typesize": itemsize, "blocksize": 0}
+        return [{"name": "blosc", "configuration": blosc}]
+    return []
+
+
+def _v2_compressor(config: StrategyConfig, itemsize: int) -> Optional[dict]:
+    if config.compression == "zstd":
+        return {"id": "zstd", "level": config.level}
+    if config.compression == "blosc":
+        return {"id": "blosc", "cname": "zstd", "clevel": config.level, "shuffle": 1, "blocksize": 0}
+    return None
+
+
+def chunk_key(zarr_format: int, chunk_index: Sequence[int], separator: Optional[str] = None) -> str:
+    """A chunk's file path inside its array directory ("c/1/0" in v3, "1.0" in v2, with the
+    array's separator where it names another)."""
+    if zarr_format == 2:
+        return (separator or ".").join(map(str, chunk_index)) or "0"
+    return (separator or "/").join(["c", *map(str, chunk_index)])
+
+
+def chunks_checksummed(document: dict) -> bool:
+    """Whether each chunk file ends with the CRC-32C of what precedes it (the Zarr v3 `crc32c`
+    codec, last)."""
+    return document["zarr_format"] == 3 and [c["name"] for c in document["codecs"][-1:]] == ["crc32c"]
+
+
+def key_separator(document: dict) -> Optional[str]:
+    """The separator of the array's chunk file names; None for an encoding other than the
+    default one (only the engines read those)."""
+    if document["zarr_format"] == 2:
+        return document.get("dimension_separator") or "."
+    encoding = document.get("chunk_key_encoding", {"name": "default"})
+    if not isinstance(encoding, dict) or encoding.get("name") != "default":
+        return None
+    separator = (encoding.get("configuration") or {}).get("separator", "/")
+    return separator if separator in ("/", ".") else None
+
+
+def chunk_indices(offset: Sequence[int], shape: Sequence[int], chunks: Sequence[int]):
+    """The grid positions of the chunks that box (offset, shape) covers."""
+    return itertools.product(*(range(o // c, -(-(o + s) // c)) for o, s, c in zip(offset, shape, chunks)))
+
+
+def document_bytes(document: dict) -> bytes:
+    """An array document as stored (compact JSON: the C encoder, ~10x faster than indented)."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def list_arrays(checkpoint_dir) -> List[str]:
+    """Keys of the arrays in a checkpoint directory (those with `zarr.json` or `.zarray`)."""
+    keys = []
+    for name in sorted(os.listdir(str(checkpoint_dir))):
+        if array_format(checkpoint_dir, name) is not None:
+            keys.append(name)
+    return keys
+
+
+def array_format(checkpoint_dir, key: str) -> Optional[int]:
+    """2 or 3 for the Zarr array stored at `key`, None if there is none."""
+    path = os.path.join(str(checkpoint_dir), key)
+    if os.path.isfile(os.path.join(path, METADATA_FNAME[2])):
+        return 2
+    v3 = os.path.join(path, METADATA_FNAME[3])
+    if os.path.isfile(v3):
+        document = read_json(v3)
+        if isinstance(document, dict) and document.get("node_type") == "array":
+            return 3
+    return None
+
+
+MAX_CHUNKS = 2**26  # per array; more chunk files than any checkpoint writes means damage
+
+
+def read_array_document(checkpoint_dir, key: str) -> dict:
+    """The array document of `key` (`.zarray`, else `zarr.json`), read once and checked: a Zarr
+    array of a known dtype whose shape and chunk grid are bounded (numbers from a checkpoint are
+    not trusted). A key with no array raises a clear error."""
+    array_dir = os.path.join(str(checkpoint_dir), check_key(key))  # one component, checked
+    if os.path.islink(array_dir):  # allowed if it stays inside (resolving costs; links are rare)
+        contained_path(checkpoint_dir, key, f"Key '{key}'")
+    paths = [os.path.join(array_dir, METADATA_FNAME[zarr_format]) for zarr_format in (2, 3)]
+    path, document = None, None
+    for candidate in paths:
+        found = read_json(candidate, missing_ok=True)
+        if found is not MISSING:
+            path, document = candidate, found
+            break
+    if path is None or (path == paths[1] and isinstance(document, dict) and document.get("node_type") != "array"):
+        raise CheckpointingException(
+            f"Key '{key}' is not in the checkpoint {checkpoint_dir} (no Zarr array at "
+            f"{array_dir}). Check the key, or load with strict='log_unexpected' to skip it."
+        )
+    problem = _document_problem(document)
+    if problem:
+        raise CheckpointingException(
+            f"Key '{key}': the array document {path} is damaged: {problem}. Restore the checkpoint from a copy."
+        )
+    return document
+
+
+def _document_problem(document) -> str:
+    """What is wrong with an array document ("" if it is one this library can read)."""
+    if not isinstance(document, dict) or document.get("zarr_format") not in (2, 3):
+        return "not a Zarr v2 or v3 array document"
+    shape = document.get("shape")
+    if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
+        return f"shape {shape!r} is not a list of non-negative 64-bit integers"
+    if document["zarr_format"] == 3:
+        grid = document.get("chunk_grid")
+        if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
+            return "its chunk_grid is not a regular grid"
+        if not isinstance(document.get("codecs"), list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in document["codecs"]):
+            return "its codecs are not a list of named codecs"
+        chunks, dtype = grid["configuration"].get("chunk_shape"), document.get("data_type")
+    else:
+        chunks, dtype = document.get("chunks"), document.get("dtype")
+        if document.get("dimension_separator", ".") not in (".", "/"):
+            return f"dimension_separator {document['dimension_separator']!r} is not '.' or '/'"
+    if not isinstance(dtype, str):
+        return f"its data type {dtype!r} is not a string"
+    if (
+        not isinstance(chunks, list)
+        or len(chunks) != len(shape)
+        or not all(is_int(c) and 1 <= c <= max(n, 1) for c, n in zip(chunks, shape))
+    ):
+        return f"chunk shape {chunks!r} must have one positive extent, at most the array's, per axis of {shape}"
+    if math.prod(shape) >= 2**63:
+        return f"shape {shape} has more than 2**63 elements"
+    n_chunks = math.prod(-(-n // c) for n, c in zip(shape, chunks))
+    if n_chunks > MAX_CHUNKS:
+        return f"shape {shape} in chunks {chunks} makes {n_chunks} chunks, more than {MAX_CHUNKS}"
+    return ""
+
+
+def raw_dtype(document: dict) -> Optional[torch.dtype]:
+    """The dtype of an array whose chunk files are its values as stored in memory (C order,
+    little-endian, uncompressed; in Zarr v3 followed by their CRC-32C), which a load reads
+    without an engine; None for any other array."""
+    if key_separator(document) is None:
+        return None
+    if document["zarr_format"] == 2:
+        name = name_of_zarr_v2(document.get("dtype"))
+        plain = document.get("compressor") is None and not document.get("filters") and document.get("order") == "C"
+    else:
+        name = document.get("data_type")
+        codecs = document["codecs"]
+        names = [c["name"] for c in codecs]
+        little = (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
+        plain = names in (["bytes"], ["bytes", "crc32c"]) and little
+    return torch_dtype(name) if plain and name in DTYPES else None
