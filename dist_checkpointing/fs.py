@@ -23,11 +23,6 @@ from typing import Callable, Iterable, List, Sequence, Set
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
-def write_durably(path: str, data) -> None:
-    """Writes `data` (any buffer) to `path` and fsyncs the file before returning."""
-    _write_file(path, [data], sync=True)
-
-
 def _write_file(path: str, buffers: Sequence, sync: bool) -> int:
     """Writes the buffers one after another into a new file `path` (one `writev` where the
     system takes them all), fsync'd if `sync`; returns the file's size."""

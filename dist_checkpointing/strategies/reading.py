@@ -21,7 +21,7 @@ from ..core import CheckpointingException
 from ..integrity import crc32c
 
 SCRATCH_BYTES = 16 * 2**20  # per reading thread
-THREAD_BYTES = 64 * 2**20  # a reading thread pays off for this much data (fs.balance)
+THREAD_BYTES = 64 * 2**20  # an I/O thread (reading or writing) pays off for this much data (fs.balance)
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
-        files = balance(items, self.config.thread_count, _nbytes)
+        files = balance(items, self.config.thread_count, _nbytes, THREAD_BYTES)
         names = [f"__{plan.rank}_{n}.distcp" for n in range(len(files))]
         # Each item is checksummed (CRC-32C, metadata.json), so torch.save's own zlib CRC-32 of
         # every record is skipped: it costs ~1/3 of a small item's save and 40 ms per 100 MB.

@@ -137,7 +137,8 @@ class RawChunkWrites:
     chunks of raw arrays (`raw_dtype`). A chunk that is a contiguous part of its shard is
     written straight from the shard's memory with its CRC-32C (no copy); others (cut by the
     array's end, or strided) are assembled in a zero-filled buffer first. Files are written by
-    `thread_count` threads, each given a batch of similar total size."""
+    up to `thread_count` threads, each given a batch of similar total size (one thread per
+    THREAD_BYTES: for many small files more threads only contend for the GIL)."""
 
     def __init__(self, checkpoint_dir: DurableDir):
         self.target = checkpoint_dir
@@ -163,7 +164,7 @@ class RawChunkWrites:
         return True
 
     def run(self, thread_count: int) -> None:
-        batches = balance(self.files, thread_count, lambda file: file[1])
+        batches = balance(self.files, thread_count, lambda file: file[1], THREAD_BYTES)
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(self._write_batch, batches))
 
