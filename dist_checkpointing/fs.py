@@ -89,7 +89,8 @@ class DurableDir(os.PathLike):
         self.syncfs = syncfs_covers(self.path)
         # held from the start: syncfs reports the write-back errors seen since its fd was opened
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-        self._dirs: Set[str] = {self.path}
+        # the parent too: it gained the checkpoint directory's entry if this save created it
+        self._dirs: Set[str] = {self.path, os.path.dirname(os.path.abspath(self.path))}
         self._lock = threading.Lock()
         self.files = self.nbytes = 0  # written so far
 

@@ -186,6 +186,7 @@ def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, mo
         by_engine = {p for p in written if save == "zstd-tensorstore" and "/c/" in p}  # its own fsyncs
         assert set(written) - by_engine <= synced
         assert {root for root, _, _ in os.walk(path)} <= synced  # new directories too
+        assert str(tmp_path) in synced  # it gained the checkpoint directory
     assert events[commit + 1] == ("fsync", path)  # the rename itself is made durable
 
 
