@@ -13,6 +13,7 @@ two ways (docs/format.md, "Durability"):
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import signal
@@ -49,6 +50,7 @@ def _write_file(path: str, buffers: Sequence, sync: bool) -> int:
 _SYNCFS_FILESYSTEMS = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0xF2F52010: "f2fs", 0x01021994: "tmpfs"}
 
 
+@functools.cache
 def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
@@ -125,12 +127,7 @@ class DurableDir(os.PathLike):
 
     def write_with(self, path: str, writer: Callable) -> None:
         """Calls `writer(file)` on a new file `path` opened for binary writing."""
-        with naming_file(path), open(path, "wb") as f:
-            writer(f)
-            f.flush()
-            if not self.syncfs:
-                os.fsync(f.fileno())
-            self._count(f.tell())
+        self._count(_write_with(path, writer, sync=not self.syncfs))
 
     def add_written(self, path: str) -> None:
         """Counts a file that an engine wrote below the root by itself."""
@@ -156,12 +153,15 @@ class DurableDir(os.PathLike):
         self.close()
 
 
-def write_with_durably(path: str, writer: Callable) -> None:
-    """Calls `writer(file)` on `path` opened for binary writing, then fsyncs the file."""
+def _write_with(path: str, writer: Callable, sync: bool) -> int:
+    """Calls `writer(file)` on `path` opened for binary writing, fsyncs the file if `sync`;
+    returns its size."""
     with naming_file(path), open(path, "wb") as f:
         writer(f)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
+        return f.tell()
 
 
 @contextlib.contextmanager
@@ -200,7 +200,7 @@ def atomic_write_with(path: str, writer: Callable) -> None:
     directory, fsync, rename, directory fsync); on any error the temp file is removed."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        write_with_durably(tmp, writer)
+        _write_with(tmp, writer, sync=True)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -197,8 +197,9 @@ def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[List[Writ
     results = []
 
     def write(f):
-        for index, data in items:
-            if isinstance(data, torch.Tensor) and _nbytes((index, data)) >= IN_MEMORY_ITEM_BYTES:
+        for item in items:
+            index, data = item
+            if isinstance(data, torch.Tensor) and _nbytes(item) >= IN_MEMORY_ITEM_BYTES:
                 torch.save(data, f)  # its values in one write, from the tensor's memory
             else:  # one write, not torch.save's ~40 small ones, each checksummed
                 f.write((dump_object(data) if isinstance(data, torch.Tensor) else data).getbuffer())

@@ -20,7 +20,6 @@ from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_numpy, name_of_torch, to_numpy, torch_dtype
 from ..fs import DurableDir, balance, fsync_dirs
 from ..integrity import crc32c
-from ..geometry import intersection
 from ..layout import LinkFreeTree, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
@@ -30,7 +29,7 @@ from .config import ZARR_ENGINES, StrategyConfig
 from .reading import THREAD_BYTES, Piece, piece_of, read_chunk
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
-    METADATA_FNAME, chunk_indices, chunk_key, chunk_shape, chunks_checksummed, document_bytes, key_separator,
+    METADATA_FNAME, chunk_indices, chunk_key, chunk_regions, chunk_shape, chunks_checksummed, document_bytes, key_separator,
     list_arrays, raw_dtype, read_array_document,
 )
 
@@ -154,9 +153,7 @@ class RawChunkWrites:
             return False
         chunks, checksummed = array.chunks, chunks_checksummed(array.document)
         root = entry_dir(self.target, key)
-        for index in chunk_indices(offset, data.shape, chunks):
-            origin = [i * c for i, c in zip(index, chunks)]
-            region = intersection((tuple(offset), tuple(data.shape)), (tuple(origin), chunks))
+        for index, origin, region in chunk_regions(offset, data.shape, chunks):
             source = data[tuple(slice(a - o, b - o) for (a, b), o in zip(region, offset))]
             within = tuple(slice(a - o, b - o) for (a, b), o in zip(region, origin))
             write = _ChunkWrite(source, chunks, within, checksummed)
@@ -290,11 +287,7 @@ class RawChunkReads:
         stops = [min(o + n, g) for o, n, g in zip(offset, shape, stored_shape)]
         inside = [max(0, e - o) for o, e in zip(offset, stops)]
         chunks, separator = chunk_shape(document), key_separator(document)
-        for index in chunk_indices(offset, inside, chunks):
-            origin = [i * c for i, c in zip(index, chunks)]
-            box = intersection((tuple(offset), tuple(inside)), (tuple(origin), tuple(chunks)))
-            if box is None:
-                continue
+        for index, origin, box in chunk_regions(offset, inside, chunks):
             name = f"{sh.key}/{chunk_key(document['zarr_format'], index, separator)}"
             if name not in self.chunks:
                 self.chunks[name] = _ChunkFile(sh.key, tuple(chunks), dtype, chunks_checksummed(document), [])

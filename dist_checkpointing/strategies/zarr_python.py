@@ -3,7 +3,8 @@ when an array is written or must be decoded by zarr-python (raw chunks are loade
 zarr_format.RawChunkReads), so that such loads do not pay for importing it.
 
 Each array's metadata is built in memory from the plan (no file is read or locked to create
-it), and each rank writes its chunks through a store that fsyncs every file it writes.
+it), and each rank writes its chunks through a store writing into the save's DurableDir (whose
+`sync` makes them durable).
 """
 
 import asyncio
