@@ -22,10 +22,12 @@ def parse_args(doc: str, mb_default: int, mb_help: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def parse_side_by_side(doc: str, workloads, kind: str, contenders) -> argparse.Namespace:
-    """--runs, --workloads, --<kind> (the contenders, comma-separated; default all of each)
-    and --json; the lists come back split."""
+def parse_side_by_side(doc: str, workloads, kind: str, contenders, dp: bool = False) -> argparse.Namespace:
+    """--runs, --workloads, --<kind> (the contenders, comma-separated; default all of each),
+    --json and, if `dp`, --dp (data-parallel replicas); the lists come back split."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if dp:
+        parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas: TP x DP ranks")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(workloads))
     parser.add_argument(f"--{kind}", default=",".join(contenders))

@@ -1,6 +1,7 @@
 """Saves side by side: our engines (sync and async), Megatron-Core 0.16.1's torch_dist and a raw write.
 
-Two workloads (workload.py), each saved at TP=2 by the same 2 gloo ranks, every saver in turn:
+Two workloads (workload.py), each saved at TP=2 x DP (--dp, default 1) by the same TP x DP gloo
+ranks, every saver in turn (DP replicas hold the same shards; only DP rank 0's are main):
 - gpt: hidden 2048, 4 layers, vocab 32000, bf16 (534 MB);
 - small: hidden 64, 400 layers with a layer norm each, vocab 32000 (2001 tensors, 40 MB).
 
@@ -19,7 +20,7 @@ inodes), which a training job's retention does not do between saves.
 
 Needs Megatron-Core 0.16.1: run in the benchmark environment (`make bench-env`):
 
-    .venv-bench/bin/python benchmarks/saves.py [--runs 3] [--workloads gpt,small] [--json]
+    .venv-bench/bin/python benchmarks/saves.py [--runs 3] [--workloads gpt,small] [--dp 1] [--json]
 """
 
 import os
@@ -38,6 +39,8 @@ SAVERS = ["raw", *ENGINES, "megatron", *(f"{engine}-async" for engine in ENGINES
 
 
 def raw_save(state, path, rank):
+    if rank >= TP:
+        return  # a DP replica: its main replicas' bytes are written by DP rank 0
     with open(os.path.join(path, f"rank{rank}.bin"), "wb", buffering=0) as f:
         for sh in state.values():
             f.write(sh.data.view(torch.uint8).numpy().data)
@@ -53,16 +56,24 @@ def megatron_state(state, rank):
     mstate = {}
     for key, sh in state.items():
         axes = _tp_axes(sh)
-        split = [(axes[0], rank, TP)] if axes else []
-        mstate[key] = mdc.ShardedTensor.from_rank_offsets(key, sh.data, *split, replica_id=0 if axes else rank)
+        split = [(axes[0], rank % TP, TP)] if axes else []
+        mstate[key] = mdc.ShardedTensor.from_rank_offsets(key, sh.data, *split, replica_id=sh.replica_id)
     return mstate
+
+
+def replicated_state(rank, model):
+    """Rank `rank`'s state at TP=2 x DP: its TP rank's shards, replica (TP replica, DP rank)."""
+    state = gpt_state(rank % TP, TP, 0, **model)
+    for sh in state.values():
+        sh.replica_id = (sh.replica_id, rank // TP)
+    return state
 
 
 def save_on_rank(rank, world, work, model, savers, runs):
     import dist_checkpointing as dc
     from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-    state = gpt_state(rank, TP, 0, **model)
+    state = replicated_state(rank, model)
     mstate = None
     if "megatron" in savers:
         patch_megatron_for_cpu()
@@ -101,13 +112,14 @@ def save_on_rank(rank, world, work, model, savers, runs):
 
 
 def main():
-    args = parse_side_by_side(__doc__, WORKLOADS, "savers", SAVERS)
+    args = parse_side_by_side(__doc__, WORKLOADS, "savers", SAVERS, dp=True)
     rows = []
     for workload in args.workloads:
         with scratch_dir() as work:
-            times = run_on_ranks(save_on_rank, TP, work, WORKLOADS[workload], args.savers, args.runs)
+            times = run_on_ranks(save_on_rank, TP * args.dp, work, WORKLOADS[workload], args.savers, args.runs)
         rows.extend(_rows(workload, times))
-    report(f"TP=2 saves by 2 ranks (first save, then medians of {args.runs} alternating runs)", {}, rows, args.json)
+    title = f"TP=2 x DP={args.dp} saves by {TP * args.dp} ranks (first save, then medians of {args.runs} alternating runs)"
+    report(title, {}, rows, args.json)
 
 
 def _rows(workload, times):

@@ -61,6 +61,38 @@ def exchange(local_fn: Callable[[], Any], what: str, group=None, consequence: st
     return [p for p, _ in gathered]
 
 
+def gather(local_fn: Callable[[], Any], what: str, dst: int = 0, group=None, consequence: str = "") -> Callable[[], Optional[List[Any]]]:
+    """Runs `local_fn` on every rank and gathers the results to rank `dst` only (what only one
+    rank needs need not travel to all). Returns a function that, on `dst`, returns every rank's
+    result or raises like `exchange` if any rank failed, and elsewhere returns None: call it
+    inside the local function of the next `exchange`, which then carries a failure to every
+    rank."""
+    try:
+        payload, error = local_fn(), None
+    except Exception as e:  # travels to `dst`
+        payload, error = None, e
+    if not is_distributed():
+        return lambda: exchange(lambda: _reraise(error) if error else payload, what, consequence=consequence)
+    rank = get_rank(group)
+    gathered: Optional[List[Any]] = [None] * get_world_size(group) if rank == dst else None
+    with peers_lost_raise(what, consequence):
+        dist.gather_object((payload, describe_error(error)), gathered, dst=dist.get_global_rank(group or dist.group.WORLD, dst), group=group)
+
+    def results() -> Optional[List[Any]]:
+        if gathered is None:
+            return None
+        failures = [(r, msg) for r, (_, msg) in enumerate(gathered) if msg is not None]
+        if failures:
+            raise CheckpointingException(_with(_summarize(what, failures), consequence)) from error
+        return [p for p, _ in gathered]
+
+    return results
+
+
+def _reraise(error: BaseException):
+    raise error
+
+
 def on_every_rank(local_fn: Callable[[], Any], what: str, group=None, consequence: str = "") -> Any:
     """Runs `local_fn` on every rank and returns its local result once it succeeded on every
     rank (only the outcome travels, not the result); else raises everywhere, like `exchange`."""
@@ -107,6 +139,49 @@ def _summarize(what: str, failures) -> str:
         return f"{what} failed on rank(s) {ranks}: {messages.pop()}"
     details = "\n".join(f"  rank {rank}: {msg}" for rank, msg in failures)
     return f"{what} failed on rank(s) {ranks}:\n{details}"
+
+
+def share_bytes(payload: Optional[bytes], sizes: Sequence[int], what: str, group=None) -> List[Optional[bytes]]:
+    """Every rank's `payload` on every rank (None for a rank whose size is 0). `sizes`: every
+    rank's payload size, known to all ranks (from an earlier exchange). With few senders each
+    broadcasts its payload, so a rank receives only the payloads' sum; with many, one
+    all-gather (each padded to the largest, as `all_gather_object` does). Both sides must
+    have passed every check before (no failure can travel here)."""
+    if not is_distributed():
+        return [payload]
+    senders = [rank for rank, size in enumerate(sizes) if size]
+    ranks = group_ranks(group)
+    device = _bytes_device(group)
+    received: List[Optional[bytes]] = [None] * len(sizes)
+    me = get_rank(group)
+    with peers_lost_raise(what):
+        if 4 * len(senders) <= len(sizes):
+            for rank in senders:
+                buffer = _as_tensor(payload, device) if rank == me else torch.empty(sizes[rank], dtype=torch.uint8, device=device)
+                dist.broadcast(buffer, src=ranks[rank], group=group)
+                received[rank] = payload if rank == me else buffer.cpu().numpy().tobytes()
+        elif senders:
+            largest = max(sizes)
+            mine = torch.zeros(largest, dtype=torch.uint8, device=device)
+            if payload:
+                mine[: len(payload)] = _as_tensor(payload, device)
+            gathered = [torch.empty(largest, dtype=torch.uint8, device=device) for _ in sizes]
+            dist.all_gather(gathered, mine, group=group)
+            for rank in senders:
+                received[rank] = gathered[rank][: sizes[rank]].cpu().numpy().tobytes()
+    return received
+
+
+def _as_tensor(payload: bytes, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+
+
+def _bytes_device(group=None) -> torch.device:
+    """Where bytes travel: CPU, except on an NCCL-only group, which moves CUDA tensors only
+    (as `all_gather_object` does, the current CUDA device)."""
+    if str(dist.get_backend(group)) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def wire_device(tensor: torch.Tensor, group=None) -> torch.device:

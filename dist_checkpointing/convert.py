@@ -12,7 +12,6 @@ tensor, never the whole state:
 One process, no torch.distributed.
 """
 
-from dataclasses import replace
 from typing import Callable, Optional
 
 from .mapping import ShardedObject, ShardedTensor
@@ -26,7 +25,7 @@ from .single_file import write_safetensors, write_torch_file
 from .strategies import save_strategy_from_config
 from .strategies.base import StrategyAction, get_default_strategy
 from .strategies.config import ENGINES, ZARR_ENGINES, StrategyConfig
-from .validation import group_by_key
+from .global_plan import GlobalPlan
 from .write_job import WriteJob
 
 FORMATS = ENGINES + ("torch", "safetensors")
@@ -74,10 +73,12 @@ def convert(
     refuse_complete_checkpoint(dst)
     objects = _load_objects(objects, sharded, common, src)
     global_metadata = [[obj.without_data() for obj in objects]] + [[sh] for sh in tensors]
-    plan = strategy.plan(group_by_key(global_metadata), [None] * len(global_metadata))
-    outcomes = []
+    global_plan = GlobalPlan.of_shards(global_metadata)
+    infos = [None] * len(global_metadata)
+    plans, outcomes = [], []
     for rank, shards in enumerate(global_metadata):
-        rank_plan = replace(plan, rank=rank)  # engines name files and choose array writers by it
+        rank_plan = strategy.plan(global_plan, infos, rank)  # engines name files and choose array writers by rank
+        plans.append(rank_plan)
         if rank == 0:  # the common state, and the objects (by the engine if it stores them)
             by_engine = strategy.can_handle_sharded_objects
             job = WriteJob(dst, common_strategy, strategy, rank_plan, common.load_common(src),
@@ -89,7 +90,7 @@ def convert(
         outcomes.append(job.run())
         if progress and rank:
             progress(shards[0].key)
-    commit_save(dst, common_strategy, strategy, replace(plan, rank=0), global_metadata, outcomes)
+    commit_save(dst, common_strategy, strategy, plans[0], global_plan, outcomes)
     summary.update(objects=len(objects), files=[dst])
     return summary
 

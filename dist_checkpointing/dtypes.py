@@ -29,7 +29,9 @@ DTYPES = {
     "float32": (torch.float32, np.dtype(np.float32), "F32"),
     "float64": (torch.float64, np.dtype(np.float64), "F64"),
 }
+DTYPE_NAMES = tuple(DTYPES)  # a dtype's code (in a plan) is its position here
 _NAME_OF_TORCH = {t: name for name, (t, _, _) in DTYPES.items()}
+_CODE_OF_TORCH = {t: code for code, (t, _, _) in enumerate(DTYPES.values())}
 _NAME_OF_NUMPY = {n: name for name, (_, n, _) in DTYPES.items()}
 _NAME_OF_ZARR_V2 = {("bfloat16" if name == "bfloat16" else n.str): name for name, (_, n, _) in DTYPES.items()}
 
@@ -42,6 +44,13 @@ def name_of_torch(dtype: torch.dtype, key: str = "") -> str:
         raise CheckpointingException(
             f"dtype {dtype}{where} cannot be stored; supported: {sorted(DTYPES)}"
         ) from None
+
+
+def dtype_code(dtype: torch.dtype, key: str = "") -> int:
+    """The position of `dtype` in DTYPE_NAMES (refused like `name_of_torch`)."""
+    if dtype not in _CODE_OF_TORCH:
+        name_of_torch(dtype, key)  # raises, naming the supported dtypes
+    return _CODE_OF_TORCH[dtype]
 
 
 def name_of_numpy(dtype: np.dtype, key: str = "") -> str:

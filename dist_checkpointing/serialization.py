@@ -17,9 +17,10 @@ import functools
 import logging
 import os
 import time
-from typing import Callable, Optional, Set, Tuple, Union
+import pickle
+from typing import Callable, Hashable, Optional, Sequence, Set, Tuple, Union
 
-from .collectives import exchange, get_rank, on_every_rank
+from .collectives import exchange, gather, get_rank, on_every_rank
 from .core import (
     CONFIG_FNAME,
     FORMAT_VERSION,
@@ -32,7 +33,8 @@ from .core import (
     write_metadata,
 )
 from .dict_utils import extract_matching_values, merge, nested_values
-from .dtypes import name_of_torch, torch_dtype
+from .dtypes import torch_dtype
+from .global_plan import GlobalPlan, LocalPlan, PlanCache, PlanDigests, gather_plan
 from .mapping import (
     CommonStateDict,
     ShardedObject,
@@ -40,7 +42,6 @@ from .mapping import (
     ShardedTensor,
     StateDict,
     apply_factory_merges,
-    is_main_replica,
     whole_tensor_metadata,
 )
 from .opening import open_checkpoint
@@ -59,15 +60,12 @@ from .strategies.async_utils import AsyncRequest
 from .strategies.config import StrategyConfig
 from .validation import (
     CkptShardedMetadata,
-    GlobalMetadata,
     StrictHandling,
     apply_strict_globally,
     apply_strict_locally,
     check_requests_against_checkpoint,
-    group_by_key,
     parse_strict_flag,
-    validate_sharding_integrity,
-    validate_shards_by_key,
+    validate_plan,
 )
 from .write_job import WriteJob, reserve_staging_memory, staged_size
 
@@ -123,6 +121,8 @@ def save(
     common_strategy = _strategy(StrategyAction.SAVE_COMMON, common_strategy or ("torch", 1))
     local = {}
 
+    kind = ("save", _configuration(sharded_strategy), validate_access_integrity)
+
     def plan():
         refuse_complete_checkpoint(checkpoint_dir)
         local["sharded"], local["common"] = save_preprocess(sharded_state_dict)
@@ -132,21 +132,25 @@ def save(
         if validate_access_integrity:
             preprocess = preprocess_common_before_consistancy_check or (lambda common: common)
             common_digest = digest_object(preprocess(local["common"]))
-        shards = [sh.without_data() for sh in nested_values(local["sharded"])]
-        return shards, common_digest, sharded_strategy.planning_info()
+        info = sharded_strategy.planning_info()
+        local["plan"] = LocalPlan.of(nested_values(local["sharded"]))
+        return local["plan"].digests(info, _PLANS.digest(kind)), common_digest, info
 
     uncommitted = f"Nothing was committed: {checkpoint_dir} has no {CONFIG_FNAME}; earlier checkpoints are untouched."
     started = time.perf_counter()
     planned = exchange(plan, "save planning", consequence=uncommitted)
-    global_metadata = [shards for shards, _, _ in planned]
-    by_key = group_by_key(global_metadata)
     if validate_access_integrity:
-        validate_shards_by_key(by_key)
         _warn_if_common_state_differs([digest for _, digest, _ in planned])
-    save_plan = sharded_strategy.plan(by_key, [info for _, _, info in planned])
+
+    def decide(global_plan):
+        if validate_access_integrity:
+            validate_plan(global_plan)
+        return sharded_strategy.plan(global_plan, [info for _, _, info in planned], get_rank())
+
+    global_plan, save_plan = _agreed_plan(kind, local["plan"], [d for d, _, _ in planned], decide, "save planning", uncommitted)
     seconds = {"plan": time.perf_counter() - started}
     job = functools.partial(_write_job, checkpoint_dir, common_strategy, sharded_strategy, save_plan, local)
-    commit = functools.partial(commit_save, checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_metadata)
+    commit = functools.partial(commit_save, checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_plan)
 
     def stage(copy: bool):
         started = time.perf_counter()
@@ -168,8 +172,34 @@ def save(
 
         request.add_finalize_fn(finalize)
         return request
-    commit(exchange(lambda: stage(copy=False).run(), f"save to {checkpoint_dir}", consequence=uncommitted), seconds)
+    commit(gather(lambda: stage(copy=False).run(), f"save to {checkpoint_dir}", consequence=uncommitted), seconds)
     return None
+
+
+_PLANS = PlanCache()  # the last plan of each kind of save and load, in this process
+
+
+def _configuration(strategy) -> Hashable:
+    """What makes two strategy objects plan alike: their configuration (strategies hold no
+    other state), or, for one that cannot be pickled, the object itself."""
+    try:
+        return type(strategy), pickle.dumps(strategy)
+    except Exception:
+        return type(strategy), id(strategy)
+
+
+def _agreed_plan(kind, local_plan: LocalPlan, digests: Sequence[PlanDigests], decide, what: str, consequence: str):
+    """(global plan, decision) of this save or load: the cached ones of `kind` if every rank
+    reported an unchanged plan (one small exchange, already done: `digests`), else the global
+    plan gathered anew and `decide(global_plan)` run on every rank (a failure anywhere raises
+    everywhere), then cached."""
+    global_digest = PlanCache.global_digest([d.whole for d in digests])
+    if PlanCache.is_hit(global_digest, [d.cached for d in digests]):
+        return _PLANS.get(kind)
+    global_plan = gather_plan(local_plan, digests, what, consequence=consequence)
+    decision = on_every_rank(lambda: decide(global_plan), what, consequence=consequence)
+    _PLANS.put(kind, global_digest, (global_plan, decision))
+    return global_plan, decision
 
 
 def prepare_async_save(sharded_state_dict: ShardedStateDict, sharded_strategy: SaveShardedStrategyLike = None) -> None:
@@ -204,28 +234,31 @@ def _write_job(checkpoint_dir, common_strategy, sharded_strategy, save_plan, loc
 
 
 def commit_save(
-    checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_metadata, write_outcomes, seconds=None
+    checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_plan: GlobalPlan, write_outcomes, seconds=None
 ) -> None:
     """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`, then logs
     what the save wrote and how long each step took (`seconds` of the earlier steps).
 
-    `write_outcomes`: every rank's `WriteOutcome`.
+    `write_outcomes`: every rank's `WriteOutcome` (a list), or the function `gather` returned
+    (which raises on rank 0 if a rank's writes failed).
     """
 
     def commit():
         if get_rank() == 0:
+            outcomes = write_outcomes() if callable(write_outcomes) else write_outcomes
             started = time.perf_counter()
-            sharded_strategy.finalize(save_plan, checkpoint_dir, [outcome.result for outcome in write_outcomes])
+            sharded_strategy.finalize(save_plan, checkpoint_dir, [outcome.result for outcome in outcomes])
             config = CheckpointingConfig(
                 sharded_strategy.backend,
                 sharded_strategy.version,
                 common_strategy.backend,
                 common_strategy.version,
             )
-            index = _index(config, global_metadata)
-            index.checksums = {name: ranges for outcome in write_outcomes for name, ranges in outcome.checksums.items()}
+            tensors, objects = global_plan.contents
+            index = CheckpointMetadata(config, FORMAT_VERSION, {k: TensorEntry(list(s), d) for k, (s, d) in tensors.items()}, objects)
+            index.checksums = {name: ranges for outcome in outcomes for name, ranges in outcome.checksums.items()}
             write_metadata(checkpoint_dir, index)
-            _log_save(checkpoint_dir, write_outcomes, dict(seconds or {}, commit=time.perf_counter() - started))
+            _log_save(checkpoint_dir, outcomes, dict(seconds or {}, commit=time.perf_counter() - started))
 
     exchange(commit, f"commit of {checkpoint_dir}")
 
@@ -265,19 +298,6 @@ def refuse_complete_checkpoint(checkpoint_dir: str) -> None:
             f"{checkpoint_dir} already holds a complete checkpoint; refusing to overwrite it. "
             f"Save to a new directory, or delete this one first."
         )
-
-
-def _index(config: CheckpointingConfig, global_metadata: GlobalMetadata) -> CheckpointMetadata:
-    tensors, objects = {}, set()
-    for shards in global_metadata:
-        for sh in shards:
-            if not is_main_replica(sh.replica_id):
-                continue
-            if isinstance(sh, ShardedTensor):
-                tensors[sh.key] = TensorEntry(list(sh.global_shape), name_of_torch(sh.dtype, sh.key))
-            elif isinstance(sh, ShardedObject):
-                objects.add(sh.unique_key)
-    return CheckpointMetadata(config, FORMAT_VERSION, tensors, sorted(objects))
 
 
 def load(
@@ -332,16 +352,19 @@ def load(
         request, local["unexpected"] = apply_strict_locally(request, strict, local["ckpt"])
         check_requests_against_checkpoint(request, local["ckpt"], checkpoint_dir)
         local["request"] = request
-        requested = [sh.without_data() for sh in nested_values(request)] if exchange_requests else None
-        return requested, local["unexpected"]
+        if not exchange_requests:
+            return None, local["unexpected"]
+        local["plan"] = LocalPlan.of(nested_values(request))
+        return local["plan"].digests(None, _PLANS.digest(kind)), local["unexpected"]
 
+    kind = ("load", validate_access_integrity)
     planned = exchange(prepare, "load planning")
-    global_metadata = [requested for requested, _ in planned] if exchange_requests else None
     sharded, common = local["strategies"]
-    # the same data on every rank from here: any raise happens on every rank
-    missing_keys = apply_strict_globally(strict, local["ckpt"], global_metadata, [u for _, u in planned])
-    if validate_access_integrity:
-        validate_sharding_integrity(global_metadata)
+    requested_keys = None
+    if exchange_requests:  # the same data on every rank from here: any raise happens on every rank
+        check = validate_plan if validate_access_integrity else (lambda plan: None)
+        requested_keys = set(_agreed_plan(kind, local["plan"], [d for d, _ in planned], check, "load planning", "")[0].keys)
+    missing_keys = apply_strict_globally(strict, local["ckpt"], requested_keys, [u for _, u in planned])
 
     def read():
         state, request, checkpoint = local["state"], local["request"], local["checkpoint"]

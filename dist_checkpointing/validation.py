@@ -15,14 +15,14 @@ import numpy as np
 from .collectives import exchange
 from .core import CheckpointingException
 from .dict_utils import extract_matching_values, nested_values
-from .dtypes import name_of_torch
+from .dtypes import DTYPE_NAMES, name_of_torch, torch_dtype
 from .geometry import contains, cover_fault, inside
+from .global_plan import FLAT, OBJECT, TENSOR, GlobalPlan, sorted_groups
 from .mapping import (
     ShardedBase,
     ShardedObject,
     ShardedStateDict,
     ShardedTensor,
-    is_main_replica,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,70 +101,105 @@ def determine_global_metadata(
     return local_metadata, exchange(lambda: local_metadata, "metadata exchange", group)
 
 
-ShardsByKey = Dict[str, List[Tuple[int, ShardedBase]]]  # key -> (rank, shard) of every rank
-
-
-def group_by_key(global_metadata: GlobalMetadata) -> ShardsByKey:
-    """The global plan grouped by key (the one pass that validation and engines share)."""
-    by_key: ShardsByKey = defaultdict(list)
-    for rank, shards in enumerate(global_metadata):
-        for sh in shards:
-            by_key[sh.key].append((rank, sh))
-    return by_key
-
-
 def validate_sharding_integrity(global_metadata: GlobalMetadata) -> None:
-    """Checks that the shards of all ranks describe consistent, exactly covered global entries.
+    """Checks that the shards of all ranks describe consistent, exactly covered global entries
+    (see `validate_plan`). Raises `CheckpointingException` naming the key."""
+    validate_plan(GlobalPlan.of_shards(global_metadata))
+
+
+def validate_plan(plan: GlobalPlan) -> None:
+    """Checks a global plan, vectorised over its shards; Python per key only for the keys
+    that need a closer look (an irregular grid, or a fault, to name it).
 
     Per key: one kind (tensor or object), one dtype and global shape; every element (or grid
     position, for objects) is held by exactly one main replica; flattened main replicas of one
-    shard tile it exactly. Raises `CheckpointingException` naming the key.
+    shard tile it exactly. The first fault found (checks in that order, then by key in order
+    of first appearance) raises `CheckpointingException` naming the key, the same on every
+    rank.
     """
-    validate_shards_by_key(group_by_key(global_metadata))
+    _check_agreement(plan)
+    pairs = plan.main_pairs
+    rows, ranks = plan.pair_row[pairs], plan.pair_rank[pairs]
+    keys = plan.row_key[rows]
+    tensor = plan.key_kind[keys] == TENSOR
+    _check_bounds(plan, rows[tensor], ranks[tensor], keys[tensor])
+    flat = tensor & ((plan.flags[rows] & FLAT) != 0)
+    _check_flat_tiling(plan, rows[flat], ranks[flat], keys[flat])
+    _check_coverage(plan, rows[tensor], ranks[tensor], keys[tensor])
+    _check_objects(plan, rows[~tensor], ranks[~tensor], keys[~tensor])
 
 
-def validate_shards_by_key(by_key: ShardsByKey) -> None:
-    """`validate_sharding_integrity` on a plan already grouped by key."""
-    for key, ranked in by_key.items():
-        kinds = {type(sh) for _, sh in ranked}
-        if len(kinds) > 1:
-            raise CheckpointingException(
-                f"Key '{key}' is used by different kinds of entries: "
-                f"{sorted(k.__name__ for k in kinds)}. Give each entry its own key."
-            )
-        if isinstance(ranked[0][1], ShardedTensor):
-            _validate_tensor_shards(key, ranked)
-        elif isinstance(ranked[0][1], ShardedObject):
-            _validate_object_shards(key, ranked)
+def _check_agreement(plan: GlobalPlan) -> None:
+    ref = plan.key_entry[plan.entry_key]  # each entry's reference: its key's first entry
+    kind_differs = plan.entry_kind != plan.entry_kind[ref]
+    differs = kind_differs | (plan.entry_dtype != plan.entry_dtype[ref]) | (plan.entry_ndim != plan.entry_ndim[ref])
+    differs |= (plan.entry_shape != plan.entry_shape[ref]).any(axis=1)
+    if not differs.any():
+        return
+    bad = np.flatnonzero(differs)
+    entry = bad[np.lexsort((plan.entry_rank[bad], plan.entry_key[bad]))[0]]
+    first = ref[entry]
+    key = plan.keys[plan.entry_key[entry]]
+    if kind_differs[entry]:
+        kinds = sorted({_KIND_NAMES[plan.entry_kind[e]] for e in np.flatnonzero(plan.entry_key == plan.entry_key[entry])})
+        raise CheckpointingException(
+            f"Key '{key}' is used by different kinds of entries: {kinds}. Give each entry its own key."
+        )
+    shape, other = (_entry_shape(plan, e) for e in (first, entry))
+    rank, other_rank = plan.entry_rank[first], plan.entry_rank[entry]
+    if plan.entry_kind[entry] == OBJECT:
+        raise CheckpointingException(
+            f"Inconsistent ShardedObjects of key '{key}': global shapes {shape} and {other} (rank {other_rank})"
+        )
+    dtype, other_dtype = (torch_dtype(DTYPE_NAMES[plan.entry_dtype[e]]) for e in (first, entry))
+    raise CheckpointingException(
+        f"Inconsistent shards of key '{key}': rank {rank} has dtype {dtype} and global shape {shape}, "
+        f"rank {other_rank} has {other_dtype} and {other}. All shards of a key must agree."
+    )
 
 
-def _validate_tensor_shards(key: str, ranked: List[Tuple[int, ShardedTensor]]) -> None:
-    first_rank, first = ranked[0]
-    for rank, sh in ranked:
-        if sh.dtype != first.dtype or sh.global_shape != first.global_shape:
-            raise CheckpointingException(
-                f"Inconsistent shards of key '{key}': rank {first_rank} has dtype {first.dtype} "
-                f"and global shape {first.global_shape}, rank {rank} has {sh.dtype} and "
-                f"{sh.global_shape}. All shards of a key must agree."
-            )
-    main = [(rank, sh) for rank, sh in ranked if is_main_replica(sh.replica_id)]
-    pieces = defaultdict(list)  # flattened shards: the flat pieces of each local shard
-    for rank, sh in main:
-        if not inside(sh.global_box(), sh.global_shape):
-            raise CheckpointingException(
-                f"Shard of key '{key}' on rank {rank} (offset {sh.global_offset}, local shape "
-                f"{sh.local_shape}) exceeds the global shape {sh.global_shape}"
-            )
-        if sh.flattened_range is not None:
-            pieces[sh.global_offset].append((rank, sh))
-    for offset, flat in pieces.items():
-        validate_flat_tiling(key, offset, flat)
-    boxes = defaultdict(list)  # box -> ranks holding it
-    for rank, sh in main:
-        box = sh.global_box()
-        if sh.flattened_range is None or not boxes[box]:  # a shard's flat pieces count once
-            boxes[box].append(rank)
-    _validate_coverage(key, first.global_shape, list(boxes.items()))
+_KIND_NAMES = {TENSOR: "ShardedTensor", OBJECT: "ShardedObject"}
+
+
+def _entry_shape(plan: GlobalPlan, entry: int) -> Tuple[int, ...]:
+    return tuple(plan.entry_shape[entry, : plan.entry_ndim[entry]].tolist())
+
+
+def _first(keys: np.ndarray, ranks: np.ndarray, bad: np.ndarray) -> int:
+    """The position of the first bad pair: lowest key id, then lowest rank."""
+    candidates = np.flatnonzero(bad)
+    return candidates[np.lexsort((ranks[candidates], keys[candidates]))[0]]
+
+
+def _check_bounds(plan: GlobalPlan, rows, ranks, keys) -> None:
+    outside = (plan.offset[rows] + plan.extent[rows] > plan.key_shape[keys]).any(axis=1)
+    if outside.any():
+        i = _first(keys, ranks, outside)
+        sh = plan.shard(rows[i])
+        raise CheckpointingException(
+            f"Shard of key '{sh.key}' on rank {ranks[i]} (offset {sh.global_offset}, local shape "
+            f"{sh.local_shape}) exceeds the global shape {sh.global_shape}"
+        )
+
+
+def _check_flat_tiling(plan: GlobalPlan, rows, ranks, keys) -> None:
+    """The flat pieces of each shard (key, offset) tile its elements: a vectorised filter
+    flags every group that may not, and `validate_flat_tiling` decides and names the fault."""
+    if not len(rows):
+        return
+    order, first = sorted_groups([keys, *plan.offset[rows].T], [plan.flat[rows, 0], plan.flat[rows, 1]])
+    start, stop = plan.flat[rows[order]].T
+    extent = plan.extent[rows[order]]
+    previous_stop = np.concatenate([[0], stop[:-1]])
+    same_shape = np.ones(len(order), dtype=bool)
+    same_shape[1:] = (extent[1:] == extent[:-1]).all(axis=1)
+    bad = np.where(first, start != 0, (start != previous_stop) | ~same_shape)
+    bad |= np.append(first[1:], True) & (stop != np.prod(extent, axis=1))  # a group's last piece
+    group = np.cumsum(first) - 1
+    for g in np.unique(group[bad]).tolist():
+        members = order[group == g]
+        held = sorted(((int(ranks[m]), plan.shard(rows[m])) for m in members.tolist()), key=lambda pair: pair[0])
+        validate_flat_tiling(held[0][1].key, held[0][1].global_offset, held)
 
 
 def validate_flat_tiling(key: str, offset, flat: List[Tuple[int, ShardedTensor]]) -> None:
@@ -187,6 +222,44 @@ def validate_flat_tiling(key: str, offset, flat: List[Tuple[int, ShardedTensor]]
         )
 
 
+def _check_coverage(plan: GlobalPlan, rows, ranks, keys) -> None:
+    """Every element of each tensor key lies in exactly one main box (the flat pieces of one
+    box count once). Vectorised: a key whose boxes are equal, aligned to their shape, distinct
+    and as large in total as the tensor tiles it exactly; any other key (an irregular grid,
+    or a fault) gets `cover_fault`, which decides and names the region."""
+    flat = (plan.flags[rows] & FLAT) != 0
+    order, first = sorted_groups([keys, *plan.offset[rows].T, *plan.extent[rows].T, flat], [ranks])
+    counted = order[first | ~flat[order]]  # one flat piece per box; every other box
+    order, key_start = sorted_groups([keys[counted]], [*plan.offset[rows[counted]].T])
+    boxes = counted[order]
+    box_keys, offset, extent = keys[boxes], plan.offset[rows[boxes]], plan.extent[rows[boxes]]
+    starts = np.flatnonzero(key_start)
+    key_extent = extent[starts][np.cumsum(key_start) - 1]  # each box's key's first extent
+    volume = np.add.reduceat(np.prod(extent, axis=1), starts) if len(starts) else np.zeros(0, np.int64)
+    irregular = (extent != key_extent).any(axis=1) | (offset % np.maximum(extent, 1) != 0).any(axis=1)
+    repeated = np.zeros(len(boxes), dtype=bool)
+    repeated[1:] = ~key_start[1:] & (offset[1:] == offset[:-1]).all(axis=1)
+    suspect = np.zeros(len(plan.keys), dtype=bool)
+    suspect[box_keys[irregular | repeated]] = True
+    tensor_keys = plan.key_kind == TENSOR
+    total = np.prod(plan.key_shape, axis=1)
+    covered = np.zeros(len(plan.keys), dtype=np.int64)
+    covered[box_keys[starts]] = volume
+    suspect |= covered != total
+    suspect &= tensor_keys & (total > 0)
+    for key in np.flatnonzero(suspect).tolist():
+        mine = boxes[box_keys == key]
+        held = defaultdict(list)  # box -> ranks holding it
+        for i in mine.tolist():
+            held[_box(plan, rows[i])].append(int(ranks[i]))
+        _validate_coverage(plan.keys[key], plan.global_shape(key), list(held.items()))
+
+
+def _box(plan: GlobalPlan, row: int):
+    ndim = plan.entry_ndim[plan.row_entry[row]]
+    return tuple(plan.offset[row, :ndim].tolist()), tuple(plan.extent[row, :ndim].tolist())
+
+
 def _validate_coverage(key: str, global_shape: Tuple[int, ...], boxes) -> None:
     """Each element of `global_shape` must lie in exactly one box (count repeated boxes too)."""
     fault = cover_fault(global_shape, [(box, len(ranks)) for box, ranks in boxes])
@@ -205,32 +278,30 @@ def _validate_coverage(key: str, global_shape: Tuple[int, ...], boxes) -> None:
     )
 
 
-def _validate_object_shards(key: str, ranked: List[Tuple[int, ShardedObject]]) -> None:
-    shape = ranked[0][1].global_shape
-    for rank, sh in ranked:
-        if sh.global_shape != shape:
-            raise CheckpointingException(
-                f"Inconsistent ShardedObjects of key '{key}': global shapes {shape} and "
-                f"{sh.global_shape} (rank {rank})"
-            )
-    holders = defaultdict(list)
-    for rank, sh in ranked:
-        if is_main_replica(sh.replica_id):
-            holders[sh.global_offset].append(rank)
-    duplicated = {o: r for o, r in holders.items() if len(r) > 1}
-    if duplicated:
-        offset, ranks = next(iter(duplicated.items()))
+def _check_objects(plan: GlobalPlan, rows, ranks, keys) -> None:
+    """Each grid position of each ShardedObject key has exactly one main replica."""
+    order, first = sorted_groups([keys, *plan.offset[rows].T], [ranks])
+    repeated = np.flatnonzero(~first)
+    if len(repeated):
+        i = order[repeated[0]]
+        same = (keys == keys[i]) & (plan.offset[rows] == plan.offset[rows[i]]).all(axis=1)
+        key, offset = plan.keys[keys[i]], _box(plan, rows[i])[0]
+        holders = sorted(ranks[same].tolist())
         raise CheckpointingException(
-            f"ShardedObject '{key}' at offset {offset} has {len(ranks)} main replicas "
-            f"(ranks {ranks}), expected exactly 1"
+            f"ShardedObject '{key}' at offset {offset} has {len(holders)} main replicas "
+            f"(ranks {holders}), expected exactly 1"
         )
-    expected = int(np.prod(shape))
-    if len(holders) != expected:
-        present = set(holders)
-        missing = next(o for o in np.ndindex(*shape) if tuple(o) not in present)
+    present = np.bincount(keys, minlength=len(plan.keys))
+    expected = np.prod(plan.key_shape, axis=1)
+    incomplete = np.flatnonzero((plan.key_kind == OBJECT) & (present != expected))
+    if len(incomplete):
+        key = int(incomplete[0])
+        shape = plan.global_shape(key)
+        held = {_box(plan, row)[0] for row in rows[keys == key].tolist()}
+        missing = next(o for o in np.ndindex(*shape) if tuple(o) not in held)
         raise CheckpointingException(
-            f"ShardedObject '{key}' is incomplete: {len(holders)} of {expected} pieces have a "
-            f"main replica; e.g. offset {tuple(missing)} has none"
+            f"ShardedObject '{plan.keys[key]}' is incomplete: {int(present[key])} of "
+            f"{int(expected[key])} pieces have a main replica; e.g. offset {tuple(missing)} has none"
         )
 
 
@@ -251,7 +322,8 @@ def validate_integrity_and_strict_load(
     sharded_state_dict, unexpected_keys = apply_strict_locally(
         sharded_state_dict, strict, ckpt_sharded_metadata, local_metadata
     )
-    missing_keys = apply_strict_globally(strict, ckpt_sharded_metadata, global_metadata, [unexpected_keys])
+    requested = None if global_metadata is None else {sh.key for shards in global_metadata for sh in shards}
+    missing_keys = apply_strict_globally(strict, ckpt_sharded_metadata, requested, [unexpected_keys])
     if validate_access_integrity:
         if global_metadata is None:
             raise CheckpointingException("Cannot check the sharding without global metadata")
@@ -282,7 +354,7 @@ def apply_strict_locally(
 def apply_strict_globally(
     strict: StrictHandling,
     ckpt_sharded_metadata: Optional[CkptShardedMetadata],
-    global_metadata: Optional[GlobalMetadata],
+    requested_keys: Optional[Set[str]],
     unexpected_by_rank: Sequence[Set[str]],
 ) -> Set[str]:
     """The rest of `strict`, from what every rank knows after the planning exchange (every
@@ -292,10 +364,9 @@ def apply_strict_globally(
         return set()
     missing_keys = set()
     if StrictHandling.requires_global_app_metadata(strict):
-        if global_metadata is None:
+        if requested_keys is None:
             raise CheckpointingException("Cannot find missing keys without every rank's request")
-        requested = {sh.key for shards in global_metadata for sh in shards}
-        missing_keys = {sh.key for sh in ckpt_sharded_metadata.values()} - requested
+        missing_keys = {sh.key for sh in ckpt_sharded_metadata.values()} - requested_keys
     unexpected_keys = set().union(*unexpected_by_rank)
     if strict == StrictHandling.RAISE_UNEXPECTED:
         maybe_report_missing_and_unexpected_keys(set(), unexpected_keys, True)

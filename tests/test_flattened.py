@@ -11,7 +11,7 @@ import zarr
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
-from dist_checkpointing.dtypes import BFLOAT16
+from dist_checkpointing.dtypes import BFLOAT16, register_zarr_bfloat16
 from layouts import FLAT_KEYS, expected_flat, flat_key_shards, flat_state_dict, full
 from multirank import run_ranks
 
@@ -83,6 +83,7 @@ def test_flattened_save_reshards_across_tp_and_dp(tmp_path, engine):
     if engine != "torch_dist":
         # the stored arrays are plain Zarr arrays of the global shape: any Zarr reader reads them
         key = "optimizer.state.fp32_param.layers.fc2.weight"
+        register_zarr_bfloat16()  # zarr-python has no bf16 of its own
         stored = zarr.open_array(os.path.join(ckpt, key), mode="r")[...]
         assert stored.dtype == BFLOAT16
         expected = full(key, FLAT_KEYS[key][0], torch.bfloat16).view(torch.int16).numpy()
@@ -139,15 +140,15 @@ def test_each_dp_rank_writes_the_chunks_inside_its_range(monkeypatch):
     chunk limit: 2-row chunks, each written by the rank holding most of it."""
     from dist_checkpointing.strategies import zarr_plan
     from dist_checkpointing.strategies.config import StrategyConfig
-    from dist_checkpointing.validation import group_by_key
+    from dist_checkpointing.global_plan import GlobalPlan
 
     monkeypatch.setattr(zarr_plan, "FLAT_CHUNK_BYTES", 32)
     ranges = [(0, 18), (18, 30), (30, 48)]
     plan = [[ShardedTensor.from_rank_offsets_flat("k", torch.zeros(b - a), (12, 4), flattened_range=slice(a, b))] for a, b in ranges]
-    by_key = group_by_key(plan)
-    arrays = zarr_plan.plan_arrays(by_key, StrategyConfig())
+    global_plan = GlobalPlan.of_shards(plan)
+    arrays = zarr_plan.plan_arrays(global_plan, StrategyConfig(), 1)
     assert arrays["k"].chunks == (2, 4)
-    chunks = zarr_plan.plan_flat_chunks(by_key, arrays)[("k", (0, 0))]
+    chunks = zarr_plan.plan_flat_chunks(global_plan, arrays, 1)[("k", (0, 0))]
     assert [c.rows for c in chunks] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
     assert [c.writer for c in chunks] == [0, 0, 1, 1, 2, 2]  # chunk 2 (elements 16:24): rank 1 holds 6 of 8
     assert chunks[2].parts == ((16, 18, 0), (18, 24, 1))
@@ -174,12 +175,12 @@ def test_large_flattened_shard_is_stored_in_row_chunks(tmp_path, engine):
 
 
 def test_torch_dist_refuses_flattened_shards_off_a_regular_grid():
+    from dist_checkpointing.global_plan import GlobalPlan
     from dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-    from dist_checkpointing.validation import group_by_key
 
     uneven = [  # rows 0:3 and 3:4 of a (4, 2) tensor, the first flattened
         ShardedTensor("k", None, torch.float32, (3, 2), (4, 2), (0, 0), None, flattened_range=slice(0, 6)),
         ShardedTensor("k", None, torch.float32, (1, 2), (4, 2), (3, 0), None),
     ]
     with pytest.raises(CheckpointingException, match="needs equal shards on a regular grid.*Use the zarr engine"):
-        TorchDistSaveShardedStrategy().plan(group_by_key([[sh] for sh in uneven]))
+        TorchDistSaveShardedStrategy().plan(GlobalPlan.of_shards([[sh] for sh in uneven]), [None, None], 1)

@@ -13,12 +13,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, DefaultDict, Dict, List, Sequence, Tuple, Union
 
-from ..collectives import get_rank
 from ..core import CheckpointingException
 from ..fs import DurableDir
 from ..integrity import Checksums
 from ..mapping import ShardedStateDict, StateDict
-from ..validation import ShardsByKey
+from ..global_plan import GlobalPlan
 
 
 class StrategyAction(Enum):
@@ -162,10 +161,11 @@ class SaveShardedStrategy(SaveStrategyBase):
 
     A strategy object holds configuration only; what one save decides is its plan.
 
-    1. `plan(shards_by_key, planning_infos)` on every rank with the validated global plan (the
-       shards of all ranks, without data) and what each rank's `planning_info()` returned
-       (it travels in the same exchange): reject what the engine cannot store, decide the
-       layout; returns this rank's `ShardedSavePlan`;
+    1. `plan(global_plan, planning_infos, rank)` on every rank with the validated `GlobalPlan`
+       (the shards of all ranks, without data), what each rank's `planning_info()` returned
+       (it travels in the same exchange) and this rank: reject what the engine cannot store,
+       decide the layout; returns this rank's `ShardedSavePlan` (its part of the layout).
+       A failure here is raised on every rank, even where only one rank found it;
     2. `stage(plan, sharded_state_dict)` on every rank: the only step that may move tensor data
        between ranks (e.g. to assemble flattened pieces on the rank that writes them);
     3. `save(plan, ...)` on every rank with what `stage` returned: write the main replicas
@@ -183,10 +183,10 @@ class SaveShardedStrategy(SaveStrategyBase):
         """Small picklable facts about this rank that `plan` needs from every rank."""
         return None
 
-    def plan(self, shards_by_key: ShardsByKey, planning_infos: Sequence[Any]) -> ShardedSavePlan:
-        """Checks the global layout and decides this rank's part (called on every rank before
-        any write)."""
-        return ShardedSavePlan(get_rank())
+    def plan(self, global_plan: GlobalPlan, planning_infos: Sequence[Any], rank: int) -> ShardedSavePlan:
+        """Checks the global layout and decides `rank`'s part (called on every rank before any
+        write)."""
+        return ShardedSavePlan(rank)
 
     def stage(self, plan: ShardedSavePlan, sharded_state_dict: ShardedStateDict) -> ShardedStateDict:
         """What `save` writes on this rank (called on every rank, collectively, after `plan`).

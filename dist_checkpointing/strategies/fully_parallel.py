@@ -16,7 +16,9 @@ Megatron-Core's names and semantics, for every engine. Two differences:
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Hashable, List, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Hashable, List, Sequence, Tuple
+
+import numpy as np
 
 import torch
 
@@ -24,7 +26,8 @@ from ..collectives import exchange, get_rank, group_ranks, on_every_rank, send_a
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..mapping import ShardedTensor, is_main_replica
-from ..validation import ShardsByKey
+from ..dtypes import DTYPE_NAMES, torch_dtype
+from ..global_plan import TENSOR, GlobalPlan, sorted_groups
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 
 EXCHANGE_ALGOS = ("broadcast", "gather_rounds", "gather_object")
@@ -56,22 +59,87 @@ def _request_id(sh: ShardedTensor) -> Tuple:
     return _shard_id(sh) + (sh.local_shape,)
 
 
+def save_distribution(plan: GlobalPlan, group_of_rank: Sequence[int]) -> np.ndarray:
+    """Which pairs of `plan` write (one bool per pair): each tensor shard (key, offset, flat
+    range) with a main replica is written by one of the ranks holding it in its main replica's
+    group (`group_of_rank`: a group id per rank), balanced by bytes; objects keep their main
+    replicas. The same result on every rank.
+
+    Vectorised: shards are grouped by their set of candidate ranks (e.g. one DP group), found
+    by a 128-bit fingerprint of the set; each set's shards are dealt largest first, in snake
+    order over its ranks sorted by the bytes they already write (near the balance of
+    `distribute_evenly`'s greedy, without a Python step per shard). The result is checked:
+    every shard is written by a rank that holds it.
+    """
+    groups = np.asarray(group_of_rank, dtype=np.int64)
+    tensor_pair = plan.key_kind[plan.row_key[plan.pair_row]] == TENSOR
+    order, first = sorted_groups([plan.row_key, *plan.offset.T, plan.flat[:, 0], plan.flat[:, 1]])
+    row_shard = np.empty(len(order), dtype=np.int64)
+    row_shard[order] = np.cumsum(first) - 1
+    n_shards = int(first.sum())
+    itemsize = np.array([torch_dtype(name).itemsize for name in DTYPE_NAMES])[plan.entry_dtype[plan.row_entry]]
+    size = np.zeros(n_shards, dtype=np.int64)
+    size[row_shard] = plan.row_numel * itemsize
+    pair_shard, pair_rank = row_shard[plan.pair_row], plan.pair_rank
+    main_rank = np.full(n_shards, -1)
+    main = plan.main & tensor_pair
+    np.maximum.at(main_rank, pair_shard[main], pair_rank[main])  # any main replica's group
+    candidate = tensor_pair & (main_rank[pair_shard] >= 0)
+    candidate &= groups[pair_rank] == groups[np.maximum(main_rank[pair_shard], 0)]
+    shards, ranks = pair_shard[candidate], pair_rank[candidate]
+    fingerprint = np.zeros((n_shards, 3), dtype=np.uint64)
+    fingerprint[:, 0] = np.bincount(shards, minlength=n_shards)
+    random_of_rank = np.random.default_rng(20261122).integers(0, 2**63, size=(plan.world_size, 2), dtype=np.uint64)
+    for i in (1, 2):
+        np.add.at(fingerprint[:, i], shards, random_of_rank[ranks, i - 1])  # wraps around: a sum mod 2**64
+    written = np.flatnonzero(fingerprint[:, 0] > 0)
+    by_set, starts = sorted_groups(list(fingerprint[written].T), [written])
+    set_of = np.empty(len(written), dtype=np.int64)
+    set_of[by_set] = np.cumsum(starts) - 1
+    sets = fingerprint[written[by_set[starts]]]  # in fingerprint order, fewest candidates first
+    representative = written[by_set[starts]]  # each set's first shard
+    is_representative = np.zeros(n_shards, dtype=bool)
+    is_representative[representative] = True
+    shown = is_representative[shards]
+    members_of = {}
+    for shard, rank in sorted(zip(shards[shown].tolist(), ranks[shown].tolist())):
+        members_of.setdefault(shard, []).append(rank)
+    writer = np.full(n_shards, -1)
+    load = np.zeros(plan.world_size, dtype=np.int64)
+    bounds = np.append(np.flatnonzero(starts), len(written))
+    for s in range(len(sets)):
+        members = np.array(sorted(set(members_of[representative[s]])), dtype=np.int64)
+        dealt = written[by_set[bounds[s] : bounds[s + 1]]]
+        dealt = dealt[np.lexsort((dealt, -size[dealt]))]
+        by_load = members[np.lexsort((members, load[members]))]
+        c, position = len(members), np.arange(len(dealt))
+        snake = np.where((position // c) % 2 == 0, position % c, c - 1 - position % c)
+        writer[dealt] = by_load[snake]
+        np.add.at(load, by_load[snake], size[dealt])
+    held = np.zeros(n_shards, dtype=bool)
+    held[shards[writer[shards] == ranks]] = True
+    if not held[written].all():  # a fingerprint collision: never expected, never silent
+        raise CheckpointingException("The fully parallel distribution assigned a shard to a rank that does not hold it")
+    return np.where(tensor_pair, writer[pair_shard] == pair_rank, plan.main)
+
+
 @dataclass(frozen=True)
 class FullyParallelSavePlan(ShardedSavePlan):
-    """The wrapped engine's plan, and which rank writes each replicated shard."""
+    """The wrapped engine's plan, and the shards this rank writes (its main replicas after
+    the distribution)."""
 
-    writers: Dict[Tuple, int]  # shard id -> its writer
+    writes: FrozenSet[Tuple]  # shard ids (`_shard_id`)
     base: ShardedSavePlan
 
 
-def _as_planned(writers: Dict[Tuple, int], sh, rank: int):
-    """`sh` of `rank` with the replica id that makes its planned writer the main replica."""
+def _as_planned(writes: FrozenSet[Tuple], sh):
+    """`sh` with the replica id that makes it a main replica exactly if this rank writes it."""
     if not isinstance(sh, ShardedTensor):
         return sh
-    writes = writers[_shard_id(sh)] == rank
-    if writes == is_main_replica(sh.replica_id):
+    planned = _shard_id(sh) in writes
+    if planned == is_main_replica(sh.replica_id):
         return sh
-    return replace(sh, replica_id=0 if writes else 1)
+    return replace(sh, replica_id=0 if planned else 1)
 
 
 class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
@@ -79,57 +147,38 @@ class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
     write a balanced share of the shards replicated among them.
 
     A shard takes part if its main replica is in the group; it is then written by one of the
-    group's ranks that hold it. `do_cache_distribution` reuses the previous distribution while
-    the global plan is unchanged.
+    group's ranks that hold it. `do_cache_distribution` is accepted for Megatron-Core's
+    signature and needs no setting: every save reuses its previous plan, distribution
+    included, while the global plan is unchanged (see `serialization.save`).
     """
 
     def __init__(self, strategy: SaveShardedStrategy, parallelization_group=None, do_cache_distribution: bool = False):
         super().__init__(strategy.backend, strategy.version)
         self.base_strategy = strategy
         self.parallelization_group = parallelization_group
-        self.do_cache_distribution = do_cache_distribution
-        self.cached_distribution = None  # (shard ids of the plan, shard id -> writer rank)
 
     @property
     def can_handle_sharded_objects(self) -> bool:
         return self.base_strategy.can_handle_sharded_objects
 
     def planning_info(self) -> Any:
-        return tuple(group_ranks(self.parallelization_group)), self.base_strategy.planning_info()
+        # the group in 16 bytes: ranks only compare groups, and a group of thousands of ranks
+        # need not travel from each of them
+        group = hashlib.sha256(repr(group_ranks(self.parallelization_group)).encode()).digest()[:16]
+        return group, self.base_strategy.planning_info()
 
-    def plan(self, shards_by_key: ShardsByKey, planning_infos: Sequence[Any]) -> FullyParallelSavePlan:
-        groups = [frozenset(ranks) for ranks, _ in planning_infos]
-        writers = self._distribution(shards_by_key, groups)
-        rewritten = {
-            key: [(rank, _as_planned(writers, sh, rank)) for rank, sh in ranked] for key, ranked in shards_by_key.items()
-        }
-        base = self.base_strategy.plan(rewritten, [base for _, base in planning_infos])
-        return FullyParallelSavePlan(get_rank(), writers, base)
-
-    def _distribution(self, shards_by_key: ShardsByKey, groups: List[frozenset]) -> Dict[Tuple, int]:
-        holders, sizes, main = defaultdict(list), {}, {}
-        for ranked in shards_by_key.values():
-            for rank, sh in ranked:
-                if isinstance(sh, ShardedTensor):
-                    shard = _shard_id(sh)
-                    holders[shard].append(rank)
-                    sizes[shard] = sh.nbytes
-                    if is_main_replica(sh.replica_id):
-                        main[shard] = rank
-        plan_ids = sorted((shard, tuple(ranks)) for shard, ranks in holders.items())
-        if self.do_cache_distribution and self.cached_distribution and self.cached_distribution[0] == plan_ids:
-            return self.cached_distribution[1]
-        candidates = {}
-        for shard, ranks in holders.items():
-            group = groups[main[shard]]  # the group of the main replica writes it
-            candidates[shard] = [r for r in ranks if r in group and groups[r] == group]
-        writers = distribute_evenly(candidates, sizes)
-        if self.do_cache_distribution:
-            self.cached_distribution = (plan_ids, writers)
-        return writers
+    def plan(self, global_plan: GlobalPlan, planning_infos: Sequence[Any], rank: int) -> FullyParallelSavePlan:
+        group_ids: Dict[bytes, int] = {}
+        groups = [group_ids.setdefault(group, len(group_ids)) for group, _ in planning_infos]
+        distributed = global_plan.with_main(save_distribution(global_plan, groups))
+        rows = distributed.rows_of_rank(rank)[distributed.main_of_rank(rank)]
+        rows = rows[distributed.key_kind[distributed.row_key[rows]] == TENSOR]
+        writes = frozenset(_shard_id(distributed.shard(row)) for row in rows.tolist())
+        base = self.base_strategy.plan(distributed, [base for _, base in planning_infos], rank)
+        return FullyParallelSavePlan(rank, writes, base)
 
     def stage(self, plan: FullyParallelSavePlan, sharded_state_dict):
-        dict_list_map_inplace(lambda sh: _as_planned(plan.writers, sh, plan.rank), sharded_state_dict)
+        dict_list_map_inplace(lambda sh: _as_planned(plan.writes, sh), sharded_state_dict)
         return self.base_strategy.stage(plan.base, sharded_state_dict)
 
     def save(self, plan: FullyParallelSavePlan, sharded_state_dict, checkpoint_dir):
@@ -141,7 +190,7 @@ class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
     def __getstate__(self):
         # an async save pickles the strategy into its writer process, where only `save` runs;
         # a process group cannot leave its process
-        return dict(self.__dict__, parallelization_group=None, cached_distribution=None)
+        return dict(self.__dict__, parallelization_group=None)
 
 
 class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
@@ -39,11 +40,11 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.utils.serialization import config as serialization_config
 
-from ..collectives import get_rank
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..dtypes import name_of_torch
+from ..dtypes import name_of_torch, torch_dtype
 from ..fs import DurableDir, atomic_write, balance
+from ..global_plan import FLAT, OBJECT, GlobalPlan
 from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
 from ..geometry import intersection
@@ -101,26 +102,56 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
     def can_handle_sharded_objects(self) -> bool:
         return True
 
-    def plan(self, shards_by_key, planning_infos=()) -> DcpSavePlan:
-        """DCP's per-key metadata, from the main replicas of the global plan."""
-        state_dict_metadata, reformulated = {}, {}
-        for key, ranked in shards_by_key.items():
-            main = [sh for _, sh in ranked if is_main_replica(sh.replica_id)]
-            first = ranked[0][1]
-            if isinstance(first, ShardedObject):
-                for sh in main:
-                    state_dict_metadata[sh.unique_key] = BytesStorageMetadata()
+    def plan(self, global_plan: GlobalPlan, planning_infos, rank: int) -> DcpSavePlan:
+        """The keys stored in Megatron-Core's n-d formulation (those with flattened shards),
+        and on rank 0, which writes `.metadata`, DCP's per-key entries from the main replicas."""
+        plan = global_plan
+        pairs = plan.main_pairs
+        rows = np.unique(plan.pair_row[pairs])  # a shard that is main on two ranks is one chunk
+        keys = plan.row_key[rows]
+        reformulated = {}
+        for key in np.unique(keys[(plan.flags[rows] & FLAT) != 0]).tolist():
+            main = [plan.shard(row) for row in rows[keys == key].tolist()]
+            reformulated[plan.keys[key]] = {ORIG_SHAPE: plan.global_shape(key)}
+            _reformulated_size(plan.keys[key], main)
+        state_dict_metadata = {}
+        if rank == 0:
+            state_dict_metadata = self._dcp_entries(plan, rows, keys, reformulated)
+        return DcpSavePlan(rank, state_dict_metadata, reformulated)
+
+    @staticmethod
+    def _dcp_entries(plan: GlobalPlan, rows: np.ndarray, keys: np.ndarray, reformulated) -> Dict[str, object]:
+        """DCP's entry of every key: a tensor's chunks (its main shards' boxes), or an object."""
+        order = np.argsort(keys, kind="stable")
+        rows, keys = rows[order], keys[order]
+        bounds = np.searchsorted(keys, np.arange(len(plan.keys) + 1))
+        offsets, extents = plan.offset[rows].tolist(), plan.extent[rows].tolist()
+        sizes = {}  # equal chunk shapes share one torch.Size
+        entries = {}
+        for key, name in enumerate(plan.keys):
+            held = range(bounds[key], bounds[key + 1])
+            if not len(held):
                 continue
-            if any(sh.flattened_range is not None for sh in main):
-                reformulated[key] = {ORIG_SHAPE: first.global_shape}
-                size = _reformulated_size(key, main)
+            if plan.key_kind[key] == OBJECT:
+                for i in held:
+                    entries[plan.shard(rows[i]).unique_key] = BytesStorageMetadata()
+                continue
+            shape = plan.global_shape(key)
+            ndim = len(shape)
+            if name in reformulated:
+                main = [plan.shard(rows[i]) for i in held]
+                shape = _reformulated_size(name, main)
+                boxes = [_chunk_box(reformulated, sh) for sh in main]
             else:
-                size = first.global_shape
-            boxes = [_chunk_box(reformulated, sh) for sh in main]
-            chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes if 0 not in s]
-            properties = TensorProperties(dtype=first.dtype)
-            state_dict_metadata[key] = TensorStorageMetadata(properties, torch.Size(size), chunks)
-        return DcpSavePlan(get_rank(), state_dict_metadata, reformulated)
+                boxes = [(tuple(offsets[i][:ndim]), tuple(extents[i][:ndim])) for i in held]
+            chunks = [
+                ChunkStorageMetadata(torch.Size(o), sizes.get(s) or sizes.setdefault(s, torch.Size(s)))
+                for o, s in boxes
+                if 0 not in s
+            ]
+            properties = TensorProperties(dtype=torch_dtype(plan.dtype_name(key)))
+            entries[name] = TensorStorageMetadata(properties, torch.Size(shape), chunks)
+        return entries
 
     def save(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[WriteResult]]:
         items = []  # (index, tensor or BytesIO)

@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..collectives import get_rank
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_numpy, name_of_torch, to_numpy, torch_dtype
@@ -23,7 +22,8 @@ from ..integrity import crc32c
 from ..layout import LinkFreeTree, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
-from ..validation import ShardsByKey, check_request_against_stored, shards_of
+from ..global_plan import GlobalPlan
+from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, SaveShardedStrategy
 from .config import ZARR_ENGINES, StrategyConfig
 from .reading import THREAD_BYTES, Piece, piece_of, read_chunk
@@ -95,9 +95,9 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
         super().__init__(backend, version)
         self.config = config or StrategyConfig(backend=backend)
 
-    def plan(self, shards_by_key: ShardsByKey, planning_infos=()) -> ZarrSavePlan:
-        arrays = plan_arrays(shards_by_key, self.config)
-        return ZarrSavePlan(get_rank(), arrays, plan_flat_chunks(shards_by_key, arrays))
+    def plan(self, global_plan: GlobalPlan, planning_infos, rank: int) -> ZarrSavePlan:
+        arrays = plan_arrays(global_plan, self.config, rank)
+        return ZarrSavePlan(rank, arrays, plan_flat_chunks(global_plan, arrays, rank))
 
     def stage(self, plan: ZarrSavePlan, sharded_state_dict):
         """Flattened pieces become the chunks this rank writes (docs/format.md §4.4)."""

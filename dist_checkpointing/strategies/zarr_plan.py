@@ -14,16 +14,18 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..collectives import get_rank, send_and_receive
 from ..core import CheckpointingException
 from ..dict_utils import nested_values
-from ..dtypes import name_of_torch
+from ..dtypes import torch_dtype
 from ..geometry import Box
 from ..layout import check_key
+from ..global_plan import FLAT, TENSOR, GlobalPlan
 from ..mapping import ShardedTensor, is_main_replica
-from ..validation import ShardsByKey, validate_flat_tiling
+from ..validation import validate_flat_tiling
 from .base import ShardedSavePlan
 from .config import StrategyConfig
 from .zarr_spec import array_document, chunk_shape
@@ -63,26 +65,57 @@ def chunk_grid(global_shape: Sequence[int], boxes: Sequence[Box]) -> Tuple[int, 
     return tuple(chunks)
 
 
-def plan_arrays(shards_by_key: ShardsByKey, config: StrategyConfig) -> Dict[str, ArrayPlan]:
-    """The array of every tensor key in the global plan (the same result on every rank)."""
+def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int) -> Dict[str, ArrayPlan]:
+    """The arrays `rank` writes to: those of its main shards and those whose document it writes
+    (the same result on every rank that plans a key). Every tensor key is checked.
+
+    A key whose main boxes are equal and aligned to their shape (any regular grid) is chunked by
+    that shape without looking at its boxes one by one; other keys get `chunk_grid`."""
+    tensor_keys = np.flatnonzero(plan.key_kind == TENSOR)
+    for key in tensor_keys.tolist():
+        check_key(plan.keys[key])
+    pairs = plan.main_pairs
+    rows, ranks = plan.pair_row[pairs], plan.pair_rank[pairs]
+    keys = plan.row_key[rows]
+    tensor = plan.key_kind[keys] == TENSOR
+    rows, ranks, keys = rows[tensor], ranks[tensor], keys[tensor]
+    writer = _lowest_rank(plan, keys, ranks)
+    if (writer[tensor_keys] < 0).any():  # keys without a main replica: their first holder
+        writer = np.where(writer < 0, _lowest_rank(plan, plan.row_key[plan.pair_row], plan.pair_rank), writer)
+    wanted = np.zeros(len(plan.keys), dtype=bool)
+    wanted[keys[ranks == rank]] = True
+    wanted[tensor_keys[writer[tensor_keys] == rank]] = True
+    mine = np.flatnonzero(wanted[keys])
+    order = mine[np.argsort(keys[mine], kind="stable")]
+    sorted_keys = keys[order]
+    documents = {}  # equal arrays share one document
     plans = {}
-    for key, ranked in shards_by_key.items():
-        tensors = [(rank, sh) for rank, sh in ranked if isinstance(sh, ShardedTensor)]
-        if not tensors:
-            continue
-        check_key(key)
-        main = [(rank, sh) for rank, sh in tensors if is_main_replica(sh.replica_id)]
-        first = tensors[0][1]
-        boxes = list({sh.global_box() for _, sh in main})  # flat pieces of a shard share its box
-        chunks = chunk_grid(first.global_shape, boxes)
-        _warn_if_many_chunks(key, first.global_shape, chunks, len(boxes))
-        flat = [sh for _, sh in main if sh.flattened_range is not None]
-        if flat and flat[0].local_shape:
-            chunks = _split_rows(chunks, flat[0].prepend_axis_num, first.dtype.itemsize)
-        document = array_document(first.global_shape, chunks, name_of_torch(first.dtype, key), config)
-        writer = min(rank for rank, _ in (main or tensors))
-        plans[key] = ArrayPlan(document, writer)
+    for key in np.flatnonzero(wanted).tolist():
+        name, shape = plan.keys[key], plan.global_shape(key)
+        ndim = len(shape)
+        boxed = order[np.searchsorted(sorted_keys, key) : np.searchsorted(sorted_keys, key, "right")]
+        offset, extent = plan.offset[rows[boxed], :ndim], plan.extent[rows[boxed], :ndim]
+        if len(boxed) and (extent == extent[0]).all() and (extent[0] > 0).all() and not (offset % extent[0]).any():
+            chunks = tuple(e if e < g else max(g, 1) for e, g in zip(extent[0].tolist(), shape))
+        else:
+            boxes = sorted({(tuple(o), tuple(e)) for o, e in zip(offset.tolist(), extent.tolist())})
+            chunks = chunk_grid(shape, boxes)
+            _warn_if_many_chunks(name, shape, chunks, len(boxes))
+        flat = rows[boxed][(plan.flags[rows[boxed]] & FLAT) != 0]
+        if len(flat) and ndim > plan.prepend[flat[0]]:  # flat pieces of a shard with axes
+            chunks = _split_rows(chunks, int(plan.prepend[flat[0]]), torch_dtype(plan.dtype_name(key)).itemsize)
+        spec = (shape, chunks, plan.dtype_name(key))
+        if spec not in documents:
+            documents[spec] = array_document(*spec, config)
+        plans[name] = ArrayPlan(documents[spec], int(writer[key]))
     return plans
+
+
+def _lowest_rank(plan: GlobalPlan, keys: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Per key id, the lowest of `ranks` paired with it in `keys`; -1 where none."""
+    lowest = np.full(len(plan.keys), np.iinfo(np.int64).max)
+    np.minimum.at(lowest, keys, ranks)
+    return np.where(lowest == np.iinfo(np.int64).max, -1, lowest)
 
 
 FLAT_CHUNK_BYTES = 16 * 2**20
@@ -113,28 +146,33 @@ class FlatChunk:
 FlatShardId = Tuple[str, Tuple[int, ...]]  # (key, global offset of the shard)
 
 
-def plan_flat_chunks(shards_by_key: ShardsByKey, arrays: Dict[str, ArrayPlan]) -> Dict[FlatShardId, List[FlatChunk]]:
-    """Who writes each chunk of each flattened shard (the same result on every rank).
+def plan_flat_chunks(plan: GlobalPlan, arrays: Dict[str, ArrayPlan], rank: int) -> Dict[FlatShardId, List[FlatChunk]]:
+    """Who writes each chunk of each flattened shard that `rank` holds a piece of (the same
+    result on every rank that holds one).
 
     Each DP rank writes the chunks it holds most of; only chunks cut by a flat range boundary
     need pieces from other ranks.
     """
-    pieces = defaultdict(list)
-    for key, ranked in shards_by_key.items():
-        for rank, sh in ranked:
-            if isinstance(sh, ShardedTensor) and sh.flattened_range is not None and is_main_replica(sh.replica_id):
-                pieces[(key, sh.global_offset)].append((rank, sh))
+    pairs = plan.main_pairs
+    rows, ranks = plan.pair_row[pairs], plan.pair_rank[pairs]
+    flat = ((plan.flags[rows] & FLAT) != 0) & (plan.key_kind[plan.row_key[rows]] == TENSOR)
+    rows, ranks = rows[flat], ranks[flat]
+    shard = np.column_stack([plan.row_key[rows], plan.offset[rows]])
+    mine = np.unique(shard[ranks == rank], axis=0)
     plans = {}
-    for (key, offset), held in pieces.items():
+    for wanted in mine:
+        members = np.flatnonzero((shard == wanted).all(axis=1))
+        held = sorted(((int(ranks[m]), plan.shard(rows[m])) for m in members.tolist()), key=lambda pair: pair[0])
+        key, offset = held[0][1].key, held[0][1].global_offset
         validate_flat_tiling(key, offset, held)  # also when the save skips validation
         template = held[0][1]
-        ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in held)
-        rows = template.local_shape[0] if template.local_shape else 1
+        ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, holder) for holder, sh in held)
+        n_rows = template.local_shape[0] if template.local_shape else 1
         row = math.prod(template.local_shape[1:])
         step = arrays[key].chunks[template.prepend_axis_num] if template.local_shape else 1
         chunks = []
-        for first in range(0, rows, step):
-            last = min(first + step, rows)
+        for first in range(0, n_rows, step):
+            last = min(first + step, n_rows)
             lo, hi = first * row, last * row
             parts = tuple((max(a, lo), min(b, hi), r) for a, b, r in ranges if max(a, lo) < min(b, hi))
             if not parts:
@@ -150,8 +188,9 @@ def plan_flat_chunks(shards_by_key: ShardsByKey, arrays: Dict[str, ArrayPlan]) -
 
 def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatChunk]]) -> list:
     """The shards this rank writes: its flattened pieces replaced by the chunks it writes,
-    assembled from the pieces of all ranks (collective: every rank calls it with the same
-    `plans`)."""
+    assembled from the pieces of all ranks (collective: every rank calls it with its
+    `plan_flat_chunks`; two ranks see the shards they both hold in the same order, so the
+    transfers between them are numbered alike)."""
     rank = get_rank()
     mine, kept = defaultdict(list), []
     for sh in nested_values(sharded_state_dict):
@@ -160,7 +199,7 @@ def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatC
         elif is_main_replica(sh.replica_id) and sh.flattened_range.stop > sh.flattened_range.start:
             mine[(sh.key, sh.global_offset)].append(sh)
     sends, receives = [], []
-    tag = 0
+    tags = defaultdict(int)  # (sender, receiver) -> transfers so far
     for shard_id, chunks in sorted(plans.items()):
         local = mine.pop(shard_id, [])
 
@@ -171,20 +210,20 @@ def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatC
         for chunk in chunks:
             base = chunk.parts[0][0]
             if chunk.parts == ((base, chunk.parts[-1][1], rank),):  # all mine: no copy
-                tag += 1  # every rank counts every part, so tags match
                 kept.append(_chunk_shard(local[0], chunk.rows, my_values(base, chunk.parts[-1][1])))
                 continue
             if chunk.writer == rank:
                 # on the shards' device, so that NCCL receives into it directly
                 values = torch.empty(chunk.parts[-1][1] - base, dtype=local[0].dtype, device=local[0].data.device)
             for start, stop, holder in chunk.parts:
-                tag += 1
                 if chunk.writer == rank and holder == rank:
                     values[start - base : stop - base].copy_(my_values(start, stop))
-                elif chunk.writer == rank:
-                    receives.append((values[start - base : stop - base], holder, tag))
+                    continue
+                tags[(holder, chunk.writer)] += 1
+                if chunk.writer == rank:
+                    receives.append((values[start - base : stop - base], holder, tags[(holder, chunk.writer)]))
                 elif holder == rank:
-                    sends.append((my_values(start, stop), chunk.writer, tag))
+                    sends.append((my_values(start, stop), chunk.writer, tags[(holder, chunk.writer)]))
             if chunk.writer == rank:
                 kept.append(_chunk_shard(local[0], chunk.rows, values))
     send_and_receive(sends, receives)
