@@ -273,8 +273,13 @@ class GlobalPlan:
         return cls.assemble(list(index), rank_structure, [p.main for p in local_plans])
 
     def with_main(self, main: np.ndarray) -> "GlobalPlan":
-        """The same plan with other main replicas (one bool per pair)."""
-        return replace(self, main=np.asarray(main, dtype=bool))
+        """The same plan with other main replicas (one bool per pair); what it derived from
+        the rest is not derived again."""
+        other = replace(self, main=np.asarray(main, dtype=bool))
+        for name in ("row_key", "key_entry", "key_kind", "key_shape", "row_numel", "pair_rank", "pair_row"):
+            if name in self.__dict__:
+                other.__dict__[name] = self.__dict__[name]
+        return other
 
     @property
     def world_size(self) -> int:
@@ -316,13 +321,15 @@ class GlobalPlan:
     @functools.cached_property
     def pair_rank(self) -> np.ndarray:
         counts = self.rank_rows[:, 1] - self.rank_rows[:, 0]
-        return np.repeat(np.arange(self.world_size, dtype=np.int64), counts)
+        return np.repeat(np.arange(self.world_size, dtype=np.int32), counts)
 
     @functools.cached_property
     def pair_row(self) -> np.ndarray:
         counts = self.rank_rows[:, 1] - self.rank_rows[:, 0]
         pair_starts = np.cumsum(counts) - counts
-        return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(self.rank_rows[:, 0] - pair_starts, counts)
+        shift = np.repeat((self.rank_rows[:, 0] - pair_starts).astype(np.int32), counts)
+        shift += np.arange(int(counts.sum()), dtype=np.int32)
+        return shift
 
     @functools.cached_property
     def main_pairs(self) -> np.ndarray:

@@ -8,9 +8,10 @@
 The write runs in a writer process per rank (spawned, not forked: a fork would inherit the
 engines' I/O threads in an undefined state; not a thread: the GIL would stall training). It
 receives the staged data as shared memory (write_job.py). Finalizing is collective: once every
-rank's writer is done, every rank's outcome travels in one exchange, so a failed or dead writer
-on any rank raises the same `CheckpointingException` everywhere, and only then do the finalize
-functions run (the save's commit, which writes `metadata.json`, is the first).
+rank's writer is done, every rank's success or error travels in one exchange, so a failed or
+dead writer on any rank raises the same `CheckpointingException` everywhere; then the results
+are gathered to rank 0 (which commits; no other rank needs them), and only then do the
+finalize functions run (the save's commit, which writes `metadata.json`, is the first).
 """
 
 import ctypes
@@ -25,7 +26,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch.multiprocessing as mp
 
-from ..collectives import describe_error, exchange
+from ..collectives import describe_error, exchange, gather
 from ..core import CheckpointingException
 
 _POLL_S = 0.05
@@ -38,8 +39,8 @@ class AsyncRequest:
         async_fn: runs in the writer process (None: nothing to run)
         async_fn_args, async_fn_kwargs: its arguments (pickled to the writer)
         finalize_fns: called with no arguments, in order, on every rank, after `async_fn`
-            finished on every rank; they can read `results`, every rank's return value of
-            `async_fn` (in rank order)
+            finished on every rank; they can read `results`: on rank 0 every rank's return
+            value of `async_fn` (in rank order), elsewhere None
         what: what the call does, for error messages (e.g. "async save to DIR")
         consequence: what a failure means, appended to its error (e.g. "nothing was committed")
 
@@ -90,18 +91,19 @@ class AsyncRequest:
         self.finalize(outcome)
 
     def finalize(self, outcome: Tuple[bool, Any]) -> None:
-        """Collective: exchanges every rank's (ok, result or error), raises everywhere if any
-        rank failed, else records `results` and calls the finalize functions."""
+        """Collective: exchanges every rank's success or error and raises everywhere if any
+        rank failed; else gathers the results to rank 0 (`results`) and calls the finalize
+        functions."""
+        ok, value = outcome
 
-        def result():
-            ok, value = outcome
+        def succeeded():
             if not ok:
                 raise CheckpointingException(value)
-            return value
 
         what = f"async call {self.call_idx}" + (f" ({self.what})" if self.what else "")
         try:
-            self.results = exchange(result, what, consequence=self.consequence)
+            exchange(succeeded, what, consequence=self.consequence)
+            self.results = gather(lambda: value, what, consequence=self.consequence)()
             for fn in self.finalize_fns:
                 fn()
         except BaseException as e:

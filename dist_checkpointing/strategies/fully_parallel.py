@@ -27,7 +27,7 @@ from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..mapping import ShardedTensor, is_main_replica
 from ..dtypes import DTYPE_NAMES, torch_dtype
-from ..global_plan import TENSOR, GlobalPlan, sorted_groups
+from ..global_plan import TENSOR, GlobalPlan, PlanCache, sorted_groups
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 
 EXCHANGE_ALGOS = ("broadcast", "gather_rounds", "gather_object")
@@ -72,9 +72,10 @@ def save_distribution(plan: GlobalPlan, group_of_rank: Sequence[int]) -> np.ndar
     every shard is written by a rank that holds it.
     """
     groups = np.asarray(group_of_rank, dtype=np.int64)
-    tensor_pair = plan.key_kind[plan.row_key[plan.pair_row]] == TENSOR
+    tensor_row = plan.key_kind[plan.row_key] == TENSOR
+    tensor_pair = tensor_row[plan.pair_row]
     order, first = sorted_groups([plan.row_key, *plan.offset.T, plan.flat[:, 0], plan.flat[:, 1]])
-    row_shard = np.empty(len(order), dtype=np.int64)
+    row_shard = np.empty(len(order), dtype=np.int32)
     row_shard[order] = np.cumsum(first) - 1
     n_shards = int(first.sum())
     itemsize = np.array([torch_dtype(name).itemsize for name in DTYPE_NAMES])[plan.entry_dtype[plan.row_entry]]
@@ -84,8 +85,9 @@ def save_distribution(plan: GlobalPlan, group_of_rank: Sequence[int]) -> np.ndar
     main_rank = np.full(n_shards, -1)
     main = plan.main & tensor_pair
     np.maximum.at(main_rank, pair_shard[main], pair_rank[main])  # any main replica's group
-    candidate = tensor_pair & (main_rank[pair_shard] >= 0)
-    candidate &= groups[pair_rank] == groups[np.maximum(main_rank[pair_shard], 0)]
+    writer_group = np.where(main_rank >= 0, groups[np.maximum(main_rank, 0)], -1)  # per shard
+    rank_group = np.repeat(groups, plan.rank_rows[:, 1] - plan.rank_rows[:, 0])  # per pair
+    candidate = tensor_pair & (rank_group == writer_group[pair_shard])
     shards, ranks = pair_shard[candidate], pair_rank[candidate]
     fingerprint = np.zeros((n_shards, 3), dtype=np.uint64)
     fingerprint[:, 0] = np.bincount(shards, minlength=n_shards)
@@ -116,11 +118,12 @@ def save_distribution(plan: GlobalPlan, group_of_rank: Sequence[int]) -> np.ndar
         snake = np.where((position // c) % 2 == 0, position % c, c - 1 - position % c)
         writer[dealt] = by_load[snake]
         np.add.at(load, by_load[snake], size[dealt])
+    writes = writer[pair_shard] == pair_rank
     held = np.zeros(n_shards, dtype=bool)
-    held[shards[writer[shards] == ranks]] = True
+    held[pair_shard[writes & candidate]] = True
     if not held[written].all():  # a fingerprint collision: never expected, never silent
         raise CheckpointingException("The fully parallel distribution assigned a shard to a rank that does not hold it")
-    return np.where(tensor_pair, writer[pair_shard] == pair_rank, plan.main)
+    return np.where(tensor_pair, writes, plan.main)
 
 
 @dataclass(frozen=True)
@@ -193,13 +196,17 @@ class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
         return dict(self.__dict__, parallelization_group=None)
 
 
+_LOAD_DISTRIBUTIONS = PlanCache()  # the last load distribution of each group (its ranks), in this process
+
+
 class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
     """Wraps a load strategy so that a shard requested by several ranks of
     `parallelization_group` (default: all) is read once, by one of them (balanced by bytes),
     and sent to the others.
 
-    `do_cache_distribution` reuses the previous distribution while every rank's requests are
-    unchanged (checked with one small exchange of digests instead of the requests).
+    `do_cache_distribution` reuses the previous distribution of the group while every rank's
+    requests are unchanged (checked with one small exchange of digests instead of the
+    requests); it is kept in this module, not on the wrapper, which holds configuration only.
     """
 
     def __init__(
@@ -216,7 +223,6 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
         self.parallelization_group = parallelization_group
         self.do_cache_distribution = do_cache_distribution
         self.exchange_algo = exchange_algo
-        self.cached_distribution = None  # (digests of every rank's requests, shard -> reader)
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -278,11 +284,13 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
         """shard id -> (reader, every rank that asked for it)."""
         group = self.parallelization_group
         asked = sorted((shard, sh.nbytes) for shard, sh in requests.items())  # same order everywhere
-        digest = hashlib.sha256(repr(asked).encode()).hexdigest()
-        if self.do_cache_distribution and self.cached_distribution is not None:
-            digests = exchange(lambda: digest, "fully parallel load planning", group)
-            if digests == self.cached_distribution[0]:
-                return self.cached_distribution[1]
+        digest = hashlib.sha256(repr(asked).encode()).digest()
+        kind = tuple(ranks)
+        cached = _LOAD_DISTRIBUTIONS.digest(kind) if self.do_cache_distribution else b""
+        if cached:
+            reported = exchange(lambda: (digest, cached), "fully parallel load planning", group)
+            if PlanCache.is_hit(PlanCache.global_digest([d for d, _ in reported]), [c for _, c in reported]):
+                return _LOAD_DISTRIBUTIONS.get(kind)
         gathered = exchange(lambda: (digest, asked), "fully parallel load planning", group)
         askers, sizes = defaultdict(list), {}
         for rank, (_, shards) in zip(ranks, gathered):
@@ -292,7 +300,7 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
         readers = distribute_evenly(askers, sizes)
         distribution = {shard: (readers[shard], askers[shard]) for shard in askers}
         if self.do_cache_distribution:
-            self.cached_distribution = ([d for d, _ in gathered], distribution)
+            _LOAD_DISTRIBUTIONS.put(kind, PlanCache.global_digest([d for d, _ in gathered]), distribution)
         return distribution
 
     def _exchange_shards(self, requests, readers, read_here, rank) -> Dict[Tuple, torch.Tensor]:
