@@ -145,43 +145,22 @@ def share_bytes(payload: Optional[bytes], sizes: Sequence[int], what: str, group
     """Every rank's `payload` on every rank (None for a rank whose size is 0). `sizes`: every
     rank's payload size, known to all ranks (from an earlier exchange). With few senders each
     broadcasts its payload, so a rank receives only the payloads' sum; with many, one
-    all-gather (each padded to the largest, as `all_gather_object` does). Both sides must
-    have passed every check before (no failure can travel here)."""
+    all-gather (each padded to the largest). Both sides must have passed every check before
+    (no failure can travel here)."""
     if not is_distributed():
         return [payload]
     senders = [rank for rank, size in enumerate(sizes) if size]
-    ranks = group_ranks(group)
-    device = _bytes_device(group)
     received: List[Optional[bytes]] = [None] * len(sizes)
-    me = get_rank(group)
     with peers_lost_raise(what):
         if 4 * len(senders) <= len(sizes):
+            ranks = group_ranks(group)
             for rank in senders:
-                buffer = _as_tensor(payload, device) if rank == me else torch.empty(sizes[rank], dtype=torch.uint8, device=device)
-                dist.broadcast(buffer, src=ranks[rank], group=group)
-                received[rank] = payload if rank == me else buffer.cpu().numpy().tobytes()
+                box = [payload if rank == get_rank(group) else None]
+                dist.broadcast_object_list(box, src=ranks[rank], group=group)
+                received[rank] = box[0]
         elif senders:
-            largest = max(sizes)
-            mine = torch.zeros(largest, dtype=torch.uint8, device=device)
-            if payload:
-                mine[: len(payload)] = _as_tensor(payload, device)
-            gathered = [torch.empty(largest, dtype=torch.uint8, device=device) for _ in sizes]
-            dist.all_gather(gathered, mine, group=group)
-            for rank in senders:
-                received[rank] = gathered[rank][: sizes[rank]].cpu().numpy().tobytes()
+            dist.all_gather_object(received, payload, group=group)
     return received
-
-
-def _as_tensor(payload: bytes, device: torch.device) -> torch.Tensor:
-    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
-
-
-def _bytes_device(group=None) -> torch.device:
-    """Where bytes travel: CPU, except on an NCCL-only group, which moves CUDA tensors only
-    (as `all_gather_object` does, the current CUDA device)."""
-    if str(dist.get_backend(group)) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def wire_device(tensor: torch.Tensor, group=None) -> torch.device:

@@ -14,6 +14,7 @@ One process, no torch.distributed.
 
 from typing import Callable, Optional
 
+from .global_plan import GlobalPlan
 from .mapping import ShardedObject, ShardedTensor
 from .serialization import (
     commit_save,
@@ -25,7 +26,6 @@ from .single_file import write_safetensors, write_torch_file
 from .strategies import save_strategy_from_config
 from .strategies.base import StrategyAction, get_default_strategy
 from .strategies.config import ENGINES, ZARR_ENGINES, StrategyConfig
-from .global_plan import GlobalPlan
 from .write_job import WriteJob
 
 FORMATS = ENGINES + ("torch", "safetensors")

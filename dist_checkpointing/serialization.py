@@ -16,8 +16,8 @@ runs in a background writer process and step 3 when the request is finalized
 import functools
 import logging
 import os
-import time
 import pickle
+import time
 from typing import Callable, Hashable, Optional, Sequence, Set, Tuple, Union
 
 from .collectives import exchange, gather, get_rank, on_every_rank

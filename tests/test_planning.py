@@ -229,3 +229,25 @@ def test_plans_are_cached_until_any_rank_changes_and_overlapping_saves_keep_thei
     from multirank import run_ranks
 
     assert run_ranks(cached_plans_and_overlapping_saves, 2, str(tmp_path)) == [6, 6]
+
+
+def shared_structures(rank, world, root):
+    import dist_checkpointing as dc
+    from dist_checkpointing.collectives import share_bytes
+
+    # one sender of 4 ranks: broadcast; three: one all-gather
+    payloads = [b"abc", b"", b"", b""]
+    assert share_bytes(payloads[rank] or None, [len(p) for p in payloads], "test") == [b"abc", None, None, None]
+    payloads = [b"abc", b"de", b"", b"fghij"]
+    expected = [p or None for p in payloads]
+    assert share_bytes(payloads[rank] or None, [len(p) for p in payloads], "test") == expected
+    # four data-parallel replicas: one distinct structure, sent by rank 0 alone
+    state = {"w": ShardedTensor.from_rank_offsets("w", torch.arange(6.0), replica_id=rank)}
+    dc.save(state, f"{root}/replicas")
+    return torch.equal(dc.load_plain_tensors(f"{root}/replicas")["w"], torch.arange(6.0))
+
+
+def test_structures_travel_once_by_broadcast_or_all_gather(tmp_path):
+    from multirank import run_ranks
+
+    assert all(run_ranks(shared_structures, 4, str(tmp_path)))

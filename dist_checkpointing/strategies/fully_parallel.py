@@ -25,9 +25,9 @@ import torch
 from ..collectives import exchange, get_rank, group_ranks, on_every_rank, send_and_receive
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..mapping import ShardedTensor, is_main_replica
 from ..dtypes import DTYPE_NAMES, torch_dtype
 from ..global_plan import TENSOR, GlobalPlan, PlanCache, sorted_groups
+from ..mapping import ShardedTensor, is_main_replica
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
 
 EXCHANGE_ALGOS = ("broadcast", "gather_rounds", "gather_object")

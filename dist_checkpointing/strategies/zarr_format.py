@@ -18,11 +18,11 @@ from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_numpy, name_of_torch, to_numpy, torch_dtype
 from ..fs import DurableDir, balance, fsync_dirs
+from ..global_plan import GlobalPlan
 from ..integrity import crc32c
 from ..layout import LinkFreeTree, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
-from ..global_plan import GlobalPlan
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, SaveShardedStrategy
 from .config import ZARR_ENGINES, StrategyConfig

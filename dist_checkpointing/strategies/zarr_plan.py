@@ -22,8 +22,8 @@ from ..core import CheckpointingException
 from ..dict_utils import nested_values
 from ..dtypes import torch_dtype
 from ..geometry import Box
-from ..layout import check_key
 from ..global_plan import FLAT, TENSOR, GlobalPlan
+from ..layout import check_key
 from ..mapping import ShardedTensor, is_main_replica
 from ..validation import validate_flat_tiling
 from .base import ShardedSavePlan
