@@ -79,7 +79,7 @@ def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int) -> Dict[str
     keys = plan.row_key[rows]
     tensor = plan.key_kind[keys] == TENSOR
     rows, ranks, keys = rows[tensor], ranks[tensor], keys[tensor]
-    writer = _document_writers(plan, keys, ranks)
+    writer = _lowest_rank(plan, keys, ranks)
     if (writer[tensor_keys] < 0).any():  # keys without a main replica: their first holder
         writer = np.where(writer < 0, _lowest_rank(plan, plan.row_key[plan.pair_row], plan.pair_rank), writer)
     wanted = np.zeros(len(plan.keys), dtype=bool)
@@ -109,34 +109,6 @@ def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int) -> Dict[str
             documents[spec] = array_document(*spec, config)
         plans[name] = ArrayPlan(documents[spec], int(writer[key]))
     return plans
-
-
-def _document_writers(plan: GlobalPlan, keys: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """Per key id, which of the ranks holding its main replicas (`keys`, `ranks`: the main
-    pairs) writes its array document; -1 for a key without one. A save's time is its slowest
-    rank's, and small files cost per file: a key held by one rank gets it, and each other key,
-    in order, goes to its holder writing the fewest files so far (its chunks, then the
-    documents given to it)."""
-    files = np.bincount(ranks, minlength=plan.world_size)
-    order = np.lexsort((ranks, keys))
-    keys, ranks = keys[order], ranks[order]
-    distinct = np.ones(len(keys), dtype=bool)
-    distinct[1:] = (keys[1:] != keys[:-1]) | (ranks[1:] != ranks[:-1])
-    keys, ranks = keys[distinct], ranks[distinct]
-    starts = np.flatnonzero(np.diff(keys, prepend=-1))
-    holders = np.diff(np.append(starts, len(keys)))
-    writer = np.full(len(plan.keys), -1)
-    alone = starts[holders == 1]
-    writer[keys[alone]] = ranks[alone]
-    files = (files + np.bincount(ranks[alone], minlength=plan.world_size)).tolist()
-    shared = starts[holders > 1]
-    all_ranks, chosen = ranks.tolist(), []
-    for start, count in zip(shared.tolist(), holders[holders > 1].tolist()):
-        rank = min(all_ranks[start : start + count], key=files.__getitem__)  # ascending: the lowest on ties
-        chosen.append(rank)
-        files[rank] += 1
-    writer[keys[shared]] = chosen
-    return writer
 
 
 def _lowest_rank(plan: GlobalPlan, keys: np.ndarray, ranks: np.ndarray) -> np.ndarray:
