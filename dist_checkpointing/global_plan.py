@@ -327,9 +327,9 @@ class GlobalPlan:
     def pair_row(self) -> np.ndarray:
         counts = self.rank_rows[:, 1] - self.rank_rows[:, 0]
         pair_starts = np.cumsum(counts) - counts
-        shift = np.repeat((self.rank_rows[:, 0] - pair_starts).astype(np.int32), counts)
-        shift += np.arange(int(counts.sum()), dtype=np.int32)
-        return shift
+        rows = np.repeat((self.rank_rows[:, 0] - pair_starts).astype(np.int32), counts)
+        rows += np.arange(int(counts.sum()), dtype=np.int32)
+        return rows
 
     @functools.cached_property
     def main_pairs(self) -> np.ndarray:
@@ -345,22 +345,21 @@ class GlobalPlan:
         return self.main[start : start + int(counts[rank])]
 
     # back to objects, for the few places that need them (irregular keys, messages)
-    def shard(self, row: int, main: bool = True) -> ShardedBase:
-        """The data-less ShardedTensor or ShardedObject of `row` (replica id 0 if `main`)."""
+    def shard(self, row: int) -> ShardedBase:
+        """The data-less ShardedTensor or ShardedObject of `row`, as a main replica."""
         entry = self.row_entry[row]
         key, ndim = self.keys[self.entry_key[entry]], int(self.entry_ndim[entry])
         shape = tuple(self.entry_shape[entry, :ndim].tolist())
         offset = tuple(self.offset[row, :ndim].tolist())
-        replica = 0 if main else 1
         if self.entry_kind[entry] == OBJECT:
-            return ShardedObject(key, None, shape, offset, replica)
+            return ShardedObject(key, None, shape, offset)
         flags, prepend = int(self.flags[row]), int(self.prepend[row])
         local_shape = tuple(self.extent[row, prepend:ndim].tolist())
         grid = tuple(self.grid[row, :ndim].tolist()) if flags & GRID else None
         flat = slice(*self.flat[row].tolist()) if flags & FLAT else None
         return ShardedTensor(
             key, None, torch_dtype(DTYPE_NAMES[self.entry_dtype[entry]]), local_shape, shape, offset, grid,
-            replica, prepend, bool(flags & SHAPE_MISMATCH), flat,
+            0, prepend, bool(flags & SHAPE_MISMATCH), flat,
         )
 
     @functools.cached_property
