@@ -54,11 +54,14 @@ def exchange(local_fn: Callable[[], Any], what: str, group=None, consequence: st
         return [payload]
     gathered: List[Any] = [None] * get_world_size(group)
     with peers_lost_raise(what, consequence):
-        dist.all_gather_object(gathered, (payload, describe_error(error)), group=group)
-    failures = [(rank, msg) for rank, (_, msg) in enumerate(gathered) if msg is not None]
+        dist.all_gather_object(gathered, (payload, describe_error(error), isinstance(error, _GatheredFailure)), group=group)
+    failures = [(rank, msg) for rank, (_, msg, _) in enumerate(gathered) if msg is not None]
+    relayed = [msg for _, msg, gathered_failure in gathered if gathered_failure]
+    if relayed:  # the failure of an earlier `gather`, already summarized where it arrived
+        raise CheckpointingException(relayed[0]) from error
     if failures:
         raise CheckpointingException(_with(_summarize(what, failures), consequence)) from error
-    return [p for p, _ in gathered]
+    return [p for p, _, _ in gathered]
 
 
 def gather(local_fn: Callable[[], Any], what: str, dst: int = 0, group=None, consequence: str = "") -> Callable[[], Optional[List[Any]]]:
@@ -83,10 +86,15 @@ def gather(local_fn: Callable[[], Any], what: str, dst: int = 0, group=None, con
             return None
         failures = [(r, msg) for r, (_, msg) in enumerate(gathered) if msg is not None]
         if failures:
-            raise CheckpointingException(_with(_summarize(what, failures), consequence)) from error
+            raise _GatheredFailure(_with(_summarize(what, failures), consequence)) from error
         return [p for p, _ in gathered]
 
     return results
+
+
+class _GatheredFailure(CheckpointingException):
+    """A failure `gather` delivered to one rank; the next `exchange` relays it to every rank
+    as it is (it already names the failing ranks)."""
 
 
 def _reraise(error: BaseException):
