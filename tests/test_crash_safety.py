@@ -56,27 +56,29 @@ def test_rank_killed_mid_save(tmp_path, capsys, engine):
     assert main(["verify", interrupted]) == 0
 
 
-def save_over_file_size_limit(rank, world_size, ckpt, engine):
+def saves_over_file_size_limit(rank, world_size, root, engines):
+    """Per engine: a save that succeeds, then one that hits the file size limit on rank 1."""
+    messages = {}
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if rank == 1:
-        # torch_dist: past the first write of a file, where torch.save used to lose the cause
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2000 if engine == "torch_dist" else 256, hard))
-    try:
-        with pytest.raises(CheckpointingException, match=r"rank\(s\) 1.*File too large.*Nothing was committed") as error:
-            dc.save(sharded_state_dict(rank, 2), ckpt, engine)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    return str(error.value)
+    for engine in engines:
+        dc.save(sharded_state_dict(rank, 2), f"{root}/{engine}-previous", engine)
+        if rank == 1:
+            # torch_dist: past the first write of a file, where torch.save used to lose the cause
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2000 if engine == "torch_dist" else 256, hard))
+        try:
+            with pytest.raises(CheckpointingException, match=r"rank\(s\) 1.*File too large.*Nothing was committed") as error:
+                dc.save(sharded_state_dict(rank, 2), f"{root}/{engine}-too-large", engine)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        messages[engine] = str(error.value)
+    return messages
 
 
-@pytest.mark.parametrize("engine", ["zarr", "tensorstore", "torch_dist"])
-def test_file_size_limit_during_sync_save(tmp_path, engine):
-    previous, ckpt = str(tmp_path / "previous"), str(tmp_path / "too-large")
-    run_ranks(save, 2, previous, engine)
-    messages = run_ranks(save_over_file_size_limit, 2, ckpt, engine)
-    assert messages[0] == messages[1]  # the same error on every rank
-    assert engine != "torch_dist" or ".distcp" in messages[0]  # it names the file
-    assert not os.path.exists(os.path.join(ckpt, "metadata.json"))
-    assert load_tp1(previous) > 10
-    run_ranks(save, 2, ckpt, engine)
-    assert load_tp1(ckpt) > 10
+def test_file_size_limit_during_sync_save(tmp_path):
+    engines = ["zarr", "tensorstore", "torch_dist"]
+    messages = run_ranks(saves_over_file_size_limit, 2, str(tmp_path), engines)
+    for engine in engines:
+        assert messages[0][engine] == messages[1][engine]  # the same error on every rank
+        assert engine != "torch_dist" or ".distcp" in messages[0][engine]  # it names the file
+        assert not os.path.exists(tmp_path / f"{engine}-too-large" / "metadata.json")
+        assert load_tp1(str(tmp_path / f"{engine}-previous")) > 10
