@@ -276,7 +276,7 @@ class GlobalPlan:
         """The same plan with other main replicas (one bool per pair); what it derived from
         the rest is not derived again."""
         other = replace(self, main=np.asarray(main, dtype=bool))
-        for name in ("row_key", "key_entry", "key_kind", "key_shape", "row_numel", "pair_rank", "pair_row"):
+        for name in ("row_key", "key_entry", "key_kind", "key_shape", "row_nbytes", "pair_rank", "pair_row"):
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]
         return other
@@ -312,10 +312,12 @@ class GlobalPlan:
         return DTYPE_NAMES[self.entry_dtype[self.key_entry[key_id]]]
 
     @functools.cached_property
-    def row_numel(self) -> np.ndarray:
-        """Elements of each row's data: its box, or its flat range."""
+    def row_nbytes(self) -> np.ndarray:
+        """Bytes of each tensor row's data: its box, or its flat range."""
         flat = (self.flags & FLAT) != 0
-        return np.where(flat, self.flat[:, 1] - self.flat[:, 0], np.prod(self.extent, axis=1))
+        numel = np.where(flat, self.flat[:, 1] - self.flat[:, 0], np.prod(self.extent, axis=1))
+        itemsize = np.array([torch_dtype(name).itemsize for name in DTYPE_NAMES])
+        return numel * itemsize[self.entry_dtype[self.row_entry]]
 
     # pairs
     @functools.cached_property
@@ -334,6 +336,24 @@ class GlobalPlan:
     @functools.cached_property
     def main_pairs(self) -> np.ndarray:
         return np.flatnonzero(self.main)
+
+    @functools.cached_property
+    def main_rows(self) -> np.ndarray:
+        """The rows that are a main replica on some rank, ascending (a shard that is main on
+        two ranks counts once)."""
+        return np.unique(self.pair_row[self.main_pairs])
+
+    def main_shards(self, kind: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, ranks, key ids) of the main replicas of `kind` (TENSOR or OBJECT), in pair
+        order: the one view of who writes what that validation and the engines read."""
+        return self._main_shards[kind]
+
+    @functools.cached_property
+    def _main_shards(self) -> Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        rows, ranks = self.pair_row[self.main_pairs], self.pair_rank[self.main_pairs]
+        keys = self.row_key[rows]
+        tensor = self.key_kind[keys] == TENSOR
+        return {TENSOR: (rows[tensor], ranks[tensor], keys[tensor]), OBJECT: (rows[~tensor], ranks[~tensor], keys[~tensor])}
 
     def rows_of_rank(self, rank: int) -> np.ndarray:
         return np.arange(*self.rank_rows[rank])
@@ -366,7 +386,7 @@ class GlobalPlan:
     def contents(self) -> Tuple[Dict[str, Tuple[Tuple[int, ...], str]], List[str]]:
         """What a checkpoint of this plan holds: {tensor key: (global shape, dtype name)} and
         the ShardedObjects' unique keys, of every key with a main replica."""
-        rows = np.unique(self.pair_row[self.main_pairs])
+        rows = self.main_rows
         keys = np.unique(self.row_key[rows])
         tensors = {
             self.keys[k]: (self.global_shape(k), self.dtype_name(k)) for k in keys.tolist() if self.key_kind[k] == TENSOR

@@ -118,15 +118,12 @@ def validate_plan(plan: GlobalPlan) -> None:
     rank.
     """
     _check_agreement(plan)
-    pairs = plan.main_pairs
-    rows, ranks = plan.pair_row[pairs], plan.pair_rank[pairs]
-    keys = plan.row_key[rows]
-    tensor = plan.key_kind[keys] == TENSOR
-    _check_bounds(plan, rows[tensor], ranks[tensor], keys[tensor])
-    flat = tensor & ((plan.flags[rows] & FLAT) != 0)
+    rows, ranks, keys = plan.main_shards(TENSOR)
+    _check_bounds(plan, rows, ranks, keys)
+    flat = (plan.flags[rows] & FLAT) != 0
     _check_flat_tiling(plan, rows[flat], ranks[flat], keys[flat])
-    _check_coverage(plan, rows[tensor], ranks[tensor], keys[tensor])
-    _check_objects(plan, rows[~tensor], ranks[~tensor], keys[~tensor])
+    _check_coverage(plan, rows, ranks, keys)
+    _check_objects(plan, *plan.main_shards(OBJECT))
 
 
 def _check_agreement(plan: GlobalPlan) -> None:

@@ -25,7 +25,6 @@ import torch
 from ..collectives import exchange, get_rank, group_ranks, on_every_rank, send_and_receive
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..dtypes import DTYPE_NAMES, torch_dtype
 from ..global_plan import TENSOR, GlobalPlan, PlanCache, sorted_groups
 from ..mapping import ShardedTensor, is_main_replica
 from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
@@ -78,9 +77,8 @@ def save_distribution(plan: GlobalPlan, group_of_rank: Sequence[int]) -> np.ndar
     row_shard = np.empty(len(order), dtype=np.int32)
     row_shard[order] = np.cumsum(first) - 1
     n_shards = int(first.sum())
-    itemsize = np.array([torch_dtype(name).itemsize for name in DTYPE_NAMES])[plan.entry_dtype[plan.row_entry]]
     size = np.zeros(n_shards, dtype=np.int64)
-    size[row_shard] = plan.row_numel * itemsize
+    size[row_shard] = plan.row_nbytes
     pair_shard, pair_rank = row_shard[plan.pair_row], plan.pair_rank
     main_rank = np.full(n_shards, -1)
     main = plan.main & tensor_pair

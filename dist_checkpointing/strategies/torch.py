@@ -106,25 +106,24 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
         """The keys stored in Megatron-Core's n-d formulation (those with flattened shards),
         and on rank 0, which writes `.metadata`, DCP's per-key entries from the main replicas."""
         plan = global_plan
-        pairs = plan.main_pairs
-        rows = np.unique(plan.pair_row[pairs])  # a shard that is main on two ranks is one chunk
+        rows = plan.main_rows  # a shard that is main on two ranks is one chunk
         keys = plan.row_key[rows]
-        reformulated = {}
+        order = np.argsort(keys, kind="stable")
+        rows, keys = rows[order], keys[order]
+        bounds = np.searchsorted(keys, np.arange(len(plan.keys) + 1))  # key k: rows[bounds[k]:bounds[k + 1]]
+        reformulated, flat_keys = {}, {}  # flat_keys: name -> (main shards, n-d shape)
         for key in np.unique(keys[(plan.flags[rows] & FLAT) != 0]).tolist():
-            main = [plan.shard(row) for row in rows[keys == key].tolist()]
-            reformulated[plan.keys[key]] = {ORIG_SHAPE: plan.global_shape(key)}
-            _reformulated_size(plan.keys[key], main)
+            name, main = plan.keys[key], [plan.shard(row) for row in rows[bounds[key] : bounds[key + 1]].tolist()]
+            reformulated[name] = {ORIG_SHAPE: plan.global_shape(key)}
+            flat_keys[name] = main, _reformulated_size(name, main)
         state_dict_metadata = {}
         if rank == 0:
-            state_dict_metadata = self._dcp_entries(plan, rows, keys, reformulated)
+            state_dict_metadata = self._dcp_entries(plan, rows, bounds, reformulated, flat_keys)
         return DcpSavePlan(rank, state_dict_metadata, reformulated)
 
     @staticmethod
-    def _dcp_entries(plan: GlobalPlan, rows: np.ndarray, keys: np.ndarray, reformulated) -> Dict[str, object]:
+    def _dcp_entries(plan: GlobalPlan, rows: np.ndarray, bounds: np.ndarray, reformulated, flat_keys) -> Dict[str, object]:
         """DCP's entry of every key: a tensor's chunks (its main shards' boxes), or an object."""
-        order = np.argsort(keys, kind="stable")
-        rows, keys = rows[order], keys[order]
-        bounds = np.searchsorted(keys, np.arange(len(plan.keys) + 1))
         offsets, extents = plan.offset[rows].tolist(), plan.extent[rows].tolist()
         sizes = {}  # equal chunk shapes share one torch.Size
         entries = {}
@@ -139,8 +138,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             shape = plan.global_shape(key)
             ndim = len(shape)
             if name in reformulated:
-                main = [plan.shard(rows[i]) for i in held]
-                shape = _reformulated_size(name, main)
+                main, shape = flat_keys[name]
                 boxes = [_chunk_box(reformulated, sh) for sh in main]
             else:
                 boxes = [(tuple(offsets[i][:ndim]), tuple(extents[i][:ndim])) for i in held]

@@ -22,7 +22,7 @@ from ..core import CheckpointingException
 from ..dict_utils import nested_values
 from ..dtypes import torch_dtype
 from ..geometry import Box
-from ..global_plan import FLAT, TENSOR, GlobalPlan
+from ..global_plan import FLAT, TENSOR, GlobalPlan, sorted_groups
 from ..layout import check_key
 from ..mapping import ShardedTensor, is_main_replica
 from ..validation import validate_flat_tiling
@@ -74,11 +74,7 @@ def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int) -> Dict[str
     tensor_keys = np.flatnonzero(plan.key_kind == TENSOR)
     for key in tensor_keys.tolist():
         check_key(plan.keys[key])
-    pairs = plan.main_pairs
-    rows, ranks = plan.pair_row[pairs], plan.pair_rank[pairs]
-    keys = plan.row_key[rows]
-    tensor = plan.key_kind[keys] == TENSOR
-    rows, ranks, keys = rows[tensor], ranks[tensor], keys[tensor]
+    rows, ranks, keys = plan.main_shards(TENSOR)
     writer = _lowest_rank(plan, keys, ranks)
     if (writer[tensor_keys] < 0).any():  # keys without a main replica: their first holder
         writer = np.where(writer < 0, _lowest_rank(plan, plan.row_key[plan.pair_row], plan.pair_rank), writer)
@@ -153,16 +149,15 @@ def plan_flat_chunks(plan: GlobalPlan, arrays: Dict[str, ArrayPlan], rank: int) 
     Each DP rank writes the chunks it holds most of; only chunks cut by a flat range boundary
     need pieces from other ranks.
     """
-    pairs = plan.main_pairs
-    rows, ranks = plan.pair_row[pairs], plan.pair_rank[pairs]
-    flat = ((plan.flags[rows] & FLAT) != 0) & (plan.key_kind[plan.row_key[rows]] == TENSOR)
-    rows, ranks = rows[flat], ranks[flat]
-    shard = np.column_stack([plan.row_key[rows], plan.offset[rows]])
-    mine = np.unique(shard[ranks == rank], axis=0)
+    rows, ranks, keys = plan.main_shards(TENSOR)
+    flat = (plan.flags[rows] & FLAT) != 0
+    rows, ranks, keys = rows[flat], ranks[flat], keys[flat]
+    order, first = sorted_groups([keys, *plan.offset[rows].T], [ranks])  # one group per shard
+    group = np.cumsum(first) - 1
+    bounds = np.append(np.flatnonzero(first), len(order))
     plans = {}
-    for wanted in mine:
-        members = np.flatnonzero((shard == wanted).all(axis=1))
-        held = sorted(((int(ranks[m]), plan.shard(rows[m])) for m in members.tolist()), key=lambda pair: pair[0])
+    for g in np.unique(group[ranks[order] == rank]).tolist():
+        held = [(int(ranks[m]), plan.shard(rows[m])) for m in order[bounds[g] : bounds[g + 1]].tolist()]
         key, offset = held[0][1].key, held[0][1].global_offset
         validate_flat_tiling(key, offset, held)  # also when the save skips validation
         template = held[0][1]
