@@ -1,7 +1,8 @@
 # Quick start: `make demo` and `make test`. Both create or reuse .venv.
 # torch is pinned and installed first: an unpinned torch pulls the CUDA build (gigabytes).
 # Megatron-Core is installed without its dependencies (they pull CUDA builds), only for the
-# interop tests.
+# interop tests: 0.15.3 into the venv, and beside it, in directories the tests put first on
+# sys.path, 0.16.1 and the zarr-python 2 stack that Megatron-Core 0.15's zarr reader needs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,6 +21,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps megatron-core==0.15.3
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/peers/megatron-core-0.16.1 megatron-core==0.16.1
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/peers/zarr2 zarr==2.18.7 numcodecs==0.15.1 \
+		asciitree==1.0.0 fasteners==0.20 deprecated==1.3.1 wrapt==2.5.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,9 +1,11 @@
 """The checkpoint directory's commit marker, `metadata.json`, and the library's exception.
 
 `metadata.json` is written last, atomically, by rank 0: its presence is what makes a directory a
-complete checkpoint. Besides Megatron-Core's four backend fields it carries our `format_version`
-and an index of the sharded content (see docs/format.md). Checkpoints written by Megatron-Core
-have no `format_version` and no index; they are read as legacy checkpoints.
+complete checkpoint. It holds exactly Megatron-Core's four backend fields, so Megatron-Core's
+own `load` reads our checkpoints; our index of the content (format version, tensors, objects,
+checksums) is `index.json`, written just before it (docs/format.md). Checkpoints of
+format_version 1 kept the index inside `metadata.json`; those written by Megatron-Core have no
+index and are read as legacy checkpoints.
 """
 
 import json
@@ -13,9 +15,9 @@ from typing import Dict, List, Optional
 
 from .errors import CheckpointingException
 from .fs import atomic_write
-from .layout import CONFIG_FNAME, relative_path_problem, split_unique_key
+from .layout import CONFIG_FNAME, INDEX_FNAME, relative_path_problem, split_unique_key
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the index was inside metadata.json
 
 
 @dataclass
@@ -117,25 +119,30 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
 
 
+_CONFIG_FIELDS = ("sharded_backend", "sharded_backend_version", "common_backend", "common_backend_version")
+_INDEX_FIELDS = ("format_version", "tensors", "objects", "checksums")
+
+
 def _parse_metadata(doc, path: str) -> CheckpointMetadata:
+    """`metadata.json`: Megatron-Core's config fields (unknown ones are ignored, as newer
+    Megatron-Core versions do); an index inside it is the layout of format_version 1."""
+    if not isinstance(doc, dict):
+        raise CheckpointingException(f"Malformed {path}: expected a JSON object, got {type(doc).__name__}")
+    config = _parse_config(doc, path)
+    if "format_version" not in doc:
+        if any(name in doc for name in _INDEX_FIELDS):
+            raise CheckpointingException(f"Malformed {path}: an index ('tensors'/'objects'/'checksums') without 'format_version'")
+        index = read_json(os.path.join(os.path.dirname(path), INDEX_FNAME), missing_ok=True)
+        if index is MISSING:
+            return CheckpointMetadata(config)
+        return _parse_index(index, os.path.join(os.path.dirname(path), INDEX_FNAME), config, set(_INDEX_FIELDS))
+    return _parse_index(doc, path, config, set(_INDEX_FIELDS) | set(_CONFIG_FIELDS), in_config=True)
+
+
+def _parse_config(doc: dict, path: str) -> CheckpointingConfig:
     def fail(what: str):
         raise CheckpointingException(f"Malformed {path}: {what}")
 
-    if not isinstance(doc, dict):
-        fail(f"expected a JSON object, got {type(doc).__name__}")
-    known = {
-        "sharded_backend",
-        "sharded_backend_version",
-        "common_backend",
-        "common_backend_version",
-        "format_version",
-        "tensors",
-        "objects",
-        "checksums",
-    }
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        fail(f"unknown fields {unknown}")
     if not isinstance(doc.get("sharded_backend"), str):
         fail("'sharded_backend' must be a string")
     for name in ("sharded_backend_version", "common_backend_version"):
@@ -143,17 +150,26 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
             fail(f"'{name}' must be an integer")
     if not isinstance(doc.get("common_backend", "torch"), str):
         fail("'common_backend' must be a string")
-    config = CheckpointingConfig(
+    return CheckpointingConfig(
         doc["sharded_backend"],
         doc.get("sharded_backend_version", 1),
         doc.get("common_backend", "torch"),
         doc.get("common_backend_version", 1),
     )
+
+
+def _parse_index(doc, path: str, config: CheckpointingConfig, known, in_config: bool = False) -> CheckpointMetadata:
+    """The index (`index.json`, or the fields of a format_version 1 `metadata.json`)."""
+
+    def fail(what: str):
+        raise CheckpointingException(f"Malformed {path}: {what}")
+
+    if not isinstance(doc, dict):
+        fail(f"expected a JSON object, got {type(doc).__name__}")
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        fail(f"unknown fields {unknown}")
     version = doc.get("format_version")
-    if version is None:
-        if "tensors" in doc or "objects" in doc or "checksums" in doc:
-            fail("an index ('tensors'/'objects'/'checksums') without 'format_version'")
-        return CheckpointMetadata(config)
     if not is_int(version) or version < 1:
         fail(f"'format_version' must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
@@ -161,6 +177,8 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
             f"{path} has format_version {version}, newer than this library understands "
             f"({FORMAT_VERSION}). Upgrade dist_checkpointing to read it."
         )
+    if in_config != (version == 1):
+        fail(f"format_version {version} keeps its index in {INDEX_FNAME if version > 1 else CONFIG_FNAME}, not here")
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict):
         fail("'tensors' must be an object mapping keys to {shape, dtype}")
@@ -199,16 +217,33 @@ def _is_range(r) -> bool:
     return isinstance(r, list) and len(r) == 3 and all(is_int(x) and x >= 0 for x in r) and r[2] < 2**32
 
 
-def write_metadata(checkpoint_dir, metadata: CheckpointMetadata) -> None:
+def write_index(checkpoint_dir, metadata: CheckpointMetadata) -> None:
+    """Atomically writes `index.json`: our index of the checkpoint (before the commit marker)."""
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "tensors": {k: asdict(v) for k, v in sorted(metadata.tensors.items())},
+        "objects": sorted(metadata.objects),
+        "checksums": {k: [list(r) for r in v] for k, v in sorted((metadata.checksums or {}).items())},
+    }
+    atomic_write(os.path.join(str(checkpoint_dir), INDEX_FNAME), _readable_json(doc).encode())
+
+
+def config_bytes(config: CheckpointingConfig) -> bytes:
+    """`metadata.json` as written: exactly the fields of Megatron-Core's `CheckpointingConfig`
+    (Megatron-Core 0.15/0.16 build their config from every field of it)."""
+    return _readable_json(asdict(config)).encode()
+
+
+def commit_config(checkpoint_dir, config: CheckpointingConfig) -> None:
     """Commits the checkpoint: atomically writes `metadata.json` (temp file, fsync, rename)."""
-    doc = dict(asdict(metadata.config))
-    if not metadata.is_legacy:
-        doc["format_version"] = metadata.format_version
-        doc["tensors"] = {k: asdict(v) for k, v in sorted(metadata.tensors.items())}
-        doc["objects"] = sorted(metadata.objects)
-        doc["checksums"] = {k: [list(r) for r in v] for k, v in sorted((metadata.checksums or {}).items())}
-    data = _readable_json(doc).encode()
-    atomic_write(os.path.join(str(checkpoint_dir), CONFIG_FNAME), data)
+    atomic_write(os.path.join(str(checkpoint_dir), CONFIG_FNAME), config_bytes(config))
+
+
+def write_metadata(checkpoint_dir, metadata: CheckpointMetadata) -> None:
+    """`index.json`, then the commit marker `metadata.json` (each replaced atomically: a
+    format_version 1 `metadata.json` keeps naming the old index until it is replaced)."""
+    write_index(checkpoint_dir, metadata)
+    commit_config(checkpoint_dir, metadata.config)
 
 
 def _readable_json(doc: dict) -> str:

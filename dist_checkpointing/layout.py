@@ -13,8 +13,10 @@ import os
 from .errors import CheckpointingException
 
 CONFIG_FNAME = "metadata.json"  # the commit marker, written last
+INDEX_FNAME = "index.json"  # our index of the content, written just before metadata.json
+INTEGRITY_FNAME = "integrity.json"  # SHA-256 of every file (Megatron-Core's, optional)
 COMMON_FNAME = "common.pt"
-_RESERVED = {CONFIG_FNAME, COMMON_FNAME, ".metadata"}
+_RESERVED = {CONFIG_FNAME, INDEX_FNAME, INTEGRITY_FNAME, COMMON_FNAME, ".metadata"}
 _MAX_NAME_BYTES = 255
 
 

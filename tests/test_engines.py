@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dist_checkpointing as dc
-from dist_checkpointing import CheckpointingException, ShardedObject, ShardedTensor
+from dist_checkpointing import CheckpointingException, ShardedTensor
 from dist_checkpointing.strategies.config import StrategyConfig
 from layouts import check_loaded, full, sharded_state_dict
 from multirank import run_ranks
@@ -215,40 +215,6 @@ def _save_tp2_torch_dist(rank, world_size, ckpt_dir):
     dc.save(sharded_state_dict(rank, 2), ckpt_dir, sharded_strategy="torch_dist")
 
 
-def megatron_loads_ours(rank, world_size, ckpt_dir):
-    """Megatron-Core's own torch_dist loader reads a checkpoint our library wrote."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from megatron.core.dist_checkpointing import ShardedObject as MObject
-    from megatron.core.dist_checkpointing import ShardedTensor as MTensor
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
-
-    def to_megatron(x):
-        if isinstance(x, ShardedTensor):
-            return MTensor(**{f.name: getattr(x, f.name) for f in dataclasses.fields(MTensor)})
-        if isinstance(x, ShardedObject):
-            return MObject(x.key, None, x.global_shape, x.global_offset, x.replica_id)
-        if isinstance(x, dict):
-            return {k: to_megatron(v) for k, v in x.items() if k != "iteration"}
-        if isinstance(x, list):
-            return [to_megatron(v) for v in x]
-        return x
-
-    request = to_megatron(sharded_state_dict(rank, 2, with_data=False))
-    loaded = TorchDistLoadShardedStrategy().load(request, ckpt_dir)
-    assert loaded["rng"] == {"seed": 1000 + rank}
-    loaded["iteration"] = 7
-    return check_loaded(loaded, rank, 2)
-
-
-def test_megatron_core_loads_our_torch_dist_checkpoint(tmp_path):
-    pytest.importorskip("megatron.core", reason="installed by `make test` (--no-deps)")
-    ckpt = str(tmp_path / "c")
-    run_ranks(_save_tp2_torch_dist, 2, ckpt)
-    assert run_ranks(megatron_loads_ours, 2, ckpt) == [16, 16]
-
-
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("touch /tmp/dist_ckpt_pwned",))
@@ -289,33 +255,6 @@ def test_config_selects_engine_and_records_it(tmp_path):
     with pytest.raises(CheckpointingException, match="Unknown strategy config fields"):
         dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy={"engine": "zarr"})
     assert not os.path.exists(ckpt)
-
-
-def megatron_tensorstore_loads_ours(rank, world_size, ckpt_dir):
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from megatron.core.dist_checkpointing import ShardedTensor as MTensor
-    from megatron.core.dist_checkpointing.strategies.tensorstore import TensorStoreLoadShardedStrategy
-
-    request = {
-        "embedding": MTensor.from_rank_offsets("embedding.weight", torch.empty(64, 16, dtype=torch.bfloat16)),
-        "qkv": [
-            MTensor.from_rank_offsets("layers.qkv.weight", torch.empty(48, 16), (0, i, 2), prepend_axis_num=1)
-            for i in range(2)
-        ],
-    }
-    loaded = TensorStoreLoadShardedStrategy().load(request, ckpt_dir)
-    assert torch.equal(loaded["embedding"], full("embedding.weight", (64, 16), torch.bfloat16))
-    assert torch.equal(torch.stack(loaded["qkv"]), full("layers.qkv.weight", (2, 48, 16), torch.float32))
-    return True
-
-
-def test_megatron_core_zarr_reader_loads_our_zarr_v2_checkpoint(tmp_path):
-    pytest.importorskip("megatron.core", reason="installed by `make test` (--no-deps)")
-    ckpt = str(tmp_path / "c")
-    dc.save(sharded_state_dict(0, 1), ckpt, sharded_strategy={"backend": "zarr", "zarr_format": 2})
-    assert run_ranks(megatron_tensorstore_loads_ours, 1, ckpt) == [True]
 
 
 @pytest.mark.parametrize("name, engine", [

@@ -57,43 +57,87 @@ def test_chunk_is_the_save_time_shard(tmp_path):
     assert stacked["shape"] == [2, 48, 16] and stacked["chunk_grid"]["configuration"]["chunk_shape"] == [1, 48, 16]
 
 
-def test_metadata_json_is_megatron_config_plus_index(ckpt):
+def test_metadata_json_is_megatron_config_and_index_json_ours(ckpt):
     with open(os.path.join(ckpt, "metadata.json")) as f:
         doc = json.load(f)
-    assert doc["sharded_backend"] == "zarr" and doc["common_backend"] == "torch"
-    assert doc["sharded_backend_version"] == doc["common_backend_version"] == 1
-    assert doc["format_version"] == 1
-    assert doc["tensors"]["embedding.weight"] == {"shape": [64, 16], "dtype": "bfloat16"}
-    assert doc["objects"] == ["rng_state/shard_0_1"]
+    # exactly the fields of Megatron-Core's CheckpointingConfig (it builds one from all of them)
+    assert doc == {"sharded_backend": "zarr", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+    with open(os.path.join(ckpt, "index.json")) as f:
+        index = json.load(f)
+    assert index["format_version"] == 2
+    assert index["tensors"]["embedding.weight"] == {"shape": [64, 16], "dtype": "bfloat16"}
+    assert index["objects"] == ["rng_state/shard_0_1"]
+    assert "common.pt" in index["checksums"]
     assert dc.check_is_distributed_checkpoint(ckpt)
 
 
-def corrupt_copy(src, dst, content):
+FIXTURES_DIR = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.mark.parametrize("engine", ["zarr", "torch_dist"])
+def test_format_version_1_checkpoints_still_load(engine, tmp_path):
+    """Written by this library before the index moved out of metadata.json (the fixture)."""
+    import shutil
+
+    path = str(tmp_path / "v1")
+    shutil.copytree(os.path.join(FIXTURES_DIR, f"ours_format1_{engine}"), path)
+    assert json.load(open(os.path.join(path, "metadata.json")))["format_version"] == 1
+    loaded = dc.load(sharded_state_dict(0, 1, with_data=False), path)
+    expected = sharded_state_dict(0, 1)
+    assert torch.equal(loaded["embedding"], expected["embedding"].data)
+    assert loaded["rng"] == expected["rng"].data
+    assert sorted(dc.load_tensors_metadata(path)) == sorted(json.load(open(os.path.join(path, "metadata.json")))["tensors"])
+    # its checksums still count: a changed byte of common.pt is found
+    with open(os.path.join(path, "common.pt"), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(CheckpointingException, match="common.pt are damaged"):
+        dc.load_common_state_dict(path)
+    # removing tensors rewrites it in the current layout
+    dc.remove_sharded_tensors(path, "dtypes.")
+    assert "format_version" not in json.load(open(os.path.join(path, "metadata.json")))
+    assert not any(k.startswith("dtypes.") for k in dc.load_tensors_metadata(path))
+
+
+def corrupt_copy(src, dst, content, name="metadata.json"):
     import shutil
 
     shutil.copytree(src, dst)
-    with open(os.path.join(dst, "metadata.json"), "w") as f:
+    with open(os.path.join(dst, name), "w") as f:
         f.write(content)
     return dst
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    "name, content, message",
     [
-        ("{not json", "not valid JSON"),
-        ("[]", "expected a JSON object"),
-        ('{"sharded_backend": 3}', "'sharded_backend' must be a string"),
-        ('{"sharded_backend": "zarr", "surprise": 1}', "unknown fields"),
-        ('{"sharded_backend": "zarr", "format_version": 99, "tensors": {}, "objects": []}', "newer"),
-        ('{"sharded_backend": "zarr", "format_version": 1, "tensors": {"a": {"shape": [-1], "dtype": "x"}}, "objects": []}', "tensor entry"),
-        ('{"sharded_backend": "nope"}', "No default load_sharded strategy"),
+        ("metadata.json", "{not json", "not valid JSON"),
+        ("metadata.json", "[]", "expected a JSON object"),
+        ("metadata.json", '{"sharded_backend": 3}', "'sharded_backend' must be a string"),
+        ("metadata.json", '{"sharded_backend": "zarr", "format_version": 99, "tensors": {}, "objects": []}', "newer"),
+        ("metadata.json", '{"sharded_backend": "zarr", "format_version": 1, "tensors": {"a": {"shape": [-1], "dtype": "x"}}, "objects": []}', "tensor entry"),
+        ("metadata.json", '{"sharded_backend": "zarr", "tensors": {}}', "without 'format_version'"),
+        ("metadata.json", '{"sharded_backend": "nope"}', "No default load_sharded strategy"),
+        ("index.json", "{not json", "index.json: not valid JSON"),
+        ("index.json", '{"format_version": 2, "tensors": {}, "objects": [], "surprise": 1}', "unknown fields"),
+        ("index.json", '{"format_version": 99, "tensors": {}, "objects": []}', "newer"),
+        ("index.json", '{"format_version": 1, "tensors": {}, "objects": []}', "keeps its index in metadata.json"),
+        ("index.json", '{"format_version": 2, "tensors": {"a": {"shape": [-1], "dtype": "x"}}, "objects": []}', "tensor entry"),
     ],
 )
-def test_malformed_metadata_json_is_a_clear_error(ckpt, tmp_path, content, message):
-    bad = corrupt_copy(ckpt, str(tmp_path / "bad"), content)
+def test_malformed_metadata_json_is_a_clear_error(ckpt, tmp_path, name, content, message):
+    bad = corrupt_copy(ckpt, str(tmp_path / "bad"), content, name)
     with pytest.raises(CheckpointingException, match=message):
         dc.load(sharded_state_dict(0, 1, with_data=False), bad)
     assert not dc.check_is_distributed_checkpoint(bad) or "nope" in content
+
+
+def test_unknown_fields_of_metadata_json_are_ignored(ckpt, tmp_path):
+    """As newer Megatron-Core versions do: the document is Megatron's, and may grow."""
+    path = corrupt_copy(ckpt, str(tmp_path / "newer"), '{"sharded_backend": "zarr", "surprise": 1}')
+    assert sorted(dc.load_tensors_metadata(path)) == sorted(dc.load_tensors_metadata(ckpt))
 
 
 def test_incomplete_and_missing_checkpoints(tmp_path):
@@ -244,7 +288,7 @@ def test_each_save_logs_what_it_wrote_and_how_long_each_step_took(tmp_path, capl
     path = str(tmp_path / "logged")
     with caplog.at_level(logging.INFO, logger="dist_checkpointing.serialization"):
         dc.save(sharded_state_dict(0, 1), path)
-    files = [os.path.join(r, f) for r, _, names in os.walk(path) for f in names if f != "metadata.json"]
+    files = [os.path.join(r, f) for r, _, names in os.walk(path) for f in names if f not in ("metadata.json", "index.json")]
     nbytes = sum(os.path.getsize(f) for f in files)
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saved")]
     assert f"{nbytes} bytes in {len(files)} files by 1 rank(s)" in line

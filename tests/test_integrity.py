@@ -35,7 +35,7 @@ def truncate(path):
 
 def test_checksums_are_recorded(saved):
     for name in TP2_SAVES:
-        with open(f"{saved}/{name}/metadata.json") as f:
+        with open(f"{saved}/{name}/index.json") as f:
             checksums = json.load(f)["checksums"]
         assert "common.pt" in checksums and all(len(r) == 3 for rs in checksums.values() for r in rs)
         if name == "torch_dist":  # one range per item of every .distcp file
@@ -134,9 +134,9 @@ def test_malformed_metadata_json(copy_of, content):
         load_tp1(ckpt)
 
 
-def test_checksums_in_metadata_json_are_checked_strictly(copy_of):
+def test_checksums_in_the_index_are_checked_strictly(copy_of):
     ckpt = copy_of("zarr")
-    path = os.path.join(ckpt, "metadata.json")
+    path = os.path.join(ckpt, "index.json")
     with open(path) as f:
         doc = json.load(f)
     doc["checksums"]["common.pt"] = [[0, -1, 5]]

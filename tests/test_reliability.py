@@ -153,7 +153,7 @@ def test_dcp_metadata_of_the_wrong_type(copy_of, capsys, value):
 def test_common_state_of_the_wrong_type(tmp_path):
     ckpt = str(tmp_path / "c")
     dc.save({"w": ShardedTensor.from_rank_offsets("w", torch.ones(2))}, ckpt)
-    document_path = os.path.join(ckpt, "metadata.json")
+    document_path = os.path.join(ckpt, "index.json")
     with open(document_path) as f:
         document = json.load(f)
     del document["checksums"]["common.pt"]  # as if written by a writer that records none
@@ -164,7 +164,7 @@ def test_common_state_of_the_wrong_type(tmp_path):
         dc.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(2))}, ckpt)
 
 
-# 8, 11: metadata.json with a 5000-digit number, or a checksummed file outside the checkpoint
+# 8, 11: metadata.json with a 5000-digit number, or an index naming a checksummed file outside the checkpoint
 def test_metadata_json_numbers_and_paths_are_bounded(copy_of, capsys):
     ckpt = copy_of("zarr")
     path = os.path.join(ckpt, "metadata.json")
@@ -180,10 +180,15 @@ def test_metadata_json_numbers_and_paths_are_bounded(copy_of, capsys):
         f.write(original.replace('"sharded_backend_version": 1', f'"sharded_backend_version": {2**64}'))
     with pytest.raises(CheckpointingException, match="'sharded_backend_version' must be an integer"):
         load_tp1(ckpt)
+    with open(path, "w") as f:
+        f.write(original)
+    index_path = os.path.join(ckpt, "index.json")
+    with open(index_path) as f:
+        index = f.read()
     for name in ["/etc/hostname", "../outside", "a/../../outside"]:
-        document = json.loads(original)
+        document = json.loads(index)
         document["checksums"][name] = [[0, 1, 0]]
-        with open(path, "w") as f:
+        with open(index_path, "w") as f:
             json.dump(document, f)
         with pytest.raises(CheckpointingException, match="cannot be inside the checkpoint"):
             load_tp1(ckpt)

@@ -54,11 +54,11 @@ def test_tampered_files_never_run_code(tmp_path, target):
     request = {"rng": ShardedObject("rng", None, (1,), (0,))}
     with pytest.raises(CheckpointingException, match="damaged"):  # its checksum no longer matches
         dc.load(request, path)
-    # an attacker who also rewrites metadata.json: the unpickler still refuses the class
-    with open(os.path.join(path, "metadata.json")) as f:
+    # an attacker who also rewrites the index: the unpickler still refuses the class
+    with open(os.path.join(path, "index.json")) as f:
         metadata = json.load(f)
     metadata["checksums"] = {}
-    with open(os.path.join(path, "metadata.json"), "w") as f:
+    with open(os.path.join(path, "index.json"), "w") as f:
         json.dump(metadata, f)
     with pytest.raises(CheckpointingException, match="not allowed|not a valid"):
         dc.load(request, path)

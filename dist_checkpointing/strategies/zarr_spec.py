@@ -26,10 +26,14 @@ def chunk_shape(document: dict) -> Tuple[int, ...]:
 
 
 def array_document(global_shape, chunks, dtype_name: str, config: StrategyConfig) -> dict:
-    """The array metadata document (`zarr.json` or `.zarray`), specified in docs/format.md."""
+    """The array metadata document (`zarr.json` or `.zarray`), specified in docs/format.md.
+
+    Every chunk is written, so the fill value is never read. Zarr v2 arrays say `null` there,
+    as Megatron-Core's do: its zarr reader fails on a number for bfloat16."""
     fill_value = False if dtype_name == "bool" else 0
     itemsize = DTYPES[dtype_name][1].itemsize
     if config.zarr_format == 2:
+        fill_value = None
         return {
             "zarr_format": 2,
             "shape": list(global_shape),
