@@ -99,8 +99,9 @@ def _verify(args) -> int:
         for entry, problem in problems:
             print(f"  {entry}: {problem}")
     else:
+        integrity = f", {checked['integrity_files']} files' SHA-256 (integrity.json)" if checked["integrity_files"] else ""
         print(f"{args.dir}: sound ({checked['tensors']} tensors' chunks, {checked['objects']} objects, "
-              f"{checked['files']} checksummed files verified)")
+              f"{checked['files']} checksummed files{integrity} verified)")
     return 1 if problems else 0
 
 

@@ -8,6 +8,7 @@ Without an initialized process group everything runs as a single rank.
 """
 
 import contextlib
+import contextvars
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,19 +21,37 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+_GROUP = contextvars.ContextVar("dist_checkpointing_group", default=None)
+
+
+@contextlib.contextmanager
+def within(group):
+    """Only the ranks of `group` take part in what runs inside (e.g. `load(..., process_group=)`):
+    every collective here whose group is not given uses `group`, and ranks are its ranks."""
+    token = _GROUP.set(group)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
+
+
+def _group(group):
+    return _GROUP.get() if group is None else group
+
+
 def get_rank(group=None) -> int:
-    return dist.get_rank(group) if is_distributed() else 0
+    return dist.get_rank(_group(group)) if is_distributed() else 0
 
 
 def get_world_size(group=None) -> int:
-    return dist.get_world_size(group) if is_distributed() else 1
+    return dist.get_world_size(_group(group)) if is_distributed() else 1
 
 
 def group_ranks(group=None) -> List[int]:
     """The global ranks of `group` (default: all ranks), in group rank order."""
     if not is_distributed():
         return [0]
-    return dist.get_process_group_ranks(group or dist.group.WORLD)
+    return dist.get_process_group_ranks(_group(group) or dist.group.WORLD)
 
 
 def exchange(local_fn: Callable[[], Any], what: str, group=None, consequence: str = "") -> List[Any]:
@@ -52,6 +71,7 @@ def exchange(local_fn: Callable[[], Any], what: str, group=None, consequence: st
             message = str(error) if isinstance(error, CheckpointingException) else f"{what} failed: {describe_error(error)}"
             raise CheckpointingException(_with(message, consequence)) from error
         return [payload]
+    group = _group(group)
     gathered: List[Any] = [None] * get_world_size(group)
     with peers_lost_raise(what, consequence):
         dist.all_gather_object(gathered, (payload, describe_error(error), isinstance(error, _GatheredFailure)), group=group)
@@ -76,6 +96,7 @@ def gather(local_fn: Callable[[], Any], what: str, dst: int = 0, group=None, con
         payload, error = None, e
     if not is_distributed():
         return lambda: exchange(lambda: _reraise(error) if error else payload, what, consequence=consequence)
+    group = _group(group)
     rank = get_rank(group)
     gathered: Optional[List[Any]] = [None] * get_world_size(group) if rank == dst else None
     with peers_lost_raise(what, consequence):
@@ -157,6 +178,7 @@ def share_bytes(payload: Optional[bytes], sizes: Sequence[int], what: str, group
     (no failure can travel here)."""
     if not is_distributed():
         return [payload]
+    group = _group(group)
     senders = [rank for rank, size in enumerate(sizes) if size]
     received: List[Optional[bytes]] = [None] * len(sizes)
     with peers_lost_raise(what):

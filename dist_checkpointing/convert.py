@@ -18,6 +18,7 @@ from .global_plan import GlobalPlan
 from .mapping import ShardedObject, ShardedTensor
 from .serialization import (
     commit_save,
+    load_common_state_dict,
     load_sharded_metadata,
     refuse_complete_checkpoint,
     verify_checkpoint_and_load_strategy,
@@ -81,7 +82,7 @@ def convert(
         plans.append(rank_plan)
         if rank == 0:  # the common state, and the objects (by the engine if it stores them)
             by_engine = strategy.can_handle_sharded_objects
-            job = WriteJob(dst, common_strategy, strategy, rank_plan, common.load_common(src),
+            job = WriteJob(dst, common_strategy, strategy, rank_plan, load_common_state_dict(src),
                            [] if by_engine else objects, strategy.stage(rank_plan, objects if by_engine else []))
         else:
             (sh,) = shards

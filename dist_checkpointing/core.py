@@ -15,7 +15,14 @@ from typing import Dict, List, Optional
 
 from .errors import CheckpointingException
 from .fs import atomic_write
-from .layout import CONFIG_FNAME, INDEX_FNAME, relative_path_problem, split_unique_key
+from .layout import (
+    COMMON_FNAME,
+    CONFIG_FNAME,
+    DCP_METADATA_FNAME,
+    INDEX_FNAME,
+    relative_path_problem,
+    split_unique_key,
+)
 
 FORMAT_VERSION = 2  # 1: the index was inside metadata.json
 
@@ -51,10 +58,15 @@ class CheckpointMetadata:
     objects: Optional[List[str]] = field(default=None)  # ShardedObject unique keys
     # file (relative path) -> [[offset, length, crc32c], ...] (see integrity.py)
     checksums: Optional[Dict[str, List[List[int]]]] = None
+    plain_dcp: bool = False  # written by torch.distributed.checkpoint.save: read-only here
 
     @property
     def is_legacy(self) -> bool:
         return self.format_version is None
+
+
+# what a plain DCP checkpoint (no metadata.json) is read as
+PLAIN_DCP_CONFIG = CheckpointingConfig("torch_dist", 1, "torch", 1)
 
 
 def check_is_distributed_checkpoint(checkpoint_dir) -> bool:
@@ -72,11 +84,26 @@ def maybe_load_config(checkpoint_dir) -> Optional[CheckpointingConfig]:
 
 
 def read_metadata(checkpoint_dir) -> Optional[CheckpointMetadata]:
-    """Parses `metadata.json` strictly; None if absent. Malformed content raises."""
+    """Parses `metadata.json` strictly; None if the checkpoint is not complete. Malformed
+    content raises. A plain DCP checkpoint (see `is_plain_dcp`) reads as a legacy torch_dist one."""
     path = os.path.join(str(checkpoint_dir), CONFIG_FNAME)
     if not os.path.lexists(path):
-        return None
+        return CheckpointMetadata(PLAIN_DCP_CONFIG, plain_dcp=True) if is_plain_dcp(checkpoint_dir) else None
     return _parse_metadata(read_json(path), path)
+
+
+def is_plain_dcp(checkpoint_dir) -> bool:
+    """A checkpoint written by `torch.distributed.checkpoint.save` (e.g. torchtitan's): DCP's
+    `.metadata`, which DCP writes once all data is written, and neither `metadata.json` nor the
+    files a save of this library or of Megatron-Core writes before it (`common.pt`,
+    `index.json`); those without `metadata.json` are incomplete."""
+    root = str(checkpoint_dir)
+    return (
+        os.path.isfile(os.path.join(root, DCP_METADATA_FNAME))
+        and not os.path.lexists(os.path.join(root, CONFIG_FNAME))
+        and not os.path.lexists(os.path.join(root, COMMON_FNAME))
+        and not os.path.lexists(os.path.join(root, INDEX_FNAME))
+    )
 
 
 MISSING = object()  # what `read_json(..., missing_ok=True)` returns for a file that is not there

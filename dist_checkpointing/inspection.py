@@ -10,8 +10,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .core import CONFIG_FNAME, CheckpointingException, CheckpointMetadata, read_metadata
 from .dtypes import name_of_torch, zarr_v2_dtype
-from .integrity import verify_file
-from .layout import COMMON_FNAME, contained_path, object_file
+from .integrity import integrity_problems, verify_file
+from .layout import COMMON_FNAME, COMMON_STATE_UNIQUE_KEY, INTEGRITY_FNAME, contained_path, object_file
 from .serialization import load_common_state_dict, load_sharded_metadata
 from .strategies.config import ZARR_ENGINES
 from .strategies.dcp_format import METADATA_FNAME as DCP_METADATA
@@ -39,7 +39,7 @@ def describe(checkpoint_dir) -> dict:
     config = metadata.config
     info.update(
         complete=True,
-        format=f"dist_checkpointing v{metadata.format_version}" if not metadata.is_legacy else "Megatron-Core (no index)",
+        format=_format_name(metadata),
         engine=config.sharded_backend,
         common_backend=config.common_backend,
     )
@@ -72,6 +72,14 @@ def describe(checkpoint_dir) -> dict:
     return info
 
 
+def _format_name(metadata: CheckpointMetadata) -> str:
+    if metadata.plain_dcp:
+        return "PyTorch DCP (read-only)"
+    if metadata.is_legacy:
+        return "Megatron-Core (no index)"
+    return f"dist_checkpointing v{metadata.format_version}"
+
+
 def _disk_usage(checkpoint_dir: str) -> dict:
     files = nbytes = 0
     for root, _, names in os.walk(checkpoint_dir):
@@ -98,10 +106,11 @@ def _shard_grids(checkpoint_dir: str, engine: str) -> Dict[str, List[int]]:
 
 
 def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
-    """Checks completeness and every checksum; reads every data file once. Returns the
-    problems (empty if the checkpoint is sound) and counts of what was checked."""
+    """Checks completeness, every checksum and `integrity.json` where there is one; reads every
+    data file once (twice with `integrity.json`). Returns the problems (empty if the checkpoint
+    is sound) and counts of what was checked."""
     checkpoint_dir = str(checkpoint_dir)
-    checked = {"tensors": 0, "objects": 0, "files": 0}
+    checked = {"tensors": 0, "objects": 0, "files": 0, "integrity_files": 0}
     try:
         metadata = read_metadata(checkpoint_dir)
     except CheckpointingException as e:
@@ -114,8 +123,15 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
         checked["files"] += 1
         for offset, problem in verify_file(checkpoint_dir, name, ranges):
             problems.append((owners.get((name, offset), name), problem))
-    if not os.path.isfile(os.path.join(checkpoint_dir, COMMON_FNAME)):
+    if not os.path.isfile(os.path.join(checkpoint_dir, COMMON_FNAME)) and not _holds_common_state(checkpoint_dir, metadata):
         problems.append(("common state", f"{os.path.join(checkpoint_dir, COMMON_FNAME)} is missing"))
+    try:
+        integrity = integrity_problems(checkpoint_dir)
+    except CheckpointingException as e:
+        integrity = [(INTEGRITY_FNAME, str(e))], 0
+    if integrity is not None:
+        problems.extend(integrity[0])
+        checked["integrity_files"] = integrity[1]
     if metadata.config.sharded_backend in ZARR_ENGINES:
         try:
             keys = list_arrays(checkpoint_dir) if metadata.is_legacy else sorted(metadata.tensors)
@@ -132,6 +148,19 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
             if not os.path.isfile(object_file(checkpoint_dir, unique_key)):
                 problems.append((unique_key, f"{object_file(checkpoint_dir, unique_key)} is missing"))
     return list(dict.fromkeys(problems)), checked
+
+
+def _holds_common_state(checkpoint_dir: str, metadata: CheckpointMetadata) -> bool:
+    """Whether the common state is stored as the ShardedObject `common_state` (or there is
+    none: a plain DCP checkpoint) rather than in `common.pt`."""
+    if metadata.plain_dcp or metadata.objects is not None:
+        return metadata.plain_dcp or COMMON_STATE_UNIQUE_KEY in metadata.objects
+    if metadata.config.sharded_backend in ZARR_ENGINES:
+        return os.path.isfile(object_file(checkpoint_dir, COMMON_STATE_UNIQUE_KEY))
+    try:
+        return COMMON_STATE_UNIQUE_KEY in read_dcp_metadata(checkpoint_dir).state_dict_metadata
+    except CheckpointingException:
+        return False  # reported by the checks of `.metadata`
 
 
 def _array_problems(checkpoint_dir: str, key: str, metadata: CheckpointMetadata) -> List[str]:

@@ -7,17 +7,26 @@ Zarr v3 `crc32c` codec uses:
 - every other file the library writes (`common.pt`, ShardedObject files, torch_dist `.distcp`
   files) is recorded in `metadata.json` as byte ranges with a CRC-32C each: one range per file,
   or one per item of a `.distcp` file, so a load that reads one item checks just that item.
+
+Besides, Megatron-Core's `integrity.json` (optional: `save(..., verify_integrity=True)`): the
+SHA-256 of every file of the checkpoint, checked as a whole by `load(..., verify_integrity=True)`
+and `dist-ckpt verify`.
 """
 
+import hashlib
 import io
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple
 
 import google_crc32c
 import numpy as np
 
-from .core import CheckpointingException
-from .fs import DurableDir
-from .layout import contained_path
+from .core import MISSING, CheckpointingException, read_json
+from .fs import DurableDir, atomic_write
+from .layout import INTEGRITY_FNAME, contained_path
 
 Range = Tuple[int, int, int]  # (offset, length, crc32c) of bytes in a file
 Checksums = Dict[str, List[Range]]  # path relative to the checkpoint directory -> its ranges
@@ -175,3 +184,94 @@ def verify_file(checkpoint_dir, name: str, ranges: List[Range]) -> List[Tuple[in
         if problem:
             problems.append((offset, f"{path}: bytes {offset}..{offset + length}: {problem}"))
     return problems
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HASH_THREADS = 8  # hashlib releases the GIL on large buffers
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        for block in iter(lambda: f.read(16 * 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_below(checkpoint_dir: str) -> List[str]:
+    """Every file of the checkpoint but `integrity.json`, as relative '/'-separated paths."""
+    names = []
+    for root, _, files in os.walk(checkpoint_dir):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), checkpoint_dir).replace(os.sep, "/")
+            if relative != INTEGRITY_FNAME:
+                names.append(relative)
+    return sorted(names)
+
+
+def write_integrity(checkpoint_dir, pending: Dict[str, bytes]) -> None:
+    """Writes `integrity.json`: the SHA-256 of every file of the checkpoint, and of the files
+    `pending` (name -> content) that are written after it (`metadata.json`, the commit marker)."""
+    root = str(checkpoint_dir)
+    names = [name for name in _files_below(root) if name not in pending]
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        digests = dict(zip(names, pool.map(lambda name: _sha256_of(os.path.join(root, name)), names)))
+    digests.update({name: hashlib.sha256(data).hexdigest() for name, data in pending.items()})
+    document = {"algorithm": "sha256", "files": dict(sorted(digests.items()))}
+    atomic_write(os.path.join(root, INTEGRITY_FNAME), json.dumps(document, indent=2).encode())
+
+
+def integrity_problems(checkpoint_dir) -> Optional[Tuple[List[Tuple[str, str]], int]]:
+    """(file, problem) for every file that does not match `integrity.json` (missing, changed,
+    or not listed), and how many files it lists; None if the checkpoint has none."""
+    root = str(checkpoint_dir)
+    path = os.path.join(root, INTEGRITY_FNAME)
+    document = read_json(path, missing_ok=True)
+    if document is MISSING:
+        return None
+    files = document.get("files") if isinstance(document, dict) else None
+    if (
+        not isinstance(document, dict)
+        or document.get("algorithm") != "sha256"
+        or not isinstance(files, dict)
+        or not all(isinstance(d, str) and _SHA256.fullmatch(d) for d in files.values())
+    ):
+        raise CheckpointingException(
+            f"Malformed {path}: expected {{'algorithm': 'sha256', 'files': {{name: hex digest}}}}. "
+            f"The checkpoint is damaged; restore it from a copy."
+        )
+    problems, present = [], []
+    for name in sorted(files):
+        try:
+            present.append((name, contained_path(root, name, INTEGRITY_FNAME)))
+        except CheckpointingException as e:
+            problems.append((name, str(e)))
+    for name, file_path in present:
+        if not os.path.isfile(file_path):
+            problems.append((name, f"{file_path} is missing"))
+    present = [(name, file_path) for name, file_path in present if os.path.isfile(file_path)]
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        actual = list(pool.map(lambda entry: _sha256_of(entry[1]), present))
+    for (name, file_path), digest in zip(present, actual):
+        if digest != files[name]:
+            problems.append((name, f"{file_path}: its SHA-256 does not match {INTEGRITY_FNAME} (the file was changed)"))
+    problems += [(name, f"{os.path.join(root, name)} is not listed in {INTEGRITY_FNAME}") for name in _files_below(root) if name not in files]
+    return problems, len(files)
+
+
+def verify_integrity(checkpoint_dir) -> None:
+    """Raises naming the first damaged file unless every file matches `integrity.json`."""
+    found = integrity_problems(checkpoint_dir)
+    if found is None:
+        raise CheckpointingException(
+            f"{checkpoint_dir} has no {INTEGRITY_FNAME} to verify against; it was saved without "
+            f"verify_integrity=True. Load it with verify_integrity=False (its items are still "
+            f"checked against their CRC-32C where recorded), or run `dist-ckpt verify`."
+        )
+    problems = found[0]
+    if problems:
+        details = "; ".join(problem for _, problem in problems[:5])
+        raise CheckpointingException(
+            f"{checkpoint_dir} failed the integrity check ({len(problems)} file(s)): {details}. "
+            f"Restore the checkpoint from a copy, or save again."
+        )

@@ -16,7 +16,12 @@ CONFIG_FNAME = "metadata.json"  # the commit marker, written last
 INDEX_FNAME = "index.json"  # our index of the content, written just before metadata.json
 INTEGRITY_FNAME = "integrity.json"  # SHA-256 of every file (Megatron-Core's, optional)
 COMMON_FNAME = "common.pt"
-_RESERVED = {CONFIG_FNAME, INDEX_FNAME, INTEGRITY_FNAME, COMMON_FNAME, ".metadata"}
+DCP_METADATA_FNAME = ".metadata"  # PyTorch DCP's index, which DCP itself writes last
+_RESERVED = {CONFIG_FNAME, INDEX_FNAME, INTEGRITY_FNAME, COMMON_FNAME, DCP_METADATA_FNAME}
+# Megatron-Core >= 0.19 keeps the common state inside the sharded files, as this ShardedObject
+# (global shape (1,), offset (0,)) instead of in common.pt
+COMMON_STATE_KEY = "common_state"
+COMMON_STATE_UNIQUE_KEY = "common_state/shard_0_1"
 _MAX_NAME_BYTES = 255
 
 

@@ -115,6 +115,7 @@ def _dcp_metadata_globals() -> dict:
         filesystem._StoragePrefix,
         torch.Size,
         torch.serialization._get_layout,  # looks a torch.layout up by name
+        pathlib.PosixPath,  # stock DCP's StorageMeta.checkpoint_id (a path made of strings)
     ]
     table = {(g.__module__, g.__qualname__): g for g in allowed}
     table.update({("torch", n): d for n, d in vars(torch).items() if isinstance(d, torch.dtype)})

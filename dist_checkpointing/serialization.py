@@ -20,7 +20,7 @@ import pickle
 import time
 from typing import Callable, Hashable, Optional, Sequence, Set, Tuple, Union
 
-from .collectives import exchange, gather, get_rank, on_every_rank
+from .collectives import exchange, gather, get_rank, on_every_rank, within
 from .core import (
     CONFIG_FNAME,
     FORMAT_VERSION,
@@ -28,13 +28,19 @@ from .core import (
     CheckpointingException,
     CheckpointMetadata,
     TensorEntry,
+    commit_config,
+    config_bytes,
     read_metadata,
     require_complete_checkpoint,
+    write_index,
     write_metadata,
 )
 from .dict_utils import extract_matching_values, merge, nested_values
 from .dtypes import torch_dtype
 from .global_plan import GlobalPlan, LocalPlan, PlanCache, PlanDigests, gather_plan
+from .integrity import verify_integrity as verify_integrity_json
+from .integrity import write_integrity
+from .layout import COMMON_STATE_KEY, COMMON_STATE_UNIQUE_KEY, INTEGRITY_FNAME, common_file
 from .mapping import (
     CommonStateDict,
     ShardedObject,
@@ -88,6 +94,7 @@ def save(
         Callable[[CommonStateDict], StateDict]
     ] = None,
     content_metadata: Optional[dict] = None,
+    verify_integrity: bool = False,
 ) -> Optional[AsyncRequest]:
     """Saves a sharded state dict into `checkpoint_dir` (called on every rank).
 
@@ -112,6 +119,9 @@ def save(
             compared across ranks (e.g. without keys that legitimately differ); must not
             modify its argument
         content_metadata: a dict stored with the common state (see `load_content_metadata`)
+        verify_integrity: also write `integrity.json` (Megatron-Core's): the SHA-256 of every
+            file, which rank 0 computes after the writes, before the commit (it reads back the
+            whole checkpoint); `load(..., verify_integrity=True)` and `dist-ckpt verify` check it
 
     Returns:
         None, or the AsyncRequest of an async save
@@ -132,6 +142,9 @@ def save(
         if validate_access_integrity:
             preprocess = preprocess_common_before_consistancy_check or (lambda common: common)
             common_digest = digest_object(preprocess(local["common"]))
+        if sharded_strategy.stores_common_state:
+            local["sharded"][_COMMON_STATE_ENTRY] = ShardedObject(COMMON_STATE_KEY, local["common"], (1,), (0,), replica_id=get_rank())
+            local["common"] = None
         info = sharded_strategy.planning_info()
         local["plan"] = LocalPlan.of(nested_values(local["sharded"]))
         return local["plan"].digests(info, _PLANS.digest(kind)), common_digest, info
@@ -150,7 +163,9 @@ def save(
     global_plan, save_plan = _agreed_plan(kind, local["plan"], [d for d, _, _ in planned], decide, "save planning", uncommitted)
     seconds = {"plan": time.perf_counter() - started}
     job = functools.partial(_write_job, checkpoint_dir, common_strategy, sharded_strategy, save_plan, local)
-    commit = functools.partial(commit_save, checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_plan)
+    commit = functools.partial(
+        commit_save, checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_plan, integrity=verify_integrity
+    )
 
     def stage(copy: bool):
         started = time.perf_counter()
@@ -177,6 +192,7 @@ def save(
 
 
 _PLANS = PlanCache()  # the last plan of each kind of save and load, in this process
+_COMMON_STATE_ENTRY = object()  # where a save puts the common state that the strategy stores
 
 
 def _configuration(strategy) -> Hashable:
@@ -227,17 +243,19 @@ def _write_job(checkpoint_dir, common_strategy, sharded_strategy, save_plan, loc
         common_strategy,
         sharded_strategy,
         save_plan,
-        common=local["common"] if get_rank() == 0 else None,
+        common=local["common"] if get_rank() == 0 else None,  # None where the strategy stores it
         objects=objects,
         shards=sharded_strategy.stage(save_plan, shards),
     )
 
 
 def commit_save(
-    checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_plan: GlobalPlan, write_outcomes, seconds=None
+    checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_plan: GlobalPlan, write_outcomes, seconds=None,
+    *, integrity: bool = False,
 ) -> None:
-    """Step 3, after every rank's writes succeeded: rank 0 writes `metadata.json`, then logs
-    what the save wrote and how long each step took (`seconds` of the earlier steps).
+    """Step 3, after every rank's writes succeeded: rank 0 writes the engine's index,
+    `index.json`, `integrity.json` if asked, and last `metadata.json`; then logs what the save
+    wrote and how long each step took (`seconds` of the earlier steps).
 
     `write_outcomes`: every rank's `WriteOutcome` (a list), or the function `gather` returned
     (which raises on rank 0 if a rank's writes failed).
@@ -257,7 +275,10 @@ def commit_save(
             tensors, objects = global_plan.contents
             index = CheckpointMetadata(config, FORMAT_VERSION, {k: TensorEntry(list(s), d) for k, (s, d) in tensors.items()}, objects)
             index.checksums = {name: ranges for outcome in outcomes for name, ranges in outcome.checksums.items()}
-            write_metadata(checkpoint_dir, index)
+            write_index(checkpoint_dir, index)
+            if integrity:
+                write_integrity(checkpoint_dir, {CONFIG_FNAME: config_bytes(config)})
+            commit_config(checkpoint_dir, config)
             _log_save(checkpoint_dir, outcomes, dict(seconds or {}, commit=time.perf_counter() - started))
 
     exchange(commit, f"commit of {checkpoint_dir}")
@@ -307,6 +328,8 @@ def load(
     common_strategy: Union[LoadCommonStrategy, Tuple[str, int], None] = None,
     validate_access_integrity: bool = True,
     strict: Union[str, StrictHandling] = StrictHandling.ASSUME_OK_UNEXPECTED,
+    process_group=None,
+    verify_integrity: bool = False,
 ) -> Union[StateDict, Tuple[StateDict, Set[str], Set[str]]]:
     """Loads the entries `sharded_state_dict` asks for (called on every rank).
 
@@ -328,11 +351,18 @@ def load(
         validate_access_integrity: check that the requests of all ranks cover each requested
             key exactly once by main replicas (requires a metadata exchange)
         strict: how to handle keys missing on either side (see StrictHandling)
+        process_group: only the ranks of this group take part (default: all ranks)
+        verify_integrity: first check every file against `integrity.json` (SHA-256; rank 0
+            reads the whole checkpoint); a checkpoint without one raises
 
     Returns:
         the state dict, or (state dict, missing keys, unexpected keys) for the RETURN_* modes
     """
-    checkpoint_dir = str(checkpoint_dir)
+    with within(process_group):
+        return _load(sharded_state_dict, str(checkpoint_dir), sharded_strategy, common_strategy, validate_access_integrity, strict, verify_integrity)
+
+
+def _load(sharded_state_dict, checkpoint_dir: str, sharded_strategy, common_strategy, validate_access_integrity, strict, verify_integrity):
     strict = parse_strict_flag(strict)
     exchange_requests = validate_access_integrity or StrictHandling.requires_global_app_metadata(strict)
     local = {}
@@ -341,14 +371,15 @@ def load(
         """Everything that can fail on one rank only: opening the checkpoint, and checking this
         rank's request against it (so the planning exchange carries every failure)."""
         checkpoint = local["checkpoint"] = open_checkpoint(checkpoint_dir, require_complete=True)
+        if verify_integrity and get_rank() == 0:
+            verify_integrity_json(checkpoint_dir)
         sharded, common = verify_checkpoint_and_load_strategy(
             checkpoint_dir, sharded_strategy, common_strategy, checkpoint.metadata
         )
         local["strategies"] = sharded, common
-        local["state"] = common.load_common(checkpoint)
-        request, nonpersistent, local["factories"] = load_preprocess(sharded_state_dict)
+        local["state"], local["ckpt"] = _common_state_and_entries(checkpoint, sharded, common)
+        request, nonpersistent, local["factories"], local["dtensors"] = load_preprocess(sharded_state_dict)
         merge(local["state"], nonpersistent)
-        local["ckpt"] = _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
         request, local["unexpected"] = apply_strict_locally(request, strict, local["ckpt"])
         check_requests_against_checkpoint(request, local["ckpt"], checkpoint_dir)
         local["request"] = request
@@ -375,6 +406,10 @@ def load(
         if objects:
             merge(state, common.load_sharded_objects(objects, checkpoint))
         apply_factory_merges(state, local["factories"])
+        if local["dtensors"]:
+            from .dtensors import restore_dtensors
+
+            restore_dtensors(state, local["dtensors"])
         return state
 
     state = on_every_rank(read, f"load of {checkpoint_dir}")
@@ -432,6 +467,10 @@ def _tensors_metadata(checkpoint_dir, metadata, sharded_strategy) -> CkptSharded
 
 
 def _sharded_metadata(checkpoint_dir, metadata, sharded_strategy, common_strategy):
+    """Every stored entry: tensors by key, objects by unique key (with the ShardedObject that
+    holds the common state, where there is one)."""
+    if metadata.plain_dcp:  # its non-tensor entries are not ShardedObjects
+        return _tensors_metadata(checkpoint_dir, metadata, sharded_strategy)
     if metadata.is_legacy:
         result = dict(sharded_strategy.load_sharded_metadata(checkpoint_dir))
         if not sharded_strategy.can_handle_sharded_objects:
@@ -442,11 +481,35 @@ def _sharded_metadata(checkpoint_dir, metadata, sharded_strategy, common_strateg
     return result
 
 
+def _common_state_and_entries(checkpoint, sharded, common) -> Tuple[StateDict, CkptShardedMetadata]:
+    """The checkpoint's common state, and its stored entries (`_sharded_metadata`) but the one
+    holding the common state. The common state is `common.pt`; in Megatron-Core >= 0.19's
+    layout (and ours with `common_state_in_dcp`) the ShardedObject `common_state`, which a
+    `common.pt` overrides where both exist (as in Megatron-Core). A plain DCP checkpoint has none."""
+    entries = _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
+    inside = entries.pop(COMMON_STATE_UNIQUE_KEY, None) is not None and not os.path.lexists(common_file(checkpoint))
+    if checkpoint.metadata.plain_dcp:
+        return {}, entries
+    if not inside:
+        return common.load_common(checkpoint), entries
+    request = {"common": ShardedObject.empty_from_unique_key(COMMON_STATE_UNIQUE_KEY)}
+    if sharded.can_handle_sharded_objects:
+        state = sharded.load(request, checkpoint)["common"]
+    else:
+        state = common.load_sharded_objects(request, checkpoint)["common"]
+    if not isinstance(state, dict):
+        raise CheckpointingException(
+            f"The ShardedObject '{COMMON_STATE_KEY}' of {checkpoint.path} holds a {type(state).__name__}, "
+            f"not the common state dict; the checkpoint is damaged"
+        )
+    return state, entries
+
+
 def load_common_state_dict(checkpoint_dir) -> StateDict:
     """The common (non-sharded) state of a checkpoint."""
     checkpoint = open_checkpoint(checkpoint_dir, require_complete=True)
-    _, common = verify_checkpoint_and_load_strategy(checkpoint.path, None, None, checkpoint.metadata)
-    return common.load_common(checkpoint)
+    sharded, common = verify_checkpoint_and_load_strategy(checkpoint.path, None, None, checkpoint.metadata)
+    return _common_state_and_entries(checkpoint, sharded, common)[0]
 
 
 def load_tensors_metadata(checkpoint_dir, sharded_strategy: LoadShardedStrategyLike = None):
@@ -466,7 +529,9 @@ def load_sharded_metadata(checkpoint_dir, sharded_strategy: LoadShardedStrategyL
     sharded, common = verify_checkpoint_and_load_strategy(
         checkpoint.path, sharded_strategy, None, checkpoint.metadata
     )
-    return _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
+    entries = _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
+    entries.pop(COMMON_STATE_UNIQUE_KEY, None)  # the common state, not an entry of the state dict
+    return entries
 
 
 def load_plain_tensors(checkpoint_dir) -> StateDict:
@@ -492,11 +557,18 @@ def remove_sharded_tensors(checkpoint_dir, key_prefix: str) -> None:
     whose files are gone.
     """
     metadata = require_complete_checkpoint(checkpoint_dir)
+    if metadata.plain_dcp:
+        raise CheckpointingException(
+            f"{checkpoint_dir} was written by torch.distributed.checkpoint.save; this library reads such "
+            f"checkpoints but never writes into them. Convert it first (`dist-ckpt convert`)."
+        )
     sharded, _ = verify_checkpoint_and_load_strategy(checkpoint_dir, None, None, metadata)
     if not metadata.is_legacy:
         metadata.tensors = {k: v for k, v in metadata.tensors.items() if not k.startswith(key_prefix)}
         write_metadata(checkpoint_dir, metadata)
     sharded.remove_sharded_tensors(str(checkpoint_dir), key_prefix)
+    if os.path.exists(os.path.join(str(checkpoint_dir), INTEGRITY_FNAME)):  # it listed what changed
+        write_integrity(checkpoint_dir, {})
 
 
 def get_default_save_sharded_strategy(backend: str = "zarr", version: int = 1) -> SaveShardedStrategy:

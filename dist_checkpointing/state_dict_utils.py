@@ -1,6 +1,7 @@
 """Splitting a sharded state dict into what each part of a save or load handles."""
 
-from typing import Tuple
+import sys
+from typing import Dict, Tuple
 
 from .dict_utils import dict_list_map_inplace, extract_matching_values
 from .mapping import (
@@ -19,6 +20,16 @@ def _copy_structure(state_dict: ShardedStateDict) -> ShardedStateDict:
     return extract_matching_values(state_dict, lambda _: True)[0]
 
 
+def _replace_dtensors(state_dict: ShardedStateDict) -> Dict:
+    """DTensor leaves replaced by ShardedTensors (dtensors.py); where they were. A program
+    that has not imported `torch.distributed.tensor` has no DTensors (and does not pay its import)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return {}
+    from .dtensors import replace_dtensors
+
+    return replace_dtensors(state_dict)
+
+
 def extract_sharded_base(state_dict: ShardedStateDict) -> Tuple[ShardedStateDict, StateDict]:
     """(ShardedBase leaves, everything else)."""
     return extract_matching_values(state_dict, lambda v: isinstance(v, ShardedBase))
@@ -35,6 +46,7 @@ def save_preprocess(sharded_state_dict: ShardedStateDict) -> Tuple[ShardedStateD
     Factories are built, LocalNonpersistentObjects dropped.
     """
     sharded_state_dict = _copy_structure(sharded_state_dict)
+    _replace_dtensors(sharded_state_dict)
     apply_factories(sharded_state_dict)
     _, sharded_state_dict = extract_nonpersistent(sharded_state_dict)
     return extract_sharded_base(sharded_state_dict)
@@ -42,12 +54,14 @@ def save_preprocess(sharded_state_dict: ShardedStateDict) -> Tuple[ShardedStateD
 
 def load_preprocess(
     sharded_state_dict: ShardedStateDict,
-) -> Tuple[ShardedStateDict, StateDict, ShardedStateDict]:
-    """(the shards to read, the caller's nonpersistent values, the factories to merge back).
+) -> Tuple[ShardedStateDict, StateDict, ShardedStateDict, Dict]:
+    """(the shards to read, the caller's nonpersistent values, the factories to merge back,
+    the DTensors to put back: `dtensors.restore_dtensors`).
 
     Plain values in the request are dropped: the checkpoint's common state provides them.
     """
     sharded_state_dict = _copy_structure(sharded_state_dict)
+    dtensors = _replace_dtensors(sharded_state_dict)
     factories, _ = extract_matching_values(
         sharded_state_dict, lambda v: isinstance(v, ShardedTensorFactory), return_lists_as_dicts=True
     )
@@ -56,4 +70,4 @@ def load_preprocess(
     nonpersistent, sharded_state_dict = extract_nonpersistent(sharded_state_dict)
     dict_list_map_inplace(LocalNonpersistentObject.unwrap, nonpersistent)
     sharded_state_dict, _ = extract_sharded_base(sharded_state_dict)
-    return sharded_state_dict, nonpersistent, factories
+    return sharded_state_dict, nonpersistent, factories, dtensors

@@ -120,8 +120,8 @@ def load_megatron_fixtures(rank, world_size):
 
 
 def test_megatron_fixtures_load_at_tp2_and_tp4():
-    assert run_ranks(load_megatron_fixtures, 2) == [[5] * 4] * 2
-    assert run_ranks(load_megatron_fixtures, 4) == [[5] * 4] * 4
+    assert run_ranks(load_megatron_fixtures, 2) == [[5] * 5] * 2
+    assert run_ranks(load_megatron_fixtures, 4) == [[5] * 5] * 4
 
 
 def test_multirank_harness_reports_failures():

@@ -1,5 +1,6 @@
 """Checkpoints written by Megatron-Core load: 0.15.3 zarr (Zarr v2 arrays, bf16 as "bfloat16"),
-0.15.3 torch_dist (DCP with Megatron's own metadata class) and 0.16.1 torch_dist."""
+0.15.3 torch_dist (DCP with Megatron's own metadata class), 0.16.1 torch_dist, and the newest
+format (core_v0.19+: the common state inside the DCP files, no common.pt; integrity.json)."""
 
 import json
 import os
@@ -10,16 +11,17 @@ import torch
 
 import dist_checkpointing as dc
 from dist_checkpointing import ShardedObject, ShardedTensor
+from dist_checkpointing.inspection import verify
 from layouts import full
 
 FIXTURES_DIR = os.path.join(os.path.dirname(__file__), "fixtures")
 FIXTURE = os.path.join(FIXTURES_DIR, "mcore015_zarr_tp2")
 FIXTURES = [
     os.path.join(FIXTURES_DIR, name)
-    for name in ("mcore015_zarr_tp2", "mcore015_torch_dist_tp2", "mcore016_torch_dist_tp2")
+    for name in ("mcore015_zarr_tp2", "mcore015_torch_dist_tp2", "mcore016_torch_dist_tp2", "mcore019_torch_dist_tp2")
 ]
 # (fixture, engine to read it with: None = the one metadata.json names)
-READS = [(FIXTURES[0], None), (FIXTURES[0], "tensorstore"), (FIXTURES[1], None), (FIXTURES[2], None)]
+READS = [(FIXTURES[0], None), (FIXTURES[0], "tensorstore")] + [(fixture, None) for fixture in FIXTURES[1:]]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int64": torch.int64}
 # How the fixture's model shards each key, as (axis split over TP, stacked layers?).
 SPLITS = {
@@ -64,9 +66,9 @@ def request_at_tp(rank, tp, fixture=FIXTURE):
     return request, expected
 
 
-def check_fixture_at_tp(fixture, rank, tp, engine=None):
+def check_fixture_at_tp(fixture, rank, tp, engine=None, **load_options):
     request, expected = request_at_tp(rank, tp, fixture)
-    loaded = dc.load(request, fixture, sharded_strategy=engine)
+    loaded = dc.load(request, fixture, sharded_strategy=engine, **load_options)
     assert loaded["common"] == manifest(fixture)["common"]
     assert loaded["rng"] == manifest(fixture)["sharded_objects"]["rng_state"]
     for key, exp in expected.items():
@@ -102,3 +104,4 @@ def test_remove_sharded_tensors_on_megatron_torch_dist(fixture, tmp_path):
     shutil.copytree(fixture, copy)
     dc.remove_sharded_tensors(copy, "decoder.")
     assert sorted(dc.load_tensors_metadata(copy)) == ["counters.tokens", "embedding.word_embeddings.weight"]
+    assert verify(copy)[0] == []  # integrity.json, where there is one, was rewritten

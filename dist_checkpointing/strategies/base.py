@@ -179,6 +179,12 @@ class SaveShardedStrategy(SaveStrategyBase):
        `metadata.json` is written: write the engine's own index, if it has one.
     """
 
+    @property
+    def stores_common_state(self) -> bool:
+        """Whether the common state is saved through this strategy, as the ShardedObject
+        `common_state` (Megatron-Core >= 0.19's layout), instead of in `common.pt`."""
+        return False
+
     def planning_info(self) -> Any:
         """Small picklable facts about this rank that `plan` needs from every rank."""
         return None

@@ -33,6 +33,9 @@ class StrategyConfig:
         verify_checksums: on load, check each torch_dist item against its recorded CRC-32C
             (default). Zarr v3 chunks are always verified by the engines, which decode the
             `crc32c` codec; common.pt and ShardedObject files are always verified (small)
+        common_state_in_dcp: torch_dist only: store the common state inside the DCP files as
+            the ShardedObject `common_state` instead of in `common.pt`, the layout of
+            Megatron-Core >= 0.19 (which Megatron-Core 0.15/0.16 cannot read)
     """
 
     backend: str = "zarr"
@@ -41,6 +44,7 @@ class StrategyConfig:
     compression_level: Optional[int] = None
     thread_count: int = 8
     verify_checksums: bool = True
+    common_state_in_dcp: bool = False
 
     def __post_init__(self):
         if self.backend not in ENGINES:
@@ -53,6 +57,8 @@ class StrategyConfig:
             self._fail("compression_level needs a compression")
         if self.backend not in ZARR_ENGINES and (self.compression or self.zarr_format != 3):
             self._fail(f"zarr_format and compression apply to {list(ZARR_ENGINES)} only")
+        if not isinstance(self.common_state_in_dcp, bool) or (self.common_state_in_dcp and self.backend != "torch_dist"):
+            self._fail("common_state_in_dcp must be a bool, and True only for the torch_dist backend")
         if not isinstance(self.verify_checksums, bool):
             self._fail(f"verify_checksums must be a bool, got {self.verify_checksums!r}")
         if not isinstance(self.thread_count, int) or self.thread_count < 1:

@@ -28,11 +28,11 @@ from torch.distributed.checkpoint.metadata import (
 
 from ..core import CheckpointingException, is_int
 from ..geometry import cover_fault, inside
-from ..layout import relative_path_problem
+from ..layout import DCP_METADATA_FNAME, relative_path_problem
 from ..mapping import ShardedObject, whole_tensor_metadata
 from ..pickling import TensorRecord, load_dcp_metadata, load_object, tensor_record
 
-METADATA_FNAME = ".metadata"
+METADATA_FNAME = DCP_METADATA_FNAME
 ORIG_SHAPE = "nd_reformulated_orig_global_shape"  # Megatron-Core's `mcore_data` field
 DCP_VERSION = "1.0.0"  # the `Metadata.version` DCP of torch 2.6+ writes
 

@@ -162,6 +162,10 @@ class FullyParallelSaveStrategyWrapper(SaveShardedStrategy):
     def can_handle_sharded_objects(self) -> bool:
         return self.base_strategy.can_handle_sharded_objects
 
+    @property
+    def stores_common_state(self) -> bool:
+        return self.base_strategy.stores_common_state
+
     def planning_info(self) -> Any:
         # the group in 16 bytes: ranks only compare groups, and a group of thousands of ranks
         # need not travel from each of them

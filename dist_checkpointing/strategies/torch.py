@@ -102,6 +102,10 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
     def can_handle_sharded_objects(self) -> bool:
         return True
 
+    @property
+    def stores_common_state(self) -> bool:
+        return self.config.common_state_in_dcp
+
     def plan(self, global_plan: GlobalPlan, planning_infos, rank: int) -> DcpSavePlan:
         """The keys stored in Megatron-Core's n-d formulation (those with flattened shards),
         and on rank 0, which writes `.metadata`, DCP's per-key entries from the main replicas."""
