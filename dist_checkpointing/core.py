@@ -20,6 +20,8 @@ from .layout import (
     CONFIG_FNAME,
     DCP_METADATA_FNAME,
     INDEX_FNAME,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
     relative_path_problem,
     split_unique_key,
 )
@@ -58,15 +60,19 @@ class CheckpointMetadata:
     objects: Optional[List[str]] = field(default=None)  # ShardedObject unique keys
     # file (relative path) -> [[offset, length, crc32c], ...] (see integrity.py)
     checksums: Optional[Dict[str, List[List[int]]]] = None
-    plain_dcp: bool = False  # written by torch.distributed.checkpoint.save: read-only here
+    # a checkpoint of another tool, read-only and tensors only: FOREIGN_FORMATS
+    foreign: Optional[str] = None
 
     @property
     def is_legacy(self) -> bool:
         return self.format_version is None
 
 
-# what a plain DCP checkpoint (no metadata.json) is read as
-PLAIN_DCP_CONFIG = CheckpointingConfig("torch_dist", 1, "torch", 1)
+# checkpoints without metadata.json that a load reads: name -> the config they are read as
+FOREIGN_FORMATS = {
+    "PyTorch DCP": CheckpointingConfig("torch_dist", 1, "torch", 1),  # torch.distributed.checkpoint.save
+    "safetensors": CheckpointingConfig("safetensors", 1, "torch", 1),  # Hugging Face
+}
 
 
 def check_is_distributed_checkpoint(checkpoint_dir) -> bool:
@@ -85,25 +91,34 @@ def maybe_load_config(checkpoint_dir) -> Optional[CheckpointingConfig]:
 
 def read_metadata(checkpoint_dir) -> Optional[CheckpointMetadata]:
     """Parses `metadata.json` strictly; None if the checkpoint is not complete. Malformed
-    content raises. A plain DCP checkpoint (see `is_plain_dcp`) reads as a legacy torch_dist one."""
+    content raises. A checkpoint of another tool (`foreign_format`) reads as a legacy one."""
     path = os.path.join(str(checkpoint_dir), CONFIG_FNAME)
     if not os.path.lexists(path):
-        return CheckpointMetadata(PLAIN_DCP_CONFIG, plain_dcp=True) if is_plain_dcp(checkpoint_dir) else None
+        foreign = foreign_format(checkpoint_dir)
+        return None if foreign is None else CheckpointMetadata(FOREIGN_FORMATS[foreign], foreign=foreign)
     return _parse_metadata(read_json(path), path)
 
 
-def is_plain_dcp(checkpoint_dir) -> bool:
-    """A checkpoint written by `torch.distributed.checkpoint.save` (e.g. torchtitan's): DCP's
-    `.metadata`, which DCP writes once all data is written, and neither `metadata.json` nor the
-    files a save of this library or of Megatron-Core writes before it (`common.pt`,
-    `index.json`); those without `metadata.json` are incomplete."""
+def foreign_format(checkpoint_dir) -> Optional[str]:
+    """The name (in FOREIGN_FORMATS) of the tool that wrote a directory without `metadata.json`:
+    - "PyTorch DCP": `torch.distributed.checkpoint.save` (e.g. torchtitan's): DCP's `.metadata`,
+      which DCP writes once all data is written, and none of the files that a save of this
+      library or of Megatron-Core writes before `metadata.json` (`common.pt`, `index.json`):
+      without `metadata.json` those are incomplete;
+    - "safetensors": Hugging Face's `model.safetensors.index.json` or `model.safetensors`.
+    None for anything else (an incomplete checkpoint, or no checkpoint)."""
     root = str(checkpoint_dir)
-    return (
+    if os.path.lexists(os.path.join(root, CONFIG_FNAME)):
+        return None
+    if (
         os.path.isfile(os.path.join(root, DCP_METADATA_FNAME))
-        and not os.path.lexists(os.path.join(root, CONFIG_FNAME))
         and not os.path.lexists(os.path.join(root, COMMON_FNAME))
         and not os.path.lexists(os.path.join(root, INDEX_FNAME))
-    )
+    ):
+        return "PyTorch DCP"
+    if any(os.path.isfile(os.path.join(root, name)) for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE)):
+        return "safetensors"
+    return None
 
 
 MISSING = object()  # what `read_json(..., missing_ok=True)` returns for a file that is not there

@@ -13,6 +13,7 @@ from .dtypes import name_of_torch, zarr_v2_dtype
 from .integrity import integrity_problems, verify_file
 from .layout import COMMON_FNAME, COMMON_STATE_UNIQUE_KEY, INTEGRITY_FNAME, contained_path, object_file
 from .serialization import load_common_state_dict, load_sharded_metadata
+from .single_file import read_safetensors_index
 from .strategies.config import ZARR_ENGINES
 from .strategies.dcp_format import METADATA_FNAME as DCP_METADATA
 from .strategies.dcp_format import check_chunks_tile, read_dcp_metadata
@@ -73,8 +74,8 @@ def describe(checkpoint_dir) -> dict:
 
 
 def _format_name(metadata: CheckpointMetadata) -> str:
-    if metadata.plain_dcp:
-        return "PyTorch DCP (read-only)"
+    if metadata.foreign:
+        return f"{metadata.foreign} (read-only)"
     if metadata.is_legacy:
         return "Megatron-Core (no index)"
     return f"dist_checkpointing v{metadata.format_version}"
@@ -90,7 +91,10 @@ def _disk_usage(checkpoint_dir: str) -> dict:
 
 
 def _shard_grids(checkpoint_dir: str, engine: str) -> Dict[str, List[int]]:
-    """key -> stored pieces along each axis (Zarr chunks, or distinct DCP chunk offsets)."""
+    """key -> stored pieces along each axis (Zarr chunks, or distinct DCP chunk offsets);
+    none for safetensors (one piece per tensor)."""
+    if engine == "safetensors":
+        return {}
     if engine in ZARR_ENGINES:
         grids = {}
         for key in list_arrays(checkpoint_dir):
@@ -147,14 +151,19 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
             checked["objects"] += 1
             if not os.path.isfile(object_file(checkpoint_dir, unique_key)):
                 problems.append((unique_key, f"{object_file(checkpoint_dir, unique_key)} is missing"))
+    if metadata.config.sharded_backend == "safetensors":  # its headers: every byte range inside its file
+        try:
+            checked["tensors"] = len(read_safetensors_index(checkpoint_dir))
+        except CheckpointingException as e:
+            problems.append((checkpoint_dir, str(e)))
     return list(dict.fromkeys(problems)), checked
 
 
 def _holds_common_state(checkpoint_dir: str, metadata: CheckpointMetadata) -> bool:
     """Whether the common state is stored as the ShardedObject `common_state` (or there is
     none: a plain DCP checkpoint) rather than in `common.pt`."""
-    if metadata.plain_dcp or metadata.objects is not None:
-        return metadata.plain_dcp or COMMON_STATE_UNIQUE_KEY in metadata.objects
+    if metadata.foreign or metadata.objects is not None:
+        return bool(metadata.foreign) or COMMON_STATE_UNIQUE_KEY in metadata.objects
     if metadata.config.sharded_backend in ZARR_ENGINES:
         return os.path.isfile(object_file(checkpoint_dir, COMMON_STATE_UNIQUE_KEY))
     try:
@@ -184,7 +193,7 @@ def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problem
     owners = {(COMMON_FNAME, 0): "common state"}
     for unique_key in metadata.objects or []:
         owners[(os.path.relpath(object_file(checkpoint_dir, unique_key), checkpoint_dir), 0)] = unique_key
-    if metadata.config.sharded_backend in ZARR_ENGINES:
+    if metadata.config.sharded_backend != "torch_dist":
         return owners
     try:
         dcp = read_dcp_metadata(checkpoint_dir)

@@ -22,6 +22,9 @@ _RESERVED = {CONFIG_FNAME, INDEX_FNAME, INTEGRITY_FNAME, COMMON_FNAME, DCP_METAD
 # (global shape (1,), offset (0,)) instead of in common.pt
 COMMON_STATE_KEY = "common_state"
 COMMON_STATE_UNIQUE_KEY = "common_state/shard_0_1"
+# Hugging Face's safetensors directory: one file, or files listed in the index's weight_map
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 _MAX_NAME_BYTES = 255
 
 

@@ -469,7 +469,7 @@ def _tensors_metadata(checkpoint_dir, metadata, sharded_strategy) -> CkptSharded
 def _sharded_metadata(checkpoint_dir, metadata, sharded_strategy, common_strategy):
     """Every stored entry: tensors by key, objects by unique key (with the ShardedObject that
     holds the common state, where there is one)."""
-    if metadata.plain_dcp:  # its non-tensor entries are not ShardedObjects
+    if metadata.foreign:  # tensors only (a DCP's non-tensor entries are not ShardedObjects)
         return _tensors_metadata(checkpoint_dir, metadata, sharded_strategy)
     if metadata.is_legacy:
         result = dict(sharded_strategy.load_sharded_metadata(checkpoint_dir))
@@ -485,10 +485,10 @@ def _common_state_and_entries(checkpoint, sharded, common) -> Tuple[StateDict, C
     """The checkpoint's common state, and its stored entries (`_sharded_metadata`) but the one
     holding the common state. The common state is `common.pt`; in Megatron-Core >= 0.19's
     layout (and ours with `common_state_in_dcp`) the ShardedObject `common_state`, which a
-    `common.pt` overrides where both exist (as in Megatron-Core). A plain DCP checkpoint has none."""
+    `common.pt` overrides where both exist (as in Megatron-Core). A foreign checkpoint has none."""
     entries = _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
     inside = entries.pop(COMMON_STATE_UNIQUE_KEY, None) is not None and not os.path.lexists(common_file(checkpoint))
-    if checkpoint.metadata.plain_dcp:
+    if checkpoint.metadata.foreign:
         return {}, entries
     if not inside:
         return common.load_common(checkpoint), entries
@@ -557,9 +557,9 @@ def remove_sharded_tensors(checkpoint_dir, key_prefix: str) -> None:
     whose files are gone.
     """
     metadata = require_complete_checkpoint(checkpoint_dir)
-    if metadata.plain_dcp:
+    if metadata.foreign:
         raise CheckpointingException(
-            f"{checkpoint_dir} was written by torch.distributed.checkpoint.save; this library reads such "
+            f"{checkpoint_dir} is a {metadata.foreign} checkpoint; this library reads such "
             f"checkpoints but never writes into them. Convert it first (`dist-ckpt convert`)."
         )
     sharded, _ = verify_checkpoint_and_load_strategy(checkpoint_dir, None, None, metadata)

@@ -1,5 +1,6 @@
 """Single-file exports, written one tensor at a time: memory holds the largest tensor, never the
-whole state. Used by `dist-ckpt convert --to torch|safetensors`.
+whole state. Used by `dist-ckpt convert --to torch|safetensors`; safetensors directories (ours
+or Hugging Face's) are also read (`read_safetensors_index`, strategies/safetensors.py).
 
 - `torch`: the zip archive `torch.save` writes (records `data/<i>` with raw storage bytes, and
   `data.pkl` that rebuilds `{key: tensor}` from them), readable by
@@ -16,15 +17,19 @@ a file that looks whole.
 import collections
 import io
 import json
+import math
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from .dtypes import name_of_torch, safetensors_dtype
+from .core import MISSING, CheckpointingException, is_int, parse_json, read_json
+from .dtypes import DTYPES, name_of_torch, safetensors_dtype
 from .fs import atomic_write, atomic_write_with
+from .layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, contained_path
 
 TensorSource = Callable[[str], torch.Tensor]  # key -> the whole tensor (on the CPU)
 Entry = Tuple[str, torch.dtype, Tuple[int, ...]]  # key, dtype, global shape
@@ -87,8 +92,6 @@ def write_torch_file(path: str, entries: List[Entry], read: TensorSource, progre
     atomic_write_with(path, write)
 
 
-SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def plan_safetensors_files(entries: List[Entry], max_file_bytes: int) -> List[List[Entry]]:
@@ -148,3 +151,77 @@ def _write_safetensors_file(path: str, entries: List[Entry], read: TensorSource,
                 progress(key)
 
     atomic_write_with(path, write)
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # as the reference implementation: a larger header is damage
+_NAME_OF_SAFETENSORS = {st: name for name, (_, _, st) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """Where one tensor of a safetensors directory is: its values are C-ordered little-endian
+    bytes at [start, start + nbytes) of `file`."""
+
+    file: str  # relative to the directory
+    dtype: str  # a dtype table name
+    shape: Tuple[int, ...]
+    start: int
+
+
+def read_safetensors_index(directory: str) -> Dict[str, SafetensorsEntry]:
+    """Every tensor of a safetensors directory (`model.safetensors`, or the files that
+    `model.safetensors.index.json` names), from the files' headers, each checked: nothing read
+    from the files is trusted (sizes bounded, byte ranges inside the file, file names inside
+    the directory)."""
+    index = read_json(os.path.join(directory, SAFETENSORS_INDEX), missing_ok=True)
+    if index is MISSING:
+        files = [SAFETENSORS_SINGLE]
+    else:
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointingException(f"Malformed {os.path.join(directory, SAFETENSORS_INDEX)}: expected a 'weight_map' of tensor names to file names")
+        files = sorted(set(weight_map.values()))
+    entries: Dict[str, SafetensorsEntry] = {}
+    for name in files:
+        for key, entry in _read_header(directory, name).items():
+            if key in entries:
+                raise CheckpointingException(f"Tensor '{key}' is in both {entries[key].file} and {name} of {directory}; the checkpoint is damaged")
+            entries[key] = entry
+    return entries
+
+
+def _read_header(directory: str, name: str) -> Dict[str, SafetensorsEntry]:
+    path = contained_path(directory, name, SAFETENSORS_INDEX)
+
+    def fail(problem: str):
+        raise CheckpointingException(f"{path} is not a valid safetensors file: {problem}. It is damaged or was not written completely.")
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
+                fail(f"its header size {length} does not fit the file ({size} bytes)")
+            header = parse_json(f.read(length), path)
+    except FileNotFoundError:
+        raise CheckpointingException(f"{path} is missing; the safetensors checkpoint is incomplete") from None
+    if not isinstance(header, dict):
+        fail("its header is not a JSON object")
+    data_start, entries = 8 + length, {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            fail(f"the entry of '{key}' is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _NAME_OF_SAFETENSORS:
+            fail(f"'{key}' has dtype {dtype!r}; this library reads {sorted(_NAME_OF_SAFETENSORS)}")
+        if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape) or math.prod(shape) >= 2**62:
+            fail(f"'{key}' has shape {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) and o >= 0 for o in offsets):
+            fail(f"'{key}' has data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * DTYPES[_NAME_OF_SAFETENSORS[dtype]][0].itemsize
+        if offsets[1] - offsets[0] != nbytes or data_start + offsets[1] > size:
+            fail(f"'{key}' has bytes {offsets} for {nbytes} bytes of values, in a file of {size - data_start} data bytes")
+        entries[key] = SafetensorsEntry(name, _NAME_OF_SAFETENSORS[dtype], tuple(shape), data_start + offsets[0])
+    return entries

@@ -6,6 +6,9 @@
   ShardedTensors, and (torch_dist) with stock `torch.distributed.checkpoint.load`.
 - Plain DCP checkpoints written from DTensors on 2 and 4 ranks load through `load`,
   `load_plain_tensors`, `load_tensors_metadata` and the tools, read-only.
+- Hugging Face safetensors directories (written here by the `safetensors` library, one file
+  or sharded with `model.safetensors.index.json`) load into TP-sharded requests and DTensors,
+  each rank reading only the rows of its slice.
 - The newest Megatron-Core format (core_v0.19+; the fixture, and ours with
   `common_state_in_dcp`): the common state inside the DCP files, `integrity.json` (written with
   `save(..., verify_integrity=True)`, checked by `load(..., verify_integrity=True)` and
@@ -104,6 +107,44 @@ def _whole_request(rank: int):
     return request
 
 
+def write_hugging_face_model(directory: str, shards: int) -> None:
+    """The rule's tensors as a Hugging Face model directory, written by the `safetensors`
+    library: `model.safetensors`, or `shards` files and `model.safetensors.index.json`."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.layers.{_name(d)}.weight": full(f"model.layers.{_name(d)}.weight", SHAPE, d) for d in DTYPES}
+    tensors["model.small"] = full("model.small", SMALL, torch.float32)
+    os.makedirs(directory)
+    if shards == 1:
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {key: tensors[key] for key in names[i::shards]}
+        save_file(part, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+
+
+def _tp_request(rank: int, tp: int):
+    """Every tensor split over TP along axis 1 (columns), as a row-parallel layer asks for it."""
+    request = {}
+    for key, dtype, shape in [(f"model.layers.{_name(d)}.weight", d, SHAPE) for d in DTYPES] + [("model.small", torch.float32, SMALL)]:
+        request[key] = ShardedTensor.from_rank_offsets(key, torch.empty(shape[0], shape[1] // tp, dtype=dtype), (1, rank, tp))
+    return request
+
+
+def _check_tp(loaded, rank: int, tp: int) -> int:
+    for key, value in loaded.items():
+        whole = full(key, SHAPE if key != "model.small" else SMALL, value.dtype)
+        width = whole.shape[1] // tp
+        assert torch.equal(value, whole[:, rank * width : (rank + 1) * width]), key
+    return len(loaded)
+
+
 def _dtensor_ranks(rank, world_size, root):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import Partial, distribute_tensor
@@ -112,7 +153,12 @@ def _dtensor_ranks(rank, world_size, root):
     plain = os.path.join(root, f"plain_dcp_{world_size}")
     dcp.save(_state("save"), checkpoint_id=plain)  # stock DCP, as torchtitan saves
     torch.distributed.barrier()
-    if world_size == 2:
+    if world_size == 2:  # Hugging Face models as the start of a TP run
+        for shards in (1, 3):
+            model = os.path.join(root, f"hf_{shards}")
+            results[f"hf {shards} -> tp"] = _check_tp(dc.load(_tp_request(rank, 2), model), rank, 2)
+            request = _state("load", with_data=False)
+            results[f"hf {shards} -> dtensors"] = _check_dtensors(dc.load(request, model), request)
         return results
     # 4 ranks: the plain DCP checkpoints of 2 and 4 ranks, into DTensors on other meshes and
     # into ShardedTensors; never written into
@@ -148,12 +194,13 @@ def _dtensor_ranks(rank, world_size, root):
 @pytest.fixture(scope="module")
 def dtensor_runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("dtensor"))
-    run_ranks(_dtensor_ranks, 2, root)
-    return root, run_ranks(_dtensor_ranks, 4, root)
+    for shards in (1, 3):
+        write_hugging_face_model(os.path.join(root, f"hf_{shards}"), shards)
+    return root, run_ranks(_dtensor_ranks, 2, root), run_ranks(_dtensor_ranks, 4, root)
 
 
 def test_dtensors_save_and_load_across_meshes_engines_and_stock_dcp(dtensor_runs):
-    _, results = dtensor_runs
+    _, _, results = dtensor_runs
     n = len(DTYPES) + 1
     expected = {"plain 2 -> dtensors": n, "plain 2 -> whole": n, "plain 4 -> dtensors": n, "plain 4 -> whole": n,
                 "zarr -> dtensors": n, "zarr -> whole": n, "torch_dist -> dtensors": n, "torch_dist -> whole": n,
@@ -164,7 +211,7 @@ def test_dtensors_save_and_load_across_meshes_engines_and_stock_dcp(dtensor_runs
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_plain_dcp_checkpoints_in_one_process(dtensor_runs, ranks, capsys, tmp_path):
     """Without a process group: metadata, plain tensors, the tools; read-only."""
-    root, _ = dtensor_runs
+    root, _, _ = dtensor_runs
     plain = os.path.join(root, f"plain_dcp_{ranks}")
     assert dc.check_is_distributed_checkpoint(plain)
     metadata = dc.load_tensors_metadata(plain)
@@ -231,3 +278,41 @@ def test_saving_the_newest_megatron_layout(tmp_path, engine, capsys):
     assert verify(path)[0] == []
     _flip_byte(os.path.join(path, "index.json"), 3)
     assert any("index.json" in problem for _, problem in verify(path)[0])
+
+
+def test_hugging_face_safetensors_load_into_tp_requests_and_dtensors(dtensor_runs):
+    _, results, _ = dtensor_runs
+    n = len(DTYPES) + 1
+    assert results == [{"hf 1 -> tp": n, "hf 1 -> dtensors": n, "hf 3 -> tp": n, "hf 3 -> dtensors": n}] * 2
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_hugging_face_safetensors_in_one_process(dtensor_runs, shards, monkeypatch, capsys):
+    """Metadata, plain tensors, the tools; a slice reads only its rows; damage is named."""
+    root, _, _ = dtensor_runs
+    model = os.path.join(root, f"hf_{shards}")
+    assert dc.load_tensors_metadata(model)["model.layers.bfloat16.weight"].global_shape == SHAPE
+    assert _check_whole(dc.load_plain_tensors(model)) == len(DTYPES) + 1
+    assert cli(["inspect", model]) == 0 and "safetensors (read-only)" in capsys.readouterr().out
+    assert cli(["verify", model]) == 0 and f"sound ({len(DTYPES) + 1} tensors" in capsys.readouterr().out
+    read = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: read.append(sum(memoryview(b).nbytes for b in buffers)) or real_preadv(fd, buffers, offset))
+    key = "model.layers.float64.weight"
+    rows = {key: ShardedTensor(key, torch.empty(2, 6, dtype=torch.float64), torch.float64, (2, 6), SHAPE, (4, 0), None)}
+    assert torch.equal(dc.load(rows, model, validate_access_integrity=False)[key], full(key, SHAPE, torch.float64)[4:6])
+    assert read == [2 * 6 * 8]  # rows 4 and 5 only
+
+
+def test_damaged_safetensors_are_refused(tmp_path):
+    model = str(tmp_path / "hf")
+    write_hugging_face_model(model, 1)
+    path = os.path.join(model, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(CheckpointingException, match=r"model.safetensors is not a valid safetensors file: '[\w.]+' has bytes"):
+        dc.load_plain_tensors(model)
+    with open(path, "r+b") as f:
+        f.write((2**40).to_bytes(8, "little"))
+    with pytest.raises(CheckpointingException, match="header size 1099511627776 does not fit"):
+        dc.load_tensors_metadata(model)

@@ -1,7 +1,8 @@
 """Storage engines. One module per engine; `base` says what an engine implements.
 
 Engines are imported on first use (they import heavy libraries): zarr (zarr-python),
-tensorstore (same Zarr files, C++ engine) and torch_dist (PyTorch DCP format).
+tensorstore (same Zarr files, C++ engine) and torch_dist (PyTorch DCP format); and a reader of
+Hugging Face safetensors directories (backend "safetensors", load only).
 """
 
 import importlib
@@ -31,13 +32,17 @@ def load_strategy_from_config(config: StrategyConfig):
     return engine_classes(config.backend)[1](config.backend, 1, config)
 
 
+READ_ONLY_BACKENDS = ("safetensors",)
+
+
 def builtin_backends(action) -> Tuple[Tuple[str, int], ...]:
     """The (backend, version) pairs with a built-in strategy for `action`."""
     from .base import StrategyAction
 
     if action in (StrategyAction.SAVE_COMMON, StrategyAction.LOAD_COMMON):
         return (("torch", 1),)
-    return tuple((backend, 1) for backend in ENGINES)
+    readers = READ_ONLY_BACKENDS if action == StrategyAction.LOAD_SHARDED else ()
+    return tuple((backend, 1) for backend in ENGINES + readers)
 
 
 def builtin_strategy(action, backend: str, version: int):
@@ -51,6 +56,10 @@ def builtin_strategy(action, backend: str, version: int):
         from .common import TorchCommonLoadStrategy, TorchCommonSaveStrategy
 
         return TorchCommonSaveStrategy() if action == StrategyAction.SAVE_COMMON else TorchCommonLoadStrategy()
+    if backend == "safetensors":
+        from .safetensors import SafetensorsLoadShardedStrategy
+
+        return SafetensorsLoadShardedStrategy()
     config = StrategyConfig(backend=backend)
     if action == StrategyAction.SAVE_SHARDED:
         return save_strategy_from_config(config)
