@@ -17,6 +17,7 @@ from .errors import CheckpointingException
 from .fs import atomic_write
 from .layout import (
     COMMON_FNAME,
+    COMMON_STATE_UNIQUE_KEY,
     CONFIG_FNAME,
     DCP_METADATA_FNAME,
     INDEX_FNAME,
@@ -103,17 +104,20 @@ def foreign_format(checkpoint_dir) -> Optional[str]:
     """The name (in FOREIGN_FORMATS) of the tool that wrote a directory without `metadata.json`:
     - "PyTorch DCP": `torch.distributed.checkpoint.save` (e.g. torchtitan's): DCP's `.metadata`,
       which DCP writes once all data is written, and none of the files that a save of this
-      library or of Megatron-Core writes before `metadata.json` (`common.pt`, `index.json`):
+      library or of Megatron-Core writes before `metadata.json` (`common.pt`, `index.json`, or
+      the DCP entry of the common state, whose name the pickled `.metadata` then holds):
       without `metadata.json` those are incomplete;
     - "safetensors": Hugging Face's `model.safetensors.index.json` or `model.safetensors`.
     None for anything else (an incomplete checkpoint, or no checkpoint)."""
     root = str(checkpoint_dir)
     if os.path.lexists(os.path.join(root, CONFIG_FNAME)):
         return None
+    dcp_metadata = os.path.join(root, DCP_METADATA_FNAME)
     if (
-        os.path.isfile(os.path.join(root, DCP_METADATA_FNAME))
+        os.path.isfile(dcp_metadata)
         and not os.path.lexists(os.path.join(root, COMMON_FNAME))
         and not os.path.lexists(os.path.join(root, INDEX_FNAME))
+        and not _mentions(dcp_metadata, COMMON_STATE_UNIQUE_KEY.encode())
     ):
         return "PyTorch DCP"
     if any(os.path.isfile(os.path.join(root, name)) for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE)):
@@ -163,6 +167,15 @@ def is_int(x) -> bool:
 
 _CONFIG_FIELDS = ("sharded_backend", "sharded_backend_version", "common_backend", "common_backend_version")
 _INDEX_FIELDS = ("format_version", "tensors", "objects", "checksums")
+
+
+def _mentions(path: str, name: bytes) -> bool:
+    """Whether file `path` contains the bytes `name` (read, never unpickled)."""
+    try:
+        with open(path, "rb") as f:
+            return name in f.read()
+    except OSError:
+        return False
 
 
 def _parse_metadata(doc, path: str) -> CheckpointMetadata:

@@ -278,6 +278,11 @@ def test_saving_the_newest_megatron_layout(tmp_path, engine, capsys):
     assert verify(path)[0] == []
     _flip_byte(os.path.join(path, "index.json"), 3)
     assert any("index.json" in problem for _, problem in verify(path)[0])
+    # a save that stopped after `.metadata`: incomplete, not a plain DCP checkpoint without common state
+    for name in ("metadata.json", "index.json", "integrity.json"):
+        os.remove(os.path.join(path, name))
+    with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
+        dc.load_common_state_dict(path)
 
 
 def test_hugging_face_safetensors_load_into_tp_requests_and_dtensors(dtensor_runs):

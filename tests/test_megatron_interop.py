@@ -1,7 +1,8 @@
 """Megatron-Core's own `dist_checkpointing.load` (also `load_common_state_dict` and
 `load_plain_tensors`) reads the checkpoints this library writes: 0.15.3 (torch_dist, and Zarr v2
 through both its tensorstore and its zarr-python 2 reader) and 0.16.1 (torch_dist), at TP2 as
-saved and at TP1.
+saved and at TP1. Also the bridge: a checkpoint of the newest Megatron-Core format (which
+0.15/0.16 cannot read) converted by `dist-ckpt convert --to torch_dist` loads with both.
 
 Megatron-Core 0.15.3 is installed in the test venv; 0.16.1 and the zarr-python 2 stack of 0.15's
 zarr reader are installed beside it (Makefile) and put first on sys.path of the ranks that use
@@ -17,8 +18,12 @@ import pytest
 import torch
 
 import dist_checkpointing as dc
+from dist_checkpointing.cli import main as cli
 from layouts import check_loaded, full, sharded_state_dict
 from multirank import run_ranks
+from test_megatron_fixture import FIXTURES, manifest, request_at_tp
+
+NEWEST = FIXTURES[-1]
 
 # not imported here: the ranks import the Megatron-Core version they test
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="installed by `make test` (--no-deps)")
@@ -75,6 +80,15 @@ def _megatron_loads_ours(rank, world_size, root, peer_dirs):
         plain = mdc.load_plain_tensors(ckpt)
         assert torch.equal(plain["embedding.weight"], full("embedding.weight", (64, 16), torch.bfloat16))
         assert torch.equal(plain["layers.fc2.weight"], full("layers.fc2.weight", (2, 16, 64), torch.float16))
+    # the bridge: the newest format, converted
+    bridge = os.path.join(root, "bridge")
+    request, expected = request_at_tp(rank, 2, NEWEST)
+    loaded = mdc.load(to_megatron(request), bridge)
+    assert loaded["common"] == manifest(NEWEST)["common"] and loaded["rng"] == manifest(NEWEST)["sharded_objects"]["rng_state"]
+    for key, exp in expected.items():
+        for e, g in zip(exp, loaded[key]) if isinstance(exp, list) else [(exp, loaded[key])]:
+            assert g.dtype == e.dtype and torch.equal(g, e), key
+    compared.append(len(expected))
     return version, compared
 
 
@@ -82,14 +96,15 @@ def _megatron_loads_ours(rank, world_size, root, peer_dirs):
 def ours(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ours"))
     run_ranks(_save_ours, 2, root)
+    assert cli(["convert", NEWEST, os.path.join(root, "bridge"), "--to", "torch_dist"]) == 0
     return root
 
 
 def test_megatron_core_0_15_loads_our_torch_dist_and_zarr_v2_checkpoints(ours):
     results = run_ranks(_megatron_loads_ours, 2, ours, ["zarr2"])
-    assert results == [("0.15.3", [16] * 6)] * 2
+    assert results == [("0.15.3", [16] * 6 + [5])] * 2
 
 
 def test_megatron_core_0_16_loads_our_torch_dist_checkpoints(ours):
     results = run_ranks(_megatron_loads_ours, 2, ours, ["megatron-core-0.16.1"])
-    assert results == [("0.16.1", [16] * 2)] * 2
+    assert results == [("0.16.1", [16] * 2 + [5])] * 2
