@@ -53,7 +53,8 @@ class TensorEntry:
 
 @dataclass
 class CheckpointMetadata:
-    """The parsed `metadata.json`. `tensors`/`objects` are None for legacy (Megatron) checkpoints."""
+    """The parsed `metadata.json` and index. `tensors`/`objects` are None for legacy (Megatron,
+    foreign) checkpoints."""
 
     config: CheckpointingConfig
     format_version: Optional[int] = None

@@ -73,6 +73,6 @@ def restore_dtensors(state_dict: Any, dtensors: Dict[Path, DTensor]) -> None:
         for name in path[:-1]:
             container = container[name]
         loaded, local = container[path[-1]], dtensor.to_local().detach()
-        if loaded.data_ptr() != local.data_ptr() or loaded.stride() != local.stride():
+        if loaded.data_ptr() != local.data_ptr():  # else it is the local tensor itself
             local.copy_(loaded)
         container[path[-1]] = dtensor

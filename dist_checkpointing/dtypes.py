@@ -1,6 +1,6 @@
 """The one dtype table, and the one place that knows about bfloat16.
 
-Names are the Zarr v3 data type names (what `zarr.json` and the index in `metadata.json` say).
+Names are the Zarr v3 data type names (what `zarr.json` and the index, `index.json`, say).
 numpy has no bfloat16; `ml_dtypes.bfloat16` (the type tensorstore uses) stands in for it, and
 torch tensors cross into numpy through a 16-bit integer view, which is exact.
 """

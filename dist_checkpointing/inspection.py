@@ -162,10 +162,12 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
 def _holds_common_state(checkpoint_dir: str, metadata: CheckpointMetadata) -> bool:
     """Whether the common state is stored as the ShardedObject `common_state` (or there is
     none: a plain DCP checkpoint) rather than in `common.pt`."""
-    if metadata.foreign or metadata.objects is not None:
-        return bool(metadata.foreign) or COMMON_STATE_UNIQUE_KEY in metadata.objects
-    if metadata.config.sharded_backend in ZARR_ENGINES:
-        return os.path.isfile(object_file(checkpoint_dir, COMMON_STATE_UNIQUE_KEY))
+    if metadata.foreign:
+        return True
+    if metadata.objects is not None:
+        return COMMON_STATE_UNIQUE_KEY in metadata.objects
+    if metadata.config.sharded_backend != "torch_dist":  # only Megatron-Core's newest layout has it
+        return False
     try:
         return COMMON_STATE_UNIQUE_KEY in read_dcp_metadata(checkpoint_dir).state_dict_metadata
     except CheckpointingException:

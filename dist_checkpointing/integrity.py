@@ -5,7 +5,7 @@ Zarr v3 `crc32c` codec uses:
 - Zarr v3 chunks end with their own CRC-32C (the codec); both Zarr engines verify it whenever
   they decode a chunk;
 - every other file the library writes (`common.pt`, ShardedObject files, torch_dist `.distcp`
-  files) is recorded in `metadata.json` as byte ranges with a CRC-32C each: one range per file,
+  files) is recorded in the index, `index.json`, as byte ranges with a CRC-32C each: one range per file,
   or one per item of a `.distcp` file, so a load that reads one item checks just that item.
 
 Besides, Megatron-Core's `integrity.json` (optional: `save(..., verify_integrity=True)`): the
@@ -110,7 +110,7 @@ class ChecksumIndex:
         if (name, offset) not in self.ranges:
             raise CheckpointingException(
                 f"{what}: {contained_path(checkpoint_dir, name, what)} has no recorded item at byte "
-                f"{offset}; metadata.json and the data file disagree. The checkpoint is damaged."
+                f"{offset}; index.json and the data file disagree. The checkpoint is damaged."
             )
         return self.ranges[name, offset]
 
@@ -170,7 +170,7 @@ def _problem(size: int, length: int, crc: int, actual_crc: Callable[[], int]) ->
 def verify_file(checkpoint_dir, name: str, ranges: List[Range]) -> List[Tuple[int, str]]:
     """(offset, problem) for each damaged Range of file `name` (empty if sound); reads it whole."""
     try:
-        path = contained_path(checkpoint_dir, name, "metadata.json's checksums")
+        path = contained_path(checkpoint_dir, name, "index.json's checksums")
     except CheckpointingException as e:
         return [(0, str(e))]
     try:
@@ -260,7 +260,7 @@ def integrity_problems(checkpoint_dir) -> Optional[Tuple[List[Tuple[str, str]], 
 
 
 def verify_integrity(checkpoint_dir) -> None:
-    """Raises naming the first damaged file unless every file matches `integrity.json`."""
+    """Raises, naming the damaged files (the first five), unless every file matches `integrity.json`."""
     found = integrity_problems(checkpoint_dir)
     if found is None:
         raise CheckpointingException(

@@ -1,6 +1,6 @@
 """A checkpoint opened once per load (DCP's `set_up_storage_reader(metadata)`, Orbax's handlers).
 
-`open_checkpoint` parses `metadata.json` and its checksum index once; the engine's own index
+`open_checkpoint` parses `metadata.json` and the index with its checksums once; the engine's own index
 (`.metadata`, the Zarr array documents) is parsed on first use and kept. The load hands the
 `OpenCheckpoint` to the strategies where Megatron-Core's signatures take a directory: it is an
 `os.PathLike` of that directory, so a strategy called with a plain path (as Megatron-Core code

@@ -553,7 +553,7 @@ def load_content_metadata(checkpoint_dir=None, *, preloaded_state_dict: Optional
 def remove_sharded_tensors(checkpoint_dir, key_prefix: str) -> None:
     """Deletes the tensors whose key starts with `key_prefix` (call on one rank).
 
-    The index in `metadata.json` is rewritten first, so the checkpoint never lists a tensor
+    The index (`index.json`) is rewritten first, so the checkpoint never lists a tensor
     whose files are gone.
     """
     metadata = require_complete_checkpoint(checkpoint_dir)

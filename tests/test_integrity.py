@@ -1,5 +1,5 @@
 """Checksums and damaged checkpoints: a changed, truncated or missing file, or a malformed
-metadata.json, raises a CheckpointingException naming the key and the file; never wrong values."""
+metadata.json or index.json, raises a CheckpointingException naming the key and the file; never wrong values."""
 
 import json
 import os

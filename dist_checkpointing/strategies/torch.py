@@ -11,7 +11,7 @@ Megatron-Core's loader read it.
 We write and read the data files ourselves instead of calling DCP's `save`/`load`:
 `serialization.save` has already exchanged and validated the plan (DCP would do both again,
 with its own collectives), fs.py makes every file durable, and each item's bytes are checked
-against the CRC-32C recorded in `metadata.json` before they are unpickled (integrity.py).
+against the CRC-32C recorded in the index (`index.json`) before they are unpickled (integrity.py).
 `.metadata` is unpickled with an allow-list (pickling.py) and type-checked (dcp_format.py).
 """
 
@@ -169,7 +169,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
         files = balance(items, self.config.thread_count, _nbytes, THREAD_BYTES)
         names = [f"__{plan.rank}_{n}.distcp" for n in range(len(files))]
-        # Each item is checksummed (CRC-32C, metadata.json), so torch.save's own zlib CRC-32 of
+        # Each item is checksummed (CRC-32C, index.json), so torch.save's own zlib CRC-32 of
         # every record is skipped: it costs ~1/3 of a small item's save and 40 ms per 100 MB.
         # torch.load (DCP's and Megatron's readers) reads such records; the setting is
         # process-wide, hence set once around all writer threads.
