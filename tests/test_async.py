@@ -12,6 +12,7 @@ import torch.distributed as dist
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor, write_job
 from dist_checkpointing.dict_utils import nested_values
+from dist_checkpointing.inspection import verify
 from dist_checkpointing.strategies import save_strategy_from_config
 from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
@@ -40,13 +41,15 @@ def async_saves(rank, world_size, root):
     queue = AsyncCallsQueue(persistent=True)
     strategies = {backend: backend for backend in ENGINES}
     strategies["zarr-fully-parallel"] = FullyParallelSaveStrategyWrapper(save_strategy_from_config(StrategyConfig()))
+    # Megatron-Core's newest layout, with integrity.json (written by rank 0 at finalize)
+    strategies["torch_dist-newest"] = StrategyConfig(backend="torch_dist", common_state_in_dcp=True)
     allocated = _count_staging_allocations()
     dc.prepare_async_save(sharded_state_dict(rank, 2), "torch_dist")  # once, before the first save
     assert allocated == [1]
     for name, strategy in strategies.items():
         ckpt = f"{root}/{name}"
         state = sharded_state_dict(rank, 2)
-        request = dc.save(state, ckpt, strategy, async_sharded_save=True)
+        request = dc.save(state, ckpt, strategy, async_sharded_save=True, verify_integrity=name == "torch_dist-newest")
         _scribble(state)
         queue.schedule_async_request(request)
         assert not _committed(ckpt) and not request.committed.done()  # only finalize commits
@@ -54,6 +57,10 @@ def async_saves(rank, world_size, root):
         assert _committed(ckpt) and queue.get_num_unfinalized_calls() == 0
         assert request.committed.result(timeout=0) == request.results
         assert _reload(rank, ckpt) > 10, name
+    newest = f"{root}/torch_dist-newest"
+    problems, checked = verify(newest)
+    assert problems == [] and not os.path.exists(f"{newest}/common.pt")
+    assert checked["integrity_files"] == len(os.listdir(newest)) - 1  # every file but integrity.json
     assert allocated == [1]  # every save staged into the prepared memory
     # the writer yields the CPU to training
     assert os.getpriority(os.PRIO_PROCESS, queue.writer.process.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
