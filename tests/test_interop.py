@@ -321,3 +321,30 @@ def test_damaged_safetensors_are_refused(tmp_path):
         f.write((2**40).to_bytes(8, "little"))
     with pytest.raises(CheckpointingException, match="header size 1099511627776 does not fit"):
         dc.load_tensors_metadata(model)
+
+
+def test_documents_of_other_tools_are_not_trusted(tmp_path):
+    """integrity.json and a safetensors index may name only files inside the checkpoint, and
+    must be well-formed; a config asking for the newest layout of another engine is refused."""
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(NEWEST, ckpt)
+    path = os.path.join(ckpt, "integrity.json")
+    document = json.load(open(path))
+    document["files"]["../outside"] = "0" * 64
+    json.dump(document, open(path, "w"))
+    problems, _ = verify(ckpt)
+    assert any("'../outside'" in problem and "refused" in problem for _, problem in problems)
+    with open(path, "w") as f:
+        f.write('{"algorithm": "md5", "files": {}}')
+    with pytest.raises(CheckpointingException, match="Malformed .*integrity.json"):
+        dc.load({}, ckpt, verify_integrity=True)
+    model = str(tmp_path / "hf")
+    write_hugging_face_model(model, 3)
+    index = os.path.join(model, "model.safetensors.index.json")
+    document = json.load(open(index))
+    document["weight_map"]["model.small"] = "../model.safetensors"
+    json.dump(document, open(index, "w"))
+    with pytest.raises(CheckpointingException, match="refers to the file '../model.safetensors'.*refused"):
+        dc.load_tensors_metadata(model)
+    with pytest.raises(CheckpointingException, match="common_state_in_dcp must be a bool, and True only for the torch_dist backend"):
+        dc.save({}, str(tmp_path / "z"), sharded_strategy={"backend": "zarr", "common_state_in_dcp": True})
