@@ -188,10 +188,11 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
     if "format_version" not in doc:
         if any(name in doc for name in _INDEX_FIELDS):
             raise CheckpointingException(f"Malformed {path}: an index ('tensors'/'objects'/'checksums') without 'format_version'")
-        index = read_json(os.path.join(os.path.dirname(path), INDEX_FNAME), missing_ok=True)
+        index_path = os.path.join(os.path.dirname(path), INDEX_FNAME)
+        index = read_json(index_path, missing_ok=True)
         if index is MISSING:
             return CheckpointMetadata(config)
-        return _parse_index(index, os.path.join(os.path.dirname(path), INDEX_FNAME), config, set(_INDEX_FIELDS))
+        return _parse_index(index, index_path, config, set(_INDEX_FIELDS))
     return _parse_index(doc, path, config, set(_INDEX_FIELDS) | set(_CONFIG_FIELDS), in_config=True)
 
 

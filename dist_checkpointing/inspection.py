@@ -11,8 +11,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from .core import CONFIG_FNAME, CheckpointingException, CheckpointMetadata, read_metadata
 from .dtypes import name_of_torch, zarr_v2_dtype
 from .integrity import integrity_problems, verify_file
-from .layout import COMMON_FNAME, COMMON_STATE_UNIQUE_KEY, INTEGRITY_FNAME, contained_path, object_file
-from .serialization import load_common_state_dict, load_sharded_metadata
+from .layout import COMMON_FNAME, INTEGRITY_FNAME, contained_path, object_file
+from .serialization import COMMON_STATE_IN_FILE, common_state_place, load_common_state_dict, load_sharded_metadata
 from .single_file import read_safetensors_index
 from .strategies.config import ZARR_ENGINES
 from .strategies.dcp_format import METADATA_FNAME as DCP_METADATA
@@ -127,7 +127,7 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
         checked["files"] += 1
         for offset, problem in verify_file(checkpoint_dir, name, ranges):
             problems.append((owners.get((name, offset), name), problem))
-    if not os.path.isfile(os.path.join(checkpoint_dir, COMMON_FNAME)) and not _holds_common_state(checkpoint_dir, metadata):
+    if not os.path.isfile(os.path.join(checkpoint_dir, COMMON_FNAME)) and _common_state_in_file(checkpoint_dir):
         problems.append(("common state", f"{os.path.join(checkpoint_dir, COMMON_FNAME)} is missing"))
     try:
         integrity = integrity_problems(checkpoint_dir)
@@ -159,19 +159,13 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
     return list(dict.fromkeys(problems)), checked
 
 
-def _holds_common_state(checkpoint_dir: str, metadata: CheckpointMetadata) -> bool:
-    """Whether the common state is stored as the ShardedObject `common_state` (or there is
-    none: a plain DCP checkpoint) rather than in `common.pt`."""
-    if metadata.foreign:
-        return True
-    if metadata.objects is not None:
-        return COMMON_STATE_UNIQUE_KEY in metadata.objects
-    if metadata.config.sharded_backend != "torch_dist":  # only Megatron-Core's newest layout has it
-        return False
+def _common_state_in_file(checkpoint_dir: str) -> bool:
+    """Whether the common state belongs in `common.pt` (serialization's rule); so it does where
+    the engine's index cannot be read to tell (reported by its own checks)."""
     try:
-        return COMMON_STATE_UNIQUE_KEY in read_dcp_metadata(checkpoint_dir).state_dict_metadata
+        return common_state_place(checkpoint_dir) == COMMON_STATE_IN_FILE
     except CheckpointingException:
-        return False  # reported by the checks of `.metadata`
+        return True
 
 
 def _array_problems(checkpoint_dir: str, key: str, metadata: CheckpointMetadata) -> List[str]:

@@ -481,16 +481,37 @@ def _sharded_metadata(checkpoint_dir, metadata, sharded_strategy, common_strateg
     return result
 
 
-def _common_state_and_entries(checkpoint, sharded, common) -> Tuple[StateDict, CkptShardedMetadata]:
-    """The checkpoint's common state, and its stored entries (`_sharded_metadata`) but the one
-    holding the common state. The common state is `common.pt`; in Megatron-Core >= 0.19's
-    layout (and ours with `common_state_in_dcp`) the ShardedObject `common_state`, which a
-    `common.pt` overrides where both exist (as in Megatron-Core). A foreign checkpoint has none."""
+COMMON_STATE_IN_FILE, COMMON_STATE_IN_OBJECT = "common.pt", "the ShardedObject common_state"
+
+
+def _entries_and_common_state(checkpoint, sharded, common) -> Tuple[CkptShardedMetadata, Optional[str]]:
+    """The stored entries of the state dict (`_sharded_metadata` but the one holding the common
+    state), and where the common state is: `common.pt`; in Megatron-Core >= 0.19's layout (and
+    ours with `common_state_in_dcp`) the ShardedObject `common_state`, which a `common.pt`
+    overrides where both exist (as in Megatron-Core); None for a foreign checkpoint (it has none)."""
     entries = _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
-    inside = entries.pop(COMMON_STATE_UNIQUE_KEY, None) is not None and not os.path.lexists(common_file(checkpoint))
+    held = entries.pop(COMMON_STATE_UNIQUE_KEY, None) is not None
     if checkpoint.metadata.foreign:
+        return entries, None
+    if held and not os.path.lexists(common_file(checkpoint)):
+        return entries, COMMON_STATE_IN_OBJECT
+    return entries, COMMON_STATE_IN_FILE
+
+
+def common_state_place(checkpoint_dir) -> Optional[str]:
+    """Where the common state of a complete checkpoint is (`_entries_and_common_state`)."""
+    checkpoint = open_checkpoint(checkpoint_dir, require_complete=True)
+    sharded, common = verify_checkpoint_and_load_strategy(checkpoint.path, None, None, checkpoint.metadata)
+    return _entries_and_common_state(checkpoint, sharded, common)[1]
+
+
+def _common_state_and_entries(checkpoint, sharded, common) -> Tuple[StateDict, CkptShardedMetadata]:
+    """The checkpoint's common state ({} for a foreign checkpoint), and its stored entries
+    (`_entries_and_common_state`)."""
+    entries, place = _entries_and_common_state(checkpoint, sharded, common)
+    if place is None:
         return {}, entries
-    if not inside:
+    if place == COMMON_STATE_IN_FILE:
         return common.load_common(checkpoint), entries
     request = {"common": ShardedObject.empty_from_unique_key(COMMON_STATE_UNIQUE_KEY)}
     if sharded.can_handle_sharded_objects:
@@ -529,9 +550,7 @@ def load_sharded_metadata(checkpoint_dir, sharded_strategy: LoadShardedStrategyL
     sharded, common = verify_checkpoint_and_load_strategy(
         checkpoint.path, sharded_strategy, None, checkpoint.metadata
     )
-    entries = _sharded_metadata(checkpoint, checkpoint.metadata, sharded, common)
-    entries.pop(COMMON_STATE_UNIQUE_KEY, None)  # the common state, not an entry of the state dict
-    return entries
+    return _entries_and_common_state(checkpoint, sharded, common)[0]
 
 
 def load_plain_tensors(checkpoint_dir) -> StateDict:
