@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from .errors import CheckpointingException
-from .fs import atomic_write
 from .layout import (
     COMMON_FNAME,
     COMMON_STATE_UNIQUE_KEY,
@@ -26,6 +25,7 @@ from .layout import (
     relative_path_problem,
     split_unique_key,
 )
+from .storage import storage_of
 
 FORMAT_VERSION = 2  # 1: the index was inside metadata.json
 
@@ -95,7 +95,7 @@ def read_metadata(checkpoint_dir) -> Optional[CheckpointMetadata]:
     """Parses `metadata.json` strictly; None if the checkpoint is not complete. Malformed
     content raises. A checkpoint of another tool (`foreign_format`) reads as a legacy one."""
     path = os.path.join(str(checkpoint_dir), CONFIG_FNAME)
-    if not os.path.lexists(path):
+    if not storage_of(path).exists(path):
         foreign = foreign_format(checkpoint_dir)
         return None if foreign is None else CheckpointMetadata(FOREIGN_FORMATS[foreign], foreign=foreign)
     return _parse_metadata(read_json(path), path)
@@ -110,18 +110,18 @@ def foreign_format(checkpoint_dir) -> Optional[str]:
       without `metadata.json` those are incomplete;
     - "safetensors": Hugging Face's `model.safetensors.index.json` or `model.safetensors`.
     None for anything else (an incomplete checkpoint, or no checkpoint)."""
-    root = str(checkpoint_dir)
-    if os.path.lexists(os.path.join(root, CONFIG_FNAME)):
+    root, storage = str(checkpoint_dir), storage_of(checkpoint_dir)
+    if storage.exists(os.path.join(root, CONFIG_FNAME)):
         return None
     dcp_metadata = os.path.join(root, DCP_METADATA_FNAME)
     if (
-        os.path.isfile(dcp_metadata)
-        and not os.path.lexists(os.path.join(root, COMMON_FNAME))
-        and not os.path.lexists(os.path.join(root, INDEX_FNAME))
+        storage.is_file(dcp_metadata)
+        and not storage.exists(os.path.join(root, COMMON_FNAME))
+        and not storage.exists(os.path.join(root, INDEX_FNAME))
         and not _mentions(dcp_metadata, COMMON_STATE_UNIQUE_KEY.encode())
     ):
         return "PyTorch DCP"
-    if any(os.path.isfile(os.path.join(root, name)) for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE)):
+    if any(storage.is_file(os.path.join(root, name)) for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE)):
         return "safetensors"
     return None
 
@@ -134,8 +134,7 @@ def read_json(path: str, missing_ok: bool = False):
     but well-formed JSON (a file that cannot be read, bad syntax, nesting too deep, NaN, an
     integer of more than 4300 digits) raises a `CheckpointingException` naming the file."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = storage_of(path).read(path)
     except (FileNotFoundError, NotADirectoryError):
         if missing_ok:
             return MISSING
@@ -173,8 +172,7 @@ _INDEX_FIELDS = ("format_version", "tensors", "objects", "checksums")
 def _mentions(path: str, name: bytes) -> bool:
     """Whether file `path` contains the bytes `name` (read, never unpickled)."""
     try:
-        with open(path, "rb") as f:
-            return name in f.read()
+        return name in storage_of(path).read(path)
     except OSError:
         return False
 
@@ -282,7 +280,8 @@ def write_index(checkpoint_dir, metadata: CheckpointMetadata) -> None:
         "objects": sorted(metadata.objects),
         "checksums": {k: [list(r) for r in v] for k, v in sorted((metadata.checksums or {}).items())},
     }
-    atomic_write(os.path.join(str(checkpoint_dir), INDEX_FNAME), _readable_json(doc).encode())
+    path = os.path.join(str(checkpoint_dir), INDEX_FNAME)
+    storage_of(path).write_atomic(path, _readable_json(doc).encode())
 
 
 def config_bytes(config: CheckpointingConfig) -> bytes:
@@ -291,16 +290,25 @@ def config_bytes(config: CheckpointingConfig) -> bytes:
     return _readable_json(asdict(config)).encode()
 
 
-def commit_config(checkpoint_dir, config: CheckpointingConfig) -> None:
-    """Commits the checkpoint: atomically writes `metadata.json` (temp file, fsync, rename)."""
-    atomic_write(os.path.join(str(checkpoint_dir), CONFIG_FNAME), config_bytes(config))
+def commit_config(checkpoint_dir, config: CheckpointingConfig, replace: bool = False) -> None:
+    """Commits the checkpoint: atomically writes `metadata.json` (locally: temp file, fsync,
+    link; in an object store: one conditional PUT). Unless `replace`, an existing
+    `metadata.json` (a save that committed meanwhile) is never replaced: that raises."""
+    path = os.path.join(str(checkpoint_dir), CONFIG_FNAME)
+    try:
+        storage_of(path).write_atomic(path, config_bytes(config), exclusive=not replace)
+    except FileExistsError:
+        raise CheckpointingException(
+            f"{checkpoint_dir} was committed by another save while this one ran; the complete "
+            f"checkpoint there is kept and this save is not committed. Save to a new directory."
+        ) from None
 
 
 def write_metadata(checkpoint_dir, metadata: CheckpointMetadata) -> None:
     """`index.json`, then the commit marker `metadata.json` (each replaced atomically: a
     format_version 1 `metadata.json` keeps naming the old index until it is replaced)."""
     write_index(checkpoint_dir, metadata)
-    commit_config(checkpoint_dir, metadata.config)
+    commit_config(checkpoint_dir, metadata.config, replace=True)
 
 
 def _readable_json(doc: dict) -> str:
@@ -321,12 +329,12 @@ def _readable_json(doc: dict) -> str:
 
 def require_complete_checkpoint(checkpoint_dir) -> CheckpointMetadata:
     """The metadata of a complete checkpoint; a clear error for anything else."""
-    checkpoint_dir = str(checkpoint_dir)
-    if not os.path.isdir(checkpoint_dir):
+    checkpoint_dir, storage = str(checkpoint_dir), storage_of(checkpoint_dir)
+    if not storage.is_dir(checkpoint_dir):
         raise CheckpointingException(f"Checkpoint directory {checkpoint_dir} does not exist")
     metadata = read_metadata(checkpoint_dir)
     if metadata is None:
-        if os.listdir(checkpoint_dir):
+        if storage.entries(checkpoint_dir):
             raise CheckpointingException(
                 f"{checkpoint_dir} is an incomplete checkpoint: it has no {CONFIG_FNAME}, "
                 f"which is written last. The save that wrote it did not finish; "

@@ -14,6 +14,7 @@ from .integrity import integrity_problems, verify_file
 from .layout import COMMON_FNAME, INTEGRITY_FNAME, contained_path, object_file
 from .serialization import COMMON_STATE_IN_FILE, common_state_place, load_common_state_dict, load_sharded_metadata
 from .single_file import read_safetensors_index
+from .storage import storage_of
 from .strategies.config import ZARR_ENGINES
 from .strategies.dcp_format import METADATA_FNAME as DCP_METADATA
 from .strategies.dcp_format import check_chunks_tile, read_dcp_metadata
@@ -82,12 +83,8 @@ def _format_name(metadata: CheckpointMetadata) -> str:
 
 
 def _disk_usage(checkpoint_dir: str) -> dict:
-    files = nbytes = 0
-    for root, _, names in os.walk(checkpoint_dir):
-        for name in names:
-            files += 1
-            nbytes += os.lstat(os.path.join(root, name)).st_size  # a dangling link is no crash
-    return {"files": files, "bytes_on_disk": nbytes}
+    sizes = storage_of(checkpoint_dir).files(checkpoint_dir)
+    return {"files": len(sizes), "bytes_on_disk": sum(sizes.values())}
 
 
 def _shard_grids(checkpoint_dir: str, engine: str) -> Dict[str, List[int]]:
@@ -127,7 +124,8 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
         checked["files"] += 1
         for offset, problem in verify_file(checkpoint_dir, name, ranges):
             problems.append((owners.get((name, offset), name), problem))
-    if not os.path.isfile(os.path.join(checkpoint_dir, COMMON_FNAME)) and _common_state_in_file(checkpoint_dir):
+    storage = storage_of(checkpoint_dir)
+    if not storage.is_file(os.path.join(checkpoint_dir, COMMON_FNAME)) and _common_state_in_file(checkpoint_dir):
         problems.append(("common state", f"{os.path.join(checkpoint_dir, COMMON_FNAME)} is missing"))
     try:
         integrity = integrity_problems(checkpoint_dir)
@@ -149,7 +147,7 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
                 problems.append((key, str(e)))
         for unique_key in metadata.objects or []:
             checked["objects"] += 1
-            if not os.path.isfile(object_file(checkpoint_dir, unique_key)):
+            if not storage.is_file(object_file(checkpoint_dir, unique_key)):
                 problems.append((unique_key, f"{object_file(checkpoint_dir, unique_key)} is missing"))
     if metadata.config.sharded_backend == "safetensors":  # its headers: every byte range inside its file
         try:
@@ -206,6 +204,7 @@ def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problem
                 check_chunks_tile(checkpoint_dir, key, entry)
             except CheckpointingException as e:
                 problems.append((key, str(e)))
+    storage = storage_of(checkpoint_dir)
     sizes: Dict[str, Optional[int]] = {}  # file -> its size; None if missing
     refused = set()  # files that are not inside the checkpoint (reported once)
     for index, info in dcp.storage_data.items():
@@ -219,7 +218,7 @@ def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problem
                 problems.append((index.fqn, str(e)))
                 refused.add(info.relative_path)
                 continue
-            sizes[info.relative_path] = os.path.getsize(path) if os.path.isfile(path) else None
+            sizes[info.relative_path] = storage.size(path) if storage.is_file(path) else None
         size = sizes[info.relative_path]
         if size is None or size < info.offset + info.length:
             state = "is missing" if size is None else f"ends at byte {size}, before the item's end"

@@ -25,8 +25,9 @@ import google_crc32c
 import numpy as np
 
 from .core import MISSING, CheckpointingException, read_json
-from .fs import DurableDir, atomic_write
+from .fs import DurableDir
 from .layout import INTEGRITY_FNAME, contained_path
+from .storage import read_whole, storage_of
 
 Range = Tuple[int, int, int]  # (offset, length, crc32c) of bytes in a file
 Checksums = Dict[str, List[Range]]  # path relative to the checkpoint directory -> its ranges
@@ -138,14 +139,7 @@ class ChecksumIndex:
 
     def read_file(self, checkpoint_dir, name: str, what: str) -> io.BytesIO:
         """The whole file `name` of the checkpoint, verified."""
-        path = contained_path(checkpoint_dir, name, what)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise CheckpointingException(
-                f"{what}: file {path} is missing; the checkpoint is damaged or incomplete"
-            ) from None
+        data = read_whole(contained_path(checkpoint_dir, name, what), what)
         self.verify(data, checkpoint_dir, name, 0, what)
         return io.BytesIO(data)
 
@@ -174,8 +168,7 @@ def verify_file(checkpoint_dir, name: str, ranges: List[Range]) -> List[Tuple[in
     except CheckpointingException as e:
         return [(0, str(e))]
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = storage_of(path).read(path)
     except OSError as e:
         return [(0, f"{path}: cannot read ({e.strerror or e})")]
     problems = []
@@ -190,23 +183,20 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HASH_THREADS = 8  # hashlib releases the GIL on large buffers
 
 
+_HASH_BLOCK = 16 * 2**20
+
+
 def _sha256_of(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        for block in iter(lambda: f.read(16 * 2**20), b""):
-            digest.update(block)
+    with storage_of(path).open(path) as f:
+        for offset in range(0, f.size, _HASH_BLOCK):
+            digest.update(f.read(offset, _HASH_BLOCK))
     return digest.hexdigest()
 
 
 def _files_below(checkpoint_dir: str) -> List[str]:
     """Every file of the checkpoint but `integrity.json`, as relative '/'-separated paths."""
-    names = []
-    for root, _, files in os.walk(checkpoint_dir):
-        for name in files:
-            relative = os.path.relpath(os.path.join(root, name), checkpoint_dir).replace(os.sep, "/")
-            if relative != INTEGRITY_FNAME:
-                names.append(relative)
-    return sorted(names)
+    return [name for name in storage_of(checkpoint_dir).files(checkpoint_dir) if name != INTEGRITY_FNAME]
 
 
 def write_integrity(checkpoint_dir, pending: Dict[str, bytes]) -> None:
@@ -218,7 +208,8 @@ def write_integrity(checkpoint_dir, pending: Dict[str, bytes]) -> None:
         digests = dict(zip(names, pool.map(lambda name: _sha256_of(os.path.join(root, name)), names)))
     digests.update({name: hashlib.sha256(data).hexdigest() for name, data in pending.items()})
     document = {"algorithm": "sha256", "files": dict(sorted(digests.items()))}
-    atomic_write(os.path.join(root, INTEGRITY_FNAME), json.dumps(document, indent=2).encode())
+    path = os.path.join(root, INTEGRITY_FNAME)
+    storage_of(path).write_atomic(path, json.dumps(document, indent=2).encode())
 
 
 def integrity_problems(checkpoint_dir) -> Optional[Tuple[List[Tuple[str, str]], int]]:
@@ -246,16 +237,16 @@ def integrity_problems(checkpoint_dir) -> Optional[Tuple[List[Tuple[str, str]], 
             present.append((name, contained_path(root, name, INTEGRITY_FNAME)))
         except CheckpointingException as e:
             problems.append((name, str(e)))
-    for name, file_path in present:
-        if not os.path.isfile(file_path):
-            problems.append((name, f"{file_path} is missing"))
-    present = [(name, file_path) for name, file_path in present if os.path.isfile(file_path)]
+    storage = storage_of(root)
+    found = set(_files_below(root))
+    problems += [(name, f"{file_path} is missing") for name, file_path in present if name not in found]
+    present = [(name, file_path) for name, file_path in present if name in found and (not storage.links or storage.is_file(file_path))]
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
         actual = list(pool.map(lambda entry: _sha256_of(entry[1]), present))
     for (name, file_path), digest in zip(present, actual):
         if digest != files[name]:
             problems.append((name, f"{file_path}: its SHA-256 does not match {INTEGRITY_FNAME} (the file was changed)"))
-    problems += [(name, f"{os.path.join(root, name)} is not listed in {INTEGRITY_FNAME}") for name in _files_below(root) if name not in files]
+    problems += [(name, f"{os.path.join(root, name)} is not listed in {INTEGRITY_FNAME}") for name in sorted(found) if name not in files]
     return problems, len(files)
 
 

@@ -11,6 +11,7 @@ import errno
 import os
 
 from .errors import CheckpointingException
+from .storage import Reader, storage_of
 
 CONFIG_FNAME = "metadata.json"  # the commit marker, written last
 INDEX_FNAME = "index.json"  # our index of the content, written just before metadata.json
@@ -89,11 +90,12 @@ def relative_path_problem(name) -> str:
 
 def contained_path(checkpoint_dir, name: str, what: str) -> str:
     """The path of file `name` of the checkpoint, refused (naming `what` refers to it) unless it
-    stays inside the checkpoint directory, also after following symbolic links."""
+    stays inside the checkpoint directory, also after following symbolic links (on storage
+    that has them)."""
     root = str(checkpoint_dir)
     problem = relative_path_problem(name)
     path = os.path.join(root, name) if not problem else ""
-    if not problem:
+    if not problem and storage_of(root).links:
         real_root = os.path.realpath(root)
         if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
             problem = "it resolves (through a symbolic link) outside the checkpoint"
@@ -113,10 +115,14 @@ class LinkFreeTree:
 
     def __init__(self, root: str, what: str):
         self.root, self.what = root, what
+        self.storage = storage_of(root)
         self.checked = set()
 
-    def open(self, name: str) -> int:
-        """A read-only descriptor of file `name` (built by this library, e.g. a chunk key)."""
+    def open(self, name: str, whole: bool = False) -> Reader:
+        """File `name` (built by this library, e.g. a chunk key) opened for reading (`whole`:
+        as `Storage.open`)."""
+        if not self.storage.links:
+            return self.storage.open(os.path.join(self.root, name), whole=whole)
         parts = name.split("/")
         for depth in range(1, len(parts)):
             directory = "/".join(parts[:depth])
@@ -125,7 +131,7 @@ class LinkFreeTree:
                     raise self._refused(directory)
                 self.checked.add(directory)
         try:
-            return os.open(os.path.join(self.root, name), os.O_RDONLY | os.O_NOFOLLOW)
+            return self.storage.open(os.path.join(self.root, name), follow_links=False, whole=whole)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise self._refused(name) from None

@@ -23,6 +23,7 @@ import torch
 from .core import CheckpointingException, is_int
 from .fs import DurableDir
 from .integrity import Range, write_checksummed
+from .storage import storage_of
 
 SAFE_GLOBALS = [
     argparse.Namespace,
@@ -145,8 +146,7 @@ def load_dcp_metadata(path: str):
     outside the list fails the load instead.
     """
     try:
-        with open(path, "rb") as f:
-            return _DcpMetadataUnpickler(f, _dcp_metadata_globals()).load()
+        return _DcpMetadataUnpickler(io.BytesIO(storage_of(path).read(path)), _dcp_metadata_globals()).load()
     except FileNotFoundError:
         raise CheckpointingException(f"{path} is missing; the torch_dist checkpoint is damaged") from None
     except pickle.UnpicklingError as e:

@@ -53,6 +53,7 @@ from .mapping import (
 from .opening import open_checkpoint
 from .pickling import digest_object
 from .state_dict_utils import load_preprocess, save_preprocess
+from .storage import storage_of
 from .strategies import load_strategy_from_config, save_strategy_from_config
 from .strategies.base import (
     LoadCommonStrategy,
@@ -310,10 +311,11 @@ def _warn_if_common_state_differs(digests) -> None:
 
 
 def refuse_complete_checkpoint(checkpoint_dir: str) -> None:
-    if not os.path.exists(checkpoint_dir):
-        return
-    if not os.path.isdir(checkpoint_dir):
+    storage = storage_of(checkpoint_dir)
+    if storage.is_file(checkpoint_dir):
         raise CheckpointingException(f"Cannot save to {checkpoint_dir}: it is not a directory")
+    if not storage.is_dir(checkpoint_dir):
+        return
     if read_metadata(checkpoint_dir) is not None:
         raise CheckpointingException(
             f"{checkpoint_dir} already holds a complete checkpoint; refusing to overwrite it. "
@@ -493,7 +495,7 @@ def _entries_and_common_state(checkpoint, sharded, common) -> Tuple[CkptShardedM
     held = entries.pop(COMMON_STATE_UNIQUE_KEY, None) is not None
     if checkpoint.metadata.foreign:
         return entries, None
-    if held and not os.path.lexists(common_file(checkpoint)):
+    if held and not storage_of(checkpoint).exists(common_file(checkpoint)):
         return entries, COMMON_STATE_IN_OBJECT
     return entries, COMMON_STATE_IN_FILE
 
@@ -586,7 +588,8 @@ def remove_sharded_tensors(checkpoint_dir, key_prefix: str) -> None:
         metadata.tensors = {k: v for k, v in metadata.tensors.items() if not k.startswith(key_prefix)}
         write_metadata(checkpoint_dir, metadata)
     sharded.remove_sharded_tensors(str(checkpoint_dir), key_prefix)
-    if os.path.exists(os.path.join(str(checkpoint_dir), INTEGRITY_FNAME)):  # it listed what changed
+    integrity = os.path.join(str(checkpoint_dir), INTEGRITY_FNAME)
+    if storage_of(integrity).exists(integrity):  # it listed what changed
         write_integrity(checkpoint_dir, {})
 
 

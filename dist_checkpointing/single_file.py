@@ -28,8 +28,8 @@ import torch
 
 from .core import MISSING, CheckpointingException, is_int, parse_json, read_json
 from .dtypes import DTYPES, name_of_torch, safetensors_dtype
-from .fs import atomic_write, atomic_write_with
 from .layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, contained_path
+from .storage import storage_of
 
 TensorSource = Callable[[str], torch.Tensor]  # key -> the whole tensor (on the CPU)
 Entry = Tuple[str, torch.dtype, Tuple[int, ...]]  # key, dtype, global shape
@@ -89,7 +89,7 @@ def write_torch_file(path: str, entries: List[Entry], read: TensorSource, progre
             zf.writestr(f"{archive}/byteorder", "little")
             zf.writestr(f"{archive}/version", "3\n")
 
-    atomic_write_with(path, write)
+    storage_of(path).write_atomic_with(path, write)
 
 
 
@@ -111,7 +111,8 @@ def plan_safetensors_files(entries: List[Entry], max_file_bytes: int) -> List[Li
 def write_safetensors(directory: str, entries: List[Entry], read: TensorSource, max_file_bytes: int, progress=None) -> List[str]:
     """The entries as safetensors file(s) in `directory`; returns the file names. Several files
     come with `model.safetensors.index.json` (Hugging Face's sharded layout)."""
-    os.makedirs(directory, exist_ok=True)
+    if storage_of(directory).local:
+        os.makedirs(directory, exist_ok=True)
     files = plan_safetensors_files(entries, max_file_bytes)
     if len(files) <= 1:
         names = [SAFETENSORS_SINGLE]
@@ -122,7 +123,8 @@ def write_safetensors(directory: str, entries: List[Entry], read: TensorSource, 
     if len(files) > 1:
         weight_map = {key: name for name, file_entries in zip(names, files) for key, _, _ in file_entries}
         index = {"metadata": {"total_size": sum(map(_nbytes, entries))}, "weight_map": weight_map}
-        atomic_write(os.path.join(directory, SAFETENSORS_INDEX), json.dumps(index, indent=2).encode())
+        path = os.path.join(directory, SAFETENSORS_INDEX)
+        storage_of(path).write_atomic(path, json.dumps(index, indent=2).encode())
         names.append(SAFETENSORS_INDEX)
     return names
 
@@ -150,7 +152,7 @@ def _write_safetensors_file(path: str, entries: List[Entry], read: TensorSource,
             if progress:
                 progress(key)
 
-    atomic_write_with(path, write)
+    storage_of(path).write_atomic_with(path, write)
 
 
 MAX_HEADER_BYTES = 100 * 2**20  # as the reference implementation: a larger header is damage
@@ -197,12 +199,12 @@ def _read_header(directory: str, name: str) -> Dict[str, SafetensorsEntry]:
         raise CheckpointingException(f"{path} is not a valid safetensors file: {problem}. It is damaged or was not written completely.")
 
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            length = int.from_bytes(f.read(8), "little")
+        with storage_of(path).open(path) as f:
+            size = f.size
+            length = int.from_bytes(f.read(0, 8), "little")
             if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
                 fail(f"its header size {length} does not fit the file ({size} bytes)")
-            header = parse_json(f.read(length), path)
+            header = parse_json(bytes(f.read(8, length)), path)
     except FileNotFoundError:
         raise CheckpointingException(f"{path} is missing; the safetensors checkpoint is incomplete") from None
     if not isinstance(header, dict):

@@ -20,9 +20,10 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from .dict_utils import dict_list_map_inplace, nested_values
-from .fs import DurableDir, file_size_limit_raises
+from .fs import file_size_limit_raises
 from .integrity import Checksums
 from .mapping import ShardedObject, ShardedTensor, is_main_replica
+from .storage import storage_of
 from .strategies.base import SaveCommonStrategy, SaveShardedStrategy, ShardedSavePlan
 
 ALIGNMENT = 64  # bytes; every staged tensor starts at a multiple, so any dtype view is valid
@@ -46,7 +47,7 @@ class WriteJob:
 
     def _write(self) -> "WriteOutcome":
         started = time.perf_counter()
-        with DurableDir(self.checkpoint_dir) as target:
+        with storage_of(self.checkpoint_dir).target(self.checkpoint_dir) as target:
             checksums = {}
             if self.common is not None:
                 checksums.update(self.common_strategy.save_common(self.common, target))

@@ -185,7 +185,7 @@ def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, mo
     from dist_checkpointing import fs
 
     events, renamed = [], {}
-    real_fsync, real_replace, real_libc = os.fsync, os.replace, fs._libc
+    real_fsync, real_replace, real_link, real_libc = os.fsync, os.replace, os.link, fs._libc
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -195,6 +195,11 @@ def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, mo
         events.append(("rename", str(dst)))
         renamed[str(dst)] = str(src)
         return real_replace(src, dst)
+
+    def link(src, dst):  # how metadata.json is put in place without replacing one
+        events.append(("rename", str(dst)))
+        renamed[str(dst)] = str(src)
+        return real_link(src, dst)
 
     class Libc:
         def __getattr__(self, name):
@@ -207,6 +212,7 @@ def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, mo
 
     monkeypatch.setattr(fs.os, "fsync", fsync)
     monkeypatch.setattr(fs.os, "replace", replace)
+    monkeypatch.setattr(fs.os, "link", link)
     monkeypatch.setattr(fs, "_libc", Libc)
     if mode == "fsync":
         monkeypatch.setattr(fs, "syncfs_covers", lambda path: False)

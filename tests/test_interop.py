@@ -306,7 +306,8 @@ def test_hugging_face_safetensors_in_one_process(dtensor_runs, shards, monkeypat
     key = "model.layers.float64.weight"
     rows = {key: ShardedTensor(key, torch.empty(2, 6, dtype=torch.float64), torch.float64, (2, 6), SHAPE, (4, 0), None)}
     assert torch.equal(dc.load(rows, model, validate_access_integrity=False)[key], full(key, SHAPE, torch.float64)[4:6])
-    assert read == [2 * 6 * 8]  # rows 4 and 5 only
+    # each file's header (its 8-byte length, then the header), then rows 4 and 5 only
+    assert read[: 2 * shards : 2] == [8] * shards and read[2 * shards :] == [2 * 6 * 8]
 
 
 def test_damaged_safetensors_are_refused(tmp_path):

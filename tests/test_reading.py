@@ -13,6 +13,7 @@ import dist_checkpointing as dc
 from dist_checkpointing import ShardedTensor
 from dist_checkpointing.core import CheckpointingException
 from dist_checkpointing.integrity import crc32c
+from dist_checkpointing.storage import LOCAL
 from dist_checkpointing.strategies import reading
 from dist_checkpointing.strategies.dcp_format import stored_tensor, tensor_item
 
@@ -33,10 +34,9 @@ def test_read_chunk_direct_strided_and_blocked(tmp_path, monkeypatch):
     chunk = _values((40, 6), torch.float32)
     path = tmp_path / "chunk"
     path.write_bytes(b"head" + chunk.numpy().tobytes() + b"tail")
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with LOCAL.open(str(path)) as file:
         whole = torch.empty(40, 6)
-        crc = reading.read_chunk(fd, 4, (40, 6), torch.float32, [reading.Piece((slice(0, 40), slice(0, 6)), whole)], 7, str(path))
+        crc = reading.read_chunk(file, 4, (40, 6), torch.float32, [reading.Piece((slice(0, 40), slice(0, 6)), whole)], 7)
         assert torch.equal(whole, chunk) and crc == crc32c(chunk.numpy().tobytes(), 7)
 
         monkeypatch.setattr(reading, "SCRATCH_BYTES", 3 * 6 * 4)  # blocks of 3 rows
@@ -45,20 +45,18 @@ def test_read_chunk_direct_strided_and_blocked(tmp_path, monkeypatch):
             reading.Piece((slice(0, 40), slice(2, 5)), target[:, :40].t()[:, 0:3]),
             reading.Piece((slice(10, 22), slice(0, 6)), target[6:12, 1:13].t()),
         ]
-        crc = reading.read_chunk(fd, 4, (40, 6), torch.float32, pieces, 0, str(path))
+        crc = reading.read_chunk(file, 4, (40, 6), torch.float32, pieces, 0)
         assert crc == crc32c(chunk.numpy().tobytes())
         assert torch.equal(target[:, :40].t()[:, 0:3], chunk[:, 2:5])
         assert torch.equal(target[6:12, 1:13].t(), chunk[10:22])
 
         # without a checksum only the rows the pieces need are read: damage elsewhere is not seen
         rows = torch.empty(5, 6)
-        assert reading.read_chunk(fd, 4, (40, 6), torch.float32, [reading.Piece((slice(30, 35), slice(0, 6)), rows)], None, str(path)) is None
+        assert reading.read_chunk(file, 4, (40, 6), torch.float32, [reading.Piece((slice(30, 35), slice(0, 6)), rows)], None) is None
         assert torch.equal(rows, chunk[30:35])
 
         with pytest.raises(CheckpointingException, match="only .* bytes could be read"):
-            reading.read_chunk(fd, 4, (41, 6), torch.float32, [reading.Piece((slice(0, 41), slice(0, 6)), torch.empty(41, 6))], 0, str(path))
-    finally:
-        os.close(fd)
+            reading.read_chunk(file, 4, (41, 6), torch.float32, [reading.Piece((slice(0, 41), slice(0, 6)), torch.empty(41, 6))], 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -128,7 +126,7 @@ def test_a_flipped_byte_in_a_large_item_names_the_file(saved, tmp_path):
         f.seek(2**20)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(CheckpointingException, match=rf"Key 'big'.*{os.path.basename(name)}.*CRC-32C"):
-        dc.load({"big": ShardedTensor.from_rank_offsets("big", torch.zeros(1024, 512))}, str(path))
+        dc.load({"big": ShardedTensor.from_rank_offsets("big", torch.zeros(1024, 512))})
 
 
 def test_raw_zarr_chunks_damaged_truncated_or_linked_are_named(saved, tmp_path):
@@ -141,19 +139,19 @@ def test_raw_zarr_chunks_damaged_truncated_or_linked_are_named(saved, tmp_path):
     data[100] ^= 1
     open(chunk, "wb").write(data)
     with pytest.raises(CheckpointingException, match=rf"Key 'big'.*{chunk}: fails its CRC-32C"):
-        dc.load(request(), str(path))
+        dc.load(request())
     open(chunk, "wb").write(data[:-10])
     with pytest.raises(CheckpointingException, match=rf"{chunk}: has \d+ bytes"):
-        dc.load(request(), str(path))
+        dc.load(request())
     outside = tmp_path / "outside"
     outside.write_bytes(bytes(data))
     os.remove(chunk)
     os.symlink(outside, chunk)
     with pytest.raises(CheckpointingException, match="is a symbolic link"):
-        dc.load(request(), str(path))
+        dc.load(request())
     os.remove(chunk)
     with pytest.raises(CheckpointingException, match=rf"{chunk}: missing"):
-        dc.load(request(), str(path))
+        dc.load(request())
 
 
 @pytest.mark.parametrize("backend", ["torch_dist", "zarr"])

@@ -4,7 +4,6 @@ Layout (Megatron-Core's): `<dir>/common.pt`, and one file per ShardedObject piec
 `<dir>/<key>/shard_<offsets>_<shape>.pt`, written by the piece's main replica.
 """
 
-import glob
 import os
 
 from ..core import CheckpointingException
@@ -14,6 +13,7 @@ from ..layout import COMMON_FNAME, common_file, object_file
 from ..mapping import ShardedObject, is_main_replica
 from ..opening import open_checkpoint
 from ..pickling import load_object, save_object
+from ..storage import storage_of
 from .base import LoadCommonStrategy, SaveCommonStrategy
 
 
@@ -69,10 +69,12 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
     def load_sharded_metadata(self, checkpoint_dir):
         """Every `<key>/shard_*.pt` in the directory (for checkpoints without an index)."""
         found = {}
-        for path in sorted(glob.glob(os.path.join(glob.escape(str(checkpoint_dir)), "*", "shard_*.pt"))):
-            key = os.path.basename(os.path.dirname(path))
-            unique_key = f"{key}/{os.path.basename(path)[: -len('.pt')]}"
-            found[unique_key] = ShardedObject.empty_from_unique_key(unique_key)
+        root = str(checkpoint_dir)
+        for name in storage_of(root).files(root):
+            parts = name.split("/")
+            if len(parts) == 2 and parts[1].startswith("shard_") and parts[1].endswith(".pt"):
+                unique_key = name[: -len(".pt")]
+                found[unique_key] = ShardedObject.empty_from_unique_key(unique_key)
         return found
 
 

@@ -10,7 +10,6 @@ they land.
 """
 
 import math
-import os
 import threading
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -19,9 +18,9 @@ import torch
 
 from ..core import CheckpointingException
 from ..integrity import crc32c
+from ..storage import Reader
 
 SCRATCH_BYTES = 16 * 2**20  # per reading thread
-THREAD_BYTES = 64 * 2**20  # an I/O thread (reading or writing) pays off for this much data (fs.balance)
 
 
 @dataclass(frozen=True)
@@ -40,18 +39,6 @@ def piece_of(chunk_offset: Sequence[int], box: Tuple[Sequence[int], Sequence[int
     offset, shape = box
     into = target[tuple(slice(o - t, o - t + s) for o, t, s in zip(offset, target_offset, shape))]
     return Piece(tuple(slice(o - c, o - c + s) for o, c, s in zip(offset, chunk_offset, shape)), into)
-
-
-def read_exactly(fd: int, offset: int, buffer) -> int:
-    """Reads into `buffer` (a writable buffer) from `fd` at `offset` until it is full or the
-    file ends; returns the bytes read (a single read stops at 2 GiB on Linux)."""
-    view, done = memoryview(buffer).cast("B"), 0
-    while done < view.nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 def host_bytes(tensor: torch.Tensor):
@@ -74,9 +61,9 @@ def _scratch_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
     return buffer[:nbytes]
 
 
-def read_chunk(fd: int, offset: int, shape: Sequence[int], dtype: torch.dtype, pieces: List[Piece],
-               crc: Optional[int], path: str) -> Optional[int]:
-    """Reads the chunk of `shape` and `dtype` stored at byte `offset` of `fd` into its pieces.
+def read_chunk(file: Reader, offset: int, shape: Sequence[int], dtype: torch.dtype, pieces: List[Piece],
+               crc: Optional[int]) -> Optional[int]:
+    """Reads the chunk of `shape` and `dtype` stored at byte `offset` of `file` into its pieces.
 
     With `crc` (a running CRC-32C), every byte of the chunk is read and the CRC continued over
     them is returned; without it, only the rows the pieces need are read. The caller checked
@@ -88,7 +75,7 @@ def read_chunk(fd: int, offset: int, shape: Sequence[int], dtype: torch.dtype, p
         return crc
     if len(pieces) == 1 and _whole_and_direct(pieces[0], shape):
         into = host_bytes(pieces[0].into)
-        _read_all(fd, offset, into, path)
+        _read_all(file, offset, into)
         return None if crc is None else crc32c(into, crc)
     rows = shape[0] if shape else 1
     row_bytes = nbytes // rows
@@ -101,7 +88,7 @@ def read_chunk(fd: int, offset: int, shape: Sequence[int], dtype: torch.dtype, p
     for start in range(first, stop, block):
         n = min(block, stop - start)
         scratch = _scratch_buffer(n * row_bytes, pinned)
-        _read_all(fd, offset + start * row_bytes, scratch.numpy(), path)
+        _read_all(file, offset + start * row_bytes, scratch.numpy())
         if crc is not None:
             crc = crc32c(scratch.numpy(), crc)
         values = scratch.view(dtype).reshape((n,) + shape[1:])
@@ -129,11 +116,11 @@ def _copy_rows(piece: Piece, values: torch.Tensor, start: int, n: int) -> None:
     piece.into.detach()[lo - rows.start : hi - rows.start].copy_(source)
 
 
-def _read_all(fd: int, offset: int, buffer, path: str) -> None:
+def _read_all(file: Reader, offset: int, buffer) -> None:
     wanted = memoryview(buffer).nbytes
-    got = read_exactly(fd, offset, buffer)
+    got = file.readinto(offset, buffer)
     if got != wanted:
         raise CheckpointingException(
-            f"{path}: only {got} of {wanted} bytes could be read at byte {offset} (the file is "
+            f"{file.path}: only {got} of {wanted} bytes could be read at byte {offset} (the file is "
             f"truncated or changed while loading); the checkpoint is damaged"
         )

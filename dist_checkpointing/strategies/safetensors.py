@@ -16,14 +16,14 @@ import torch
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import torch_dtype
-from ..fs import balance
 from ..layout import contained_path
 from ..mapping import ShardedTensor, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..single_file import SafetensorsEntry, read_safetensors_index
 from ..validation import check_request_against_stored
 from .base import LoadShardedStrategy
-from .reading import THREAD_BYTES, piece_of, read_chunk
+from ..storage import storage_of
+from .reading import piece_of, read_chunk
 
 Read = Tuple[ShardedTensor, torch.Tensor, SafetensorsEntry]  # request, its box's target, where
 
@@ -48,7 +48,7 @@ class SafetensorsLoadShardedStrategy(LoadShardedStrategy):
                 )
             check_request_against_stored(sh, entry.dtype, entry.shape, os.path.join(checkpoint.path, entry.file))
             reads.append((sh, sh.box_target(), entry))
-        batches = balance(reads, self.thread_count, lambda read: read[1].numel() * read[1].element_size(), THREAD_BYTES)
+        batches = storage_of(checkpoint.path).read_batches(reads, self.thread_count, lambda read: read[1].numel() * read[1].element_size())
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(lambda batch: _read_batch(checkpoint.path, batch), batches))
         loaded = {id(sh): sh.deliver(target) for sh, target, _ in reads}
@@ -78,9 +78,6 @@ def _read_batch(directory: str, batch: List[Read]) -> None:
             target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
         if math.prod(inside) == 0:
             continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
+        with storage_of(path).open(path) as file:
             piece = piece_of((0,) * len(shape), (offset, inside), target, offset)
-            read_chunk(fd, entry.start, entry.shape, target.dtype, [piece], None, path)
-        finally:
-            os.close(fd)
+            read_chunk(file, entry.start, entry.shape, target.dtype, [piece], None)

@@ -7,10 +7,13 @@ issued at once so tensorstore encodes and writes chunks in parallel.
 """
 
 import functools
+import os
 
 import numpy as np
 
 from ..layout import entry_dir
+from ..opening import OpenCheckpoint
+from ..storage import storage_of
 from .zarr_format import StoredArray, ZarrFormatLoadStrategy, ZarrFormatSaveStrategy, engine_chunk_files
 
 DRIVER = {3: "zarr3", 2: "zarr"}
@@ -24,21 +27,23 @@ def _tensorstore():
     return tensorstore
 
 
-def _context(thread_count: int, fsync: bool = False):
+def _context(checkpoint_dir: str, thread_count: int, fsync: bool = False):
     return _tensorstore().Context(
         {
             "cache_pool": {"total_bytes_limit": 0},
             "data_copy_concurrency": {"limit": thread_count},
             "file_io_concurrency": {"limit": thread_count},
             "file_io_sync": fsync,  # each chunk file, where its DurableDir does not syncfs
+            **storage_of(checkpoint_dir).tensorstore_context(),
         }
     )
 
 
 def _spec(checkpoint_dir: str, key: str, zarr_format: int) -> dict:
+    array_dir = entry_dir(checkpoint_dir, key)
     return {
         "driver": DRIVER[zarr_format],
-        "kvstore": {"driver": "file", "path": entry_dir(checkpoint_dir, key) + "/"},
+        "kvstore": storage_of(array_dir).tensorstore_kvstore(array_dir),
         "store_data_equal_to_fill_value": True,  # every chunk has a file (as zarr-python writes)
         "fill_missing_data_reads": False,  # so a missing file is an error, not zeros
     }
@@ -52,7 +57,7 @@ class TensorStoreSaveShardedStrategy(ZarrFormatSaveStrategy):
         super().__init__(backend, version, config)
 
     def write_shards(self, plan, shards, checkpoint_dir) -> None:
-        context = _context(self.config.thread_count, fsync=not checkpoint_dir.syncfs)
+        context = _context(str(checkpoint_dir), self.config.thread_count, fsync=not checkpoint_dir.syncfs)
         opened, writes, files = {}, [], []
         for key, offset, data in shards:
             array = plan.arrays[key]
@@ -86,12 +91,10 @@ class TensorStoreLoadShardedStrategy(ZarrFormatLoadStrategy):
     def __init__(self, backend: str = "tensorstore", version: int = 1, config=None):
         super().__init__(backend, version, config)
 
-    @functools.cached_property
-    def context(self):
-        """One concurrency limit for all arrays; made when the first array needs the engine
-        (raw chunks are read without it)."""
-        return _context(self.config.thread_count)
-
-    def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
-        spec = _spec(checkpoint_dir, key, zarr_format)
-        return TensorStoreArray(_tensorstore().open(spec, open=True, read=True, context=self.context).result())
+    def open_array(self, checkpoint_dir, key: str, zarr_format: int) -> StoredArray:
+        """Arrays of one open checkpoint share one context (one concurrency limit), made when
+        the first array needs the engine (raw chunks are read without it)."""
+        path = os.fspath(checkpoint_dir)
+        make = functools.partial(_context, path, self.config.thread_count)
+        context = checkpoint_dir.parsed(("tensorstore", self.config.thread_count), make) if isinstance(checkpoint_dir, OpenCheckpoint) else make()
+        return TensorStoreArray(_tensorstore().open(_spec(path, key, zarr_format), open=True, read=True, context=context).result())

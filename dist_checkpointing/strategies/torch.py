@@ -43,7 +43,7 @@ from torch.utils.serialization import config as serialization_config
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_torch, torch_dtype
-from ..fs import DurableDir, atomic_write, balance
+from ..fs import DurableDir, balance
 from ..global_plan import FLAT, OBJECT, GlobalPlan
 from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
@@ -68,7 +68,8 @@ from .dcp_format import (
     stored_tensor,
     tensor_item,
 )
-from .reading import THREAD_BYTES, Piece, read_chunk, read_exactly
+from ..storage import THREAD_BYTES, Reader, storage_of
+from .reading import Piece, read_chunk
 
 @dataclass(frozen=True)
 class DcpSavePlan(ShardedSavePlan):
@@ -188,7 +189,8 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             version=DCP_VERSION,
         )
         metadata.mcore_data = dict(plan.mcore_data)  # where Megatron-Core looks for the original shapes
-        atomic_write(os.path.join(str(checkpoint_dir), METADATA_FNAME), dump_dcp_metadata(metadata))
+        path = os.path.join(str(checkpoint_dir), METADATA_FNAME)
+        storage_of(path).write_atomic(path, dump_dcp_metadata(metadata))
 
 
 def _reformulated_size(key: str, main: List[ShardedTensor]) -> Tuple[int, ...]:
@@ -278,7 +280,7 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
             k: v for k, v in metadata.storage_data.items() if not k.fqn.startswith(key_prefix)
         }
         metadata.mcore_data = {k: v for k, v in mcore_data(metadata).items() if not k.startswith(key_prefix)}
-        atomic_write(path, dump_dcp_metadata(metadata))
+        storage_of(path).write_atomic(path, dump_dcp_metadata(metadata))
 
 
 def _dcp_metadata(checkpoint: OpenCheckpoint) -> Metadata:
@@ -300,16 +302,18 @@ class _ItemRead:
     """One stored item being read: where it is, and how it is checked."""
 
     name: str  # of its file, relative to the checkpoint
-    path: str
-    fd: int
+    file: Reader
     info: _StorageInfo
     what: str
     checksums: ChecksumIndex
 
+    @property
+    def path(self) -> str:
+        return self.file.path
+
     def read(self, offset: int, n: int) -> memoryview:
         """`n` bytes of the item from `offset` (fewer at the file's end)."""
-        data = bytearray(n)
-        return memoryview(data)[: read_exactly(self.fd, self.info.offset + offset, data)]
+        return self.file.read(self.info.offset + offset, n)
 
 
 class _Pending:
@@ -448,7 +452,7 @@ class _Reads:
             for name, stored in batch:
                 self._read_file(name, stored, checksums)
 
-        batches = balance(list(by_file.items()), thread_count, nbytes, THREAD_BYTES)
+        batches = storage_of(self.checkpoint_dir).read_batches(list(by_file.items()), thread_count, nbytes)
         with ThreadPoolExecutor(len(batches) or 1) as pool:
             list(pool.map(read_files, batches))
         for into, read in self.copy_outs:
@@ -459,8 +463,8 @@ class _Reads:
         path = contained_path(self.checkpoint_dir, name, f"{METADATA_FNAME} (keys {keys})")
         infos = sorted(((self.metadata.storage_data[index], index) for index in stored), key=lambda e: e[0].offset)
         try:
-            with open(path, "rb", buffering=0) as f:
-                fd, size = f.fileno(), os.fstat(f.fileno()).st_size
+            with storage_of(path).open(path) as file:
+                size = file.size
                 for info, index in infos:
                     what = f"Key '{index.fqn}'"
                     if getattr(info, "transform_descriptors", None):
@@ -474,7 +478,7 @@ class _Reads:
                             f"{info.offset}..{info.offset + info.length}; the file is truncated or the "
                             f"checkpoint is damaged"
                         )
-                    item = _ItemRead(name, path, fd, info, what, checksums)
+                    item = _ItemRead(name, file, info, what, checksums)
                     readers = stored[index]
                     if readers[0].type == LoadItemType.TENSOR and info.length > IN_MEMORY_ITEM_BYTES:
                         layout = tensor_item(item.read, info.length)
@@ -499,7 +503,7 @@ class _Reads:
         ]
         recorded = item.checksums.recorded(self.checkpoint_dir, item.name, item.info.offset, item.what)
         crc = None if recorded is None else crc32c(layout.head)
-        crc = read_chunk(item.fd, item.info.offset + layout.start, record.shape, record.dtype, pieces, crc, item.path)
+        crc = read_chunk(item.file, item.info.offset + layout.start, record.shape, record.dtype, pieces, crc)
         if recorded is not None:
             crc = crc32c(layout.tail, crc)
             item.checksums.verify_crc(crc, item.info.length, self.checkpoint_dir, item.name, item.info.offset, item.what)

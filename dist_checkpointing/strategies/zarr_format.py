@@ -5,7 +5,6 @@ module's own readers and writers, compressed ones encoded and decoded by the eng
 
 import math
 import os
-import shutil
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_numpy, name_of_torch, to_numpy, torch_dtype
-from ..fs import DurableDir, balance, fsync_dirs
+from ..fs import DurableDir, balance
 from ..global_plan import GlobalPlan
 from ..integrity import crc32c
 from ..layout import LinkFreeTree, entry_dir
@@ -26,7 +25,8 @@ from ..opening import OpenCheckpoint, open_checkpoint
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, SaveShardedStrategy
 from .config import ZARR_ENGINES, StrategyConfig
-from .reading import THREAD_BYTES, Piece, piece_of, read_chunk
+from ..storage import THREAD_BYTES, storage_of
+from .reading import Piece, piece_of, read_chunk
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
     METADATA_FNAME, chunk_indices, chunk_key, chunk_regions, chunk_shape, chunks_checksummed, document_bytes, key_separator,
@@ -44,15 +44,14 @@ def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[st
     offset = [0] * len(global_shape) if offset is None else offset
     shape = global_shape if shape is None else shape
     stops = [min(o + s, g) for o, s, g in zip(offset, shape, global_shape)]
-    problems = []
+    problems, storage = [], storage_of(checkpoint_dir)
     for index in chunk_indices(offset, [max(0, e - o) for o, e in zip(offset, stops)], chunks):
         path = os.path.join(entry_dir(checkpoint_dir, key), chunk_key(document["zarr_format"], index, separator))
-        if os.path.islink(path):
+        if storage.links and os.path.islink(path):
             problems.append(f"{path}: a symbolic link, not a chunk file of the checkpoint")
             continue
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = storage.read(path)
         except FileNotFoundError:
             problems.append(f"{path}: missing")
             continue
@@ -213,14 +212,15 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
         return ZARR_ENGINES
 
     @abstractmethod
-    def open_array(self, checkpoint_dir: str, key: str, zarr_format: int) -> StoredArray:
-        """Opens the existing array of `key` read-only."""
+    def open_array(self, checkpoint_dir, key: str, zarr_format: int) -> StoredArray:
+        """Opens the existing array of `key` read-only (`checkpoint_dir`: a path or an
+        OpenCheckpoint)."""
 
     def _open(self, checkpoint: OpenCheckpoint, key: str) -> StoredArray:
         """The engine's array of `key`, whose document was checked first."""
         zarr_format = _array_document(checkpoint, key)["zarr_format"]
         try:
-            return self.open_array(checkpoint.path, key, zarr_format)
+            return self.open_array(checkpoint, key, zarr_format)
         except Exception as e:  # engines raise many types for a damaged array
             where = entry_dir(checkpoint.path, key)
             raise CheckpointingException(f"Key '{key}': cannot open the Zarr array at {where}: {e}") from e
@@ -251,10 +251,10 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
         return result
 
     def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
+        storage = storage_of(checkpoint_dir)
         for key in list_arrays(checkpoint_dir):
             if key.startswith(key_prefix):
-                shutil.rmtree(entry_dir(checkpoint_dir, key))
-        fsync_dirs([str(checkpoint_dir)])
+                storage.remove_tree(entry_dir(checkpoint_dir, key))
 
 
 def _array_document(checkpoint: OpenCheckpoint, key: str) -> dict:
@@ -300,7 +300,7 @@ class RawChunkReads:
         """Reads every planned chunk, in `thread_count` batches of similar size (one task per
         thread: thousands of small chunks would otherwise cost more in hand-offs than in
         reading); returns each request's value by `id` of the request."""
-        batches = balance(list(self.chunks.items()), thread_count, lambda entry: entry[1].nbytes, THREAD_BYTES)
+        batches = storage_of(self.checkpoint_dir).read_batches(list(self.chunks.items()), thread_count, lambda entry: entry[1].nbytes)
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(self._read_batch, batches))
         return {id(sh): sh.deliver(target) for sh, target in self.targets}
@@ -316,20 +316,18 @@ class RawChunkReads:
         path = os.path.join(tree.root, name)
         nbytes = chunk.nbytes
         try:
-            fd = tree.open(name)
+            file = tree.open(name, whole=chunk.checksummed)
         except FileNotFoundError:
             raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: missing"]) from None
-        try:
-            size = os.fstat(fd).st_size
+        with file:
+            size = file.size
             if size != nbytes + 4 * chunk.checksummed:
                 raise _damaged(chunk.key, self.checkpoint_dir, [
                     f"{path}: has {size} bytes, a chunk of shape {list(chunk.shape)} has {nbytes + 4 * chunk.checksummed} (truncated or changed)"
                 ])
-            crc = read_chunk(fd, 0, chunk.shape, chunk.dtype, chunk.pieces, 0 if chunk.checksummed else None, path)
-            if chunk.checksummed and os.pread(fd, 4, nbytes) != crc.to_bytes(4, "little"):
+            crc = read_chunk(file, 0, chunk.shape, chunk.dtype, chunk.pieces, 0 if chunk.checksummed else None)
+            if chunk.checksummed and file.read(nbytes, 4) != crc.to_bytes(4, "little"):
                 raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: fails its CRC-32C (truncated or changed)"])
-        finally:
-            os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ when an array is written or must be decoded by zarr-python (raw chunks are loade
 zarr_format.RawChunkReads), so that such loads do not pay for importing it.
 
 Each array's metadata is built in memory from the plan (no file is read or locked to create
-it), and each rank writes its chunks through a store writing into the save's DurableDir (whose
-`sync` makes them durable).
+it), and each rank writes its chunks through a store writing into the save's write target
+(whose `sync` makes them durable). Local directories use zarr's LocalStore, object stores its
+ObjectStore over the storage layer's own client (storage.py, object_storage.py).
 """
 
 import asyncio
@@ -13,62 +14,83 @@ import os
 import numpy as np
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
-from zarr.storage import LocalStore, StorePath
+from zarr.storage import LocalStore, ObjectStore, StorePath
 
 from ..dtypes import BFLOAT16, register_zarr_bfloat16
-from ..fs import DurableDir
+from ..storage import storage_of
 from .zarr_format import StoredArray
 
 register_zarr_bfloat16()
 
 
-class DurableLocalStore(LocalStore):
-    """A zarr LocalStore writing through a DurableDir (which makes the files durable).
-
-    Chunks are written in place (not via a temporary file): a checkpoint is committed as a whole
-    by `metadata.json`, so a half-written chunk only ever exists in an uncommitted directory.
-    """
-
-    def __init__(self, target: DurableDir):
-        super().__init__(str(target))
-        self.target = target
+class _WritesThroughTarget:
+    """Chunks are written through the save's write target (`fs.DurableDir` or
+    `object_storage.ObjectTarget`), in place: a checkpoint is committed as a whole by
+    `metadata.json`, so a half-written chunk only ever exists in an uncommitted checkpoint."""
 
     async def set(self, key: str, value) -> None:
         await asyncio.to_thread(self._write, key, value.as_buffer_like())
 
     def _write(self, key: str, data) -> None:
-        path = os.path.join(str(self.root), key)
+        path = os.path.join(self.location, key)
         self.target.makedirs(os.path.dirname(path))
         self.target.write(path, [data])
 
 
-class StrictLocalStore(LocalStore):
-    """A read-only LocalStore for which a missing chunk is an error. (zarr-python reads a
-    missing chunk as the fill value, which would load a lost file as zeros.)"""
+class _MissingChunksRaise:
+    """For reading: a missing chunk is an error. (zarr-python reads a missing chunk as the fill
+    value, which would load a lost file as zeros.)"""
 
     _DOCUMENTS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
-
-    def __init__(self, root):
-        super().__init__(root, read_only=True)
 
     async def get(self, key, prototype, byte_range=None):
         value = await super().get(key, prototype, byte_range)
         if value is None and os.path.basename(key) not in self._DOCUMENTS:
-            raise FileNotFoundError(f"chunk file {os.path.join(str(self.root), key)} is missing")
+            raise FileNotFoundError(f"chunk file {os.path.join(self.location, key)} is missing")
         return value
 
 
-def write_shards(arrays, shards, checkpoint_dir: DurableDir, concurrency: int) -> None:
-    """Writes each (key, global offset, values) into `arrays[key]` (ArrayPlans) through a
-    DurableLocalStore."""
-    store = DurableLocalStore(checkpoint_dir)
+class DurableLocalStore(_WritesThroughTarget, LocalStore):
+    def __init__(self, target):
+        super().__init__(str(target))
+        self.target, self.location = target, str(target)
+
+
+class DurableObjectStore(_WritesThroughTarget, ObjectStore):
+    """Keys are the bucket's (an array's StorePath carries the checkpoint's prefix)."""
+
+    def __init__(self, target, storage):
+        super().__init__(storage.store)
+        self.target, self.location = target, f"s3://{storage.bucket}"
+
+
+class StrictLocalStore(_MissingChunksRaise, LocalStore):
+    def __init__(self, root):
+        super().__init__(root, read_only=True)
+        self.location = str(root)
+
+
+class StrictObjectStore(_MissingChunksRaise, ObjectStore):
+    def __init__(self, storage):
+        super().__init__(storage.store, read_only=True)
+        self.location = f"s3://{storage.bucket}"
+
+
+def write_shards(arrays, shards, target, concurrency: int) -> None:
+    """Writes each (key, global offset, values) into `arrays[key]` (ArrayPlans) through the
+    save's write target."""
+    storage = storage_of(target)
+    if storage.local:
+        store, root = DurableLocalStore(target), ""
+    else:
+        store, root = DurableObjectStore(target, storage), storage.key(str(target))
     with zarr.config.set({"async.concurrency": concurrency}):
         for key, offset, data in shards:
             document, data = _encodable(arrays[key].document, data)
             array = zarr.Array(
                 zarr.AsyncArray(
                     metadata=document,
-                    store_path=StorePath(store, key),
+                    store_path=StorePath(store, f"{root}/{key}" if root else key),
                     config={"write_empty_chunks": True},  # zero chunks written, not scanned
                 )
             )
@@ -77,7 +99,12 @@ def write_shards(arrays, shards, checkpoint_dir: DurableDir, concurrency: int) -
 
 def open_array(array_dir: str, concurrency: int) -> StoredArray:
     """The existing array at `array_dir`, read-only; a missing chunk is an error."""
-    return ZarrArray(zarr.open_array(StrictLocalStore(array_dir), mode="r"), concurrency)
+    storage = storage_of(array_dir)
+    if storage.local:
+        array = zarr.open_array(StrictLocalStore(array_dir), mode="r")
+    else:
+        array = zarr.open_array(StrictObjectStore(storage), path=storage.key(array_dir), mode="r")
+    return ZarrArray(array, concurrency)
 
 
 def _encodable(document: dict, data: np.ndarray):

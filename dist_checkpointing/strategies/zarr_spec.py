@@ -13,6 +13,7 @@ from ..core import MISSING, CheckpointingException, is_int, read_json
 from ..dtypes import DTYPES, name_of_zarr_v2, torch_dtype, zarr_v2_dtype
 from ..geometry import intersection
 from ..layout import check_key, contained_path
+from ..storage import storage_of
 from .config import StrategyConfig
 
 
@@ -125,20 +126,17 @@ def document_bytes(document: dict) -> bytes:
 
 def list_arrays(checkpoint_dir) -> List[str]:
     """Keys of the arrays in a checkpoint directory (those with `zarr.json` or `.zarray`)."""
-    keys = []
-    for name in sorted(os.listdir(str(checkpoint_dir))):
-        if array_format(checkpoint_dir, name) is not None:
-            keys.append(name)
-    return keys
+    root = str(checkpoint_dir)
+    return [name for name in storage_of(root).entries(root) if array_format(root, name) is not None]
 
 
 def array_format(checkpoint_dir, key: str) -> Optional[int]:
     """2 or 3 for the Zarr array stored at `key`, None if there is none."""
-    path = os.path.join(str(checkpoint_dir), key)
-    if os.path.isfile(os.path.join(path, METADATA_FNAME[2])):
+    path, storage = os.path.join(str(checkpoint_dir), key), storage_of(checkpoint_dir)
+    if storage.is_file(os.path.join(path, METADATA_FNAME[2])):
         return 2
     v3 = os.path.join(path, METADATA_FNAME[3])
-    if os.path.isfile(v3):
+    if storage.is_file(v3):
         document = read_json(v3)
         if isinstance(document, dict) and document.get("node_type") == "array":
             return 3
@@ -153,7 +151,7 @@ def read_array_document(checkpoint_dir, key: str) -> dict:
     array of a known dtype whose shape and chunk grid are bounded (numbers from a checkpoint are
     not trusted). A key with no array raises a clear error."""
     array_dir = os.path.join(str(checkpoint_dir), check_key(key))  # one component, checked
-    if os.path.islink(array_dir):  # allowed if it stays inside (resolving costs; links are rare)
+    if storage_of(array_dir).links and os.path.islink(array_dir):  # allowed if it stays inside (resolving costs; links are rare)
         contained_path(checkpoint_dir, key, f"Key '{key}'")
     paths = [os.path.join(array_dir, METADATA_FNAME[zarr_format]) for zarr_format in (2, 3)]
     path, document = None, None

@@ -1,0 +1,88 @@
+"""Saves and loads to S3 next to the same to local disk, for every engine (gpt workload: 534 MB).
+
+The S3 server is moto's (`moto[server]`, the test extra), started by this script on 127.0.0.1:
+all of its work (HTTP parsing, signature handling, storing each object) runs in this machine's
+Python, on the same 2 cores as the ranks. So this measures the library's side of object storage
+(concurrent uploads, multipart, ranged reads) under a slow server, not what AWS or MinIO would
+give; a faster server can only help the S3 numbers.
+
+Each rank of TP=2 saves its shards; every saver (engine x {local, s3}) in turn, alternating
+the order each run; round 0 is a warm-up, and the table gives medians of the other runs, the
+ratio s3 / local for the same engine in the same run, and a load at TP=2 of what was saved.
+
+    .venv/bin/python benchmarks/object_storage.py [--runs 3] [--savers zarr,torch_dist,...] [--json]
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import torch.distributed as dist
+
+from harness import parse_side_by_side, report, run_on_ranks, scratch_dir
+from loads import TP, WORKLOADS
+from workload import ENGINES, gpt_state
+
+SAVERS = ENGINES
+
+
+def save_and_load(rank, world, work, url, model, engines, runs):
+    import dist_checkpointing as dc
+    from dist_checkpointing.storage import storage_of
+
+    state = gpt_state(rank, TP, 0, **model)
+    request = gpt_state(rank, TP, 0, with_data=False, **model)
+    times = {(engine, where): [] for engine in engines for where in ("local", "s3")}
+    contenders = list(times)
+    for run in range(runs + 1):
+        for engine, where in contenders if run % 2 == 0 else contenders[::-1]:
+            path = os.path.join(work if where == "local" else url, f"{engine}-{run}")
+            dist.barrier()
+            start = time.perf_counter()
+            dc.save(state, path, engine)
+            dist.barrier()
+            saved = time.perf_counter() - start
+            start = time.perf_counter()
+            dc.load(request, path)
+            dist.barrier()
+            times[engine, where].append((saved, time.perf_counter() - start))
+            if where == "s3" and rank == 0:  # moto keeps objects in memory
+                storage_of(path).remove_tree(path)
+    return times
+
+
+def main():
+    args = parse_side_by_side(__doc__, ["gpt"], "savers", SAVERS)
+    from moto.server import ThreadedMotoServer
+    import boto3
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="bench")
+    try:
+        with scratch_dir() as work:
+            times = run_on_ranks(save_and_load, TP, work, "s3://bench/run", WORKLOADS["gpt"], args.savers, args.runs)
+    finally:
+        server.stop()
+    rows = []
+    for engine in args.savers:
+        local, s3 = times[engine, "local"][1:], times[engine, "s3"][1:]
+        rows.append({
+            "engine": engine,
+            "local save s": round(statistics.median(t[0] for t in local), 3),
+            "s3 save s": round(statistics.median(t[0] for t in s3), 3),
+            "s3 / local save (same run)": round(statistics.median(s[0] / l[0] for s, l in zip(s3, local)), 2),
+            "local load s": round(statistics.median(t[1] for t in local), 3),
+            "s3 load s": round(statistics.median(t[1] for t in s3), 3),
+            "s3 / local load (same run)": round(statistics.median(s[1] / l[1] for s, l in zip(s3, local)), 2),
+        })
+    report(f"gpt (534 MB) at TP=2: local disk vs moto S3 on 127.0.0.1 (medians of {args.runs} alternating runs)", {}, rows, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
