@@ -30,8 +30,9 @@ from typing import Dict, List, Optional, Tuple
 from .errors import CheckpointingException
 from .storage import MemoryReader, Reader, Storage
 
-PART_BYTES = 8 * 2**20  # multipart part size, and the size above which uploads are multipart
-RANGE_BYTES = 8 * 2**20  # a larger read is split into ranges fetched concurrently
+PART_BYTES = 16 * 2**20  # multipart part size (10,000 parts: objects up to 156 GiB)
+SINGLE_PUT_BYTES = 64 * 2**20  # smaller objects are one PUT: fewer requests, one retry unit
+RANGE_BYTES = 16 * 2**20  # a larger read is split into ranges fetched concurrently
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _os_error(error: Exception, path: str) -> OSError:
 class S3Storage(Storage):
     local = False
     links = False
-    thread_bytes = 4 * 2**20  # a request's latency, not the GIL, bounds small reads
+    thread_bytes = 4 * 2**20  # a request's latency, not the GIL, bounds small reads and writes
 
     def __init__(self, bucket: str, settings: S3Settings):
         import obstore.store
@@ -132,7 +133,7 @@ class S3Storage(Storage):
         }
         self.store = obstore.store.S3Store(bucket, config=config, client_options=options, retry_config=retry)
 
-    def read_threads(self, configured: int) -> int:
+    def io_threads(self, configured: int) -> int:
         return max(configured, self.settings.concurrency)
 
     def key(self, path: str) -> str:
@@ -205,7 +206,7 @@ class S3Storage(Storage):
 
         views = [memoryview(b).cast("B") for b in buffers]
         size = sum(view.nbytes for view in views)
-        if size <= PART_BYTES:
+        if size <= SINGLE_PUT_BYTES:
             data = views[0] if len(views) == 1 else b"".join(views)
             self._call(path, obstore.put, self.key(path), data, use_multipart=False)
         else:
@@ -216,12 +217,13 @@ class S3Storage(Storage):
         return size
 
     def write_atomic_with(self, path: str, writer) -> int:
-        """Streams what `writer(file)` writes as a multipart upload: the object exists once the
-        upload completes (never partly). Returns its size."""
+        """Streams what `writer(file)` writes: one PUT up to SINGLE_PUT_BYTES, else a multipart
+        upload of parts of that size. The object exists once the upload completes (never
+        partly). Returns its size."""
         import obstore
 
         try:
-            with obstore.open_writer(self.store, self.key(path), buffer_size=PART_BYTES, max_concurrency=self.settings.concurrency) as f:
+            with obstore.open_writer(self.store, self.key(path), buffer_size=SINGLE_PUT_BYTES, max_concurrency=self.settings.concurrency) as f:
                 stream = _CountingWriter(f)
                 writer(stream)
         except Exception as e:
@@ -276,7 +278,7 @@ class ObjectReader(Reader):
         starts = list(range(offset, offset + n, RANGE_BYTES))
         lengths = [min(RANGE_BYTES, offset + n - start) for start in starts]
         key = self.storage.key(self.path)
-        if len(starts) == 1:
+        if len(starts) == 1:  # (fetched at once, concurrently, when more)
             parts = [self.storage._call(self.path, obstore.get_range, key, start=offset, length=n)]
         else:
             parts = self.storage._call(self.path, obstore.get_ranges, key, starts=starts, lengths=lengths, coalesce=0)
@@ -286,6 +288,10 @@ class ObjectReader(Reader):
             view[done : done + data.nbytes] = data
             done += data.nbytes
         return done
+
+    def prefetch(self, offset: int, n: int) -> Reader:
+        data = bytearray(max(0, min(n, self.size - offset)))
+        return MemoryReader(self.path, memoryview(data)[: self.readinto(offset, data)], offset, self.size)
 
 
 class ObjectTarget(os.PathLike):
@@ -355,11 +361,12 @@ class _CountingWriter:
         self.f, self.position = f, 0
 
     def write(self, data) -> int:
+        # copied: the writer keeps what it is given until a part is full, and callers reuse or
+        # free their buffers once `write` returns (torch.save's zip writer does)
         view = memoryview(data).cast("B")
-        self.f.write(view)
-        n = view.nbytes
-        self.position += n
-        return n
+        self.f.write(bytes(view))
+        self.position += view.nbytes
+        return view.nbytes
 
     def flush(self) -> None:
         pass  # parts are uploaded as they fill; the object is completed on close

@@ -9,7 +9,7 @@ Paths stay strings everywhere: a local path, or a URL such as `s3://bucket/prefi
 
 What differs between them is declared, not tested for by callers: `local` (engines may use
 their own file APIs on the path), `links` (containment must resolve symbolic links), and the
-concurrency that pays off for reads (`read_threads`, `thread_bytes`).
+concurrency that pays off for reads and writes (`io_threads`, `thread_bytes`).
 """
 
 import errno
@@ -22,7 +22,6 @@ from .errors import CheckpointingException
 from .fs import DurableDir, atomic_write, atomic_write_with, balance, fsync_dir, naming_file
 
 URL_SCHEMES = ("s3",)  # object stores; any other path is local
-THREAD_BYTES = 64 * 2**20  # a local I/O thread (reading or writing) pays off for this much data (fs.balance)
 
 
 def is_url(path) -> bool:
@@ -33,6 +32,11 @@ def is_url(path) -> bool:
 def storage_of(path) -> "Storage":
     """The storage holding `path` (a local path, an `s3://` URL or an open checkpoint)."""
     path = os.fspath(path)
+    if any(path.startswith(f"{scheme}:/") for scheme in URL_SCHEMES) and not is_url(path):
+        raise CheckpointingException(
+            f"{path} looks like a URL whose '//' was collapsed (pathlib.Path does that); pass "
+            f"object store locations as strings, e.g. 's3://bucket/prefix'"
+        )
     if is_url(path):
         from .object_storage import s3_storage
 
@@ -56,6 +60,12 @@ class Reader(ABC):
         data = bytearray(max(0, min(n, self.size - offset)))
         return memoryview(data)[: self.readinto(offset, data)]
 
+    def prefetch(self, offset: int, n: int) -> "Reader":
+        """This file for reads within bytes [offset, offset + n), all of which the caller will
+        read: an object store fetches them at once (one request, not one per small read);
+        a local file reads on demand."""
+        return self
+
     def close(self) -> None:
         pass
 
@@ -72,17 +82,18 @@ class Storage(ABC):
 
     local = False  # paths are local file system paths (engines may open them themselves)
     links = False  # may hold symbolic links, which containment checks must resolve
-    thread_bytes = THREAD_BYTES  # data per reading thread below which more threads do not pay
+    thread_bytes = 64 * 2**20  # data per I/O thread below which more threads do not pay
 
-    def read_threads(self, configured: int) -> int:
-        """Concurrent reads of one rank (`configured`: the engine's thread_count)."""
+    def io_threads(self, configured: int) -> int:
+        """Concurrent reads or writes of one rank (`configured`: the engine's thread_count)."""
         return configured
 
-    def read_batches(self, items: list, configured: int, size: Callable[[object], int]) -> List[list]:
-        """`items` to read split into one list per reading thread (`fs.balance`): on local
-        storage few threads for small data (they would contend for the GIL), on an object store
-        more (requests wait on round trips, not on the CPU)."""
-        return balance(items, self.read_threads(configured), size, self.thread_bytes)
+    def io_batches(self, items: list, configured: int, size: Callable[[object], int]) -> List[list]:
+        """`items` to read or write split into one list per I/O thread (`fs.balance`): on
+        local storage few threads for small data (they would contend for the GIL), on an
+        object store more and smaller (requests wait on round trips, not on the CPU, and
+        smaller objects go up in one PUT each)."""
+        return balance(items, self.io_threads(configured), size, self.thread_bytes)
 
     @abstractmethod
     def exists(self, path: str) -> bool:
@@ -237,15 +248,19 @@ class FileReader(Reader):
 
 
 class MemoryReader(Reader):
-    """A file already read whole."""
+    """Bytes of a file already read: all of it, or those from `start` of a file of `size`
+    (reads outside them are a bug of the caller, and fail)."""
 
-    def __init__(self, path: str, data):
-        self.path, self.data = path, memoryview(data).cast("B")
-        self.size = self.data.nbytes
+    def __init__(self, path: str, data, start: int = 0, size: int = None):
+        self.path, self.data, self.start = path, memoryview(data).cast("B"), start
+        self.size = self.data.nbytes if size is None else size
 
     def readinto(self, offset: int, buffer) -> int:
         view = memoryview(buffer).cast("B")
-        part = self.data[offset : offset + view.nbytes]
+        wanted = min(view.nbytes, self.size - offset)
+        if offset < self.start or offset + wanted > self.start + self.data.nbytes:
+            raise ValueError(f"{self.path}: bytes {offset}..{offset + wanted} were not fetched")
+        part = self.data[offset - self.start : offset - self.start + wanted]
         view[: part.nbytes] = part
         return part.nbytes
 
@@ -253,14 +268,12 @@ class MemoryReader(Reader):
 LOCAL = LocalStorage()
 
 
-def read_whole(path: str, what: str, missing: Callable[[], Exception] = None) -> bytes:
-    """The bytes of file `path`; a missing file raises `missing()` (default: a
-    CheckpointingException saying the checkpoint is damaged), any other failure one naming `what`."""
+def read_whole(path: str, what: str) -> bytes:
+    """The bytes of file `path` of a checkpoint; a missing or unreadable file raises a
+    CheckpointingException naming `what` needs it."""
     try:
         return storage_of(path).read(path)
     except (FileNotFoundError, NotADirectoryError):
-        if missing is not None:
-            raise missing() from None
         raise CheckpointingException(f"{what}: file {path} is missing; the checkpoint is damaged or incomplete") from None
     except OSError as e:
         raise CheckpointingException(f"{what}: cannot read {path}: {e.strerror or e}") from None

@@ -2,6 +2,7 @@
 started and stopped by this module) behind a fault-injecting proxy (s3server.py)."""
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -96,10 +97,10 @@ def test_every_engine_saves_at_tp2_and_loads_at_tp1(s3):
 
 
 def test_large_objects_upload_in_parts_and_load_by_ranges(s3):
-    """An object over 8 MiB is a multipart upload; a load that needs part of a chunk or file
+    """An object over 64 MiB is a multipart upload; a load that needs part of a chunk or file
     reads byte ranges of it, not the whole object."""
     root = s3.create_bucket("large")
-    big = torch.arange(3000 * 1024, dtype=torch.float32).reshape(3000, 1024)  # 12 MiB
+    big = torch.arange(9000 * 2048, dtype=torch.float32).reshape(9000, 2048)  # 70 MiB
     small = torch.arange(1000, dtype=torch.int64)
     for name, strategy in (("torch_dist", "torch_dist"), ("zarr_v2", StrategyConfig(zarr_format=2))):
         dc.save({"big": ShardedTensor.from_rank_offsets("big", big), "small": ShardedTensor.from_rank_offsets("small", small)},
@@ -114,13 +115,16 @@ def test_large_objects_upload_in_parts_and_load_by_ranges(s3):
         gets = [(path, n) for method, path, _, n in s3.traffic.requests if method == "GET" and "list-type" not in path]
         return loaded, gets
 
-    rows = ShardedTensor.from_rank_offsets("big", torch.empty(10, 1024), (0, 10, 300))  # rows 100..110
+    rows = ShardedTensor.from_rank_offsets("big", torch.empty(10, 2048), (0, 10, 900))  # rows 100..110
     loaded, gets = bytes_read("zarr_v2", {"rows": rows})  # Zarr v2 raw chunks carry no CRC: only the rows
     assert torch.equal(loaded["rows"], big[100:110])
-    assert 0 < sum(n for path, n in gets if "big/0.0" in path) <= 64 * 1024, gets
+    assert 0 < sum(n for path, n in gets if "big/0.0" in path) <= 10 * 2048 * 4, gets
     loaded, gets = bytes_read("torch_dist", {"small": ShardedTensor.from_rank_offsets("small", torch.empty(1000, dtype=torch.int64))})
     assert torch.equal(loaded["small"], small)
-    assert 0 < sum(n for path, n in gets if path.endswith(".distcp")) < 64 * 1024, gets  # not the 12 MiB item
+    assert 0 < sum(n for path, n in gets if path.endswith(".distcp")) < 64 * 1024, gets  # not the 70 MiB item
+    whole = {"big": ShardedTensor.from_rank_offsets("big", torch.empty_like(big))}
+    for name in ("torch_dist", "zarr_v2"):  # the objects uploaded in parts, read back whole
+        assert torch.equal(dc.load(whole, f"{root}/{name}")["big"], big), name
 
 
 def saves_under_faults(rank, world_size, root):
@@ -172,7 +176,7 @@ def test_faults_are_retried_or_raise_on_every_rank(s3):
 
 def test_rank_killed_mid_save_leaves_the_previous_checkpoint(s3):
     root = s3.create_bucket("killed")
-    run_ranks(save_torch_dist, 2, f"{root}/previous")
+    dc.save(sharded_state_dict(0, 1), f"{root}/previous", "torch_dist")
     with pytest.raises(RankFailed, match="exit code -9"):
         run_ranks(save_and_get_killed, 2, f"{root}/interrupted", "torch_dist")
     assert check_loaded(load_tp1(f"{root}/previous"), 0, 1) > 10
@@ -181,16 +185,14 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint(s3):
         load_tp1(f"{root}/interrupted")
 
 
-def save_torch_dist(rank, world_size, url):
-    dc.save(sharded_state_dict(rank, 2), url, "torch_dist")
-
-
 def test_tools_and_conversions_between_local_and_s3(s3, tmp_path, capsys):
     root = s3.create_bucket("tools")
     local = str(tmp_path / "local")
     dc.save(sharded_state_dict(0, 1), local, "zarr")
     assert main(["convert", local, f"{root}/converted", "--to", "torch_dist"]) == 0
     assert main(["inspect", f"{root}/converted"]) == 0 and "complete" in capsys.readouterr().out
+    with pytest.raises(CheckpointingException, match="pass object store locations as strings"):
+        dc.load_common_state_dict(pathlib.Path(f"{root}/converted"))  # s3:/tools/converted
     assert main(["convert", f"{root}/converted", str(tmp_path / "back"), "--to", "zarr"]) == 0
     assert check_loaded(load_tp1(str(tmp_path / "back")), 0, 1) > 10
     assert main(["convert", f"{root}/converted", f"{root}/model.pt", "--to", "torch"]) == 0
@@ -210,3 +212,17 @@ def test_tools_and_conversions_between_local_and_s3(s3, tmp_path, capsys):
     assert key.rsplit("/", 1)[1] in capsys.readouterr().out
     with pytest.raises(CheckpointingException, match="damaged"):
         load_tp1(f"{root}/converted")
+
+
+def test_a_commit_never_replaces_a_complete_checkpoint(s3, tmp_path):
+    """Two saves racing into one location: the second commit finds metadata.json and raises
+    (a conditional PUT in an object store, link(2) locally); the first checkpoint stays."""
+    from dist_checkpointing.core import CheckpointingConfig, commit_config
+
+    root = s3.create_bucket("race")
+    for location in (f"{root}/ckpt", str(tmp_path / "ckpt")):
+        dc.save(sharded_state_dict(0, 1), location, "torch_dist")
+        with pytest.raises(CheckpointingException, match="committed by another save"):
+            commit_config(location, CheckpointingConfig("zarr"))
+        assert dc.load_tensors_metadata(location)  # still the torch_dist checkpoint
+        assert check_loaded(load_tp1(location), 0, 1) > 10

@@ -126,7 +126,7 @@ def test_a_flipped_byte_in_a_large_item_names_the_file(saved, tmp_path):
         f.seek(2**20)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(CheckpointingException, match=rf"Key 'big'.*{os.path.basename(name)}.*CRC-32C"):
-        dc.load({"big": ShardedTensor.from_rank_offsets("big", torch.zeros(1024, 512))})
+        dc.load({"big": ShardedTensor.from_rank_offsets("big", torch.zeros(1024, 512))}, str(path))
 
 
 def test_raw_zarr_chunks_damaged_truncated_or_linked_are_named(saved, tmp_path):
@@ -139,19 +139,19 @@ def test_raw_zarr_chunks_damaged_truncated_or_linked_are_named(saved, tmp_path):
     data[100] ^= 1
     open(chunk, "wb").write(data)
     with pytest.raises(CheckpointingException, match=rf"Key 'big'.*{chunk}: fails its CRC-32C"):
-        dc.load(request())
+        dc.load(request(), str(path))
     open(chunk, "wb").write(data[:-10])
     with pytest.raises(CheckpointingException, match=rf"{chunk}: has \d+ bytes"):
-        dc.load(request())
+        dc.load(request(), str(path))
     outside = tmp_path / "outside"
     outside.write_bytes(bytes(data))
     os.remove(chunk)
     os.symlink(outside, chunk)
     with pytest.raises(CheckpointingException, match="is a symbolic link"):
-        dc.load(request())
+        dc.load(request(), str(path))
     os.remove(chunk)
     with pytest.raises(CheckpointingException, match=rf"{chunk}: missing"):
-        dc.load(request())
+        dc.load(request(), str(path))
 
 
 @pytest.mark.parametrize("backend", ["torch_dist", "zarr"])

@@ -169,9 +169,11 @@ class SaveShardedStrategy(SaveStrategyBase):
     2. `stage(plan, sharded_state_dict)` on every rank: the only step that may move tensor data
        between ranks (e.g. to assemble flattened pieces on the rank that writes them);
     3. `save(plan, ...)` on every rank with what `stage` returned: write the main replicas
-       without talking to other ranks, through `checkpoint_dir`, an `fs.DurableDir` (a path
-       that also writes files and creates directories; its `sync`, called after `save`, makes
-       them durable, so files written otherwise must be fsync'd by the strategy); return the
+       without talking to other ranks, through `checkpoint_dir`, the save's write target
+       (`Storage.target`: an `fs.DurableDir` locally, an `ObjectTarget` in an object store; a
+       path that also writes files and creates directories; its `sync`, called after `save`,
+       makes them durable, so files written otherwise must be made durable by the strategy,
+       e.g. fsync'd, or counted with `add_written` once uploaded); return the
        checksums of the files written (integrity.py; empty where the format checksums its own
        chunks) and a small picklable write result. For an async save this runs in a background
        process on pickled copies of the strategy and the plan;

@@ -43,7 +43,7 @@ from torch.utils.serialization import config as serialization_config
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_torch, torch_dtype
-from ..fs import DurableDir, balance
+from ..fs import DurableDir
 from ..global_plan import FLAT, OBJECT, GlobalPlan
 from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
@@ -68,7 +68,7 @@ from .dcp_format import (
     stored_tensor,
     tensor_item,
 )
-from ..storage import THREAD_BYTES, Reader, storage_of
+from ..storage import Reader, storage_of
 from .reading import Piece, read_chunk
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
-        files = balance(items, self.config.thread_count, _nbytes, THREAD_BYTES)
+        files = storage_of(checkpoint_dir).io_batches(items, self.config.thread_count, _nbytes)
         names = [f"__{plan.rank}_{n}.distcp" for n in range(len(files))]
         # Each item is checksummed (CRC-32C, index.json), so torch.save's own zlib CRC-32 of
         # every record is skipped: it costs ~1/3 of a small item's save and 40 ms per 100 MB.
@@ -452,7 +452,7 @@ class _Reads:
             for name, stored in batch:
                 self._read_file(name, stored, checksums)
 
-        batches = storage_of(self.checkpoint_dir).read_batches(list(by_file.items()), thread_count, nbytes)
+        batches = storage_of(self.checkpoint_dir).io_batches(list(by_file.items()), thread_count, nbytes)
         with ThreadPoolExecutor(len(batches) or 1) as pool:
             list(pool.map(read_files, batches))
         for into, read in self.copy_outs:
@@ -478,8 +478,10 @@ class _Reads:
                             f"{info.offset}..{info.offset + info.length}; the file is truncated or the "
                             f"checkpoint is damaged"
                         )
-                    item = _ItemRead(name, file, info, what, checksums)
                     readers = stored[index]
+                    # every byte of the item is read where it is checked (or small): fetched at once
+                    whole = info.length <= IN_MEMORY_ITEM_BYTES or checksums.recorded(self.checkpoint_dir, name, info.offset, what) is not None
+                    item = _ItemRead(name, file.prefetch(info.offset, info.length) if whole else file, info, what, checksums)
                     if readers[0].type == LoadItemType.TENSOR and info.length > IN_MEMORY_ITEM_BYTES:
                         layout = tensor_item(item.read, info.length)
                         if layout is not None:

@@ -16,7 +16,7 @@ import torch
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_numpy, name_of_torch, to_numpy, torch_dtype
-from ..fs import DurableDir, balance
+from ..fs import DurableDir
 from ..global_plan import GlobalPlan
 from ..integrity import crc32c
 from ..layout import LinkFreeTree, entry_dir
@@ -25,7 +25,7 @@ from ..opening import OpenCheckpoint, open_checkpoint
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, SaveShardedStrategy
 from .config import ZARR_ENGINES, StrategyConfig
-from ..storage import THREAD_BYTES, storage_of
+from ..storage import storage_of
 from .reading import Piece, piece_of, read_chunk
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
@@ -136,7 +136,7 @@ class RawChunkWrites:
     written straight from the shard's memory with its CRC-32C (no copy); others (cut by the
     array's end, or strided) are assembled in a zero-filled buffer first. Files are written by
     up to `thread_count` threads, each given a batch of similar total size (one thread per
-    THREAD_BYTES: for many small files more threads only contend for the GIL)."""
+    `Storage.thread_bytes`: locally, for many small files more threads only contend for the GIL)."""
 
     def __init__(self, checkpoint_dir: DurableDir):
         self.target = checkpoint_dir
@@ -160,7 +160,7 @@ class RawChunkWrites:
         return True
 
     def run(self, thread_count: int) -> None:
-        batches = balance(self.files, thread_count, lambda file: file[1], THREAD_BYTES)
+        batches = storage_of(self.target).io_batches(self.files, thread_count, lambda file: file[1])
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(self._write_batch, batches))
 
@@ -300,7 +300,7 @@ class RawChunkReads:
         """Reads every planned chunk, in `thread_count` batches of similar size (one task per
         thread: thousands of small chunks would otherwise cost more in hand-offs than in
         reading); returns each request's value by `id` of the request."""
-        batches = storage_of(self.checkpoint_dir).read_batches(list(self.chunks.items()), thread_count, lambda entry: entry[1].nbytes)
+        batches = storage_of(self.checkpoint_dir).io_batches(list(self.chunks.items()), thread_count, lambda entry: entry[1].nbytes)
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(self._read_batch, batches))
         return {id(sh): sh.deliver(target) for sh, target in self.targets}
