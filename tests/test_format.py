@@ -185,21 +185,22 @@ def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, mo
     from dist_checkpointing import fs
 
     events, renamed = [], {}
-    real_fsync, real_replace, real_link, real_libc = os.fsync, os.replace, os.link, fs._libc
+    real_fsync, real_libc = os.fsync, fs._libc
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         return real_fsync(fd)
 
-    def replace(src, dst):
-        events.append(("rename", str(dst)))
-        renamed[str(dst)] = str(src)
-        return real_replace(src, dst)
+    def placing(real):
+        """os.replace, or os.link (how metadata.json is put in place without replacing one),
+        recorded as the step that makes `dst` appear."""
 
-    def link(src, dst):  # how metadata.json is put in place without replacing one
-        events.append(("rename", str(dst)))
-        renamed[str(dst)] = str(src)
-        return real_link(src, dst)
+        def place(src, dst):
+            events.append(("rename", str(dst)))
+            renamed[str(dst)] = str(src)
+            return real(src, dst)
+
+        return place
 
     class Libc:
         def __getattr__(self, name):
@@ -211,8 +212,8 @@ def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, mo
             return real_libc().syncfs(fd)
 
     monkeypatch.setattr(fs.os, "fsync", fsync)
-    monkeypatch.setattr(fs.os, "replace", replace)
-    monkeypatch.setattr(fs.os, "link", link)
+    monkeypatch.setattr(fs.os, "replace", placing(os.replace))
+    monkeypatch.setattr(fs.os, "link", placing(os.link))
     monkeypatch.setattr(fs, "_libc", Libc)
     if mode == "fsync":
         monkeypatch.setattr(fs, "syncfs_covers", lambda path: False)

@@ -226,3 +226,15 @@ def test_a_commit_never_replaces_a_complete_checkpoint(s3, tmp_path):
             commit_config(location, CheckpointingConfig("zarr"))
         assert dc.load_tensors_metadata(location)  # still the torch_dist checkpoint
         assert check_loaded(load_tp1(location), 0, 1) > 10
+
+
+def test_the_s3_specific_endpoint_variable_wins(s3, monkeypatch):
+    root = s3.create_bucket("endpoints")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("DIST_CKPT_S3_RETRIES", "0")
+    dc.save(sharded_state_dict(0, 1), f"{root}/ckpt", "zarr")
+    assert check_loaded(load_tp1(f"{root}/ckpt"), 0, 1) > 10
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    with pytest.raises(CheckpointingException, match="127.0.0.1:9"):
+        load_tp1(f"{root}/ckpt")
