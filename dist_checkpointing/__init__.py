@@ -24,9 +24,11 @@ from .serialization import (
     remove_sharded_tensors,
     save,
 )
+from .manager import CheckpointManager
 from .validation import StrictHandling
 
 __all__ = [
+    "CheckpointManager",
     "CheckpointingConfig",
     "CheckpointingException",
     "LocalNonpersistentObject",

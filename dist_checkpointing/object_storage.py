@@ -230,6 +230,11 @@ class S3Storage(Storage):
             raise _os_error(e, path) from e
         return stream.position
 
+    def remove(self, path: str) -> None:
+        import obstore
+
+        self._call(path, obstore.delete, self.key(path))  # deleting a missing key succeeds
+
     def remove_tree(self, path: str) -> None:
         import obstore
 

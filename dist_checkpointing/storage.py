@@ -138,6 +138,10 @@ class Storage(ABC):
         files too large to assemble in memory); an existing file is replaced."""
 
     @abstractmethod
+    def remove(self, path: str) -> None:
+        """Deletes file `path` durably (if it exists)."""
+
+    @abstractmethod
     def remove_tree(self, path: str) -> None:
         """Deletes the directory `path` and everything below it."""
 
@@ -214,6 +218,13 @@ class LocalStorage(Storage):
 
     def write_atomic_with(self, path: str, writer: Callable) -> None:
         atomic_write_with(path, writer)
+
+    def remove(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
     def remove_tree(self, path: str) -> None:
         shutil.rmtree(path)

@@ -8,16 +8,15 @@ import pytest
 import torch
 
 import dist_checkpointing as dc
-from dist_checkpointing import CheckpointingException, ShardedTensor
+from dist_checkpointing import CheckpointingException, CheckpointManager, ShardedTensor
 from dist_checkpointing.cli import main
 from dist_checkpointing.strategies import load_strategy_from_config, save_strategy_from_config
 from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper, FullyParallelSaveStrategyWrapper
 from layouts import TP2_SAVES, check_loaded, full, load_tp1, sharded_state_dict
-from multirank import RankFailed, run_ranks
+from multirank import run_ranks
 from s3server import S3Endpoint, fault_hits, set_faults
-from test_crash_safety import save_and_get_killed
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def saves_and_loads(rank, world_size, root):
     with objects, by the plain and the fully parallel loader."""
     for name, strategy in SAVES.items():
         dc.save(sharded_state_dict(rank, 2), f"{root}/{name}", strategy)
-    queue = AsyncCallsQueue(persistent=False)
+    queue = AsyncCallsQueue(persistent=True)  # one writer process for both saves
     for engine in ("torch_dist", "zarr"):
         state = sharded_state_dict(rank, 2)
         request = dc.save(state, f"{root}/async-{engine}", engine, async_sharded_save=True)
@@ -174,15 +173,16 @@ def test_faults_are_retried_or_raise_on_every_rank(s3):
     assert "s3://faults/ckpt/gone" in outcomes[0]["gone"]
 
 
-def test_rank_killed_mid_save_leaves_the_previous_checkpoint(s3):
-    root = s3.create_bucket("killed")
-    dc.save(sharded_state_dict(0, 1), f"{root}/previous", "torch_dist")
-    with pytest.raises(RankFailed, match="exit code -9"):
-        run_ranks(save_and_get_killed, 2, f"{root}/interrupted", "torch_dist")
-    assert check_loaded(load_tp1(f"{root}/previous"), 0, 1) > 10
-    assert s3.keys("killed", "interrupted/") and not _committed(f"{root}/interrupted")
-    with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
-        load_tp1(f"{root}/interrupted")
+def test_checkpoint_manager_on_an_s3_root(s3):
+    """Step prefixes, retention (the commit marker deleted first) and the tracker object."""
+    root = s3.create_bucket("manager") + "/run"
+    manager = CheckpointManager(root, keep_latest=1)
+    for step in (100, 200, 300):
+        manager.save(step, sharded_state_dict(0, 1))
+    assert manager.steps() == [300] and manager.latest_step() == 300
+    assert s3.client.get_object(Bucket="manager", Key="run/latest_checkpointed_iteration.txt")["Body"].read() == b"300\n"
+    assert not any(key.startswith("run/iter_0000100/") for key in s3.keys("manager"))
+    assert check_loaded(manager.load(sharded_state_dict(0, 1, with_data=False, objects=False)), 0, 1) > 10
 
 
 def test_tools_and_conversions_between_local_and_s3(s3, tmp_path, capsys):

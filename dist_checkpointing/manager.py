@@ -1,0 +1,164 @@
+"""`CheckpointManager`: where each step's checkpoint goes, which is the newest complete one, how
+many are kept, and when an async save is done (what Orbax's and torchtitan's managers do).
+
+Layout: `<root>/iter_<step:07d>` per step (Megatron-LM's names) and Megatron-LM's tracker file
+`<root>/latest_checkpointed_iteration.txt` (the newest committed step), so Megatron-LM's
+training scripts find our checkpoints. A step counts only once its `metadata.json` exists.
+Every method is called on every rank, like `save` and `load`; rank 0 alone deletes and writes
+the tracker, and its failures raise on every rank.
+"""
+
+import logging
+import os
+import re
+from typing import Dict, List, Optional
+
+from .collectives import exchange, get_rank
+from .core import CheckpointingException, check_is_distributed_checkpoint
+from .layout import CONFIG_FNAME
+from .serialization import load, save
+from .storage import storage_of
+from .strategies.async_utils import AsyncCallsQueue
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FNAME = "latest_checkpointed_iteration.txt"
+_STEP_DIR = re.compile(r"iter_(\d{7,})")
+
+
+def _is_count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def step_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+class CheckpointManager:
+    """Saves and loads the checkpoints of a training run under `root` (a directory or an
+    `s3://` prefix).
+
+    Args:
+        root: where the checkpoints go (created by the first save)
+        keep_latest: how many of the newest complete checkpoints retention keeps (>= 1)
+        keep_every: also keep every step that is a multiple of it (None: none)
+        sharded_strategy: as `save` takes it (default: zarr)
+        async_save: `save` returns once the data is staged; the checkpoint commits (and
+            retention runs) when a later `save`, `wait` or `close` finalizes it
+    """
+
+    def __init__(self, root, keep_latest: int = 2, keep_every: Optional[int] = None, sharded_strategy=None,
+                 async_save: bool = False):
+        for name, value in (("keep_latest", keep_latest), ("keep_every", keep_every)):
+            if (value is not None or name == "keep_latest") and not _is_count(value, least=1):
+                raise CheckpointingException(f"CheckpointManager: {name} must be an integer >= 1, got {value!r}")
+        self.root, self.storage = str(root).rstrip("/"), storage_of(root)
+        if self.storage.is_file(self.root):
+            raise CheckpointingException(f"CheckpointManager: {self.root} is a file; the root must be a directory")
+        self.keep_latest, self.keep_every = keep_latest, keep_every
+        self.sharded_strategy = sharded_strategy
+        self.queue = AsyncCallsQueue(persistent=True) if async_save else None
+        self.pending: List[int] = []  # steps saved asynchronously, not yet committed
+        self.loaded: Optional[int] = None  # the step last loaded: retention keeps it
+        exchange(self._remove_leftovers if get_rank() == 0 else (lambda: None), f"opening checkpoints at {self.root}")
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, step_dir_name(step))
+
+    def _step_dirs(self) -> Dict[int, bool]:
+        """step -> complete, for every `iter_*` entry below the root."""
+        if not self.storage.is_dir(self.root):
+            return {}
+        found = {}
+        for name in self.storage.entries(self.root):
+            match = _STEP_DIR.fullmatch(name)
+            if match:
+                found[int(match.group(1))] = check_is_distributed_checkpoint(os.path.join(self.root, name))
+        return dict(sorted(found.items()))
+
+    def steps(self) -> List[int]:
+        """Every complete step, ascending."""
+        return [step for step, complete in self._step_dirs().items() if complete]
+
+    def latest_step(self) -> Optional[int]:
+        """The newest complete step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, sharded_state_dict) -> None:
+        """Saves `sharded_state_dict` as step `step` (newer than every saved step)."""
+        if not _is_count(step, least=0):
+            raise CheckpointingException(f"CheckpointManager.save: step must be an integer >= 0, got {step!r}")
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls()  # commits what is done; its retention runs
+        taken = set(self.steps()) | set(self.pending)
+        if step in taken:
+            raise CheckpointingException(f"Step {step} is already saved at {self.path(step)}; a checkpoint is never overwritten")
+        if taken and step < max(taken):
+            raise CheckpointingException(
+                f"Step {step} is older than step {max(taken)}, already saved under {self.root}; steps must increase"
+            )
+        if self.queue is None:
+            save(sharded_state_dict, self.path(step), self.sharded_strategy)
+            self._committed(step)
+            return
+        request = save(sharded_state_dict, self.path(step), self.sharded_strategy, async_sharded_save=True)
+        request.add_finalize_fn(lambda: self._committed(step))
+        self.pending.append(step)
+        self.queue.schedule_async_request(request)
+
+    def load(self, sharded_state_dict, step: Optional[int] = None, **kwargs):
+        """Loads step `step` (default: the newest complete one); `kwargs` as `load` takes them."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointingException(f"No complete checkpoint under {self.root} to load")
+        self.loaded = step
+        return load(sharded_state_dict, self.path(step), **kwargs)
+
+    def wait(self) -> None:
+        """Commits every pending async save (collective; raises on every rank if one failed)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
+            self.queue = None
+
+    def _committed(self, step: int) -> None:
+        """After step `step` committed (every rank): rank 0 writes the tracker, then deletes
+        what retention does not keep."""
+        if step in self.pending:
+            self.pending.remove(step)
+        exchange(lambda: self._track_and_retain(step) if get_rank() == 0 else None, f"retention after step {step} at {self.root}")
+
+    def _track_and_retain(self, step: int) -> None:
+        tracker = os.path.join(self.root, TRACKER_FNAME)
+        self.storage.write_atomic(tracker, f"{step}\n".encode())
+        complete = self.steps()
+        kept = set(complete[-self.keep_latest :]) | {step}
+        if self.keep_every:
+            kept |= {s for s in complete if s % self.keep_every == 0}
+        if self.loaded is not None:
+            kept.add(self.loaded)
+        for old in (s for s in complete if s not in kept):
+            self._remove(old)
+            logger.info("Removed checkpoint %s (retention: keep_latest=%s, keep_every=%s)", self.path(old), self.keep_latest, self.keep_every)
+
+    def _remove(self, step: int) -> None:
+        """Deletes a checkpoint, its commit marker first: a crash part-way leaves an incomplete
+        directory (removed by the next manager), never a damaged complete one."""
+        path = self.path(step)
+        self.storage.remove(os.path.join(path, CONFIG_FNAME))
+        self.storage.remove_tree(path)
+
+    def _remove_leftovers(self) -> None:
+        """Incomplete step directories older than the newest complete one: crashed saves."""
+        dirs = self._step_dirs()
+        complete = [step for step, done in dirs.items() if done]
+        for step, done in dirs.items():
+            if not done and complete and step < complete[-1]:
+                self.storage.remove_tree(self.path(step))
+                logger.warning("Removed %s: an incomplete checkpoint (a save that did not finish) older than step %d",
+                               self.path(step), complete[-1])
