@@ -10,6 +10,7 @@ checkpoint (inspect: one it could not fully describe) or a failed conversion, 2 
 """
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -89,8 +90,22 @@ def _inspect(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _progress(description: str):
+    """A `progress(name)` callback drawing a bar on stderr when it is a terminal; None (quiet)
+    when it is piped or redirected."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=description, unit="entry", file=sys.stderr, leave=False) as bar:
+        yield lambda name: bar.update(1)
+
+
 def _verify(args) -> int:
-    problems, checked = verify(args.dir)
+    with _progress(f"verifying {args.dir}") as progress:
+        problems, checked = verify(args.dir, progress)
     if args.json:
         print(json.dumps({"sound": not problems, "checked": checked,
                           "problems": [{"entry": e, "problem": p} for e, p in problems]}, indent=1))
@@ -106,17 +121,8 @@ def _verify(args) -> int:
 
 
 def _convert(args) -> int:
-    progress, bar = None, None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(desc=f"converting to {args.to}", unit="key", file=sys.stderr)
-        progress = lambda key: bar.update(1)  # noqa: E731
-    try:
+    with _progress(f"converting to {args.to}") as progress:
         summary = convert(args.src, args.dst, args.to, args.zarr_format, args.max_file_size, progress)
-    finally:
-        if bar is not None:
-            bar.close()
     print(f"{args.src} -> {args.dst} ({args.to}): {summary['tensors']} tensors, {_human(summary['tensor_bytes'])}")
     if summary.get("skipped_objects") or summary.get("skipped_common_state"):
         print(f"  not in {args.to}: the common state and {summary['skipped_objects']} ShardedObjects "

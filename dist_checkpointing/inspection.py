@@ -4,7 +4,7 @@ and `verify` (what `dist-ckpt verify` checks). One process, no torch.distributed
 
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -106,10 +106,11 @@ def _shard_grids(checkpoint_dir: str, engine: str) -> Dict[str, List[int]]:
     }
 
 
-def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
+def verify(checkpoint_dir, progress: Optional[Callable[[str], None]] = None) -> Tuple[List[Problem], dict]:
     """Checks completeness, every checksum and `integrity.json` where there is one; reads every
     data file once (twice with `integrity.json`). Returns the problems (empty if the checkpoint
-    is sound) and counts of what was checked."""
+    is sound) and counts of what was checked. `progress(name)` is called after each checksummed
+    file and each Zarr array."""
     checkpoint_dir = str(checkpoint_dir)
     checked = {"tensors": 0, "objects": 0, "files": 0, "integrity_files": 0}
     try:
@@ -124,6 +125,8 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
         checked["files"] += 1
         for offset, problem in verify_file(checkpoint_dir, name, ranges):
             problems.append((owners.get((name, offset), name), problem))
+        if progress:
+            progress(name)
     storage = storage_of(checkpoint_dir)
     if not storage.is_file(os.path.join(checkpoint_dir, COMMON_FNAME)) and _common_state_in_file(checkpoint_dir):
         problems.append(("common state", f"{os.path.join(checkpoint_dir, COMMON_FNAME)} is missing"))
@@ -145,6 +148,8 @@ def verify(checkpoint_dir) -> Tuple[List[Problem], dict]:
                 problems.extend((key, p) for p in _array_problems(checkpoint_dir, key, metadata))
             except CheckpointingException as e:
                 problems.append((key, str(e)))
+            if progress:
+                progress(key)
         for unique_key in metadata.objects or []:
             checked["objects"] += 1
             if not storage.is_file(object_file(checkpoint_dir, unique_key)):
