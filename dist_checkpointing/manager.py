@@ -58,7 +58,7 @@ class CheckpointManager:
         self.keep_latest, self.keep_every = keep_latest, keep_every
         self.sharded_strategy = sharded_strategy
         self.queue = AsyncCallsQueue(persistent=True) if async_save else None
-        self.pending: List[int] = []  # steps saved asynchronously, not yet committed
+        self.requests: Dict[int, object] = {}  # step -> its async save's AsyncRequest
         self.loaded: Optional[int] = None  # the step last loaded: retention keeps it
         exchange(self._remove_leftovers if get_rank() == 0 else (lambda: None), f"opening checkpoints at {self.root}")
 
@@ -91,7 +91,7 @@ class CheckpointManager:
             raise CheckpointingException(f"CheckpointManager.save: step must be an integer >= 0, got {step!r}")
         if self.queue is not None:
             self.queue.maybe_finalize_async_calls()  # commits what is done; its retention runs
-        taken = set(self.steps()) | set(self.pending)
+        taken = set(self.steps()) | set(self.pending())
         if step in taken:
             raise CheckpointingException(f"Step {step} is already saved at {self.path(step)}; a checkpoint is never overwritten")
         if taken and step < max(taken):
@@ -104,8 +104,14 @@ class CheckpointManager:
             return
         request = save(sharded_state_dict, self.path(step), self.sharded_strategy, async_sharded_save=True)
         request.add_finalize_fn(lambda: self._committed(step))
-        self.pending.append(step)
+        self.requests[step] = request
         self.queue.schedule_async_request(request)
+
+    def pending(self) -> List[int]:
+        """Steps saved asynchronously and not committed yet (a failed save is not pending: its
+        step may be saved again)."""
+        self.requests = {step: request for step, request in self.requests.items() if not request.committed.done()}
+        return list(self.requests)
 
     def load(self, sharded_state_dict, step: Optional[int] = None, **kwargs):
         """Loads step `step` (default: the newest complete one); `kwargs` as `load` takes them."""
@@ -129,8 +135,6 @@ class CheckpointManager:
     def _committed(self, step: int) -> None:
         """After step `step` committed (every rank): rank 0 writes the tracker, then deletes
         what retention does not keep."""
-        if step in self.pending:
-            self.pending.remove(step)
         exchange(lambda: self._track_and_retain(step) if get_rank() == 0 else None, f"retention after step {step} at {self.root}")
 
     def _track_and_retain(self, step: int) -> None:

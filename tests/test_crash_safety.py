@@ -38,22 +38,30 @@ def load_tp1(ckpt):
     return check_loaded(dc.load(sharded_state_dict(0, 1, with_data=False, objects=False), ckpt), 0, 1)
 
 
-@pytest.mark.parametrize("engine", ["zarr", "torch_dist"])
-def test_rank_killed_mid_save(tmp_path, capsys, engine):
+def save_each(rank, world_size, root, engines):
+    for engine in engines:
+        save(rank, world_size, f"{root}/{engine}", engine)
+
+
+def test_rank_killed_mid_save(tmp_path, capsys):
+    engines = ["zarr", "torch_dist"]
     previous, interrupted = str(tmp_path / "previous"), str(tmp_path / "interrupted")
-    run_ranks(save, 2, previous, engine)
-    with pytest.raises(RankFailed) as failure:
-        run_ranks(save_and_get_killed, 2, interrupted, engine)
-    assert "rank 1" in str(failure.value) and "exit code -9" in str(failure.value)
-    assert "--- rank 0 ---" not in str(failure.value)  # rank 0 raised, as expected, and returned
-    assert load_tp1(previous) > 10
-    assert os.listdir(interrupted) and not os.path.exists(os.path.join(interrupted, "metadata.json"))
-    with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
-        load_tp1(interrupted)
-    assert main(["verify", interrupted]) == 1 and "incomplete" in capsys.readouterr().out
-    run_ranks(save, 2, interrupted, engine)  # the retry overwrites the partial files
-    assert load_tp1(interrupted) > 10
-    assert main(["verify", interrupted]) == 0
+    run_ranks(save_each, 2, previous, engines)
+    for engine in engines:  # a killed rank ends its run: one run per engine
+        with pytest.raises(RankFailed) as failure:
+            run_ranks(save_and_get_killed, 2, f"{interrupted}/{engine}", engine)
+        assert "rank 1" in str(failure.value) and "exit code -9" in str(failure.value)
+        assert "--- rank 0 ---" not in str(failure.value)  # rank 0 raised, as expected, and returned
+        assert load_tp1(f"{previous}/{engine}") > 10
+        ckpt = f"{interrupted}/{engine}"
+        assert os.listdir(ckpt) and not os.path.exists(os.path.join(ckpt, "metadata.json"))
+        with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
+            load_tp1(ckpt)
+        assert main(["verify", ckpt]) == 1 and "incomplete" in capsys.readouterr().out
+    run_ranks(save_each, 2, interrupted, engines)  # the retries overwrite the partial files
+    for engine in engines:
+        assert load_tp1(f"{interrupted}/{engine}") > 10
+        assert main(["verify", f"{interrupted}/{engine}"]) == 0
 
 
 def saves_over_file_size_limit(rank, world_size, root, engines):

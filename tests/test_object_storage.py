@@ -14,7 +14,7 @@ from dist_checkpointing.strategies import load_strategy_from_config, save_strate
 from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper, FullyParallelSaveStrategyWrapper
-from layouts import TP2_SAVES, check_loaded, full, load_tp1, sharded_state_dict
+from layouts import check_loaded, full, load_tp1, sharded_state_dict
 from multirank import run_ranks
 from s3server import S3Endpoint, fault_hits, set_faults
 
@@ -39,7 +39,12 @@ def _committed(url: str) -> bool:
 
 
 # tensorstore encodes compressed arrays through its own `s3` kvstore
-SAVES = dict(TP2_SAVES, **{"tensorstore-zstd": StrategyConfig(backend="tensorstore", compression="zstd")})
+SAVES = {
+    "zarr": "zarr",  # raw chunks: the layout's own writer and reader (both Zarr engines)
+    "torch_dist": "torch_dist",
+    "zstd": StrategyConfig(compression="zstd"),  # through zarr-python's ObjectStore
+    "tensorstore-zstd": StrategyConfig(backend="tensorstore", compression="zstd"),  # tensorstore's s3 kvstore
+}
 
 
 def saves_and_loads(rank, world_size, root):
