@@ -13,6 +13,7 @@ two ways (docs/format.md, "Durability"):
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import platform
@@ -190,23 +191,40 @@ def fsync_dirs(paths: Iterable[str]) -> None:
         fsync_dir(path)
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Replaces `path` with `data` so a crash leaves either the old or the new file, never half."""
-    atomic_write_with(path, lambda f: f.write(data))
+def atomic_write(path: str, data: bytes, exclusive: bool = False) -> None:
+    """Replaces `path` with `data` so a crash leaves either the old or the new file, never half.
+    With `exclusive`, an existing `path` is never replaced (FileExistsError)."""
+    atomic_write_with(path, lambda f: f.write(data), exclusive)
 
 
-def atomic_write_with(path: str, writer: Callable) -> None:
+def atomic_write_with(path: str, writer: Callable, exclusive: bool = False) -> None:
     """`atomic_write` of what `writer(file)` writes into a binary file (temp file in the same
-    directory, fsync, rename, directory fsync); on any error the temp file is removed."""
+    directory, fsync, rename, directory fsync); on any error the temp file is removed. With
+    `exclusive` the temp file is linked into place instead of renamed: link(2) fails if `path`
+    exists (on a file system without hard links: checked, then renamed)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         _write_with(tmp, writer, sync=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
             os.unlink(tmp)
-        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _link_new(tmp: str, path: str) -> None:
+    with naming_file(path):
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "exists", path) from None
+            os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -12,14 +12,13 @@ their own file APIs on the path), `links` (containment must resolve symbolic lin
 concurrency that pays off for reads and writes (`io_threads`, `thread_bytes`).
 """
 
-import errno
 import os
 import shutil
 from abc import ABC, abstractmethod
 from typing import Callable, Dict, List
 
 from .errors import CheckpointingException
-from .fs import DurableDir, atomic_write, atomic_write_with, balance, fsync_dir, naming_file
+from .fs import DurableDir, atomic_write, atomic_write_with, balance, fsync_dir
 
 URL_SCHEMES = ("s3",)  # object stores; any other path is local
 
@@ -195,26 +194,7 @@ class LocalStorage(Storage):
         return sorted(os.listdir(root))
 
     def write_atomic(self, path: str, data: bytes, exclusive: bool = False) -> None:
-        if not exclusive:
-            atomic_write(path, data)
-            return
-        # written aside, then linked into place: link(2) never replaces an existing file
-        aside = f"{path}.new-{os.getpid()}"
-        atomic_write(aside, data)
-        try:
-            with naming_file(path):
-                try:
-                    os.link(aside, path)
-                except FileExistsError:
-                    raise
-                except OSError:  # a file system without hard links: checked, then renamed
-                    if os.path.lexists(path):
-                        raise FileExistsError(errno.EEXIST, "exists", path) from None
-                    os.replace(aside, path)
-        finally:
-            if os.path.lexists(aside):
-                os.unlink(aside)
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        atomic_write(path, data, exclusive)
 
     def write_atomic_with(self, path: str, writer: Callable) -> None:
         atomic_write_with(path, writer)
