@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,demo]'
 	$(PY) -m pip install --quiet --no-deps megatron-core==0.15.3
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/peers/megatron-core-0.16.1 megatron-core==0.16.1
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/peers/zarr2 zarr==2.18.7 numcodecs==0.15.1 \
@@ -27,7 +27,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo_gpt_tp.py
+	$(PY) examples/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

@@ -11,6 +11,7 @@ the tracker, and its failures raise on every rank.
 import logging
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 from .collectives import exchange, get_rank
@@ -44,7 +45,8 @@ class CheckpointManager:
         keep_every: also keep every step that is a multiple of it (None: none)
         sharded_strategy: as `save` takes it (default: zarr)
         async_save: `save` returns once the data is staged; the checkpoint commits (and
-            retention runs) when a later `save`, `wait` or `close` finalizes it
+            retention runs) when the next `save`, `wait` or `close` finalizes it. A failed
+            async save raises there, on every rank; its step may be saved again.
     """
 
     def __init__(self, root, keep_latest: int = 2, keep_every: Optional[int] = None, sharded_strategy=None,
@@ -58,8 +60,9 @@ class CheckpointManager:
         self.keep_latest, self.keep_every = keep_latest, keep_every
         self.sharded_strategy = sharded_strategy
         self.queue = AsyncCallsQueue(persistent=True) if async_save else None
-        self.requests: Dict[int, object] = {}  # step -> its async save's AsyncRequest
         self.loaded: Optional[int] = None  # the step last loaded: retention keeps it
+        self.deleter: Optional[ThreadPoolExecutor] = None  # rank 0: retention's deletions
+        self.deletions: List[Future] = []
         exchange(self._remove_leftovers if get_rank() == 0 else (lambda: None), f"opening checkpoints at {self.root}")
 
     def path(self, step: int) -> str:
@@ -89,29 +92,17 @@ class CheckpointManager:
         """Saves `sharded_state_dict` as step `step` (newer than every saved step)."""
         if not _is_count(step, least=0):
             raise CheckpointingException(f"CheckpointManager.save: step must be an integer >= 0, got {step!r}")
-        if self.queue is not None:
-            self.queue.maybe_finalize_async_calls()  # commits what is done; its retention runs
-        taken = set(self.steps()) | set(self.pending())
-        if step in taken:
-            raise CheckpointingException(f"Step {step} is already saved at {self.path(step)}; a checkpoint is never overwritten")
-        if taken and step < max(taken):
-            raise CheckpointingException(
-                f"Step {step} is older than step {max(taken)}, already saved under {self.root}; steps must increase"
-            )
+        # One async save in flight at a time (as Orbax's and torchtitan's managers do): the
+        # previous one commits first, so its retention has run and its staging memory is free.
+        self.wait()
+        exchange(lambda: self._claim(step) if get_rank() == 0 else None, f"saving step {step} at {self.root}")
         if self.queue is None:
             save(sharded_state_dict, self.path(step), self.sharded_strategy)
             self._committed(step)
             return
         request = save(sharded_state_dict, self.path(step), self.sharded_strategy, async_sharded_save=True)
         request.add_finalize_fn(lambda: self._committed(step))
-        self.requests[step] = request
         self.queue.schedule_async_request(request)
-
-    def pending(self) -> List[int]:
-        """Steps saved asynchronously and not committed yet (a failed save is not pending: its
-        step may be saved again)."""
-        self.requests = {step: request for step, request in self.requests.items() if not request.committed.done()}
-        return list(self.requests)
 
     def load(self, sharded_state_dict, step: Optional[int] = None, **kwargs):
         """Loads step `step` (default: the newest complete one); `kwargs` as `load` takes them."""
@@ -128,16 +119,23 @@ class CheckpointManager:
             self.queue.maybe_finalize_async_calls(blocking=True)
 
     def close(self) -> None:
-        if self.queue is not None:
-            self.queue.close()
-            self.queue = None
+        """Commits every pending async save and finishes the deletions retention started
+        (collective)."""
+        try:
+            self.wait()
+        finally:
+            if self.queue is not None:
+                self.queue.close(abort=True)
+                self.queue = None
+        exchange(self._finish_deletions, f"deleting old checkpoints under {self.root}")
 
     def _committed(self, step: int) -> None:
-        """After step `step` committed (every rank): rank 0 writes the tracker, then deletes
-        what retention does not keep."""
+        """After step `step` committed (every rank): rank 0 writes the tracker, then starts
+        deleting what retention does not keep."""
         exchange(lambda: self._track_and_retain(step) if get_rank() == 0 else None, f"retention after step {step} at {self.root}")
 
     def _track_and_retain(self, step: int) -> None:
+        self._raise_failed_deletion()
         tracker = os.path.join(self.root, TRACKER_FNAME)
         self.storage.write_atomic(tracker, f"{step}\n".encode())
         complete = self.steps()
@@ -152,10 +150,43 @@ class CheckpointManager:
 
     def _remove(self, step: int) -> None:
         """Deletes a checkpoint, its commit marker first: a crash part-way leaves an incomplete
-        directory (removed by the next manager), never a damaged complete one."""
+        directory (removed by the next manager), never a damaged complete one. The files go in
+        the background (thousands of them: seconds that training would wait for)."""
         path = self.path(step)
         self.storage.remove(os.path.join(path, CONFIG_FNAME))
-        self.storage.remove_tree(path)
+        if self.deleter is None:
+            self.deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ckpt-retention")
+        self.deletions.append(self.deleter.submit(self.storage.remove_tree, path))
+
+    def _raise_failed_deletion(self) -> None:
+        """The first error of a finished background deletion (the next retention or `close`
+        raises it on every rank: a run must not fill its storage unnoticed)."""
+        for future in [f for f in self.deletions if f.done()]:
+            self.deletions.remove(future)
+            future.result()
+
+    def _finish_deletions(self) -> None:
+        if self.deleter is not None:
+            self.deleter.shutdown(wait=True)
+            self.deleter = None
+        self._raise_failed_deletion()
+
+    def _claim(self, step: int) -> None:
+        """Rank 0, before step `step` is saved: refuses a step that is not newer than every
+        saved one, and removes what a crashed save of this very step left (its files, perhaps
+        of another layout, must not mix with the new save's)."""
+        dirs = self._step_dirs()
+        complete = [s for s, done in dirs.items() if done]
+        if step in complete:
+            raise CheckpointingException(f"Step {step} is already saved at {self.path(step)}; a checkpoint is never overwritten")
+        if complete and step < complete[-1]:
+            raise CheckpointingException(
+                f"Step {step} is older than step {complete[-1]}, already saved under {self.root}; steps must increase"
+            )
+        if step in dirs:
+            self.storage.remove_tree(self.path(step))
+            logger.warning("Removed %s before saving step %d again: an incomplete checkpoint (a save that did not finish)",
+                           self.path(step), step)
 
     def _remove_leftovers(self) -> None:
         """Incomplete step directories older than the newest complete one: crashed saves."""
@@ -164,5 +195,5 @@ class CheckpointManager:
         for step, done in dirs.items():
             if not done and complete and step < complete[-1]:
                 self.storage.remove_tree(self.path(step))
-                logger.warning("Removed %s: an incomplete checkpoint (a save that did not finish) older than step %d",
+                logger.warning("Removed %s: an incomplete checkpoint (a save or a deletion that did not finish) older than step %d",
                                self.path(step), complete[-1])

@@ -11,6 +11,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -24,6 +25,8 @@ class RankFailed(AssertionError):
 
 def _worker(rank, world_size, port, fn, args, results):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # The ranks share the CPUs: more threads than cores stall every collective on a busy peer.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         store = dist.TCPStore(
             "127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=30)

@@ -25,24 +25,23 @@ def load_at(rank, world_size, ckpt_dir, tp, dp):
     return check_loaded(loaded, rank, tp, dp)
 
 
-def test_save_tp2_then_load_tp1_tp4_and_tp2dp2(tmp_path):
-    ckpt = str(tmp_path / "tp2")
-    counts = run_ranks(save_and_reload, 2, ckpt, 2, 1)
+def on_four_ranks(rank, world_size, tp2_ckpt, tp2dp2_ckpt):
+    """Loads the TP=2 checkpoint at TP=4 and at TP=2 x DP=2, and saves one at TP=2 x DP=2."""
+    return load_at(rank, world_size, tp2_ckpt, 4, 1), load_at(rank, world_size, tp2_ckpt, 2, 2), save_and_reload(rank, world_size, tp2dp2_ckpt, 2, 2)
+
+
+def test_save_at_tp2_and_tp2dp2_then_load_at_tp1_tp4_and_tp2dp2(tmp_path):
+    tp2, tp2dp2 = str(tmp_path / "tp2"), str(tmp_path / "tp2dp2")
+    counts = run_ranks(save_and_reload, 2, tp2, 2, 1)
     assert counts[0] == counts[1] > 10
     # TP=1 in this process, without torch.distributed
-    assert load_at(0, 1, ckpt, 1, 1) == counts[0]
-    # TP=4 and TP=2 x DP=2 on four ranks
-    assert run_ranks(load_at, 4, ckpt, 4, 1) == [counts[0]] * 4
-    assert run_ranks(load_at, 4, ckpt, 2, 2) == [counts[0]] * 4
-
-
-def test_save_tp2dp2_writes_each_chunk_once_and_loads_at_tp1(tmp_path):
-    ckpt = str(tmp_path / "tp2dp2")
-    run_ranks(save_and_reload, 4, ckpt, 2, 2)
-    chunks = os.listdir(os.path.join(ckpt, "embedding.weight", "c"))
-    assert sorted(chunks) == ["0", "1"]
-    assert load_at(0, 1, ckpt, 1, 1) > 10
-    assert dc.load_common_state_dict(ckpt) == {"iteration": 7}
+    assert load_at(0, 1, tp2, 1, 1) == counts[0]
+    # TP=4 and TP=2 x DP=2 on four ranks, which also save at TP=2 x DP=2
+    assert run_ranks(on_four_ranks, 4, tp2, tp2dp2) == [(counts[0], counts[0], counts[0])] * 4
+    # a chunk that DP ranks both hold is written once
+    assert sorted(os.listdir(os.path.join(tp2dp2, "embedding.weight", "c"))) == ["0", "1"]
+    assert load_at(0, 1, tp2dp2, 1, 1) == counts[0]
+    assert dc.load_common_state_dict(tp2dp2) == {"iteration": 7}
 
 
 def save_invalid(rank, world_size, ckpt_dir, problem):

@@ -132,7 +132,7 @@ class AsyncCallsQueue:
         self.call_idx += 1
         async_request.freeze()
         async_request.call_idx = self.call_idx
-        if self.writer is None:
+        if self.writer is None or not self.writer.process.is_alive():  # a dead writer failed its calls
             self.writer = _Writer()
         self.writer.submit(async_request)
         self.calls.append(async_request)
@@ -258,6 +258,10 @@ def _writer_loop(jobs, results, parent_pid: int) -> None:
             if os.getppid() != parent_pid:  # the training process is gone
                 return
             continue
+        except Exception:  # e.g. a job cut off by the training process's death: nobody waits for it
+            if os.getppid() != parent_pid:
+                return
+            raise
         if job is None:
             return
         call_idx, fn, args, kwargs = job

@@ -1,5 +1,6 @@
 """A tiny GPT trained with tensor, pipeline and data parallelism and a distributed optimizer,
-written by hand the way Megatron-LM does it, to prove checkpoints reshard training state.
+written by hand the way Megatron-LM does it: the demo's model (demo.py), and the tests' proof
+that checkpoints reshard training state (tests/test_end_to_end.py).
 
 - TP: q/k/v and fc1 are column-parallel (output rows split), proj and fc2 row-parallel (input
   columns split, outputs all-reduced); layer norms, biases after a reduction, embeddings and
@@ -67,6 +68,14 @@ def initial_value(name, shape):
         return torch.zeros(shape)
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     return torch.randn(shape, generator=g) * 0.2
+
+
+def batch(step):
+    """The global batch of `step`: arithmetic sequences mod VOCAB with a random start and
+    stride per row, something to learn (the next token follows from the two before it)."""
+    g = torch.Generator().manual_seed(step)
+    start, stride = torch.randint(0, VOCAB, (BATCH, 1), generator=g), torch.randint(1, 4, (BATCH, 1), generator=g)
+    return (start + stride * torch.arange(SEQ + 1)) % VOCAB
 
 
 def local_shard(name, full, axis, tp, tp_rank):
@@ -224,7 +233,7 @@ class TinyGPT:
     def train_step(self, step):
         """One step on the global batch of `step`; returns the loss on the last stage, else None."""
         par = self.par
-        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(step))
+        tokens = batch(step)
         rows = BATCH // par.dp
         tokens = tokens[par.dp_rank * rows : (par.dp_rank + 1) * rows]
         for p in self.params.values():
