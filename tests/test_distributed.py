@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedObject, ShardedTensor
@@ -26,18 +27,33 @@ def load_at(rank, world_size, ckpt_dir, tp, dp):
 
 
 def on_four_ranks(rank, world_size, tp2_ckpt, tp2dp2_ckpt):
-    """Loads the TP=2 checkpoint at TP=4 and at TP=2 x DP=2, and saves one at TP=2 x DP=2."""
-    return load_at(rank, world_size, tp2_ckpt, 4, 1), load_at(rank, world_size, tp2_ckpt, 2, 2), save_and_reload(rank, world_size, tp2dp2_ckpt, 2, 2)
+    """Loads the TP=2 checkpoint at TP=4 and at TP=2 x DP=2, saves one at TP=2 x DP=2, and
+    loads Megatron-Core's fixtures at TP=4."""
+    counts = load_at(rank, world_size, tp2_ckpt, 4, 1), load_at(rank, world_size, tp2_ckpt, 2, 2)
+    return counts + (save_and_reload(rank, world_size, tp2dp2_ckpt, 2, 2),), load_megatron_fixtures(rank, world_size)
 
 
-def test_save_at_tp2_and_tp2dp2_then_load_at_tp1_tp4_and_tp2dp2(tmp_path):
+def on_two_ranks(rank, world_size, tp2_ckpt):
+    """Saves and reloads at TP=2, and loads Megatron-Core's fixtures at TP=2."""
+    return save_and_reload(rank, world_size, tp2_ckpt, 2, 1), load_megatron_fixtures(rank, world_size)
+
+
+def load_megatron_fixtures(rank, world_size):
+    """Each fixture's count of checked values, at TP=world_size."""
+    from test_megatron_fixture import READS, check_fixture_at_tp
+
+    return [check_fixture_at_tp(fixture, rank, world_size, engine) for fixture, engine in READS]
+
+
+def test_save_at_tp2_and_tp2dp2_then_load_at_tp1_tp4_and_tp2dp2_with_megatron_fixtures(tmp_path):
     tp2, tp2dp2 = str(tmp_path / "tp2"), str(tmp_path / "tp2dp2")
-    counts = run_ranks(save_and_reload, 2, tp2, 2, 1)
+    counts, fixtures = zip(*run_ranks(on_two_ranks, 2, tp2))
     assert counts[0] == counts[1] > 10
+    assert fixtures == ([5] * 5,) * 2  # Megatron-Core's own checkpoints at TP=2
     # TP=1 in this process, without torch.distributed
     assert load_at(0, 1, tp2, 1, 1) == counts[0]
     # TP=4 and TP=2 x DP=2 on four ranks, which also save at TP=2 x DP=2
-    assert run_ranks(on_four_ranks, 4, tp2, tp2dp2) == [(counts[0], counts[0], counts[0])] * 4
+    assert run_ranks(on_four_ranks, 4, tp2, tp2dp2) == [((counts[0],) * 3, [5] * 5)] * 4  # and at TP=4
     # a chunk that DP ranks both hold is written once
     assert sorted(os.listdir(os.path.join(tp2dp2, "embedding.weight", "c"))) == ["0", "1"]
     assert load_at(0, 1, tp2dp2, 1, 1) == counts[0]
@@ -66,22 +82,22 @@ def save_invalid(rank, world_size, ckpt_dir, problem):
     return None
 
 
-@pytest.mark.parametrize(
-    "problem, expected",
-    [
-        ("overlap", "embedding.weight"),
-        ("dtype", "final_norm"),
-        ("object_gap", "rng_state"),
-        ("bad_key", "../evil"),
-    ],
-)
-def test_invalid_sharding_raises_on_every_rank_and_writes_nothing(tmp_path, problem, expected):
-    ckpt = str(tmp_path / "bad")
-    messages = run_ranks(save_invalid, 2, ckpt, problem)
-    assert all(m is not None and expected in m for m in messages), messages
-    assert messages[0] == messages[1]
-    assert not os.path.exists(ckpt) or os.listdir(ckpt) == []
-    assert not os.path.exists(tmp_path / "evil")
+INVALID = {"overlap": "embedding.weight", "dtype": "final_norm", "object_gap": "rng_state", "bad_key": "../evil"}
+
+
+def save_every_invalid(rank, world_size, root):
+    return {problem: save_invalid(rank, world_size, f"{root}/{problem}/bad", problem) for problem in INVALID}
+
+
+def test_invalid_sharding_raises_on_every_rank_and_writes_nothing(tmp_path):
+    messages_0, messages_1 = run_ranks(save_every_invalid, 2, str(tmp_path))  # one process group for all
+    for problem, expected in INVALID.items():
+        messages = messages_0[problem], messages_1[problem]
+        assert all(m is not None and expected in m for m in messages), (problem, messages)
+        assert messages[0] == messages[1]
+        ckpt = tmp_path / problem / "bad"
+        assert not os.path.exists(ckpt) or os.listdir(ckpt) == []
+        assert not os.path.exists(tmp_path / problem / "evil")
 
 
 def save_with_failing_rank(rank, world_size, ckpt_dir):
@@ -93,34 +109,20 @@ def save_with_failing_rank(rank, world_size, ckpt_dir):
             raise OSError(28, "No space left on device")
 
         strategy.save = failing_save
-    try:
+    with pytest.raises(CheckpointingException) as failure:
         dc.save(sharded_state_dict(rank, 2), ckpt_dir, sharded_strategy=strategy)
-    except CheckpointingException as e:
-        return str(e)
-    return None
+    assert not os.path.exists(os.path.join(ckpt_dir, "metadata.json"))
+    with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
+        dc.load({}, ckpt_dir)
+    dist.barrier()
+    return str(failure.value), save_and_reload(rank, world_size, ckpt_dir, 2, 1)  # a retry into the same directory
 
 
 def test_write_failure_on_one_rank_raises_everywhere_and_commits_nothing(tmp_path):
-    ckpt = str(tmp_path / "failed")
-    messages = run_ranks(save_with_failing_rank, 2, ckpt)
-    assert all(m and "No space left on device" in m and "rank(s) 1" in m for m in messages)
-    assert all("Nothing was committed" in m for m in messages)
-    assert not os.path.exists(os.path.join(ckpt, "metadata.json"))
-    with pytest.raises(CheckpointingException, match="incomplete checkpoint"):
-        dc.load({}, ckpt)
-    # a retry into the same directory succeeds
-    run_ranks(save_and_reload, 2, ckpt, 2, 1)
-
-
-def load_megatron_fixtures(rank, world_size):
-    from test_megatron_fixture import READS, check_fixture_at_tp
-
-    return [check_fixture_at_tp(fixture, rank, world_size, engine) for fixture, engine in READS]
-
-
-def test_megatron_fixtures_load_at_tp2_and_tp4():
-    assert run_ranks(load_megatron_fixtures, 2) == [[5] * 5] * 2
-    assert run_ranks(load_megatron_fixtures, 4) == [[5] * 5] * 4
+    outcomes = run_ranks(save_with_failing_rank, 2, str(tmp_path / "failed"))
+    for message, retried in outcomes:
+        assert "No space left on device" in message and "rank(s) 1" in message and "Nothing was committed" in message
+        assert retried > 10
 
 
 def test_multirank_harness_reports_failures():
@@ -133,17 +135,22 @@ def _boom(rank, world_size):
         raise ValueError("boom")
 
 
-def save_with_rank_dependent_common(rank, world_size, ckpt_dir, preprocess):
+def save_with_rank_dependent_common(rank, world_size, root):
+    """Logged messages of a save without, then with, a preprocess that drops `local_time`."""
     import logging
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("dist_checkpointing.serialization").addHandler(handler)
-    state = sharded_state_dict(rank, 2)
-    state["local_time"] = rank  # differs per rank
-    dc.save(state, ckpt_dir, preprocess_common_before_consistancy_check=preprocess)
-    return [r.getMessage() for r in records]
+    logs = []
+    for name, preprocess in (("a", None), ("b", drop_local_time)):
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("dist_checkpointing.serialization").addHandler(handler)
+        state = sharded_state_dict(rank, 2)
+        state["local_time"] = rank  # differs per rank
+        dc.save(state, f"{root}/{name}", preprocess_common_before_consistancy_check=preprocess)
+        logging.getLogger("dist_checkpointing.serialization").removeHandler(handler)
+        logs.append([r.getMessage() for r in records])
+    return logs
 
 
 def drop_local_time(common):
@@ -151,8 +158,7 @@ def drop_local_time(common):
 
 
 def test_common_state_consistency_is_checked_across_ranks(tmp_path):
-    logs = run_ranks(save_with_rank_dependent_common, 2, str(tmp_path / "a"), None)
-    assert any("ranks [1] differ from rank 0" in m for m in logs[0]) and logs[1] == []
+    (without_0, with_0), (without_1, with_1) = run_ranks(save_with_rank_dependent_common, 2, str(tmp_path))
+    assert any("ranks [1] differ from rank 0" in m for m in without_0) and without_1 == []
     assert dc.load_common_state_dict(str(tmp_path / "a"))["local_time"] == 0
-    logs = run_ranks(save_with_rank_dependent_common, 2, str(tmp_path / "b"), drop_local_time)
-    assert logs == [[], []]
+    assert with_0 == with_1 == []  # the preprocess drops what differs
