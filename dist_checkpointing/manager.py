@@ -31,6 +31,10 @@ def _is_count(value, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def _complete(dirs: Dict[int, bool]) -> List[int]:
+    return [step for step, complete in dirs.items() if complete]
+
+
 def step_dir_name(step: int) -> str:
     return f"iter_{step:07d}"
 
@@ -81,7 +85,7 @@ class CheckpointManager:
 
     def steps(self) -> List[int]:
         """Every complete step, ascending."""
-        return [step for step, complete in self._step_dirs().items() if complete]
+        return _complete(self._step_dirs())
 
     def latest_step(self) -> Optional[int]:
         """The newest complete step, or None."""
@@ -176,7 +180,7 @@ class CheckpointManager:
         saved one, and removes what a crashed save of this very step left (its files, perhaps
         of another layout, must not mix with the new save's)."""
         dirs = self._step_dirs()
-        complete = [s for s, done in dirs.items() if done]
+        complete = _complete(dirs)
         if step in complete:
             raise CheckpointingException(f"Step {step} is already saved at {self.path(step)}; a checkpoint is never overwritten")
         if complete and step < complete[-1]:
@@ -191,7 +195,7 @@ class CheckpointManager:
     def _remove_leftovers(self) -> None:
         """Incomplete step directories older than the newest complete one: crashed saves."""
         dirs = self._step_dirs()
-        complete = [step for step, done in dirs.items() if done]
+        complete = _complete(dirs)
         for step, done in dirs.items():
             if not done and complete and step < complete[-1]:
                 self.storage.remove_tree(self.path(step))

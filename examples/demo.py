@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_checkpointing import CheckpointManager
+from dist_checkpointing import CheckpointManager, check_is_distributed_checkpoint
 from tinygpt import TinyGPT
 
 WORLD = 4
@@ -147,12 +147,9 @@ def files_and_bytes(path):
 
 
 def step_dirs(root):
-    """step -> complete, for every step directory."""
-    return {
-        int(name[len("iter_"):]): os.path.exists(os.path.join(root, name, "metadata.json"))
-        for name in sorted(os.listdir(root))
-        if name.startswith("iter_")
-    }
+    """step -> complete (it has its metadata.json), for every step directory."""
+    names = sorted(name for name in os.listdir(root) if name.startswith("iter_"))
+    return {int(name[len("iter_"):]): check_is_distributed_checkpoint(os.path.join(root, name)) for name in names}
 
 
 def losses_of(messages, run):

@@ -143,9 +143,13 @@ def async_failures(rank, world_size, root):
     queue.schedule_async_request(request)
     if rank == 1:
         os.kill(queue.writer.process.pid, signal.SIGKILL)
-    with pytest.raises(CheckpointingException, match=r"rank\(s\) 1.*writer process died"):
-        queue.maybe_finalize_async_calls(blocking=True)
+    # a call scheduled after the death, before anyone noticed it, fails too (no hang)
+    queue.schedule_async_request(dc.save(sharded_state_dict(rank, 2), f"{root}/after", async_sharded_save=True))
+    for _ in range(2):
+        with pytest.raises(CheckpointingException, match=r"rank\(s\) 1.*writer process died"):
+            queue.maybe_finalize_async_calls(blocking=True)
     queue.close()
+    assert not _committed(f"{root}/after")
     assert not _committed(f"{root}/killed")
     assert _reload(rank, previous) > 10  # the previous checkpoint is intact
     dist.barrier()

@@ -132,8 +132,8 @@ class AsyncCallsQueue:
         self.call_idx += 1
         async_request.freeze()
         async_request.call_idx = self.call_idx
-        if self.writer is None or not self.writer.process.is_alive():  # a dead writer failed its calls
-            self.writer = _Writer()
+        if self.writer is None or (not self.calls and not self.writer.process.is_alive()):
+            self.writer = _Writer()  # (a dead writer with calls unfinalized is how they learn they failed)
         self.writer.submit(async_request)
         self.calls.append(async_request)
         return self.call_idx
