@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_checkpointing import CheckpointManager, check_is_distributed_checkpoint
+from dist_checkpointing.manager import step_dir_name
+from dist_checkpointing.storage import storage_of
 from tinygpt import TinyGPT
 
 WORLD = 4
@@ -141,15 +143,17 @@ def fail_on_errors(received):
 
 
 # --- what is on disk ------------------------------------------------------------------------
-def files_and_bytes(path):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
-    return len(files), sum(os.path.getsize(f) for f in files)
+def on_disk(path):
+    """(complete, files, bytes) of a step directory."""
+    sizes = storage_of(path).files(path)
+    return check_is_distributed_checkpoint(path), len(sizes), sum(sizes.values())
 
 
 def step_dirs(root):
-    """step -> complete (it has its metadata.json), for every step directory."""
+    """step -> `on_disk` of its directory, for every step directory: complete or not, as the
+    crash left them (a manager opening the root would remove some)."""
     names = sorted(name for name in os.listdir(root) if name.startswith("iter_"))
-    return {int(name[len("iter_"):]): check_is_distributed_checkpoint(os.path.join(root, name)) for name in names}
+    return {int(name[len("iter_"):]): on_disk(os.path.join(root, name)) for name in names}
 
 
 def losses_of(messages, run):
@@ -206,10 +210,9 @@ def main(argv=None):
         print(f"      rank{'s' * (len(lost) > 1)} {', '.join(map(str, lost))}: the next collective failed"
               f" ({reason.group(0).strip() if reason else 'see the log'})")
     print("      the launcher stopped the job. On disk:")
-    for step, complete in at_kill.items():
-        files, size = files_and_bytes(os.path.join(root, f"iter_{step:07d}"))
+    for step, (complete, files, size) in at_kill.items():
         state = "complete" if complete else "no metadata.json: incomplete, ignored"
-        print(f"        iter_{step:07d}: {files:3d} files, {size / 1024:6.1f} KiB, {state}")
+        print(f"        {step_dir_name(step)}: {files:3d} files, {size / 1024:6.1f} KiB, {state}")
 
     print(f"[2/3] Restarting at {layout_name(RESUMED)}, then [3/3] the uninterrupted run at {layout_name(FIRST)}", flush=True)
     second, _ = launch(restarted_and_uninterrupted_runs, root)
@@ -226,17 +229,18 @@ def main(argv=None):
         print(f"{step:>4} {loss:>14.6f} {cells[0]} {cells[1]}")
     worst = max(abs(runs[s] - reference[s]) / abs(reference[s]) for runs in (interrupted, resumed) for s in runs)
 
-    kept = CheckpointManager(root).steps()
+    manager = CheckpointManager(root)
+    kept = manager.steps()
     with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
         tracker = f.read().strip()
     print(f"\nSaved under {root}: steps kept {kept} (keep_latest={KEEP_LATEST}, plus step {resumed_from}, the one"
           f" resumed from); tracker file says {tracker}")
     for step in kept:
-        files, size = files_and_bytes(os.path.join(root, f"iter_{step:07d}"))
-        print(f"  iter_{step:07d}: {files} files, {size / 1024:.1f} KiB")
+        _, files, size = on_disk(manager.path(step))
+        print(f"  {step_dir_name(step)}: {files} files, {size / 1024:.1f} KiB")
     blocked = [m[3] for m in first + second if m[0] == "save"]
     (last_blocked,) = [m[3] for m in second if m[0] == "save" and m[2] == STEPS]
-    _, last_bytes = files_and_bytes(os.path.join(root, f"iter_{STEPS:07d}"))
+    _, _, last_bytes = on_disk(manager.path(STEPS))
     total_s = last_blocked + commit_s
     print(f"  {len(blocked)} async saves held training up for {statistics.median(blocked):.3f} s each (median);")
     print(f"  step {STEPS}: {last_bytes / 1e6:.2f} MB committed {total_s:.2f} s after its save began,"
@@ -246,7 +250,7 @@ def main(argv=None):
     plot(png, reference, interrupted, resumed, resumed_from)
     summary = {
         "killed_rank_exit_code": exit_codes[KILLED_RANK],
-        "steps_at_kill": {str(step): complete for step, complete in at_kill.items()},
+        "steps_at_kill": {str(step): complete for step, (complete, _, _) in at_kill.items()},
         "resumed_from": resumed_from,
         "losses": {"uninterrupted": reference, "interrupted": interrupted, "resumed": resumed},
         "kept": kept,
