@@ -2,6 +2,7 @@
 `megatron.core.dist_checkpointing`: change the import, keep the model code."""
 
 from .core import CheckpointingConfig, CheckpointingException, check_is_distributed_checkpoint
+from .install import install_as_megatron
 from .mapping import (
     LocalNonpersistentObject,
     ShardedObject,
@@ -41,6 +42,7 @@ __all__ = [
     "check_is_distributed_checkpoint",
     "get_default_load_sharded_strategy",
     "get_default_save_sharded_strategy",
+    "install_as_megatron",
     "is_main_replica",
     "load",
     "load_common_state_dict",

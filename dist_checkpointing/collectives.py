@@ -170,6 +170,18 @@ def _summarize(what: str, failures) -> str:
     return f"{what} failed on rank(s) {ranks}:\n{details}"
 
 
+def broadcast_object(obj: Any, what: str, src: int = 0, group=None) -> Any:
+    """Group rank `src`'s picklable `obj` on every rank of the group (what only one rank has
+    and all need, e.g. rank 0's state to compare with). Only valid input may reach this point."""
+    if not is_distributed():
+        return obj
+    group = _group(group)
+    box = [obj]
+    with peers_lost_raise(what):
+        dist.broadcast_object_list(box, src=group_ranks(group)[src], group=group)
+    return box[0]
+
+
 def share_bytes(payload: Optional[bytes], sizes: Sequence[int], what: str, group=None) -> List[Optional[bytes]]:
     """Every rank's `payload` on every rank (None for a rank whose size is 0). `sizes`: every
     rank's payload size, known to all ranks (from an earlier exchange). With few senders each
@@ -234,3 +246,29 @@ def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], gr
                 work.wait()
     for target, buffer in copies_back:
         target.copy_(buffer.view(target.shape))
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int, group=None) -> None:
+    """Broadcasts `tensor` from global rank `src` into the same-shaped `tensor` of every other
+    rank of the group (any device, any dtype: it travels as bytes on its `wire_device`).
+    Only valid input may reach this point, as for `send_and_receive`."""
+    group = _group(group)
+    device = wire_device(tensor, group)
+    wire = tensor.detach().reshape(-1) if tensor.device == device else tensor.detach().reshape(-1).to(device)
+    with peers_lost_raise("the broadcast of a shard"):
+        dist.broadcast(wire.view(torch.uint8), src=src, group=group)
+    if wire.data_ptr() != tensor.data_ptr():
+        tensor.copy_(wire.view(tensor.shape))
+
+
+def all_gather_padded(mine: torch.Tensor, sizes: Sequence[int], group=None) -> List[torch.Tensor]:
+    """Every rank's 1-D uint8 tensor `mine` (rank r's of `sizes[r]` bytes, known to all) on
+    every rank, in one all-gather of tensors padded to the largest."""
+    group = _group(group)
+    width = max(sizes, default=0)
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[: mine.numel()] = mine.cpu()
+    received = [torch.empty(width, dtype=torch.uint8) for _ in sizes]
+    with peers_lost_raise("the exchange of shards between ranks"):
+        dist.all_gather(received, padded, group=group)
+    return [r[:n] for r, n in zip(received, sizes)]

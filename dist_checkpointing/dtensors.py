@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .errors import CheckpointingException
-from .mapping import ShardedTensor
+from .mapping import ShardedTensor, same_elements
 
 Path = Tuple[Union[str, int], ...]  # of a leaf in nested dicts and lists
 
@@ -73,6 +73,6 @@ def restore_dtensors(state_dict: Any, dtensors: Dict[Path, DTensor]) -> None:
         for name in path[:-1]:
             container = container[name]
         loaded, local = container[path[-1]], dtensor.to_local().detach()
-        if loaded.data_ptr() != local.data_ptr():  # else it is the local tensor itself
+        if not same_elements(loaded, local):  # else it is the local tensor itself
             local.copy_(loaded)
         container[path[-1]] = dtensor

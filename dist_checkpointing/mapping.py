@@ -202,14 +202,20 @@ class ShardedTensor(ShardedBase):
             return None
         return data
 
-    def box_target(self, host_only: bool = False) -> torch.Tensor:
-        """Where a reader writes the values of `covering_box()`: the destination
-        (`load_destination`) viewed with the box's leading unit axes; or a new CPU tensor of the
-        box where the load must allocate: no destination, a flattened request (its box is the
-        rows around its range), or with `host_only` a destination off the CPU."""
+    def box_target(self, stored_dtype: torch.dtype, host_only: bool = False) -> torch.Tensor:
+        """Where a reader writes the values of `covering_box()`, stored as `stored_dtype`: the
+        destination (`load_destination`) viewed with the box's leading unit axes; or a new CPU
+        tensor of the box where the load must allocate: no destination, a flattened request
+        (its box is the rows around its range), a stored dtype other than the request's
+        (`deliver` converts), or with `host_only` a destination off the CPU."""
         destination = self.load_destination()
-        if destination is None or self.flattened_range is not None or (host_only and destination.device.type != "cpu"):
-            return torch.empty(self.covering_box()[1], dtype=self.dtype)
+        if (
+            destination is None
+            or self.flattened_range is not None
+            or stored_dtype != self.dtype
+            or (host_only and destination.device.type != "cpu")
+        ):
+            return torch.empty(self.covering_box()[1], dtype=stored_dtype)
         return destination.detach()[(None,) * self.prepend_axis_num]
 
     def deliver(self, box_values: torch.Tensor) -> torch.Tensor:
@@ -217,19 +223,16 @@ class ShardedTensor(ShardedBase):
         return self.fill(self.from_covering_box(box_values))
 
     def fill(self, values: torch.Tensor) -> torch.Tensor:
-        """What a load returns for this request, given its values (of `data_shape`; on the CPU,
-        or already read into the destination): the destination (`load_destination`) filled in
-        place, else the values (moved to `data`'s device when that is not the CPU)."""
+        """What a load returns for this request, given its values (of `data_shape`, any dtype;
+        on the CPU, or already read into the destination): the destination
+        (`load_destination`) filled in place, else the values converted to the request's
+        dtype (a checkpoint saved in bf16 loads into fp32, as with Megatron-Core and DCP) and
+        moved to `data`'s device when that is not the CPU."""
         destination = self.load_destination()
         if destination is None:
             on_device = self.data is not None and self.data.device.type not in ("cpu", "meta")
-            return values.to(self.data.device) if on_device else values
-        read_in_place = (
-            values.device == destination.device
-            and values.data_ptr() == destination.data_ptr()
-            and values.stride() == destination.stride()
-        )
-        if not read_in_place:
+            return values.to(device=self.data.device if on_device else values.device, dtype=self.dtype)
+        if not same_elements(values, destination):
             destination.detach().copy_(values)  # detached: a parameter that requires grad is filled too
         return destination
 
@@ -333,10 +336,10 @@ class ShardedTensor(ShardedBase):
         """`torch.narrow` of the local tensor, with the global view narrowed accordingly.
 
         Every rank narrows its shard the same way, so along `dim` the global shape and offset
-        scale by `length / local size`. `dim` does not count prepended axes.
+        scale by `length / local size`. `dim` does not count prepended axes. A flattened shard
+        (narrowed along its first local axis only) keeps the part of its flat range inside
+        the narrowed rows: the result is one ShardedTensor, or none if that part is empty.
         """
-        if self.flattened_range is not None:
-            raise CheckpointingException(f"narrow() of flattened ShardedTensor '{self.key}'")
         axis = dim + self.prepend_axis_num
         local = self.local_shape[dim]
         if self.global_shape[axis] % local or self.global_offset[axis] % local:
@@ -347,16 +350,43 @@ class ShardedTensor(ShardedBase):
         global_offset = list(self.global_offset)
         global_shape[axis] = self.global_shape[axis] // local * length
         global_offset[axis] = self.global_offset[axis] // local * length
-        new_data = self.data.narrow(dim, start, length)
+        local_shape = self.local_shape[:dim] + (length,) + self.local_shape[dim + 1 :]
+        if self.flattened_range is None:
+            data, flattened_range = self.data.narrow(dim, start, length), None
+        else:
+            if dim != 0:
+                raise CheckpointingException(
+                    f"'{self.key}': a flattened ShardedTensor is narrowed along its first local "
+                    f"axis only, got dim={dim}"
+                )
+            row = math.prod(self.local_shape[1:])
+            first, stop = max(self.flattened_range.start, start * row), min(self.flattened_range.stop, (start + length) * row)
+            if first >= stop:
+                return []
+            data = self.data[first - self.flattened_range.start : stop - self.flattened_range.start]
+            flattened_range = slice(first - start * row, stop - start * row)
         return [
             replace(
                 self,
-                data=new_data,
-                local_shape=tuple(new_data.shape),
+                data=data,
+                local_shape=tuple(local_shape),
                 global_shape=tuple(global_shape),
                 global_offset=tuple(global_offset),
+                flattened_range=flattened_range,
             )
         ]
+
+
+def same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` view the very same elements in the same order (a load that read
+    into the destination in place). Strides of length-1 axes are compared not at all: they
+    never address memory, and views, `reshape` and `zeros_like` give them any value."""
+    return (
+        a.device == b.device
+        and a.shape == b.shape
+        and a.data_ptr() == b.data_ptr()
+        and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+    )
 
 
 def whole_tensor_metadata(key: str, dtype: torch.dtype, global_shape) -> ShardedTensor:

@@ -38,6 +38,13 @@ logger = logging.getLogger(__name__)
 
 ShardedParam = Union[ShardedTensor, ShardedTensorFactory]
 
+# appended to messages about parameters that no ShardedTensor wraps (Megatron-Core's words)
+KEEP_VARS_HINT = (
+    " Make sure state dict contains original torch.nn.Parameters (not pure torch.Tensors)"
+    " by passing `keep_vars=True` to `.state_dict()`. If any transformation of the original"
+    " parameter is needed, use a ShardedTensorFactory."
+)
+
 
 def get_optim_param_to_id_map(optim_params_iter: Iterable[torch.nn.Parameter]) -> Dict[int, int]:
     """id(parameter) -> its index in the optimizer's state dict."""
@@ -61,10 +68,7 @@ def get_param_id_to_sharded_param_map(
         if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and id(sh.data) in param_to_id:
             result[param_to_id[id(sh.data)]] = sh
     if not result:
-        logger.warning(
-            "No model ShardedTensor wraps a parameter of the optimizer: build the model's sharded "
-            "state dict from the parameters themselves (e.g. state_dict(keep_vars=True))."
-        )
+        logger.warning("No model ShardedTensor wraps a parameter of the optimizer." + KEEP_VARS_HINT)
     return result
 
 

@@ -2,8 +2,9 @@
 
 Objects are written with `torch.save` and read with `torch.load(weights_only=True)`, whose
 unpickler only builds tensors, containers, primitives and explicitly allowed classes. We allow,
-for the duration of a load only, the plain-data classes Megatron-LM's `common.pt` holds
-(`argparse.Namespace`, `SimpleNamespace`, `PosixPath`, numpy arrays, scalars and RNG states).
+for the duration of a load only, the plain-data classes Megatron-LM's checkpoints hold
+(`argparse.Namespace`, `SimpleNamespace`, `PosixPath`, numpy arrays, scalars and RNG states,
+and `io.BytesIO`, Transformer Engine's extra state).
 Users allow their own classes globally with `torch.serialization.add_safe_globals([...])`.
 """
 
@@ -26,6 +27,7 @@ from .integrity import Range, write_checksummed
 from .storage import storage_of
 
 SAFE_GLOBALS = [
+    io.BytesIO,  # Transformer Engine's `_extra_state`: rebuilt from its bytes, it runs no code
     argparse.Namespace,
     types.SimpleNamespace,
     pathlib.PosixPath,

@@ -20,7 +20,7 @@ import pickle
 import time
 from typing import Callable, Hashable, Optional, Sequence, Set, Tuple, Union
 
-from .collectives import exchange, gather, get_rank, on_every_rank, within
+from .collectives import broadcast_object, exchange, gather, get_rank, on_every_rank, within
 from .core import (
     CONFIG_FNAME,
     FORMAT_VERSION,
@@ -35,7 +35,7 @@ from .core import (
     write_index,
     write_metadata,
 )
-from .dict_utils import extract_matching_values, merge, nested_values
+from .dict_utils import diff, extract_matching_values, merge, nested_values
 from .dtypes import torch_dtype
 from .global_plan import GlobalPlan, LocalPlan, PlanCache, PlanDigests, gather_plan
 from .integrity import verify_integrity as verify_integrity_json
@@ -62,6 +62,7 @@ from .strategies.base import (
     SaveShardedStrategy,
     StrategyAction,
     get_default_strategy,
+    is_planned,
 )
 from .strategies.async_utils import AsyncRequest
 from .strategies.config import StrategyConfig
@@ -128,8 +129,13 @@ def save(
         None, or the AsyncRequest of an async save
     """
     checkpoint_dir = str(checkpoint_dir)
-    sharded_strategy = _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or "zarr")
+    if sharded_strategy is None:
+        sharded_strategy = get_default_save_sharded_strategy()
+    sharded_strategy = _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy)
     common_strategy = _strategy(StrategyAction.SAVE_COMMON, common_strategy or ("torch", 1))
+    planned = is_planned(sharded_strategy)
+    if async_sharded_save and not planned and not callable(getattr(sharded_strategy, "async_save", None)):
+        raise CheckpointingException(f"Cannot save asynchronously with {sharded_strategy}: it has no async_save")
     local = {}
 
     kind = ("save", _configuration(sharded_strategy), validate_access_integrity)
@@ -142,38 +148,61 @@ def save(
         common_digest = None
         if validate_access_integrity:
             preprocess = preprocess_common_before_consistancy_check or (lambda common: common)
-            common_digest = digest_object(preprocess(local["common"]))
-        if sharded_strategy.stores_common_state:
+            local["compared"] = preprocess(local["common"])
+            common_digest = digest_object(local["compared"])
+        if planned and sharded_strategy.stores_common_state:
             local["sharded"][_COMMON_STATE_ENTRY] = ShardedObject(COMMON_STATE_KEY, local["common"], (1,), (0,), replica_id=get_rank())
             local["common"] = None
-        info = sharded_strategy.planning_info()
+        info = sharded_strategy.planning_info() if planned else None
         local["plan"] = LocalPlan.of(nested_values(local["sharded"]))
         return local["plan"].digests(info, _PLANS.digest(kind)), common_digest, info
 
     uncommitted = f"Nothing was committed: {checkpoint_dir} has no {CONFIG_FNAME}; earlier checkpoints are untouched."
     started = time.perf_counter()
-    planned = exchange(plan, "save planning", consequence=uncommitted)
+    planning = exchange(plan, "save planning", consequence=uncommitted)
     if validate_access_integrity:
-        _warn_if_common_state_differs([digest for _, digest, _ in planned])
+        _report_common_state_differences([digest for _, digest, _ in planning], local["compared"])
 
     def decide(global_plan):
         if validate_access_integrity:
             validate_plan(global_plan)
-        return sharded_strategy.plan(global_plan, [info for _, _, info in planned], get_rank())
+        if planned:
+            return sharded_strategy.plan(global_plan, [info for _, _, info in planning], get_rank())
+        return None
 
-    global_plan, save_plan = _agreed_plan(kind, local["plan"], [d for d, _, _ in planned], decide, "save planning", uncommitted)
+    global_plan, save_plan = _agreed_plan(kind, local["plan"], [d for d, _, _ in planning], decide, "save planning", uncommitted)
     seconds = {"plan": time.perf_counter() - started}
-    job = functools.partial(_write_job, checkpoint_dir, common_strategy, sharded_strategy, save_plan, local)
+    shards, objects = _split_objects(sharded_strategy, local["sharded"])
+    job = functools.partial(
+        WriteJob,
+        checkpoint_dir,
+        common_strategy,
+        sharded_strategy if planned else None,
+        save_plan,
+        common=local["common"] if get_rank() == 0 else None,  # None where the strategy stores it
+        objects=objects,
+    )
     commit = functools.partial(
         commit_save, checkpoint_dir, common_strategy, sharded_strategy, save_plan, global_plan, integrity=verify_integrity
     )
 
     def stage(copy: bool):
         started = time.perf_counter()
-        write_job = job().stage() if copy else job()
+        # the engine's stage is collective: it may exchange data
+        write_job = job(shards=sharded_strategy.stage(save_plan, shards) if planned else [])
+        write_job = write_job.stage() if copy else write_job
         seconds["stage"] = time.perf_counter() - started
         return write_job
 
+    if not planned:  # a strategy of Megatron-Core's interface writes the shards its own way
+        outcomes = exchange(lambda: stage(copy=False).run(), f"save to {checkpoint_dir}", consequence=uncommitted)
+        if async_sharded_save:
+            request = sharded_strategy.async_save(shards, checkpoint_dir)
+            request.add_finalize_fn(lambda: commit(outcomes, seconds))
+            return request
+        on_every_rank(lambda: sharded_strategy.save(shards, checkpoint_dir), f"save to {checkpoint_dir}", consequence=uncommitted)
+        commit(outcomes, seconds)
+        return None
     if async_sharded_save:
         staged = on_every_rank(lambda: stage(copy=True), f"staging of the save to {checkpoint_dir}", consequence=uncommitted)
         request = AsyncRequest(
@@ -233,21 +262,12 @@ def prepare_async_save(sharded_state_dict: ShardedStateDict, sharded_strategy: S
     reserve_staging_memory(sum(staged_size(t.numel() * t.element_size()) for t in tensors))
 
 
-def _write_job(checkpoint_dir, common_strategy, sharded_strategy, save_plan, local) -> WriteJob:
-    """This rank's part of the write (collective: the strategy's `stage` may exchange data)."""
-    shards, objects = local["sharded"], []
-    if not sharded_strategy.can_handle_sharded_objects:
-        objects, shards = extract_matching_values(shards, lambda v: isinstance(v, ShardedObject))
-        objects = list(nested_values(objects))
-    return WriteJob(
-        checkpoint_dir,
-        common_strategy,
-        sharded_strategy,
-        save_plan,
-        common=local["common"] if get_rank() == 0 else None,  # None where the strategy stores it
-        objects=objects,
-        shards=sharded_strategy.stage(save_plan, shards),
-    )
+def _split_objects(sharded_strategy, sharded: ShardedStateDict):
+    """(what the sharded strategy writes, the ShardedObjects the common strategy writes)."""
+    if sharded_strategy.can_handle_sharded_objects:
+        return sharded, []
+    objects, shards = extract_matching_values(sharded, lambda v: isinstance(v, ShardedObject))
+    return shards, list(nested_values(objects))
 
 
 def commit_save(
@@ -266,7 +286,8 @@ def commit_save(
         if get_rank() == 0:
             outcomes = write_outcomes() if callable(write_outcomes) else write_outcomes
             started = time.perf_counter()
-            sharded_strategy.finalize(save_plan, checkpoint_dir, [outcome.result for outcome in outcomes])
+            if is_planned(sharded_strategy):
+                sharded_strategy.finalize(save_plan, checkpoint_dir, [outcome.result for outcome in outcomes])
             config = CheckpointingConfig(
                 sharded_strategy.backend,
                 sharded_strategy.version,
@@ -298,15 +319,28 @@ def _log_save(checkpoint_dir, write_outcomes, seconds) -> None:
     )
 
 
-def _warn_if_common_state_differs(digests) -> None:
-    differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
-    if differing and get_rank() == 0:
+def _report_common_state_differences(digests, compared) -> None:
+    """Logs where the common state (as compared: after `preprocess_common_before_consistancy_check`)
+    differs from rank 0's, which is the copy saved: on rank 0 which ranks differ, and on each
+    of those ranks how (Megatron-Core's message). Rank 0's state travels only when some rank
+    differs."""
+    if all(digest == digests[0] for digest in digests):
+        return
+    rank = get_rank()
+    if rank == 0:
         logger.warning(
             "The common (non-sharded) state differs between ranks: ranks %s differ from rank 0. "
             "Rank 0's copy is saved. Wrap per-rank values in ShardedObject or "
             "LocalNonpersistentObject, or exclude them with "
             "preprocess_common_before_consistancy_check.",
-            differing,
+            [r for r, digest in enumerate(digests) if digest != digests[0]],
+        )
+    reference = broadcast_object(compared if rank == 0 else None, "comparison of the common state")
+    if rank > 0 and digests[rank] != digests[0]:
+        only_rank0, only_here, mismatched = diff(reference, compared)
+        logger.warning(
+            f"Rank {rank} common state dict differs from rank 0 common state dict. "
+            f"Keys only on rank 0: {only_rank0}, Keys only on {rank}: {only_here}, Mismatched keys: {mismatched}"
         )
 
 
@@ -588,6 +622,12 @@ def remove_sharded_tensors(checkpoint_dir, key_prefix: str) -> None:
         metadata.tensors = {k: v for k, v in metadata.tensors.items() if not k.startswith(key_prefix)}
         write_metadata(checkpoint_dir, metadata)
     sharded.remove_sharded_tensors(str(checkpoint_dir), key_prefix)
+    if metadata.checksums:  # the engine may have deleted checksummed files
+        storage = storage_of(checkpoint_dir)
+        kept = {name: ranges for name, ranges in metadata.checksums.items() if storage.exists(os.path.join(str(checkpoint_dir), name))}
+        if kept != metadata.checksums:
+            metadata.checksums = kept
+            write_index(checkpoint_dir, metadata)
     integrity = os.path.join(str(checkpoint_dir), INTEGRITY_FNAME)
     if storage_of(integrity).exists(integrity):  # it listed what changed
         write_integrity(checkpoint_dir, {})

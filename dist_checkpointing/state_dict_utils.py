@@ -7,12 +7,12 @@ from .dict_utils import dict_list_map_inplace, extract_matching_values
 from .mapping import (
     CommonStateDict,
     LocalNonpersistentObject,
-    ShardedBase,
     ShardedStateDict,
     ShardedTensorFactory,
     StateDict,
     apply_factories,
 )
+from .utils import extract_nonpersistent, extract_sharded_base
 
 
 def _copy_structure(state_dict: ShardedStateDict) -> ShardedStateDict:
@@ -28,16 +28,6 @@ def _replace_dtensors(state_dict: ShardedStateDict) -> Dict:
     from .dtensors import replace_dtensors
 
     return replace_dtensors(state_dict)
-
-
-def extract_sharded_base(state_dict: ShardedStateDict) -> Tuple[ShardedStateDict, StateDict]:
-    """(ShardedBase leaves, everything else)."""
-    return extract_matching_values(state_dict, lambda v: isinstance(v, ShardedBase))
-
-
-def extract_nonpersistent(state_dict: ShardedStateDict) -> Tuple[ShardedStateDict, StateDict]:
-    """(LocalNonpersistentObject leaves, everything else)."""
-    return extract_matching_values(state_dict, lambda v: isinstance(v, LocalNonpersistentObject))
 
 
 def save_preprocess(sharded_state_dict: ShardedStateDict) -> Tuple[ShardedStateDict, CommonStateDict]:

@@ -421,21 +421,16 @@ def shards_of(sharded_state_dict: ShardedStateDict, cls) -> Sequence:
     return [x for x in nested_values(sharded_state_dict) if isinstance(x, cls)]
 
 
-def check_request_against_stored(sh: ShardedTensor, stored_dtype: str, stored_shape, where: str) -> None:
-    """Refuses a load request that does not fit the stored tensor: another dtype, another
-    global shape, or a box outside the stored tensor (any request, main replica or not).
+def check_request_against_stored(sh: ShardedTensor, stored_shape, where: str) -> None:
+    """Refuses a load request that does not fit the stored tensor: another global shape, or a
+    box outside the stored tensor (any request, main replica or not). Another dtype fits: it is
+    converted (`ShardedTensor.fill`).
 
-    `stored_dtype` is a dtype table name; `where` names the file or directory for the message.
-    With `allow_shape_mismatch` the stored shape may differ (same number of axes); the request's
-    box must then lie inside its own global shape, and the engine zero-pads what the stored
-    tensor does not have.
+    `where` names the file or directory for the message. With `allow_shape_mismatch` the
+    stored shape may differ (same number of axes); the request's box must then lie inside its
+    own global shape, and the engine zero-pads what the stored tensor does not have.
     """
-    wanted_dtype = name_of_torch(sh.dtype, sh.key)
-    if stored_dtype != wanted_dtype:
-        raise CheckpointingException(
-            f"Key '{sh.key}' is stored as {stored_dtype} in {where}, requested as {wanted_dtype}. "
-            f"Request the stored dtype and convert after loading."
-        )
+    name_of_torch(sh.dtype, sh.key)  # a dtype the library knows
     stored_shape = tuple(stored_shape)
     if len(stored_shape) != len(sh.global_shape) or (stored_shape != sh.global_shape and not sh.allow_shape_mismatch):
         raise CheckpointingException(
@@ -464,4 +459,4 @@ def check_requests_against_checkpoint(request: ShardedStateDict, stored: CkptSha
                 f"load with strict='log_unexpected' to skip keys the checkpoint does not have."
             )
         if isinstance(sh, ShardedTensor):
-            check_request_against_stored(sh, name_of_torch(entry.dtype, name), entry.global_shape, where)
+            check_request_against_stored(sh, entry.global_shape, where)

@@ -24,7 +24,7 @@ from .fs import file_size_limit_raises
 from .integrity import Checksums
 from .mapping import ShardedObject, ShardedTensor, is_main_replica
 from .storage import storage_of
-from .strategies.base import SaveCommonStrategy, SaveShardedStrategy, ShardedSavePlan
+from .strategies.base import PlannedSaveStrategy, SaveCommonStrategy, ShardedSavePlan
 
 ALIGNMENT = 64  # bytes; every staged tensor starts at a multiple, so any dtype view is valid
 
@@ -33,7 +33,7 @@ ALIGNMENT = 64  # bytes; every staged tensor starts at a multiple, so any dtype 
 class WriteJob:
     checkpoint_dir: str
     common_strategy: SaveCommonStrategy
-    sharded_strategy: SaveShardedStrategy
+    sharded_strategy: Optional[PlannedSaveStrategy]  # None: a strategy of Megatron-Core's interface writes the shards itself
     plan: ShardedSavePlan  # this save's, from `sharded_strategy.plan`
     common: Optional[dict]  # rank 0 writes `common.pt`; None elsewhere
     objects: list  # ShardedObjects written by the common strategy
@@ -57,8 +57,10 @@ class WriteJob:
             if self.staged is not None:
                 tensors = iter(self.staged.tensors())
                 shards = [replace(sh, data=next(tensors)) if isinstance(sh, ShardedTensor) else sh for sh in shards]
-            sharded_checksums, result = self.sharded_strategy.save(self.plan, shards, target)
-            checksums.update(sharded_checksums)
+            result = None
+            if self.sharded_strategy is not None:
+                sharded_checksums, result = self.sharded_strategy.write(self.plan, shards, target)
+                checksums.update(sharded_checksums)
             target.sync()  # before any rank may report success
         return WriteOutcome(checksums, result, target.files, target.nbytes, time.perf_counter() - started)
 

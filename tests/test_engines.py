@@ -177,8 +177,13 @@ def test_shape_mismatch_padding_and_clear_errors(tmp_path, backend):
     assert loaded[:, 3].abs().sum() == 0
     with pytest.raises(CheckpointingException, match="Key 'w' has global shape \\(2, 3\\)"):
         dc.load({"w": ShardedTensor.from_rank_offsets("w", torch.empty(3, 4))}, ckpt)
-    with pytest.raises(CheckpointingException, match="stored as float32.*requested as float64"):
-        dc.load({"w": ShardedTensor.from_rank_offsets("w", torch.empty(2, 3, dtype=torch.float64))}, ckpt)
+    # another dtype is converted: into the caller's tensor, or into a new one
+    wide = torch.empty(2, 3, dtype=torch.float64)
+    assert dc.load({"w": ShardedTensor.from_rank_offsets("w", wide)}, ckpt)["w"] is wide
+    assert torch.equal(wide, torch.arange(6.0, dtype=torch.float64).reshape(2, 3))
+    narrow = ShardedTensor.from_rank_offsets("w", torch.empty(1, 3, dtype=torch.bfloat16, device="meta"), (0, 1, 2))
+    loaded = dc.load({"w": narrow}, ckpt, validate_access_integrity=False)["w"]
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, torch.tensor([[3.0, 4.0, 5.0]], dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("backend", ["zarr", "tensorstore", "torch_dist"])

@@ -1,5 +1,9 @@
 """Fully parallel save and load: replicated shards are written and read in balanced shares."""
 
+import random
+
+import numpy as np
+import torch
 import torch.distributed as dist
 
 import dist_checkpointing as dc
@@ -7,10 +11,13 @@ from dist_checkpointing.dict_utils import nested_values
 from dist_checkpointing.mapping import ShardedTensor, is_main_replica
 from dist_checkpointing.strategies import load_strategy_from_config, save_strategy_from_config
 from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
+from dist_checkpointing.exchange_utils import distribute_shards_to_ranks
+from dist_checkpointing.global_plan import GlobalPlan
 from dist_checkpointing.strategies.fully_parallel import (
     FullyParallelLoadStrategyWrapper,
     FullyParallelSaveStrategyWrapper,
-    distribute_evenly,
+    _sharded_tensor_shard_id,
+    save_distribution,
 )
 from layouts import check_loaded, sharded_state_dict
 from multirank import run_ranks
@@ -18,21 +25,77 @@ from multirank import run_ranks
 TP, DP = 2, 2
 
 
-def test_distribute_evenly_balances_bytes_deterministically():
-    candidates = {("a", i): [0, 1, 2] for i in range(6)}
-    candidates[("only0",)] = [0]
-    sizes = {("a", i): 10 * (i + 1) for i in range(6)}
-    sizes[("only0",)] = 60
-    owners = distribute_evenly(candidates, sizes)
-    load = {r: sum(sizes[s] for s, o in owners.items() if o == r) for r in range(3)}
-    assert load == {0: 90, 1: 90, 2: 90}  # 270 bytes, rank 0 already holding the pinned 60
-    assert owners == distribute_evenly(dict(reversed(candidates.items())), sizes)
+def _greedy(shard_to_ranks, shard_to_size, num_ranks, late=frozenset()):
+    """Megatron-Core's greedy, written plainly: the reference for the heap-based one."""
+    load = [0] * num_ranks
+    owner = {}
+    for shard in sorted(shard_to_ranks, key=lambda s: (s in late, len(shard_to_ranks[s]), -shard_to_size[s], s)):
+        rank = min(shard_to_ranks[shard], key=lambda r: (load[r], r))
+        owner[shard] = rank
+        load[rank] += shard_to_size[shard]
+    return owner
+
+
+def test_distribute_shards_to_ranks_is_megatrons_greedy():
+    # Megatron-Core's documented example (its test_save_distribution): TP=2 x DP=4 over 8 ranks
+    dp = {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}
+    shards = {("keyB", (r * 20,), None): [r] for r in range(8)}
+    sizes = {s: 80 for s in shards}
+    for key in ("key_TP_repl1", "key_TP_repl2"):
+        for tp in (0, 1):
+            shards[(key, (tp * 10,), None)], sizes[(key, (tp * 10,), None)] = dp[tp], 40
+    for key, nbytes in (("keyC", 400), ("keyD", 4000), ("keyE", 400)):
+        shards[(key, (0,), None)], sizes[(key, (0,), None)] = list(range(8)), nbytes
+    owner = distribute_shards_to_ranks(shards, sizes, 8)
+    by_key = {}
+    for (key, _, _), rank in sorted(owner.items()):
+        by_key.setdefault(key, []).append(rank)
+    assert by_key == {"keyB": list(range(8)), "key_TP_repl1": [0, 1], "key_TP_repl2": [2, 3], "keyC": [5], "keyD": [4], "keyE": [6]}
+    # random overlapping candidate sets, ties and late shards: the same as the plain greedy
+    rng = random.Random(5)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        shards = {(f"k{i}", (rng.randint(0, 3),), None): rng.sample(range(n), rng.randint(1, n)) for i in range(rng.randint(1, 30))}
+        sizes = {s: rng.choice([0, 1, 2, 8, 8, 64]) for s in shards}
+        late = {s for s in shards if rng.random() < 0.2}
+        assert distribute_shards_to_ranks(shards, sizes, n, late) == _greedy(shards, sizes, n, late)
+
+
+def test_save_distribution_of_a_plan_is_the_same_greedy():
+    """The fully parallel save on the global plan assigns what `distribute_shards_to_ranks`
+    assigns for the same shards (random layouts, replicas and groups)."""
+    rng = random.Random(7)
+    for _ in range(30):
+        world = rng.randint(2, 8)
+        groups = [rng.randint(0, 1) for _ in range(world)]
+        by_rank = [[] for _ in range(world)]
+        for k in range(rng.randint(1, 12)):
+            holders = rng.sample(range(world), rng.randint(1, world))
+            pieces, length = rng.randint(1, 3), rng.choice([1, 3, 8])
+            for piece in range(pieces):
+                main = rng.choice(holders)
+                for rank in holders:
+                    by_rank[rank].append(
+                        ShardedTensor.from_rank_offsets(f"t{k}", torch.zeros(length), (0, piece, pieces), replica_id=int(rank != main))
+                    )
+        plan = GlobalPlan.of_shards(by_rank)
+        writes = save_distribution(plan, groups)
+        chosen = {}
+        for pair in np.flatnonzero(writes).tolist():
+            chosen[_sharded_tensor_shard_id(plan.shard(plan.pair_row[pair]))] = int(plan.pair_rank[pair])
+        candidates, sizes = {}, {}
+        for rank, shards in enumerate(by_rank):
+            for sh in shards:
+                sid = _sharded_tensor_shard_id(sh)
+                main_rank = next(r for r, other in enumerate(by_rank) for o in other if _sharded_tensor_shard_id(o) == sid and o.replica_id == 0)
+                if groups[rank] == groups[main_rank]:
+                    candidates.setdefault(sid, []).append(rank)
+                sizes[sid] = sh.nbytes
+        assert chosen == _greedy(candidates, sizes, world)
 
 
 def _written_bytes(state, writes):
-    from dist_checkpointing.strategies.fully_parallel import _shard_id
-
-    return sum(sh.nbytes for sh in nested_values(state) if isinstance(sh, ShardedTensor) and _shard_id(sh) in writes)
+    return sum(sh.nbytes for sh in nested_values(state) if isinstance(sh, ShardedTensor) and _sharded_tensor_shard_id(sh) in writes)
 
 
 def save_and_load_fully_parallel(rank, world_size, root, use_dp_groups):

@@ -25,11 +25,11 @@ def engine_classes(backend: str) -> Tuple[type, type]:
 
 
 def save_strategy_from_config(config: StrategyConfig):
-    return engine_classes(config.backend)[0](config.backend, 1, config)
+    return engine_classes(config.backend)[0](config.backend, 1, config=config)
 
 
 def load_strategy_from_config(config: StrategyConfig):
-    return engine_classes(config.backend)[1](config.backend, 1, config)
+    return engine_classes(config.backend)[1](config.backend, 1, config=config)
 
 
 READ_ONLY_BACKENDS = ("safetensors",)

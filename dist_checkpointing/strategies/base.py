@@ -11,13 +11,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, DefaultDict, Dict, List, Sequence, Tuple, Union
+from typing import Any, DefaultDict, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..collectives import exchange, gather, get_rank, on_every_rank
 from ..core import CheckpointingException
+from ..dict_utils import nested_values
 from ..fs import DurableDir
+from ..global_plan import GlobalPlan, LocalPlan, gather_plan
 from ..integrity import Checksums
-from ..mapping import ShardedStateDict, StateDict
-from ..global_plan import GlobalPlan
+from ..mapping import ShardedBase, ShardedStateDict, StateDict
+from ..storage import storage_of
+from .async_utils import AsyncRequest
 
 
 class StrategyAction(Enum):
@@ -56,9 +60,11 @@ def get_default_strategy(action: StrategyAction, backend: str, version: int):
 
 
 class StrategyBase(ABC):
-    """An engine for one (backend, version) of the format, and what it can handle."""
+    """An engine for one (backend, version) of the format, and what it can handle. (A load
+    strategy written for Megatron-Core's interface may name no backend: it then implements
+    the compatibility checks itself.)"""
 
-    def __init__(self, backend: str, version: int = 1):
+    def __init__(self, backend: Optional[str] = None, version: int = 1):
         self.backend = backend
         self.version = version
 
@@ -88,7 +94,7 @@ class LoadStrategyBase(StrategyBase):
             )
 
     def readable_backends(self) -> Tuple[str, ...]:
-        return (self.backend,)
+        return () if self.backend is None else (self.backend,)
 
 
 class SaveStrategyBase(StrategyBase):
@@ -128,9 +134,9 @@ class LoadShardedStrategy(LoadStrategyBase):
         """Like `load_tensors_metadata`, plus ShardedObjects where this strategy stores them."""
         return self.load_tensors_metadata(checkpoint_dir)
 
-    @abstractmethod
     def remove_sharded_tensors(self, checkpoint_dir: Union[str, Path], key_prefix: str) -> None:
         """Deletes the stored tensors whose key starts with `key_prefix`."""
+        raise CheckpointingException(f"{type(self).__name__} cannot remove tensors from a checkpoint")
 
 
 class SaveCommonStrategy(SaveStrategyBase):
@@ -149,15 +155,43 @@ class SaveCommonStrategy(SaveStrategyBase):
 
 @dataclass(frozen=True)
 class ShardedSavePlan:
-    """What `SaveShardedStrategy.plan` decided for one save on one rank. A value: it travels with
-    its save (the write job, an async request) into `stage`, `save` and `finalize`, and is never
+    """What `PlannedSaveStrategy.plan` decided for one save on one rank. A value: it travels with
+    its save (the write job, an async request) into `stage`, `write` and `finalize`, and is never
     kept on the strategy, so one strategy object can run overlapping saves. Engines extend it."""
 
     rank: int  # names this rank's files; an async writer process has no process group to ask
 
 
 class SaveShardedStrategy(SaveStrategyBase):
-    """Writes ShardedTensors, in four calls mirroring the steps of `serialization.save`.
+    """Writes the ShardedTensors of a state dict (Megatron-Core's interface).
+
+    `save(sharded_state_dict, checkpoint_dir)`, called on every rank, writes this strategy's
+    part of a checkpoint: the tensors (and the ShardedObjects, if it handles them), not
+    `common.pt` nor `metadata.json`, which `serialization.save` writes around it. A strategy
+    written for Megatron-Core implements just this; the library's engines plan together with
+    the rest of the save (`PlannedSaveStrategy`).
+    """
+
+    @abstractmethod
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> None:
+        """Writes the main replicas among the shards (collective)."""
+
+
+class AsyncSaveShardedStrategy(SaveShardedStrategy):
+    """A Megatron-Core strategy that can also save in the background: `async_save` returns the
+    `AsyncRequest` that writes; `save` executes it at once."""
+
+    @abstractmethod
+    def async_save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> AsyncRequest:
+        """Prepares the save; the caller schedules the request (or executes it)."""
+
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> None:
+        self.async_save(sharded_state_dict, checkpoint_dir).execute_sync()
+
+
+class PlannedSaveStrategy(SaveShardedStrategy):
+    """An engine of this library: writes ShardedTensors in four calls mirroring the steps of
+    `serialization.save`, which plans, validates, stages and commits around them.
 
     A strategy object holds configuration only; what one save decides is its plan.
 
@@ -168,10 +202,10 @@ class SaveShardedStrategy(SaveStrategyBase):
        A failure here is raised on every rank, even where only one rank found it;
     2. `stage(plan, sharded_state_dict)` on every rank: the only step that may move tensor data
        between ranks (e.g. to assemble flattened pieces on the rank that writes them);
-    3. `save(plan, ...)` on every rank with what `stage` returned: write the main replicas
+    3. `write(plan, ...)` on every rank with what `stage` returned: write the main replicas
        without talking to other ranks, through `checkpoint_dir`, the save's write target
        (`Storage.target`: an `fs.DurableDir` locally, an `ObjectTarget` in an object store; a
-       path that also writes files and creates directories; its `sync`, called after `save`,
+       path that also writes files and creates directories; its `sync`, called after `write`,
        makes them durable, so files written otherwise must be made durable by the strategy,
        e.g. fsync'd, or counted with `add_written` once uploaded); return the
        checksums of the files written (integrity.py; empty where the format checksums its own
@@ -179,7 +213,16 @@ class SaveShardedStrategy(SaveStrategyBase):
        process on pickled copies of the strategy and the plan;
     4. `finalize(plan, dir, results)` on rank 0 with every rank's write result, before
        `metadata.json` is written: write the engine's own index, if it has one.
+
+    Called alone, Megatron-Core's way, `save(sharded_state_dict, checkpoint_dir)` runs the four
+    steps on those shards, without `serialization.save`'s validation, index and commit.
     """
+
+    @property
+    def plans_with_library(self) -> bool:
+        """Whether `serialization.save` runs this strategy's four steps (False for a wrapper of
+        a strategy written for Megatron-Core's interface)."""
+        return True
 
     @property
     def stores_common_state(self) -> bool:
@@ -197,7 +240,7 @@ class SaveShardedStrategy(SaveStrategyBase):
         return ShardedSavePlan(rank)
 
     def stage(self, plan: ShardedSavePlan, sharded_state_dict: ShardedStateDict) -> ShardedStateDict:
-        """What `save` writes on this rank (called on every rank, collectively, after `plan`).
+        """What `write` writes on this rank (called on every rank, collectively, after `plan`).
 
         Runs between two collectives of `serialization.save`, so anything that can fail on
         one rank only must be checked in `plan` instead.
@@ -205,7 +248,7 @@ class SaveShardedStrategy(SaveStrategyBase):
         return sharded_state_dict
 
     @abstractmethod
-    def save(
+    def write(
         self, plan: ShardedSavePlan, sharded_state_dict: ShardedStateDict, checkpoint_dir: DurableDir
     ) -> Tuple[Checksums, Any]:
         """Writes this rank's main-replica shards through `checkpoint_dir`; returns the files'
@@ -213,3 +256,31 @@ class SaveShardedStrategy(SaveStrategyBase):
 
     def finalize(self, plan: ShardedSavePlan, checkpoint_dir: Union[str, Path], write_results: List[Any]) -> None:
         """Completes the engine's files from all ranks' write results (rank 0 only)."""
+
+    def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: Union[str, Path]) -> None:
+        checkpoint_dir, what = str(checkpoint_dir), f"save of the shards to {checkpoint_dir}"
+        local_plan = LocalPlan.of([sh for sh in nested_values(sharded_state_dict) if isinstance(sh, ShardedBase)])
+        planned = exchange(lambda: (local_plan.digests(None, b""), self.planning_info()), what)
+        global_plan = gather_plan(local_plan, [digests for digests, _ in planned], what)
+        plan = on_every_rank(lambda: self.plan(global_plan, [info for _, info in planned], get_rank()), what)
+        shards = self.stage(plan, sharded_state_dict)
+
+        def write():
+            with storage_of(checkpoint_dir).target(checkpoint_dir) as target:
+                result = self.write(plan, shards, target)[1]
+                target.sync()
+            return result
+
+        results = gather(write, what)
+
+        def finalize():
+            if get_rank() == 0:  # results() raises there if a rank's write failed
+                self.finalize(plan, checkpoint_dir, results())
+
+        exchange(finalize, what)
+
+
+def is_planned(strategy: SaveShardedStrategy) -> bool:
+    """Whether `serialization.save` plans, stages and writes with `strategy`'s four steps
+    (`PlannedSaveStrategy`), or calls its `save` (a strategy of Megatron-Core's interface)."""
+    return isinstance(strategy, PlannedSaveStrategy) and strategy.plans_with_library

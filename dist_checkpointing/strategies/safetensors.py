@@ -46,8 +46,8 @@ class SafetensorsLoadShardedStrategy(LoadShardedStrategy):
                     f"Tensor '{sh.key}' is not in the safetensors checkpoint {checkpoint.path}. Check the "
                     f"key, or load with strict='log_unexpected' to skip keys the checkpoint does not have."
                 )
-            check_request_against_stored(sh, entry.dtype, entry.shape, os.path.join(checkpoint.path, entry.file))
-            reads.append((sh, sh.box_target(), entry))
+            check_request_against_stored(sh, entry.shape, os.path.join(checkpoint.path, entry.file))
+            reads.append((sh, sh.box_target(torch_dtype(entry.dtype)), entry))
         batches = storage_of(checkpoint.path).io_batches(reads, self.thread_count, lambda read: read[1].numel() * read[1].element_size())
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(lambda batch: _read_batch(checkpoint.path, batch), batches))

@@ -21,7 +21,7 @@ import math
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
@@ -42,18 +42,20 @@ from torch.utils.serialization import config as serialization_config
 
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..dtypes import name_of_torch, torch_dtype
+from ..dtypes import torch_dtype
 from ..fs import DurableDir
 from ..global_plan import FLAT, OBJECT, GlobalPlan
 from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
 from ..geometry import intersection
-from ..layout import contained_path
+from ..layout import check_key, contained_path
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..pickling import dump_dcp_metadata, dump_object, load_object
 from ..validation import check_request_against_stored
-from .base import LoadShardedStrategy, SaveShardedStrategy, ShardedSavePlan
+from .base import LoadShardedStrategy, PlannedSaveStrategy, ShardedSavePlan
 from .config import StrategyConfig
+from .filesystem_async import write_buckets
+from .resharding import TensorReformulationMetadata, is_nd_flattened_tensor
 from .dcp_format import (
     DCP_VERSION,
     METADATA_FNAME,
@@ -92,12 +94,33 @@ def _chunk_box(mcore_data: Dict[str, dict], sh: ShardedTensor):
     return sh.local_chunk_offset_in_global() + (r.start,), ones + (r.stop - r.start,)
 
 
-class TorchDistSaveShardedStrategy(SaveShardedStrategy):
-    """Writes ShardedTensors and ShardedObjects in the DCP format."""
+class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
+    """Writes ShardedTensors and ShardedObjects in the DCP format.
 
-    def __init__(self, backend: str = "torch_dist", version: int = 1, config: Optional[StrategyConfig] = None):
+    Megatron-Core's arguments: `thread_count` (at most that many files per rank) overrides the
+    config's; with `separation_hint`, the items of keys starting with it go to files of their
+    own, `<hint>__<rank>_<n>.distcp`, which `remove_sharded_tensors(dir, hint)` then deletes.
+    `keep_only_main_replica` and `cached_metadata` change nothing here: only main replicas
+    are ever written, and an unchanged save always reuses its plan.
+    """
+
+    def __init__(
+        self,
+        backend: str = "torch_dist",
+        version: int = 1,
+        keep_only_main_replica: bool = True,
+        thread_count: Optional[int] = None,
+        cached_metadata: bool = False,
+        separation_hint: Optional[str] = None,
+        *,
+        config: Optional[StrategyConfig] = None,
+    ):
         super().__init__(backend, version)
-        self.config = config or StrategyConfig(backend="torch_dist")
+        config = config or StrategyConfig(backend="torch_dist")
+        self.config = config if thread_count is None else replace(config, thread_count=thread_count)
+        if separation_hint is not None:
+            check_key(separation_hint)  # it starts file names
+        self.separation_hint = separation_hint
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -156,7 +179,7 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             entries[name] = TensorStorageMetadata(properties, torch.Size(shape), chunks)
         return entries
 
-    def save(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[WriteResult]]:
+    def write(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[WriteResult]]:
         items = []  # (index, tensor or BytesIO)
         for sh in nested_values(sharded_state_dict):
             if not isinstance(sh, (ShardedTensor, ShardedObject)) or not is_main_replica(sh.replica_id):
@@ -168,14 +191,23 @@ class TorchDistSaveShardedStrategy(SaveShardedStrategy):
             offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
                 items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
-        files = storage_of(checkpoint_dir).io_batches(items, self.config.thread_count, _nbytes)
-        names = [f"__{plan.rank}_{n}.distcp" for n in range(len(files))]
+        hint = self.separation_hint
+        groups = {"": items} if hint is None else {
+            "": [item for item in items if not item[0].fqn.startswith(hint)],
+            hint: [item for item in items if item[0].fqn.startswith(hint)],
+        }
+        threads = self.config.thread_count if hint is None else max(1, self.config.thread_count // 2)
+        files, names = [], []
+        for prefix, group in groups.items():
+            for batch in storage_of(checkpoint_dir).io_batches(group, threads, _nbytes) if group else []:
+                names.append(f"{prefix}__{plan.rank}_{len(files)}.distcp")
+                files.append(batch)
         # Each item is checksummed (CRC-32C, index.json), so torch.save's own zlib CRC-32 of
         # every record is skipped: it costs ~1/3 of a small item's save and 40 ms per 100 MB.
         # torch.load (DCP's and Megatron's readers) reads such records; the setting is
         # process-wide, hence set once around all writer threads.
-        with serialization_config.patch("save.compute_crc32", False), ThreadPoolExecutor(max(1, len(files))) as pool:
-            written = list(pool.map(_write_file, [checkpoint_dir] * len(files), names, files))
+        with serialization_config.patch("save.compute_crc32", False):
+            written = write_buckets([(checkpoint_dir, name, items) for name, items in zip(names, files)], _write_file)
         checksums = {name: ranges for name, (_, ranges) in zip(names, written)}
         return checksums, [r for results, _ in written for r in results]
 
@@ -270,9 +302,12 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         return stored_entries(_dcp_metadata(open_checkpoint(checkpoint_dir)), with_objects=True)
 
     def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
-        """Drops the keys from `.metadata` (rewritten atomically); their bytes stay in the files."""
+        """Drops the keys from `.metadata` (rewritten atomically), then deletes the data files
+        that held nothing else (e.g. those of a `separation_hint`); bytes of the keys in files
+        shared with other keys stay, unreferenced."""
         path = os.path.join(str(checkpoint_dir), METADATA_FNAME)
         metadata = read_dcp_metadata(str(checkpoint_dir))
+        files_before = {info.relative_path for info in metadata.storage_data.values()}
         metadata.state_dict_metadata = {
             k: v for k, v in metadata.state_dict_metadata.items() if not k.startswith(key_prefix)
         }
@@ -280,7 +315,35 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
             k: v for k, v in metadata.storage_data.items() if not k.fqn.startswith(key_prefix)
         }
         metadata.mcore_data = {k: v for k, v in mcore_data(metadata).items() if not k.startswith(key_prefix)}
-        storage_of(path).write_atomic(path, dump_dcp_metadata(metadata))
+        storage = storage_of(path)
+        storage.write_atomic(path, dump_dcp_metadata(metadata))
+        unused = files_before - {info.relative_path for info in metadata.storage_data.values()}
+        for name in sorted(unused):
+            storage.remove(contained_path(str(checkpoint_dir), name, METADATA_FNAME))
+
+
+def get_reformulation_metadata(sharded_state_dict, checkpoint_dir) -> Dict[str, TensorReformulationMetadata]:
+    """Per flattened request of `sharded_state_dict`, its key's original and stored global
+    shapes in the checkpoint (Megatron-Core's n-d formulation, resharding.py). A 1-D key
+    stored without them (before the n-d formulation) has no entry; any other raises."""
+    metadata = _dcp_metadata(open_checkpoint(checkpoint_dir))
+    result = {}
+    for sh in nested_values(sharded_state_dict):
+        if not is_nd_flattened_tensor(sh):
+            continue
+        original = reformulated_from(metadata, sh.key)
+        if original is None:
+            if len(sh.global_shape) == 1:
+                continue
+            raise CheckpointingException(
+                f"Key '{sh.key}' is requested flattened, but {checkpoint_dir}/{METADATA_FNAME} has no "
+                f"n-d formulation of it (no '{ORIG_SHAPE}' in its mcore_data)"
+            )
+        stored = metadata.state_dict_metadata.get(sh.key)
+        if not isinstance(stored, TensorStorageMetadata):
+            raise CheckpointingException(f"Key '{sh.key}' is not a tensor in {checkpoint_dir}/{METADATA_FNAME}")
+        result[sh.key] = TensorReformulationMetadata(original, tuple(stored.size))
+    return result
 
 
 def _dcp_metadata(checkpoint: OpenCheckpoint) -> Metadata:
@@ -359,9 +422,9 @@ class _Reads:
             self.tiled.add(sh.key)
         where = os.path.join(self.checkpoint_dir, METADATA_FNAME)
         stored_shape = global_shape(self.metadata, sh.key)
-        check_request_against_stored(sh, name_of_torch(stored.properties.dtype, sh.key), stored_shape, where)
+        check_request_against_stored(sh, stored_shape, where)
         offset, shape = sh.covering_box()
-        target = sh.box_target()
+        target = sh.box_target(stored.properties.dtype)
         if reformulated_from(self.metadata, sh.key) is not None:
             self._plan_reformulated(sh.key, stored, stored_shape, offset, target)
         else:

@@ -15,7 +15,7 @@ import torch
 
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..dtypes import name_of_numpy, name_of_torch, to_numpy, torch_dtype
+from ..dtypes import name_of_numpy, to_numpy, torch_dtype
 from ..fs import DurableDir
 from ..global_plan import GlobalPlan
 from ..integrity import crc32c
@@ -23,7 +23,7 @@ from ..layout import LinkFreeTree, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..validation import check_request_against_stored, shards_of
-from .base import LoadShardedStrategy, SaveShardedStrategy
+from .base import LoadShardedStrategy, PlannedSaveStrategy
 from .config import ZARR_ENGINES, StrategyConfig
 from ..storage import storage_of
 from .reading import Piece, piece_of, read_chunk
@@ -87,7 +87,7 @@ class StoredArray(ABC):
         any strides): straight in where the dtypes agree, else converted."""
 
 
-class ZarrFormatSaveStrategy(SaveShardedStrategy):
+class ZarrFormatSaveStrategy(PlannedSaveStrategy):
     """Save side shared by the Zarr engines; an engine supplies `write_shards`."""
 
     def __init__(self, backend: str, version: int = 1, config: Optional[StrategyConfig] = None):
@@ -102,7 +102,7 @@ class ZarrFormatSaveStrategy(SaveShardedStrategy):
         """Flattened pieces become the chunks this rank writes (docs/format.md §4.4)."""
         return assemble_flat_chunks(sharded_state_dict, plan.flat_chunks)
 
-    def save(self, plan: ZarrSavePlan, sharded_state_dict, checkpoint_dir: DurableDir):
+    def write(self, plan: ZarrSavePlan, sharded_state_dict, checkpoint_dir: DurableDir):
         """Writes the array documents this rank owns and its chunks: those of raw arrays
         (`raw_dtype`) by the layout's own writer (`RawChunkWrites`), the others encoded by the
         engine (`write_shards`). No checksums to report: v3 chunks carry their own."""
@@ -279,9 +279,9 @@ class RawChunkReads:
             return False
         stored_shape = tuple(document["shape"])
         where = entry_dir(self.checkpoint_dir, sh.key)
-        check_request_against_stored(sh, name_of_torch(dtype, sh.key), stored_shape, where)
+        check_request_against_stored(sh, stored_shape, where)
         offset, shape = sh.covering_box()
-        target = sh.box_target()
+        target = sh.box_target(dtype)
         if any(o + n > g for o, n, g in zip(offset, shape, stored_shape)):
             target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
         stops = [min(o + n, g) for o, n, g in zip(offset, shape, stored_shape)]
@@ -359,9 +359,9 @@ def read_request(array: StoredArray, sh: ShardedTensor, checkpoint_dir) -> torch
 
     A chunk that is missing or fails its checksum raises, naming the damaged files."""
     where = entry_dir(checkpoint_dir, sh.key)
-    check_request_against_stored(sh, name_of_numpy(array.dtype, sh.key), array.shape, where)
+    check_request_against_stored(sh, array.shape, where)
     offset, shape = sh.covering_box()
-    target = sh.box_target(host_only=True)  # engines decode into host memory
+    target = sh.box_target(torch_dtype(name_of_numpy(array.dtype, sh.key)), host_only=True)  # engines decode into host memory
     try:
         read_box(array, offset, target)
     except Exception as e:  # engines raise ValueError, OSError, ... for damaged chunks

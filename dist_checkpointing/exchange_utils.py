@@ -1,0 +1,246 @@
+"""Which rank of a group does the work on a replicated shard, and how loaded shards travel to
+the other ranks that asked for them (Megatron-Core's `exchange_utils`, same names and results).
+
+The distribution is Megatron-Core's greedy, computed identically on every rank from what every
+rank holds or asks for: shards go, in order of (main replica outside the group last, fewest
+candidate ranks, largest, shard id), each to its least loaded candidate rank (the lowest rank
+on ties). `assign_greedily` is that algorithm on arrays, used by both the fully parallel save
+(on the global plan) and the load; it keeps one lazy heap per set of candidate ranks, so it
+costs O(log n) per shard however large the group.
+
+The exchange after a fully parallel load (`exchange_by_distribution`) sends each shard from the
+rank that read it to the ranks that asked for it, received straight into their result tensors:
+- "broadcast" (the default, Megatron-Core's): a shard every rank of the group asked for is
+  broadcast; one that only some ranks asked for goes point to point to those ranks;
+- "point_to_point": always point to point, to the ranks that asked;
+- "gather_rounds": every shard more than one rank asked for, per dtype, in rounds of one
+  all-gather (one shard per rank and round);
+- "gather_object": one `all_gather_object` of every loaded shard (for debugging).
+A shard that only its reader asked for never travels.
+"""
+
+import heapq
+from collections import defaultdict
+from itertools import zip_longest
+from typing import Dict, Hashable, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
+
+import numpy as np
+import torch
+
+from .collectives import all_gather_padded, broadcast_tensor, exchange, get_rank, get_world_size, group_ranks, send_and_receive, within
+from .core import CheckpointingException
+from .dict_utils import nested_values
+from .mapping import ShardedStateDict, ShardedTensor, is_main_replica
+from .utils import _sharded_tensor_shard_id
+
+EXCHANGE_ALGOS = ("broadcast", "point_to_point", "gather_rounds", "gather_object")
+
+
+class ShardDistribution(NamedTuple):
+    """Who does the work on each shard, within one group (ranks are group ranks).
+
+    main_rank_for_shard: the rank that writes (or reads) each shard
+    shards_in_this_group: the shards with a main replica in the group (on load: every shard
+        the group asked for)
+    shard_to_metadata: each shard's ShardedTensor (without data)
+    all_ranks_for_shard: the ranks that hold (or asked for) each shard
+    """
+
+    main_rank_for_shard: Dict[Hashable, int]
+    shards_in_this_group: Set[Hashable]
+    shard_to_metadata: Dict[Hashable, ShardedTensor]
+    all_ranks_for_shard: Dict[Hashable, List[int]]
+
+
+def assign_greedily(order: np.ndarray, shard_set: np.ndarray, set_members: Sequence[np.ndarray], sizes: np.ndarray, num_ranks: int) -> np.ndarray:
+    """The rank of each shard: shards in `order`, each to the least loaded rank (bytes so far;
+    the lowest rank on ties) among the members of its candidate set `shard_set[shard]`."""
+    load = [0] * num_ranks
+    heaps = [[(0, rank) for rank in sorted(members.tolist())] for members in set_members]  # sorted: a heap
+    owner = np.empty(len(shard_set), dtype=np.int64)
+    sets, sizes = shard_set.tolist(), sizes.tolist()
+    for shard in order.tolist():
+        heap = heaps[sets[shard]]
+        while heap[0][0] != load[heap[0][1]]:  # stale: that rank got shards of another set since
+            heapq.heapreplace(heap, (load[heap[0][1]], heap[0][1]))
+        rank = heap[0][1]
+        load[rank] += sizes[shard]
+        heapq.heapreplace(heap, (load[rank], rank))
+        owner[shard] = rank
+    return owner
+
+
+T = TypeVar("T")
+
+
+def distribute_shards_to_ranks(
+    shard_to_ranks: Dict[T, List[int]],
+    shard_to_size: Dict[T, int],
+    num_ranks: int,
+    cross_parallelization_group_loads: Set[T] = frozenset(),
+) -> Dict[T, int]:
+    """shard -> the rank (of `num_ranks`) that does its work, by the greedy of the module
+    docstring; `cross_parallelization_group_loads`: shards whose main replica is outside the
+    group, assigned last (a load then reads what the group also saved where it saved it)."""
+    shards = list(shard_to_ranks)
+    order = sorted(
+        range(len(shards)),
+        key=lambda i: (shards[i] in cross_parallelization_group_loads, len(shard_to_ranks[shards[i]]), -shard_to_size[shards[i]], shards[i]),
+    )
+    set_ids: Dict[Tuple[int, ...], int] = {}
+    shard_set = np.array([set_ids.setdefault(tuple(sorted(set(shard_to_ranks[s]))), len(set_ids)) for s in shards], dtype=np.int64)
+    members = [np.array(ranks, dtype=np.int64) for ranks in set_ids]
+    sizes = np.array([shard_to_size[s] for s in shards], dtype=np.int64)
+    owner = assign_greedily(np.array(order, dtype=np.int64), shard_set, members, sizes, num_ranks)
+    return dict(zip(shards, owner.tolist()))
+
+
+def load_shard_id(sh: ShardedTensor) -> Tuple:
+    """What makes two load requests ask for the same values: a request may be any box, so
+    its shape counts too (`_sharded_tensor_shard_id` is a saved shard's)."""
+    return _sharded_tensor_shard_id(sh) + (sh.local_shape,)
+
+
+def determine_main_replica_uniform_distribution(
+    sharded_state_dict: ShardedStateDict, parallelization_group=None, ignore_groups: bool = False
+) -> Optional[ShardDistribution]:
+    """The distribution of the ShardedTensors of every rank of the group (one exchange of
+    their metadata); None for a group of one rank.
+
+    Saving (`ignore_groups` False): the shards with a main replica in the group, each to one
+    rank holding it. Loading (`ignore_groups` True): every shard some rank asked for, by its
+    `load_shard_id`, those without a main replica in the group assigned last."""
+    with within(parallelization_group):
+        if get_world_size() <= 1:
+            return None
+        shard_id = load_shard_id if ignore_groups else _sharded_tensor_shard_id
+        local = {}
+        for sh in nested_values(sharded_state_dict):
+            if isinstance(sh, ShardedTensor):
+                local.setdefault(shard_id(sh), sh.without_data())
+        gathered = exchange(lambda: local, "fully parallel planning")
+    shard_to_ranks, shard_to_metadata, with_main = defaultdict(list), {}, set()
+    for rank, shards in enumerate(gathered):
+        for sid, sh in shards.items():
+            shard_to_ranks[sid].append(rank)
+            shard_to_metadata.setdefault(sid, sh)
+            if is_main_replica(sh.replica_id):
+                with_main.add(sid)
+    in_group = set(shard_to_ranks) if ignore_groups else with_main
+    shard_to_ranks = {sid: ranks for sid, ranks in shard_to_ranks.items() if sid in in_group}
+    sizes = {sid: shard_to_metadata[sid].nbytes for sid in shard_to_ranks}
+    main_rank = distribute_shards_to_ranks(shard_to_ranks, sizes, len(gathered), in_group - with_main)
+    return ShardDistribution(main_rank, in_group, shard_to_metadata, shard_to_ranks)
+
+
+def _get_empty_tensor_for_exchange(
+    shard_id: Hashable,
+    needed_shards: Dict[Hashable, ShardedTensor],
+    unneeded_shards: Dict[Hashable, ShardedTensor],
+    loaded_tensors: Dict[Hashable, torch.Tensor],
+) -> Tuple[torch.Tensor, Optional[torch.device]]:
+    """The tensor that receives shard `shard_id` in an exchange, and the device of the
+    caller's tensor (None for a scratch tensor). For a shard this rank asked for
+    (`needed_shards`): the request's destination when it can receive (`load_destination`,
+    contiguous), else a new tensor on its device, recorded in `loaded_tensors`; for a shard
+    it did not ask for (`unneeded_shards`: metadata only) a scratch tensor, dropped after."""
+    needed = needed_shards.get(shard_id)
+    if needed is None:
+        sh = unneeded_shards[shard_id]
+        return torch.empty(sh.data_shape, dtype=sh.dtype), None
+    target = needed.load_destination()
+    if target is None or not target.is_contiguous():
+        has_device = needed.data is not None and needed.data.device.type != "meta"
+        target = torch.empty(needed.data_shape, dtype=needed.dtype, device=needed.data.device if has_device else "cpu")
+    loaded_tensors[shard_id] = target
+    return target, target.device
+
+
+def exchange_by_distribution(
+    loaded_tensors: Dict[Hashable, torch.Tensor],
+    unloaded_shards: Dict[Hashable, ShardedTensor],
+    shard_distribution: ShardDistribution,
+    parallelization_group=None,
+    exchange_algo: str = "broadcast",
+) -> Dict[Hashable, torch.Tensor]:
+    """Every shard this rank needs: `loaded_tensors` (read here) and `unloaded_shards` (the
+    requests it did not read), exchanged by `exchange_algo` (module docstring) among the ranks
+    of the group; returns shard id -> tensor for both."""
+    if exchange_algo not in EXCHANGE_ALGOS:
+        raise CheckpointingException(f"exchange_algo must be one of {list(EXCHANGE_ALGOS)}, got {exchange_algo!r}")
+    with within(parallelization_group):
+        if exchange_algo == "gather_object":
+            return _exchange_gather_object(loaded_tensors, unloaded_shards)
+        if exchange_algo == "gather_rounds":
+            return _exchange_gather_rounds(loaded_tensors, unloaded_shards, shard_distribution)
+        return _exchange_directly(loaded_tensors, unloaded_shards, shard_distribution, broadcast=exchange_algo == "broadcast")
+
+
+def _travelling(distribution: ShardDistribution) -> List[Hashable]:
+    """The shards that leave their reader (some other rank asked for them), in one order
+    on every rank."""
+    return sorted(sid for sid, ranks in distribution.all_ranks_for_shard.items() if len(ranks) > 1)
+
+
+def _exchange_directly(loaded, unloaded, distribution: ShardDistribution, broadcast: bool) -> Dict[Hashable, torch.Tensor]:
+    rank, size, ranks = get_rank(), get_world_size(), group_ranks()
+    result = dict(loaded)
+    sends, receives = [], []
+    for tag, sid in enumerate(_travelling(distribution)):
+        reader, askers = distribution.main_rank_for_shard[sid], distribution.all_ranks_for_shard[sid]
+        if broadcast and len(askers) == size:
+            tensor = result[sid] if reader == rank else _get_empty_tensor_for_exchange(sid, unloaded, distribution.shard_to_metadata, result)[0]
+            broadcast_tensor(tensor, ranks[reader])
+        elif reader == rank:
+            sends += [(result[sid].detach(), ranks[peer], tag) for peer in askers if peer != rank and result[sid].numel()]
+        elif rank in askers:
+            target = _get_empty_tensor_for_exchange(sid, unloaded, distribution.shard_to_metadata, result)[0]
+            if target.numel():
+                receives.append((target.detach(), ranks[reader], tag))
+    send_and_receive(sends, receives)
+    return result
+
+
+def _exchange_gather_rounds(loaded, unloaded, distribution: ShardDistribution) -> Dict[Hashable, torch.Tensor]:
+    """Per dtype, round r all-gathers the r-th travelling shard of every rank (as bytes, padded
+    to the round's largest)."""
+    rank, size = get_rank(), get_world_size()
+    result = dict(loaded)
+    travelling = _travelling(distribution)
+    for dtype in sorted({distribution.shard_to_metadata[sid].dtype for sid in travelling}, key=str):
+        by_reader: List[List[Hashable]] = [[] for _ in range(size)]
+        for sid in travelling:
+            if distribution.shard_to_metadata[sid].dtype == dtype:
+                by_reader[distribution.main_rank_for_shard[sid]].append(sid)
+        for round_shards in zip_longest(*by_reader):
+            tensors = []
+            for reader, sid in enumerate(round_shards):
+                if sid is None:
+                    tensors.append(None)
+                elif reader == rank:
+                    tensors.append(result[sid])
+                else:
+                    tensors.append(_get_empty_tensor_for_exchange(sid, unloaded, distribution.shard_to_metadata, result)[0])
+            nbytes = [0 if t is None else t.numel() * t.element_size() for t in tensors]
+            mine = tensors[rank]
+            wire = mine.detach().reshape(-1).view(torch.uint8) if mine is not None else torch.empty(0, dtype=torch.uint8)
+            for reader, (sid, tensor, data) in enumerate(zip(round_shards, tensors, all_gather_padded(wire, nbytes))):
+                if sid is not None and reader != rank and nbytes[reader]:
+                    tensor.reshape(-1).view(torch.uint8).copy_(data)
+    return result
+
+
+def _exchange_gather_object(loaded, unloaded) -> Dict[Hashable, torch.Tensor]:
+    """Every rank's loaded shards to every rank, pickled (simple, slow: for debugging)."""
+    gathered = exchange(lambda: {sid: t.cpu() for sid, t in loaded.items()}, "fully parallel load exchange")
+    everything = {}
+    for shards in gathered:
+        duplicates = everything.keys() & shards.keys()
+        if duplicates:
+            raise CheckpointingException(f"Shards loaded by more than one rank: {sorted(map(str, duplicates))[:5]}")
+        everything.update(shards)
+    result = dict(loaded)
+    for sid in unloaded:
+        target = _get_empty_tensor_for_exchange(sid, unloaded, {}, result)[0]
+        target.copy_(everything[sid])
+    return result
