@@ -15,7 +15,7 @@ One process, no torch.distributed.
 from typing import Callable, Optional
 
 from .global_plan import GlobalPlan
-from .mapping import ShardedObject, ShardedTensor
+from .mapping import ShardedObject, ShardedTensor, whole_tensor_metadata
 from .serialization import (
     commit_save,
     load_common_state_dict,
@@ -51,7 +51,7 @@ def convert(
     entries = load_sharded_metadata(src, sharded)
     tensors = sorted((sh for sh in entries.values() if isinstance(sh, ShardedTensor)), key=lambda sh: sh.key)
     objects = [sh for _, sh in sorted(entries.items()) if isinstance(sh, ShardedObject)]
-    requests = {sh.key: sh for sh in tensors}
+    requests = {sh.key: whole_tensor_metadata(sh.key, sh.dtype, sh.global_shape) for sh in tensors}  # unflattened
 
     def read(key: str):
         return sharded.load({key: requests[key]}, src)[key]

@@ -389,11 +389,16 @@ def same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def whole_tensor_metadata(key: str, dtype: torch.dtype, global_shape) -> ShardedTensor:
-    """A data-less ShardedTensor for a whole global tensor (what checkpoint metadata lists)."""
+def whole_tensor_metadata(key: str, dtype: torch.dtype, global_shape, flattened: bool = False) -> ShardedTensor:
+    """A data-less ShardedTensor for a whole global tensor (what checkpoint metadata lists).
+    `flattened`: as the whole flat range of the tensor (how Megatron-Core lists a key it
+    stored flattened, a distributed optimizer's state: loaded, it is 1-D)."""
     global_shape = tuple(global_shape)
     ndim = len(global_shape)
-    return ShardedTensor(key, None, dtype, global_shape, global_shape, (0,) * ndim, (1,) * ndim)
+    entry = ShardedTensor(key, None, dtype, global_shape, global_shape, (0,) * ndim, (1,) * ndim)
+    if flattened:
+        entry.flattened_range = slice(0, math.prod(global_shape))
+    return entry
 
 
 def is_main_replica(replica_id: ReplicaId) -> bool:

@@ -295,7 +295,7 @@ def test_remove_sharded_tensors_updates_the_index(ckpt, tmp_path):
 
 def test_each_save_logs_what_it_wrote_and_how_long_each_step_took(tmp_path, caplog):
     path = str(tmp_path / "logged")
-    with caplog.at_level(logging.INFO, logger="dist_checkpointing.serialization"):
+    with caplog.at_level(logging.DEBUG, logger="dist_checkpointing.serialization"):
         dc.save(sharded_state_dict(0, 1), path)
     files = [os.path.join(r, f) for r, _, names in os.walk(path) for f in names if f not in ("metadata.json", "index.json")]
     nbytes = sum(os.path.getsize(f) for f in files)

@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, DefaultDict, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, DefaultDict, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from ..collectives import exchange, gather, get_rank, on_every_rank
 from ..core import CheckpointingException
@@ -133,6 +133,11 @@ class LoadShardedStrategy(LoadStrategyBase):
     def load_sharded_metadata(self, checkpoint_dir: Union[str, Path]) -> ShardedStateDict:
         """Like `load_tensors_metadata`, plus ShardedObjects where this strategy stores them."""
         return self.load_tensors_metadata(checkpoint_dir)
+
+    def flattened_keys(self, checkpoint_dir) -> Set[str]:
+        """The keys stored flattened (Megatron-Core's n-d formulation of a distributed
+        optimizer's state), which the metadata helpers list as flattened whole ranges."""
+        return set()
 
     def remove_sharded_tensors(self, checkpoint_dir: Union[str, Path], key_prefix: str) -> None:
         """Deletes the stored tensors whose key starts with `key_prefix`."""

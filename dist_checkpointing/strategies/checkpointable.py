@@ -97,14 +97,41 @@ class LocalShardsContainer(_Placeholder):
         return [shard._chunk() for shard in self._local_shards]
 
     def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
-        """The shard at `index.offset` (`index.index`, DCP's position hint, is tried first)."""
-        shards = self._local_shards
-        if index.index is not None and index.index < len(shards) and shards[index.index]._chunk().offsets == index.offset:
-            return shards[index.index].__get_tensor_shard__(index)
-        for shard in shards:
-            if shard._chunk().offsets == index.offset:
-                return shard.__get_tensor_shard__(index)
-        raise CheckpointingException(f"No local shard of '{index.fqn}' at offset {tuple(index.offset or ())}")
+        shard = _find(self._local_shards, [shard._chunk().offsets for shard in self._local_shards], index)
+        return shard.__get_tensor_shard__(index)
 
     def __repr__(self):
         return f"{type(self).__name__}({self._local_shards!r})"
+
+
+class BoxesToRead(_Placeholder):
+    """Boxes of one stored tensor that a load reads into, as a DCP state dict value: the
+    torch_dist engine's request to its planner (`torch.MCoreLoadPlanner`). Each box is (global
+    offset, the tensor it is read into), a chunk in the order added."""
+
+    def __new__(cls, size: torch.Size, dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, size, dtype=dtype)
+
+    def __init__(self, size: torch.Size, dtype: torch.dtype):
+        self.offsets: List[torch.Size] = []
+        self.targets: List[torch.Tensor] = []
+
+    def add(self, offset, target: torch.Tensor) -> None:
+        self.offsets.append(torch.Size(offset))
+        self.targets.append(target)
+
+    def __create_chunk_list__(self) -> List[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=o, sizes=t.shape) for o, t in zip(self.offsets, self.targets)]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return _find(self.targets, self.offsets, index)
+
+
+def _find(items: list, offsets: List[torch.Size], index: MetadataIndex):
+    """The item at `index.offset` (`index.index`, DCP's position hint, is tried first)."""
+    if index.index is not None and index.index < len(items) and offsets[index.index] == index.offset:
+        return items[index.index]
+    for item, offset in zip(items, offsets):
+        if offset == index.offset:
+            return item
+    raise CheckpointingException(f"No local shard of '{index.fqn}' at offset {tuple(index.offset or ())}")

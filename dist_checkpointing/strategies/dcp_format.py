@@ -131,11 +131,13 @@ def check_chunks_tile(checkpoint_dir: str, key: str, entry: TensorStorageMetadat
 
 
 def stored_entries(metadata: Metadata, with_objects: bool) -> dict:
-    """key -> data-less whole ShardedTensor (and unique key -> ShardedObject) from `.metadata`."""
+    """key -> data-less whole ShardedTensor (and unique key -> ShardedObject) from `.metadata`;
+    a key in the n-d formulation as its whole flat range, as Megatron-Core lists it."""
     result = {}
     for key, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
-            result[key] = whole_tensor_metadata(key, md.properties.dtype, global_shape(metadata, key))
+            flattened = reformulated_from(metadata, key) is not None
+            result[key] = whole_tensor_metadata(key, md.properties.dtype, global_shape(metadata, key), flattened)
         elif with_objects and isinstance(md, BytesStorageMetadata):
             result[key] = ShardedObject.empty_from_unique_key(key)
     return result

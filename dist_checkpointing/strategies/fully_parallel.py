@@ -298,6 +298,9 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
     def load_sharded_metadata(self, checkpoint_dir):
         return self.base_strategy.load_sharded_metadata(checkpoint_dir)
 
+    def flattened_keys(self, checkpoint_dir):
+        return self.base_strategy.flattened_keys(checkpoint_dir)
+
     def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
         self.base_strategy.remove_sharded_tensors(checkpoint_dir, key_prefix)
 

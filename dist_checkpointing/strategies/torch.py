@@ -36,7 +36,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.utils.serialization import config as serialization_config
 
@@ -47,7 +48,7 @@ from ..fs import DurableDir
 from ..global_plan import FLAT, OBJECT, GlobalPlan
 from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
-from ..geometry import intersection
+from ..geometry import inside, intersection
 from ..layout import check_key, contained_path
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..pickling import dump_dcp_metadata, dump_object, load_object
@@ -55,7 +56,8 @@ from ..validation import check_request_against_stored
 from .base import LoadShardedStrategy, PlannedSaveStrategy, ShardedSavePlan
 from .config import StrategyConfig
 from .filesystem_async import write_buckets
-from .resharding import TensorReformulationMetadata, is_nd_flattened_tensor
+from .checkpointable import BoxesToRead
+from .resharding import TensorReformulationMetadata, is_nd_flattened_tensor, nd_flattened_tensor_reformulated_global_shape
 from .dcp_format import (
     DCP_VERSION,
     METADATA_FNAME,
@@ -301,6 +303,10 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
     def load_sharded_metadata(self, checkpoint_dir):
         return stored_entries(_dcp_metadata(open_checkpoint(checkpoint_dir)), with_objects=True)
 
+    def flattened_keys(self, checkpoint_dir) -> Set[str]:
+        metadata = _dcp_metadata(open_checkpoint(checkpoint_dir))
+        return {key for key in mcore_data(metadata) if reformulated_from(metadata, key) is not None}
+
     def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
         """Drops the keys from `.metadata` (rewritten atomically), then deletes the data files
         that held nothing else (e.g. those of a `separation_hint`); bytes of the keys in files
@@ -386,33 +392,98 @@ class _Pending:
         self.n = n
 
 
+class MCoreLoadPlanner(DefaultLoadPlanner):
+    """Megatron-Core's DCP load planner: DCP's default planner that first checks the global
+    shapes of `shapes_validation_sharded_tensors` against the checkpoint's (a flattened one
+    against its n-d formulation); `allow_shape_mismatch_sharded_tensors` are not checked. Usable
+    with stock `torch.distributed.checkpoint.load`.
+
+    The torch_dist engine plans its reads with one too: its state dict holds a `BoxesToRead`
+    per stored key (the boxes the engine reads into, in the stored tensor's coordinates), whose
+    ReadItems are listed directly, each box against the stored chunks it overlaps; DCP's
+    generic planning of those boxes gives the same items."""
+
+    def __init__(self, *args, shapes_validation_sharded_tensors=(), allow_shape_mismatch_sharded_tensors=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shapes_validation_sharded_tensors = shapes_validation_sharded_tensors
+        self.allow_shape_mismatch_sharded_tensors = allow_shape_mismatch_sharded_tensors
+
+    def _validate_global_shapes(self, metadata: Metadata, sharded_tensors) -> None:
+        for sh in sharded_tensors:
+            stored = metadata.state_dict_metadata.get(sh.key)
+            if not isinstance(stored, TensorStorageMetadata):
+                raise CheckpointingException(f"Key '{sh.key}' is not a tensor of the checkpoint")
+            expected = nd_flattened_tensor_reformulated_global_shape(sh) if is_nd_flattened_tensor(sh) and len(sh.global_shape) > 1 else sh.global_shape
+            if tuple(stored.size) != tuple(expected):
+                raise CheckpointingException(
+                    f"Global shape mismatch for loaded ({tuple(stored.size)}) and expected ({tuple(expected)}) "
+                    f"tensor for key {sh.key}"
+                )
+
+    def create_local_plan(self) -> LoadPlan:
+        self._validate_global_shapes(self.metadata, self.shapes_validation_sharded_tensors)
+        if not all(isinstance(obj, (BoxesToRead, io.BytesIO)) for obj in self.state_dict.values()):
+            return super().create_local_plan()
+        items = []
+        for fqn, obj in self.state_dict.items():
+            stored = self.metadata.state_dict_metadata[fqn]
+            items += _box_read_items(fqn, stored, obj) if isinstance(obj, BoxesToRead) else [
+                ReadItem(LoadItemType.BYTE_IO, MetadataIndex(fqn), torch.Size([]), MetadataIndex(fqn), torch.Size([]), torch.Size([]))
+            ]
+        return LoadPlan(items)
+
+
+def _box_read_items(fqn: str, stored: TensorStorageMetadata, boxes: BoxesToRead) -> List[ReadItem]:
+    """The ReadItems of each box of `boxes`, from the stored chunks it overlaps (DCP's
+    `create_read_items_for_chunk_list`, one box at a time)."""
+    items = []
+    for index, (offset, target) in enumerate(zip(boxes.offsets, boxes.targets)):
+        for chunk in stored.chunks:
+            region = intersection((tuple(offset), tuple(target.shape)), (chunk.offsets, chunk.sizes))
+            if region is None:
+                continue
+            items.append(
+                ReadItem(
+                    LoadItemType.TENSOR,
+                    dest_index=MetadataIndex(fqn, offset, index),
+                    dest_offsets=torch.Size([a - o for (a, _), o in zip(region, offset)]),
+                    storage_index=MetadataIndex(fqn, chunk.offsets),
+                    storage_offsets=torch.Size([a - c for (a, _), c in zip(region, chunk.offsets)]),
+                    lengths=torch.Size([b - a for a, b in region]),
+                )
+            )
+    return items
+
+
 class _Reads:
-    """The reads of one load: DCP ReadItems per file, and DCP's LoadPlanner callbacks.
+    """The reads of one load: the requests' boxes, planned and read.
 
     Every request is read as its covering box, into the caller's tensor where it can hold it
-    (`ShardedTensor.box_target`) or a new one, zeroed only where no stored chunk covers it (the
-    allow_shape_mismatch pad). From a reformulated key, each stored shard the box overlaps is
-    read as the smallest flat range holding the overlap, and copied out through a strided view.
+    (`ShardedTensor.box_target`) or a new one, zeroed where it reaches beyond the stored tensor
+    (the allow_shape_mismatch pad; the stored chunks tile the rest). From a reformulated key,
+    each stored shard the box overlaps is read as the smallest flat range holding the overlap,
+    and copied out through a strided view. An `MCoreLoadPlanner` turns the boxes into DCP
+    ReadItems; the files are then read concurrently, each stored item once.
     """
 
     def __init__(self, checkpoint_dir: str, metadata: Metadata):
         self.checkpoint_dir, self.metadata = checkpoint_dir, metadata
         self.requests: List = []  # per _Pending.n: the request
         self.values: List = []  # per _Pending.n: the target tensor or the loaded object
-        self.destinations: List[torch.Tensor] = []  # per ReadItem.dest_index.index
+        self.objects: Dict[str, List[int]] = {}  # unique key -> the _Pending.n requesting it
         self.copy_outs: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (target view, read view)
-        self.items: List[ReadItem] = []
         self.tiled: Set[str] = set()  # keys whose stored chunks were checked to tile the tensor
         self.chunk_sizes: Dict[MetadataIndex, torch.Size] = {}  # what each stored item must hold
+        # requests are checked as they are planned (`check_request_against_stored`), not again
+        self.planner = MCoreLoadPlanner(flatten_state_dict=False, allow_partial_load=True)
+        self.planner.set_up_planner({}, metadata)
 
     def plan(self, sh):
         if isinstance(sh, ShardedObject):
             self._stored(sh.unique_key, BytesStorageMetadata, "ShardedObject")
-            index = MetadataIndex(sh.unique_key)
+            self.planner.state_dict.setdefault(sh.unique_key, io.BytesIO())
             n = self._add(sh, None)
-            empty = torch.Size([])
-            dest = MetadataIndex(sh.unique_key, index=n)
-            self.items.append(ReadItem(LoadItemType.BYTE_IO, dest, empty, index, empty, empty))
+            self.objects.setdefault(sh.unique_key, []).append(n)
             return _Pending(n)
         if not isinstance(sh, ShardedTensor):
             return sh
@@ -425,13 +496,18 @@ class _Reads:
         check_request_against_stored(sh, stored_shape, where)
         offset, shape = sh.covering_box()
         target = sh.box_target(stored.properties.dtype)
+        if not inside((offset, shape), stored_shape):
+            target.zero_()  # the allow_shape_mismatch pad
+        boxes = self.planner.state_dict.get(sh.key)
+        if boxes is None:
+            boxes = self.planner.state_dict[sh.key] = BoxesToRead(stored.size, stored.properties.dtype)
         if reformulated_from(self.metadata, sh.key) is not None:
-            self._plan_reformulated(sh.key, stored, stored_shape, offset, target)
+            self._plan_reformulated(sh.key, boxes, stored, stored_shape, offset, target)
         else:
-            self._read_into(sh.key, stored, offset, target)
+            boxes.add(offset, target)
         return _Pending(self._add(sh, target))
 
-    def _plan_reformulated(self, key, stored, global_shape, offset, target) -> None:
+    def _plan_reformulated(self, key, boxes: BoxesToRead, stored, global_shape, offset, target) -> None:
         grid, numel = tuple(stored.size[:-1]), stored.size[-1]
         shard = [g // n for g, n in zip(global_shape, grid)]
         if len(grid) != len(global_shape) or any(s * n != g for s, n, g in zip(shard, grid, global_shape)) or math.prod(shard) != numel:
@@ -450,37 +526,10 @@ class _Reads:
             first = sum((l - c * s) * st for l, c, s, st in zip(lo, cell, shard, strides))
             last = sum((h - 1 - c * s) * st for h, c, s, st in zip(hi, cell, shard, strides))
             flat = torch.empty((1,) * len(grid) + (last + 1 - first,), dtype=target.dtype)
-            self._read_into(key, stored, tuple(cell) + (first,), flat)
+            boxes.add(tuple(cell) + (first,), flat)
             overlap = [h - l for l, h in zip(lo, hi)]
             into = target[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))]
             self.copy_outs.append((into, flat.reshape(-1).as_strided(overlap, strides)))
-
-    def _read_into(self, key: str, stored, offset, destination: torch.Tensor) -> None:
-        """ReadItems filling `destination` (the stored box at `offset`, allocated empty) from the
-        stored chunks, which tile the stored tensor (`check_chunks_tile`); so what no chunk
-        covers lies outside it: the allow_shape_mismatch pad, zeroed."""
-        index = len(self.destinations)
-        self.destinations.append(destination)
-        covered = 0  # elements; chunks do not overlap
-        for chunk in stored.chunks:
-            region = intersection((tuple(offset), tuple(destination.shape)), (chunk.offsets, chunk.sizes))
-            if region is None:
-                continue
-            covered += math.prod(b - a for a, b in region)
-            storage_index = MetadataIndex(key, chunk.offsets)
-            self.chunk_sizes[storage_index] = chunk.sizes
-            self.items.append(
-                ReadItem(
-                    LoadItemType.TENSOR,
-                    dest_index=MetadataIndex(key, torch.Size(offset), index=index),
-                    dest_offsets=torch.Size([a - o for (a, _), o in zip(region, offset)]),
-                    storage_index=storage_index,
-                    storage_offsets=torch.Size([a - c for (a, _), c in zip(region, chunk.offsets)]),
-                    lengths=torch.Size([b - a for a, b in region]),
-                )
-            )
-        if covered < destination.numel():
-            destination.zero_()
 
     def _stored(self, name: str, kind, what: str):
         stored = self.metadata.state_dict_metadata.get(name)
@@ -500,7 +549,7 @@ class _Reads:
         """Reads the files concurrently; each stored item once, verified, then copied into
         every destination that needs part of it."""
         by_file: Dict[str, Dict[MetadataIndex, List[ReadItem]]] = {}
-        for item in self.items:
+        for item in self.planner.create_local_plan().items:
             info = self.metadata.storage_data.get(item.storage_index)
             if info is None:
                 raise CheckpointingException(
@@ -589,25 +638,29 @@ class _Reads:
     def _check_chunk(self, index: MetadataIndex, dtype: torch.dtype, shape, what: str, path: str) -> None:
         """A stored item must hold a tensor of its chunk's size and the key's dtype (one that
         disagrees with `.metadata` is damage, not data)."""
-        expected = self.metadata.state_dict_metadata[index.fqn].properties.dtype
-        if tuple(shape) != tuple(self.chunk_sizes[index]) or dtype != expected:
+        stored = self.metadata.state_dict_metadata[index.fqn]
+        if index not in self.chunk_sizes:
+            self.chunk_sizes.update((MetadataIndex(index.fqn, chunk.offsets), chunk.sizes) for chunk in stored.chunks)
+        expected, size = stored.properties.dtype, self.chunk_sizes[index]
+        if tuple(shape) != tuple(size) or dtype != expected:
             raise CheckpointingException(
                 f"{what}: the item at chunk {tuple(index.offset)} in {path} holds a {dtype} tensor "
                 f"of shape {tuple(shape)}, {METADATA_FNAME} says {expected} of shape "
-                f"{tuple(self.chunk_sizes[index])}; the checkpoint is damaged"
+                f"{tuple(size)}; the checkpoint is damaged"
             )
 
     def resolve_tensor(self, item: ReadItem) -> torch.Tensor:
-        return _narrow(self.destinations[item.dest_index.index], item.dest_offsets, item.lengths)
+        return self.planner.resolve_tensor(item)
 
     def load_bytes(self, item: ReadItem, value) -> None:
-        n = item.dest_index.index
-        what = f"ShardedObject '{self.requests[n].unique_key}'"
+        name = item.dest_index.fqn
+        what = f"ShardedObject '{name}'"
         where = f"{self.checkpoint_dir} (DCP byte entry)"
         values = load_object(value, what, where)
         if not isinstance(values, list) or not values:
             raise CheckpointingException(f"{what} in {where}: expected a non-empty list of values")
-        self.values[n] = values[0]
+        for n in self.objects[name]:
+            self.values[n] = values[0]
 
     def result(self, value):
         if not isinstance(value, _Pending):
