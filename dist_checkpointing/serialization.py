@@ -80,6 +80,7 @@ from .write_job import WriteJob, reserve_staging_memory, staged_size
 logger = logging.getLogger(__name__)
 
 _CONTENT_METADATA_KEY = "content_metadata"
+DEFAULT_BACKEND = "zarr"  # the engine of a save given no strategy
 # a strategy object, (backend, version), a backend name, a StrategyConfig or its dict form
 SaveShardedStrategyLike = Union[SaveShardedStrategy, Tuple[str, int], str, StrategyConfig, dict, None]
 LoadShardedStrategyLike = Union[LoadShardedStrategy, Tuple[str, int], str, StrategyConfig, dict, None]
@@ -108,7 +109,7 @@ def save(
         checkpoint_dir: created if missing; must not already hold a complete checkpoint
         sharded_strategy: a SaveShardedStrategy, a registered (backend, version), a backend
             name ("zarr", "tensorstore", "torch_dist"), or a StrategyConfig or its dict form
-            (default: zarr)
+            (default: `DEFAULT_BACKEND`, zarr)
         common_strategy: a SaveCommonStrategy or (backend, version) (default: torch)
         validate_access_integrity: check that every element is written by exactly one main
             replica (on every rank, before anything is written), and warn if the common
@@ -129,9 +130,7 @@ def save(
         None, or the AsyncRequest of an async save
     """
     checkpoint_dir = str(checkpoint_dir)
-    if sharded_strategy is None:
-        sharded_strategy = get_default_save_sharded_strategy()
-    sharded_strategy = _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy)
+    sharded_strategy = _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or DEFAULT_BACKEND)
     common_strategy = _strategy(StrategyAction.SAVE_COMMON, common_strategy or ("torch", 1))
     planned = is_planned(sharded_strategy)
     if async_sharded_save and not planned and not callable(getattr(sharded_strategy, "async_save", None)):
@@ -256,7 +255,7 @@ def prepare_async_save(sharded_state_dict: ShardedStateDict, sharded_strategy: S
 
     The memory is sized for every ShardedTensor of this rank (a main replica or not); a save
     that needs more (flattened pieces assembled into whole chunks) allocates at its staging."""
-    _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or "zarr")
+    _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or DEFAULT_BACKEND)
     sharded, _ = save_preprocess(sharded_state_dict)
     tensors = [sh.data for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)]
     reserve_staging_memory(sum(staged_size(t.numel() * t.element_size()) for t in tensors))
@@ -636,7 +635,9 @@ def remove_sharded_tensors(checkpoint_dir, key_prefix: str) -> None:
         write_integrity(checkpoint_dir, {})
 
 
-def get_default_save_sharded_strategy(backend: str = "zarr", version: int = 1) -> SaveShardedStrategy:
+def get_default_save_sharded_strategy(backend: str = "torch_dist", version: int = 1) -> SaveShardedStrategy:
+    """The registered save strategy of (backend, version), with Megatron-Core's defaults
+    (`save` without a strategy uses `DEFAULT_BACKEND`, this library's default engine)."""
     return get_default_strategy(StrategyAction.SAVE_SHARDED, backend, version)
 
 

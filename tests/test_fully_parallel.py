@@ -163,3 +163,38 @@ def test_fully_parallel_in_dp_groups_every_engine(tmp_path):
 
 def test_fully_parallel_over_all_ranks(tmp_path):
     _check_balanced(run_ranks(save_and_load_fully_parallel, 4, str(tmp_path), False))
+
+
+def _exchange_algos_and_tensor_aware_state_dict(rank, world_size, root):
+    """Loads with every exchange algorithm; round-trips a MCoreTensorAwareStateDict (fully
+    parallel: each replicated shard kept by one rank; atomic) through pop/insert/init."""
+    from dist_checkpointing.exchange_utils import EXCHANGE_ALGOS
+    from dist_checkpointing.tensor_aware_state_dict import MCoreTensorAwareStateDict
+
+    dc.save(sharded_state_dict(rank, TP, DP), f"{root}/ckpt", "torch_dist")
+    compared = {}
+    for algo in EXCHANGE_ALGOS:
+        loader = FullyParallelLoadStrategyWrapper(load_strategy_from_config(StrategyConfig(backend="torch_dist")), exchange_algo=algo)
+        loaded = dc.load(sharded_state_dict(rank, TP, DP, with_data=False), f"{root}/ckpt", loader)
+        compared[algo] = check_loaded(loaded, rank, TP, DP)
+    for algo in ("fully_parallel", "atomic"):
+        tasd, distribution = MCoreTensorAwareStateDict.from_state_dict(sharded_state_dict(rank, TP, DP), algo)
+        kept = len(list(tasd.tensors))
+        tensors = tasd.pop_tensors()
+        assert tasd.is_hollow and len(tensors) == kept
+        tasd.init_tensors()  # as a manager reading them back would
+        for target, tensor in zip(tasd.tensors, tensors):
+            target.copy_(tensor)
+        state = tasd.to_state_dict(sharded_state_dict(rank, TP, DP, with_data=False), algo)
+        compared[algo] = (kept, check_loaded(state, rank, TP, DP))
+    return compared
+
+
+def test_exchange_algorithms_and_tensor_aware_state_dict(tmp_path):
+    results = run_ranks(_exchange_algos_and_tensor_aware_state_dict, 4, str(tmp_path))
+    for compared in results:
+        loads = {algo: n for algo, n in compared.items() if algo not in ("fully_parallel", "atomic")}
+        assert len(set(loads.values())) == 1 and min(loads.values()) > 10, compared
+        assert compared["fully_parallel"][1] == compared["atomic"][1] == min(loads.values())
+    # fully parallel: replicated shards are kept once in each DP group, atomic: all of them
+    assert sum(r["fully_parallel"][0] for r in results) < sum(r["atomic"][0] for r in results)

@@ -136,6 +136,8 @@ def test_package_root_exports_megatron_names():
         "check_is_distributed_checkpoint", "StrictHandling",
     ):
         assert hasattr(dc, name), name
-    from dist_checkpointing.strategies.zarr import ZarrSaveShardedStrategy
+    from dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    assert isinstance(dc.get_default_save_sharded_strategy(), ZarrSaveShardedStrategy)
+    # Megatron-Core's function and default arguments; `save` alone uses the library's default
+    assert isinstance(dc.get_default_save_sharded_strategy(), TorchDistSaveShardedStrategy)
+    assert dc.serialization.DEFAULT_BACKEND == "zarr"

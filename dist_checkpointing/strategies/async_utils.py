@@ -38,6 +38,9 @@ class AsyncRequest:
     Args:
         async_fn: runs in the writer process (None: nothing to run)
         async_fn_args, async_fn_kwargs: its arguments (pickled to the writer)
+        preload_fn: called in this process when the request is scheduled (or executed); what
+            it returns replaces `async_fn_args[1]` (Megatron-Core's convention: the state,
+            staged to host memory)
         finalize_fns: called with no arguments, in order, on every rank, after `async_fn`
             finished on every rank; they can read `results`: on rank 0 every rank's return
             value of `async_fn` (in rank order), elsewhere None
@@ -56,6 +59,7 @@ class AsyncRequest:
         async_fn_args: Tuple,
         finalize_fns: List[Callable],
         async_fn_kwargs: Optional[Dict] = None,
+        preload_fn: Optional[Callable] = None,
         is_frozen: bool = False,
         call_idx: int = 0,
         what: str = "",
@@ -63,6 +67,7 @@ class AsyncRequest:
     ):
         self.async_fn = async_fn
         self.async_fn_args = tuple(async_fn_args or ())
+        self.preload_fn = preload_fn
         self.finalize_fns = list(finalize_fns)
         self.async_fn_kwargs = dict(async_fn_kwargs or {})
         self.is_frozen = is_frozen
@@ -82,9 +87,17 @@ class AsyncRequest:
         self.is_frozen = True
         return self
 
+    def preload(self) -> None:
+        """Runs `preload_fn` (once), putting what it returns in place of `async_fn_args[1]`."""
+        if self.preload_fn is not None:
+            args = list(self.async_fn_args)
+            args[1] = self.preload_fn()
+            self.async_fn_args, self.preload_fn = tuple(args), None
+
     def execute_sync(self) -> None:
         """Runs the request in this process: `async_fn`, then the finalize functions."""
         try:
+            self.preload()
             outcome = (True, self.async_fn(*self.async_fn_args, **self.async_fn_kwargs) if self.async_fn else None)
         except Exception as e:  # raised on every rank by finalize
             outcome = (False, describe_error(e))
@@ -132,6 +145,7 @@ class AsyncCallsQueue:
         self.call_idx += 1
         async_request.freeze()
         async_request.call_idx = self.call_idx
+        async_request.preload()
         if self.writer is None or (not self.calls and not self.writer.process.is_alive()):
             self.writer = _Writer()  # (a dead writer with calls unfinalized is how they learn they failed)
         self.writer.submit(async_request)

@@ -14,7 +14,16 @@ from ..mapping import ShardedObject, is_main_replica
 from ..opening import open_checkpoint
 from ..pickling import load_object, save_object
 from ..storage import storage_of
-from .base import LoadCommonStrategy, SaveCommonStrategy
+from .base import LoadCommonStrategy, SaveCommonStrategy, StrategyAction, register_default_strategy
+
+COMMON_STATE_FNAME = COMMON_FNAME  # Megatron-Core's name for it
+
+
+def register_default_common_strategies() -> None:
+    """Makes these strategies the defaults for ("torch", 1) (Megatron-Core's function; the
+    defaults are also made on first use)."""
+    register_default_strategy(StrategyAction.LOAD_COMMON, "torch", 1, TorchCommonLoadStrategy())
+    register_default_strategy(StrategyAction.SAVE_COMMON, "torch", 1, TorchCommonSaveStrategy())
 
 
 class TorchCommonSaveStrategy(SaveCommonStrategy):
