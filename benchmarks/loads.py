@@ -5,6 +5,7 @@ process per measurement, into a request whose tensors are allocated and resident
 training loop holds when it resumes), warm page cache:
 - gpt: hidden 2048, 4 layers, vocab 32000, bf16 (534 MB);
 - small: hidden 64, 400 layers with a layer norm each, vocab 32000 (2001 tensors, 40 MB).
+- many: hidden 32, 4000 layers with a layer norm each, vocab 32000 (20,001 tensors, 100 MB).
 
 Loaders: `raw` reads both ranks' files of the raw saver (each rank's bytes written to one file)
 into preallocated memory; our zarr, tensorstore and torch_dist engines; `megatron` is
@@ -35,6 +36,7 @@ TP = 2
 WORKLOADS = {
     "gpt": dict(hidden=2048, vocab=32000, layers=4),
     "small": dict(hidden=64, vocab=32000, layers=400, norms=True),
+    "many": dict(hidden=32, vocab=32000, layers=4000, norms=True),
 }
 LOADERS = ["raw", *ENGINES, "megatron"]
 

@@ -4,6 +4,7 @@ Two workloads (workload.py), each saved at TP=2 x DP (--dp, default 1) by the sa
 ranks, every saver in turn (DP replicas hold the same shards; only DP rank 0's are main):
 - gpt: hidden 2048, 4 layers, vocab 32000, bf16 (534 MB);
 - small: hidden 64, 400 layers with a layer norm each, vocab 32000 (2001 tensors, 40 MB).
+- many: hidden 32, 4000 layers with a layer norm each, vocab 32000 (20,001 tensors, 100 MB).
 
 Savers: `raw` is each rank writing its bytes to one file with write+fsync (the disk's limit for
 these bytes); our zarr, tensorstore and torch_dist engines, checksums on (always); `megatron` is

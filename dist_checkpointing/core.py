@@ -276,7 +276,7 @@ def write_index(checkpoint_dir, metadata: CheckpointMetadata) -> None:
     """Atomically writes `index.json`: our index of the checkpoint (before the commit marker)."""
     doc = {
         "format_version": FORMAT_VERSION,
-        "tensors": {k: asdict(v) for k, v in sorted(metadata.tensors.items())},
+        "tensors": {k: {"shape": v.shape, "dtype": v.dtype} for k, v in sorted(metadata.tensors.items())},  # not asdict: it deep-copies
         "objects": sorted(metadata.objects),
         "checksums": {k: [list(r) for r in v] for k, v in sorted((metadata.checksums or {}).items())},
     }

@@ -19,7 +19,7 @@ from .strategies.config import ZARR_ENGINES
 from .strategies.dcp_format import METADATA_FNAME as DCP_METADATA
 from .strategies.dcp_format import check_chunks_tile, read_dcp_metadata
 from .strategies.zarr_format import damaged_chunks
-from .strategies.zarr_spec import chunk_shape, list_arrays, read_array_document
+from .strategies.zarr_spec import chunk_shape, list_arrays, read_array_document, read_consolidated
 
 Problem = Tuple[str, str]  # (what is damaged: a key, "common state", ...; the problem and file)
 
@@ -140,12 +140,14 @@ def verify(checkpoint_dir, progress: Optional[Callable[[str], None]] = None) -> 
     if metadata.config.sharded_backend in ZARR_ENGINES:
         try:
             keys = list_arrays(checkpoint_dir) if metadata.is_legacy else sorted(metadata.tensors)
+            consolidated = read_consolidated(checkpoint_dir)
+            consolidated = consolidated.documents if consolidated else {}
         except CheckpointingException as e:
             keys, problems = [], problems + [(checkpoint_dir, str(e))]
         for key in keys:
             checked["tensors"] += 1
             try:
-                problems.extend((key, p) for p in _array_problems(checkpoint_dir, key, metadata))
+                problems.extend((key, p) for p in _array_problems(checkpoint_dir, key, metadata, consolidated.get(key)))
             except CheckpointingException as e:
                 problems.append((key, str(e)))
             if progress:
@@ -171,11 +173,16 @@ def _common_state_in_file(checkpoint_dir: str) -> bool:
         return True
 
 
-def _array_problems(checkpoint_dir: str, key: str, metadata: CheckpointMetadata) -> List[str]:
-    """The array of `key` against the index (shape, dtype), and its chunk files."""
+def _array_problems(checkpoint_dir: str, key: str, metadata: CheckpointMetadata, consolidated: Optional[dict]) -> List[str]:
+    """The array of `key` against the index (shape, dtype) and against the root's
+    `consolidated` document of it (which loads use; None if the root lists none), and its
+    chunk files."""
     problems = []
+    document = read_array_document(checkpoint_dir, key)
+    if consolidated is not None and consolidated != document:
+        problems.append("its document in the root group's consolidated metadata (which loads read) differs from its own")
     if not metadata.is_legacy:
-        document, entry = read_array_document(checkpoint_dir, key), metadata.tensors[key]
+        entry = metadata.tensors[key]
         dtype = document.get("data_type", document.get("dtype"))
         if document["shape"] != entry.shape or dtype not in (entry.dtype, zarr_v2_dtype(entry.dtype)):
             problems.append(

@@ -18,7 +18,8 @@ INDEX_FNAME = "index.json"  # our index of the content, written just before meta
 INTEGRITY_FNAME = "integrity.json"  # SHA-256 of every file (Megatron-Core's, optional)
 COMMON_FNAME = "common.pt"
 DCP_METADATA_FNAME = ".metadata"  # PyTorch DCP's index, which DCP itself writes last
-_RESERVED = {CONFIG_FNAME, INDEX_FNAME, INTEGRITY_FNAME, COMMON_FNAME, DCP_METADATA_FNAME}
+ZARR_GROUP_FNAME = "zarr.json"  # the Zarr engines' root group (their consolidated metadata)
+_RESERVED = {CONFIG_FNAME, INDEX_FNAME, INTEGRITY_FNAME, COMMON_FNAME, DCP_METADATA_FNAME, ZARR_GROUP_FNAME}
 # Megatron-Core >= 0.19 keeps the common state inside the sharded files, as this ShardedObject
 # (global shape (1,), offset (0,)) instead of in common.pt
 COMMON_STATE_KEY = "common_state"

@@ -14,6 +14,7 @@ runs in a background writer process and step 3 when the request is finalized
 """
 
 import functools
+import gc
 import logging
 import os
 import pickle
@@ -86,6 +87,27 @@ SaveShardedStrategyLike = Union[SaveShardedStrategy, Tuple[str, int], str, Strat
 LoadShardedStrategyLike = Union[LoadShardedStrategy, Tuple[str, int], str, StrategyConfig, dict, None]
 
 
+def _cyclic_gc_paused(entry_point):
+    """Runs `entry_point` with Python's cyclic garbage collector paused (restored after). A
+    save or load of many tensors allocates objects by the hundred thousand, which triggers full
+    collections that each walk the caller's whole heap (the model, its state dict): 7 per
+    save+load of 20,001 tensors, a third of the load's time. What they allocate is freed by
+    reference counting; the few cycles wait for the next collection."""
+
+    @functools.wraps(entry_point)
+    def paused(*args, **kwargs):
+        if not gc.isenabled():
+            return entry_point(*args, **kwargs)
+        gc.disable()
+        try:
+            return entry_point(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return paused
+
+
+@_cyclic_gc_paused
 def save(
     sharded_state_dict: ShardedStateDict,
     checkpoint_dir,
@@ -356,6 +378,7 @@ def refuse_complete_checkpoint(checkpoint_dir: str) -> None:
         )
 
 
+@_cyclic_gc_paused
 def load(
     sharded_state_dict: ShardedStateDict,
     checkpoint_dir,

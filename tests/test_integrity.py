@@ -48,7 +48,7 @@ def test_checksums_are_recorded(saved):
         assert json.load(f)["codecs"][-1] == {"name": "crc32c"}
 
 
-CHUNK = "embedding.weight/c/1/0"  # TP rank 1's half of the embedding (Zarr v3)
+CHUNK = "embedding.weight/c.1.0"  # TP rank 1's half of the embedding (Zarr v3)
 
 
 @pytest.mark.parametrize("reader", ["zarr", "tensorstore"])

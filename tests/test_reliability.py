@@ -80,11 +80,11 @@ def test_zarr_array_linked_outside_the_checkpoint_is_refused(copy_of, tmp_path, 
     assert_reported(ckpt, capsys, "final_norm")
     os.remove(array)  # a linked chunk file: verify names it
     shutil.copytree(tmp_path / "elsewhere", array)
-    chunk = os.path.join(array, "c", "0")
+    chunk = os.path.join(array, "c.0")
     os.rename(chunk, tmp_path / "chunk")
     os.symlink(tmp_path / "chunk", chunk)
     assert main(["verify", ckpt]) == 1
-    assert "c/0: a symbolic link" in capsys.readouterr().out
+    assert "c.0: a symbolic link" in capsys.readouterr().out
 
 
 # 3: chunks that do not cover a tensor are damage, not zeros
@@ -122,21 +122,38 @@ def test_request_outside_the_stored_tensor_is_refused(tmp_path, engine):
     [b"{not json", b'{"zarr_format": 3, "node_type": "array", "shape": [' + b"9" * 5000 + b"]}", None],
     ids=["not-json", "5000-digits", "huge-shape"],
 )
-def test_damaged_zarr_document_raises_and_is_reported(copy_of, capsys, content):
+@pytest.mark.parametrize("where", ["array", "root"])  # the array's own document; its copy in the root group
+def test_damaged_zarr_document_raises_and_is_reported(copy_of, capsys, content, where):
     ckpt = copy_of("zarr")
     path = os.path.join(ckpt, "embedding.weight", "zarr.json")
+    with open(path) as f:
+        document = json.load(f)
     if content is None:  # well-formed JSON, a shape of 2**124 elements in 1-element chunks
-        with open(path) as f:
-            document = json.load(f)
         document["shape"] = [2**62, 2**62]
         document["chunk_grid"]["configuration"]["chunk_shape"] = [1, 1]
         content = json.dumps(document).encode()
+    if where == "array":
+        os.remove(os.path.join(ckpt, "zarr.json"))  # as written before the root group existed
+    else:
+        path = os.path.join(ckpt, "zarr.json")
+        if content.startswith(b"{not"):  # the root document itself is not JSON
+            root = content
+        else:  # the root's copy of the array's document is damaged; the array's own is sound
+            with open(path) as f:
+                root = json.load(f)
+            root["consolidated_metadata"]["metadata"]["embedding.weight"] = json.loads(content.replace(b"9" * 5000, b"9" * 400))
+            root = json.dumps(root).encode()
+        content = root
     with open(path, "wb") as f:
         f.write(content)
-    with pytest.raises(CheckpointingException, match="embedding.weight") as error:
+    with pytest.raises(CheckpointingException, match="zarr.json") as error:
         load_tp1(ckpt)
-    assert "zarr.json" in str(error.value)
-    assert_reported(ckpt, capsys, "embedding.weight", "zarr.json")
+    if where == "array" or not content.startswith(b"{not"):
+        assert "embedding.weight" in str(error.value)
+    if where == "array":
+        assert_reported(ckpt, capsys, "embedding.weight", "zarr.json")
+    else:  # inspect reads the arrays' own documents
+        assert_reported(ckpt, capsys, "zarr.json" if content.startswith(b"{not") else "embedding.weight", inspect_reads_it=False)
 
 
 # 7: a .metadata that unpickles to the wrong type
@@ -207,11 +224,11 @@ def one_rank_fails(rank, world_size, root):
         messages[name] = str(e.value)
     # a damaged chunk only rank 1 reads: rank 0's load fails too
     if rank == 1:
-        chunk = f"{root}/damaged/embedding.weight/c/1/0"
+        chunk = f"{root}/damaged/embedding.weight/c.1.0"
         with open(chunk, "r+b") as f:
             f.write(b"\xff\xff\xff\xff")
     torch.distributed.barrier()
-    with pytest.raises(CheckpointingException, match="rank\\(s\\) 1.*embedding.weight/c/1/0") as e:
+    with pytest.raises(CheckpointingException, match="rank\\(s\\) 1.*embedding.weight/c.1.0") as e:
         dc.load(sharded_state_dict(rank, 2, with_data=False), f"{root}/damaged")
     messages["damaged"] = str(e.value)
     assert check_loaded(dc.load(good, f"{root}/zarr"), rank, 2) > 10  # the group is still usable

@@ -37,7 +37,10 @@ def piece_of(chunk_offset: Sequence[int], box: Tuple[Sequence[int], Sequence[int
     """The Piece of a chunk (at `chunk_offset`) that fills global box `box` (offset, shape) of
     `target`, a tensor holding the box at `target_offset`."""
     offset, shape = box
-    into = target[tuple(slice(o - t, o - t + s) for o, t, s in zip(offset, target_offset, shape))]
+    if tuple(offset) == tuple(target_offset) and tuple(shape) == tuple(target.shape):
+        into = target  # the whole target (the common case): no view to build, ~10 µs each
+    else:
+        into = target[tuple(slice(o - t, o - t + s) for o, t, s in zip(offset, target_offset, shape))]
     return Piece(tuple(slice(o - c, o - c + s) for o, c, s in zip(offset, chunk_offset, shape)), into)
 
 

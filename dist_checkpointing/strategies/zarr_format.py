@@ -29,8 +29,8 @@ from ..storage import storage_of
 from .reading import Piece, piece_of, read_chunk
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
-    METADATA_FNAME, chunk_indices, chunk_key, chunk_regions, chunk_shape, chunks_checksummed, document_bytes, key_separator,
-    list_arrays, raw_dtype, read_array_document,
+    CONSOLIDATED_FNAME, METADATA_FNAME, chunk_indices, chunk_key, chunk_regions, chunk_shape, chunks_checksummed, consolidated_documents,
+    document_bytes, key_separator, list_arrays, raw_dtype, read_array_document, read_consolidated,
 )
 
 
@@ -41,6 +41,8 @@ def damaged_chunks(checkpoint_dir, key: str, offset=None, shape=None) -> List[st
     chunks, global_shape = chunk_shape(document), document["shape"]
     checksummed = chunks_checksummed(document)
     separator = key_separator(document)
+    if separator is None:
+        return [f"{entry_dir(checkpoint_dir, key)}: its chunk_key_encoding is not Zarr's default one, which this library writes and checks"]
     offset = [0] * len(global_shape) if offset is None else offset
     shape = global_shape if shape is None else shape
     stops = [min(o + s, g) for o, s, g in zip(offset, shape, global_shape)]
@@ -122,7 +124,14 @@ class ZarrFormatSaveStrategy(PlannedSaveStrategy):
         writes.run(self.config.thread_count)
         if encoded:
             self.write_shards(plan, encoded, checkpoint_dir)
-        return {}, None
+        return {}, {key: array.document for key, array in plan.arrays.items() if array.metadata_writer == plan.rank}
+
+    def finalize(self, plan: ZarrSavePlan, checkpoint_dir, write_results) -> None:
+        """Writes the root group's consolidated metadata: every rank's array documents."""
+        documents = {key: document for written in write_results for key, document in written.items()}
+        for name, data in consolidated_documents(documents, self.config.zarr_format).items():
+            path = os.path.join(str(checkpoint_dir), name)
+            storage_of(path).write_atomic(path, data)
 
     @abstractmethod
     def write_shards(self, plan: ZarrSavePlan, shards: List[Tuple[str, Tuple[int, ...], np.ndarray]], checkpoint_dir: DurableDir) -> None:
@@ -156,7 +165,7 @@ class RawChunkWrites:
             source = data[tuple(slice(a - o, b - o) for (a, b), o in zip(region, offset))]
             within = tuple(slice(a - o, b - o) for (a, b), o in zip(region, origin))
             write = _ChunkWrite(source, chunks, within, checksummed)
-            self.files.append((os.path.join(root, chunk_key(array.zarr_format, index)), write.nbytes, write))
+            self.files.append((os.path.join(root, array.chunk_file(index)), write.nbytes, write))
         return True
 
     def run(self, thread_count: int) -> None:
@@ -196,7 +205,7 @@ def engine_chunk_files(checkpoint_dir: DurableDir, key: str, array: ArrayPlan, o
     for an engine that writes the files itself."""
     root, paths = entry_dir(checkpoint_dir, key), []
     for index in chunk_indices(offset, shape, array.chunks):
-        paths.append(os.path.join(root, chunk_key(array.zarr_format, index)))
+        paths.append(os.path.join(root, array.chunk_file(index)))
         checkpoint_dir.makedirs(os.path.dirname(paths[-1]))
     return paths
 
@@ -251,15 +260,25 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
         return result
 
     def remove_sharded_tensors(self, checkpoint_dir, key_prefix: str) -> None:
+        """Drops the keys from the consolidated metadata (rewritten atomically), then deletes
+        their arrays."""
         storage = storage_of(checkpoint_dir)
+        consolidated = read_consolidated(checkpoint_dir)
+        if consolidated is not None:
+            kept = {key: doc for key, doc in consolidated.documents.items() if not key.startswith(key_prefix)}
+            zarr_format = 2 if os.path.basename(consolidated.path) == CONSOLIDATED_FNAME[2] else 3
+            for name, data in consolidated_documents(kept, zarr_format).items():
+                storage.write_atomic(os.path.join(str(checkpoint_dir), name), data)
         for key in list_arrays(checkpoint_dir):
             if key.startswith(key_prefix):
                 storage.remove_tree(entry_dir(checkpoint_dir, key))
 
 
 def _array_document(checkpoint: OpenCheckpoint, key: str) -> dict:
-    """The array document of `key`, read and checked once per open checkpoint."""
-    return checkpoint.parsed(("array", key), lambda: read_array_document(checkpoint.path, key))
+    """The array document of `key`, read and checked once per open checkpoint (the root's
+    consolidated metadata is read once for all)."""
+    consolidated = checkpoint.parsed("zarr consolidated", lambda: read_consolidated(checkpoint.path))
+    return checkpoint.parsed(("array", key), lambda: read_array_document(checkpoint.path, key, consolidated))
 
 
 class RawChunkReads:

@@ -5,14 +5,14 @@ import itertools
 import json
 import math
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ..core import MISSING, CheckpointingException, is_int, read_json
 from ..dtypes import DTYPES, name_of_zarr_v2, torch_dtype, zarr_v2_dtype
 from ..geometry import intersection
-from ..layout import check_key, contained_path
+from ..layout import ZARR_GROUP_FNAME, check_key, contained_path
 from ..storage import storage_of
 from .config import StrategyConfig
 
@@ -52,7 +52,9 @@ def array_document(global_shape, chunks, dtype_name: str, config: StrategyConfig
         "shape": list(global_shape),
         "data_type": dtype_name,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        # "c.0.1", not "c/0/1": one directory per array instead of one per axis (mkdir is most
+        # of a save's file-system cost with many small tensors); stock readers take either
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": fill_value,
         "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]
         + _v3_compressor(config, itemsize)
@@ -78,12 +80,12 @@ def _v2_compressor(config: StrategyConfig, itemsize: int) -> Optional[dict]:
     return None
 
 
-def chunk_key(zarr_format: int, chunk_index: Sequence[int], separator: Optional[str] = None) -> str:
-    """A chunk's file path inside its array directory ("c/1/0" in v3, "1.0" in v2, with the
-    array's separator where it names another)."""
+def chunk_key(zarr_format: int, chunk_index: Sequence[int], separator: str) -> str:
+    """A chunk's file path inside its array directory ("c.1.0" or "c/1/0" in v3, "1.0" in v2,
+    by the array's `separator`)."""
     if zarr_format == 2:
-        return (separator or ".").join(map(str, chunk_index)) or "0"
-    return (separator or "/").join(["c", *map(str, chunk_index)])
+        return separator.join(map(str, chunk_index)) or "0"
+    return separator.join(["c", *map(str, chunk_index)])
 
 
 def chunks_checksummed(document: dict) -> bool:
@@ -143,16 +145,77 @@ def array_format(checkpoint_dir, key: str) -> Optional[int]:
     return None
 
 
+# The checkpoint directory is also a Zarr group whose root document holds every array's
+# document (zarr-python's consolidated metadata), so a load reads one document, not one per array.
+CONSOLIDATED_FNAME = {3: ZARR_GROUP_FNAME, 2: ".zmetadata"}
+
+
+def consolidated_documents(documents: Dict[str, dict], zarr_format: int) -> Dict[str, bytes]:
+    """The root group's files holding `documents` (key -> array document): v3 `zarr.json`
+    with inline `consolidated_metadata`; v2 `.zgroup` and `.zmetadata`."""
+    if zarr_format == 2:
+        group = {"zarr_format": 2}
+        metadata = {".zgroup": group, **{f"{key}/{METADATA_FNAME[2]}": doc for key, doc in sorted(documents.items())}}
+        return {".zgroup": document_bytes(group), ".zmetadata": document_bytes({"zarr_consolidated_format": 1, "metadata": metadata})}
+    consolidated = {"kind": "inline", "must_understand": False, "metadata": dict(sorted(documents.items()))}
+    root = {"zarr_format": 3, "node_type": "group", "attributes": {}, "consolidated_metadata": consolidated}
+    return {CONSOLIDATED_FNAME[3]: document_bytes(root)}
+
+
+class Consolidated(NamedTuple):
+    """The root group's consolidated metadata: its file, and key -> array document (unchecked:
+    `read_array_document` checks the one it uses)."""
+
+    path: str
+    documents: Dict[str, object]
+
+
+def read_consolidated(checkpoint_dir) -> Optional[Consolidated]:
+    """The root's consolidated metadata; None where there is none (a checkpoint of
+    Megatron-Core, or of an older version of this library). A malformed root document raises."""
+    root = str(checkpoint_dir)
+    for zarr_format in (3, 2):
+        path = os.path.join(root, CONSOLIDATED_FNAME[zarr_format])
+        found = read_json(path, missing_ok=True)
+        if found is MISSING:
+            continue
+        if zarr_format == 3:
+            metadata = found.get("consolidated_metadata") if isinstance(found, dict) else None
+            documents = metadata.get("metadata") if isinstance(metadata, dict) else None
+        else:
+            metadata = found.get("metadata") if isinstance(found, dict) else None
+            documents = None if not isinstance(metadata, dict) else {
+                name[: -len(METADATA_FNAME[2]) - 1]: doc for name, doc in metadata.items() if name.endswith("/" + METADATA_FNAME[2])
+            }
+        if not isinstance(documents, dict):
+            raise CheckpointingException(
+                f"Malformed {path}: its consolidated metadata is not a mapping of array documents. "
+                f"The checkpoint is damaged; restore it from a copy."
+            )
+        return Consolidated(path, documents)
+    return None
+
+
 MAX_CHUNKS = 2**26  # per array; more chunk files than any checkpoint writes means damage
 
 
-def read_array_document(checkpoint_dir, key: str) -> dict:
-    """The array document of `key` (`.zarray`, else `zarr.json`), read once and checked: a Zarr
-    array of a known dtype whose shape and chunk grid are bounded (numbers from a checkpoint are
-    not trusted). A key with no array raises a clear error."""
+def read_array_document(checkpoint_dir, key: str, consolidated: Optional[Consolidated] = None) -> dict:
+    """The array document of `key` (from the root's `consolidated` documents, else `.zarray`,
+    else `zarr.json`), checked: a Zarr array of a known dtype whose shape and chunk grid are
+    bounded (numbers from a checkpoint are not trusted). A key with no array raises a clear
+    error. The array's directory must lie inside the checkpoint, whichever document is read."""
     array_dir = os.path.join(str(checkpoint_dir), check_key(key))  # one component, checked
     if storage_of(array_dir).links and os.path.islink(array_dir):  # allowed if it stays inside (resolving costs; links are rare)
         contained_path(checkpoint_dir, key, f"Key '{key}'")
+    if consolidated is not None and key in consolidated.documents:
+        document = consolidated.documents[key]
+        problem = _document_problem(document)
+        if problem:
+            raise CheckpointingException(
+                f"Key '{key}': its array document in the consolidated metadata {consolidated.path} is "
+                f"damaged: {problem}. Restore the checkpoint from a copy."
+            )
+        return document
     paths = [os.path.join(array_dir, METADATA_FNAME[zarr_format]) for zarr_format in (2, 3)]
     path, document = None, None
     for candidate in paths:
