@@ -22,12 +22,15 @@ def parse_args(doc: str, mb_default: int, mb_help: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def parse_side_by_side(doc: str, workloads, kind: str, contenders, dp: bool = False) -> argparse.Namespace:
+def parse_side_by_side(doc: str, workloads, kind: str, contenders, dp: bool = False, gap: bool = False) -> argparse.Namespace:
     """--runs, --workloads, --<kind> (the contenders, comma-separated; default all of each),
-    --json and, if `dp`, --dp (data-parallel replicas); the lists come back split."""
+    --json, if `dp` --dp (data-parallel replicas), if `gap` --gap (seconds between two
+    measurements); the lists come back split."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     if dp:
         parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas: TP x DP ranks")
+    if gap:
+        parser.add_argument("--gap", type=float, default=0.0, help="seconds of idle 'training' before each save")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(workloads))
     parser.add_argument(f"--{kind}", default=",".join(contenders))

@@ -10,7 +10,8 @@ Savers: `raw` is each rank writing its bytes to one file with write+fsync (the d
 these bytes); our zarr, tensorstore and torch_dist engines, checksums on (always); `megatron` is
 Megatron-Core's `dist_checkpointing.save` (its default torch_dist strategy); `<engine>-async`
 is an async save through a persistent AsyncCallsQueue after `prepare_async_save` (what a
-training loop does once): `blocking s` is until `save` and `schedule_async_request` return,
+training loop does once); `<engine>-async-mlm` is the way Megatron-LM calls it (a non-persistent
+`AsyncCallsQueue()`, its default, and no `prepare_async_save`): `blocking s` is until `save` and `schedule_async_request` return,
 `save s` until the checkpoint is committed (`maybe_finalize_async_calls(blocking=True)`).
 
 Round 0 holds every saver's first save in the process (imports, caches, staging memory; its
@@ -21,7 +22,7 @@ inodes), which a training job's retention does not do between saves.
 
 Needs Megatron-Core 0.16.1: run in the benchmark environment (`make bench-env`):
 
-    .venv-bench/bin/python benchmarks/saves.py [--runs 3] [--workloads gpt,small] [--dp 1] [--json]
+    .venv-bench/bin/python benchmarks/saves.py [--runs 3] [--workloads gpt,small] [--dp 1] [--gap 0] [--json]
 """
 
 import os
@@ -36,7 +37,15 @@ from harness import dir_stats, parse_side_by_side, report, run_on_ranks, scratch
 from loads import TP, WORKLOADS, _tp_axes, patch_megatron_for_cpu
 from workload import ENGINES, gpt_state
 
-SAVERS = ["raw", *ENGINES, "megatron", *(f"{engine}-async" for engine in ENGINES)]
+SAVERS = ["raw", *ENGINES, "megatron", *(f"{engine}-async" for engine in ENGINES), *(f"{engine}-async-mlm" for engine in ENGINES)]
+
+
+def async_engine(saver):
+    """(engine, Megatron-LM's calling pattern?) of an async saver's name; None for a sync one."""
+    for suffix, mlm in (("-async-mlm", True), ("-async", False)):
+        if saver.endswith(suffix):
+            return saver[: -len(suffix)], mlm
+    return None
 
 
 def raw_save(state, path, rank):
@@ -70,7 +79,7 @@ def replicated_state(rank, model):
     return state
 
 
-def save_on_rank(rank, world, work, model, savers, runs):
+def save_on_rank(rank, world, work, model, savers, runs, gap):
     import dist_checkpointing as dc
     from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -82,15 +91,17 @@ def save_on_rank(rank, world, work, model, savers, runs):
 
         mstate = megatron_state(state, rank)
     queue = AsyncCallsQueue(persistent=True)
+    mlm_queue = AsyncCallsQueue()  # Megatron-LM's: non-persistent, its default; never prepared
     for saver in savers:
-        if saver.endswith("-async"):
-            dc.prepare_async_save(state, saver[: -len("-async")])
+        if async_engine(saver) and not async_engine(saver)[1]:
+            dc.prepare_async_save(state, async_engine(saver)[0])
     times = {saver: [] for saver in savers}
     for run in range(runs + 1):
         for saver in savers if run % 2 == 0 else savers[::-1]:
             path = os.path.join(work, f"{saver}-{run}")
             if rank == 0:
                 os.makedirs(path)
+            time.sleep(gap)  # training between saves (a non-persistent queue's next writer starts meanwhile)
             dist.barrier()
             start = time.perf_counter()
             blocking = None
@@ -98,10 +109,12 @@ def save_on_rank(rank, world, work, model, savers, runs):
                 raw_save(state, path, rank)
             elif saver == "megatron":
                 mdc.save(mstate, path)
-            elif saver.endswith("-async"):
-                queue.schedule_async_request(dc.save(state, path, saver[: -len("-async")], async_sharded_save=True))
+            elif async_engine(saver):
+                engine, mlm = async_engine(saver)
+                calls = mlm_queue if mlm else queue
+                calls.schedule_async_request(dc.save(state, path, engine, async_sharded_save=True))
                 blocking = time.perf_counter() - start
-                queue.maybe_finalize_async_calls(blocking=True)
+                calls.maybe_finalize_async_calls(blocking=True)
             else:
                 dc.save(state, path, saver)
             dist.barrier()
@@ -109,15 +122,16 @@ def save_on_rank(rank, world, work, model, savers, runs):
             files, size = dir_stats(path)
             times[saver].append({"save_s": elapsed, "blocking_s": blocking, "files": files, "bytes": size})
     queue.close()
+    mlm_queue.close()
     return times
 
 
 def main():
-    args = parse_side_by_side(__doc__, WORKLOADS, "savers", SAVERS, dp=True)
+    args = parse_side_by_side(__doc__, WORKLOADS, "savers", SAVERS, dp=True, gap=True)
     rows = []
     for workload in args.workloads:
         with scratch_dir() as work:
-            times = run_on_ranks(save_on_rank, TP * args.dp, work, WORKLOADS[workload], args.savers, args.runs)
+            times = run_on_ranks(save_on_rank, TP * args.dp, work, WORKLOADS[workload], args.savers, args.runs, args.gap)
         rows.extend(_rows(workload, times))
     title = f"TP=2 x DP={args.dp} saves by {TP * args.dp} ranks (first save, then medians of {args.runs} alternating runs)"
     report(title, {}, rows, args.json)
@@ -132,7 +146,8 @@ def _rows(workload, times):
     rows = []
     for saver, runs in times.items():
         save_s, blocking = median(saver, "save_s"), median(saver, "blocking_s")
-        sync = saver.endswith("-async") and saver[: -len("-async")] in times and median(saver[: -len("-async")], "save_s")
+        engine = async_engine(saver) and async_engine(saver)[0]
+        sync = engine in times and median(engine, "save_s")
         rows.append({
             "workload": workload, "saver": saver, "save s": round(save_s, 3), "first save s": round(runs[0]["save_s"], 3),
             "x raw": raw and round(raw / save_s, 2),

@@ -65,7 +65,7 @@ from .strategies.base import (
     get_default_strategy,
     is_planned,
 )
-from .strategies.async_utils import AsyncRequest
+from .strategies.async_utils import AsyncRequest, start_spare_writer
 from .strategies.config import StrategyConfig
 from .validation import (
     CkptShardedMetadata,
@@ -272,11 +272,13 @@ def _agreed_plan(kind, local_plan: LocalPlan, digests: Sequence[PlanDigests], de
 def prepare_async_save(sharded_state_dict: ShardedStateDict, sharded_strategy: SaveShardedStrategyLike = None) -> None:
     """What the first async save of this state dict would otherwise do in its blocking part,
     done ahead on this rank (local, no collective): allocate and fault in the staging memory,
-    and load the engine `sharded_strategy` names (as `save` takes it; default zarr), so that
-    the first save's blocking part is a copy at memory bandwidth too.
+    load the engine `sharded_strategy` names (as `save` takes it; default zarr), and start the
+    writer process (`start_spare_writer`), so that the first save's blocking part is a copy at
+    memory bandwidth too, and its write does not wait for an interpreter to start.
 
     The memory is sized for every ShardedTensor of this rank (a main replica or not); a save
     that needs more (flattened pieces assembled into whole chunks) allocates at its staging."""
+    start_spare_writer()
     _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or DEFAULT_BACKEND)
     sharded, _ = save_preprocess(sharded_state_dict)
     tensors = [sh.data for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)]

@@ -154,10 +154,9 @@ class _BufferPool:
 
     def acquire(self, nbytes: int, pinned: bool = False) -> torch.Tensor:
         with self.lock:
-            fitting = [b for b in self.free if b.numel() >= nbytes]
-            if fitting:
-                buffer = min(fitting, key=torch.Tensor.numel)
-                self.free.remove(buffer)
+            fitting = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+            if fitting:  # the smallest that fits (by position: `list.remove` would compare tensors with ==)
+                buffer = self.free.pop(min(fitting, key=lambda i: self.free[i].numel()))
             else:
                 self._drop(self.free)  # all too small for this state: let them go
                 buffer = _shared_buffer(nbytes)

@@ -14,6 +14,7 @@ from dist_checkpointing import CheckpointingException, ShardedTensor, write_job
 from dist_checkpointing.dict_utils import nested_values
 from dist_checkpointing.inspection import verify
 from dist_checkpointing.strategies import save_strategy_from_config
+from dist_checkpointing.strategies import async_utils
 from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
 from dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
@@ -46,6 +47,8 @@ def async_saves(rank, world_size, root):
     allocated = _count_staging_allocations()
     dc.prepare_async_save(sharded_state_dict(rank, 2), "torch_dist")  # once, before the first save
     assert allocated == [1]
+    prepared_writer = async_utils._spare  # started ahead: the first save does not wait for it
+    assert prepared_writer.process.is_alive()
     for name, strategy in strategies.items():
         ckpt = f"{root}/{name}"
         state = sharded_state_dict(rank, 2)
@@ -53,6 +56,7 @@ def async_saves(rank, world_size, root):
         _scribble(state)
         queue.schedule_async_request(request)
         assert not _committed(ckpt) and not request.committed.done()  # only finalize commits
+        assert queue.writer is prepared_writer and async_utils._spare is None
         assert queue.maybe_finalize_async_calls(blocking=True) == [queue.call_idx]
         assert _committed(ckpt) and queue.get_num_unfinalized_calls() == 0
         assert request.committed.result(timeout=0) == request.results
@@ -75,6 +79,17 @@ def async_saves(rank, world_size, root):
     assert finalized == [rank] and _committed(f"{root}/polled")
     _overlapping_saves_with_one_strategy_object(rank, root, queue)
     queue.close()
+    # Megatron-Core's default queue stops its writer after each call and starts the next one's
+    # right then, which that call takes
+    queue = AsyncCallsQueue()
+    for step in range(2):
+        request = dc.save(sharded_state_dict(rank, 2), f"{root}/nonpersistent-{step}", async_sharded_save=True)
+        ready = async_utils._spare
+        queue.schedule_async_request(request)
+        assert queue.writer is ready or (step == 0 and ready is None)
+        queue.maybe_finalize_async_calls(blocking=True)
+        assert queue.writer is None and async_utils._spare.process.is_alive()
+        assert _reload(rank, f"{root}/nonpersistent-{step}") > 10
     # execute_sync runs the same request in this process
     dc.save(sharded_state_dict(rank, 2), f"{root}/sync", "torch_dist", async_sharded_save=True).execute_sync()
     assert _reload(rank, f"{root}/sync") > 10

@@ -15,6 +15,7 @@ finalize functions run (the save's commit, which writes `metadata.json`, is the 
 """
 
 import ctypes
+import importlib
 import os
 import platform
 import queue
@@ -135,7 +136,7 @@ class AsyncCallsQueue:
     """
 
     def __init__(self, persistent: bool = False):
-        self.persistent = persistent
+        self.persistent = persistent  # if not, a spare writer is started for the next call (`start_spare_writer`)
         self.calls: Deque[AsyncRequest] = deque()
         self.call_idx = -1
         self.writer: Optional[_Writer] = None
@@ -147,7 +148,7 @@ class AsyncCallsQueue:
         async_request.call_idx = self.call_idx
         async_request.preload()
         if self.writer is None or (not self.calls and not self.writer.process.is_alive()):
-            self.writer = _Writer()  # (a dead writer with calls unfinalized is how they learn they failed)
+            self.writer = _take_writer()  # (a dead writer with calls unfinalized is how they learn they failed)
         self.writer.submit(async_request)
         self.calls.append(async_request)
         return self.call_idx
@@ -177,7 +178,8 @@ class AsyncCallsQueue:
                 finalized.append(request.call_idx)
         finally:
             if not self.persistent and not self.calls:
-                self._stop_writer()
+                self._stop_writer(wait=False)  # an interpreter with torch takes ~0.5 s to exit
+                start_spare_writer()  # the next call need not wait for an interpreter and the torch import
         return finalized
 
     def get_num_unfinalized_calls(self) -> int:
@@ -192,10 +194,31 @@ class AsyncCallsQueue:
             self.calls.clear()
             self._stop_writer()
 
-    def _stop_writer(self) -> None:
+    def _stop_writer(self, wait: bool = True) -> None:
         if self.writer is not None:
-            self.writer.stop()
+            self.writer.stop(wait)
             self.writer = None
+
+
+_spare: Optional["_Writer"] = None  # a writer started ahead, idle until a queue takes it
+
+
+def start_spare_writer() -> None:
+    """Starts a writer process ahead of the next async save (none if one is ready): the queue
+    that schedules it takes this one, so no save waits for a new interpreter to import torch
+    (seconds) before writing. `prepare_async_save` calls it, and a non-persistent queue after
+    stopping its writer. The spare inherits this process's state (limits, environment) as of
+    now; it exits with this process."""
+    global _spare
+    if _spare is None or not _spare.process.is_alive():
+        _spare = _Writer()
+
+
+def _take_writer() -> "_Writer":
+    """The spare writer if it is alive, else a new one."""
+    global _spare
+    writer, _spare = _spare, None
+    return writer if writer is not None and writer.process.is_alive() else _Writer()
 
 
 class _Writer:
@@ -235,9 +258,13 @@ class _Writer:
             self.outcomes[done_idx] = (ok, value)
         return True
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Asks the writer to exit; unless `wait`, returns at once (the process exits on its
+        own, a daemon reaped by multiprocessing when the next process starts)."""
         if self.process.is_alive():
             self.jobs.put(None)
+            if not wait:
+                return
             self.process.join(timeout=30)
         if self.process.is_alive():
             self.process.kill()
@@ -265,6 +292,10 @@ def lower_priority() -> None:
 def _writer_loop(jobs, results, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
     lower_priority()
+    # what a call's unpickling would import otherwise (~1-2 s: the engines, DCP's package),
+    # now, while the writer waits: a spare writer is ready for its first call
+    for module in ("..write_job", ".torch", ".zarr"):
+        importlib.import_module(module, __package__)
     while True:
         try:
             job = jobs.get(timeout=1.0)
