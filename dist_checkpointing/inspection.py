@@ -140,10 +140,13 @@ def verify(checkpoint_dir, progress: Optional[Callable[[str], None]] = None) -> 
     if metadata.config.sharded_backend in ZARR_ENGINES:
         try:
             keys = list_arrays(checkpoint_dir) if metadata.is_legacy else sorted(metadata.tensors)
+        except CheckpointingException as e:
+            keys, problems = [], problems + [(checkpoint_dir, str(e))]
+        try:  # a damaged root document is reported; every array is still checked
             consolidated = read_consolidated(checkpoint_dir)
             consolidated = consolidated.documents if consolidated else {}
         except CheckpointingException as e:
-            keys, problems = [], problems + [(checkpoint_dir, str(e))]
+            consolidated, problems = {}, problems + [(checkpoint_dir, str(e))]
         for key in keys:
             checked["tensors"] += 1
             try:

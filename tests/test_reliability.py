@@ -154,6 +154,10 @@ def test_damaged_zarr_document_raises_and_is_reported(copy_of, capsys, content, 
         assert_reported(ckpt, capsys, "embedding.weight", "zarr.json")
     else:  # inspect reads the arrays' own documents
         assert_reported(ckpt, capsys, "zarr.json" if content.startswith(b"{not") else "embedding.weight", inspect_reads_it=False)
+        # a damaged root document does not stop verify from checking every array
+        os.remove(os.path.join(ckpt, "final_norm", "c.0"))
+        assert main(["verify", ckpt]) == 1
+        assert "final_norm/c.0: missing" in capsys.readouterr().out
 
 
 # 7: a .metadata that unpickles to the wrong type

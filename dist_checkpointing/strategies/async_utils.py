@@ -211,7 +211,7 @@ def start_spare_writer() -> None:
     now; it exits with this process."""
     global _spare
     if _spare is None or not _spare.process.is_alive():
-        _spare = _Writer()
+        _spare = _Writer(warm_up=True)
 
 
 def _take_writer() -> "_Writer":
@@ -224,12 +224,13 @@ def _take_writer() -> "_Writer":
 class _Writer:
     """A spawned process that runs the submitted calls in order and reports each outcome."""
 
-    def __init__(self):
+    def __init__(self, warm_up: bool = False):
+        """`warm_up`: a writer started ahead of its first call imports the engines meanwhile."""
         context = mp.get_context("spawn")
         self.jobs, self.results = context.Queue(), context.Queue()
         self.outcomes: Dict[int, Tuple[bool, Any]] = {}
         self.process = context.Process(
-            target=_writer_loop, args=(self.jobs, self.results, os.getpid()), daemon=True, name="dist-ckpt-writer"
+            target=_writer_loop, args=(self.jobs, self.results, os.getpid(), warm_up), daemon=True, name="dist-ckpt-writer"
         )
         self.process.start()
 
@@ -289,13 +290,13 @@ def lower_priority() -> None:
         ctypes.CDLL(None, use_errno=True).syscall(number, 1, 0, _IOPRIO_BEST_EFFORT_LOWEST)  # this process
 
 
-def _writer_loop(jobs, results, parent_pid: int) -> None:
+def _writer_loop(jobs, results, parent_pid: int, warm_up: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
     lower_priority()
-    # what a call's unpickling would import otherwise (~1-2 s: the engines, DCP's package),
-    # now, while the writer waits: a spare writer is ready for its first call
-    for module in ("..write_job", ".torch", ".zarr"):
-        importlib.import_module(module, __package__)
+    if warm_up:  # idle until its first call: import now what unpickling the call would (~1-2 s:
+        # the engines, DCP's package); a writer started for a waiting call imports only its own
+        for module in ("..write_job", ".torch", ".zarr"):
+            importlib.import_module(module, __package__)
     while True:
         try:
             job = jobs.get(timeout=1.0)
