@@ -26,6 +26,7 @@ from .serialization import (
     save,
 )
 from .manager import CheckpointManager
+from .memory_tier import MemoryTier
 from .validation import StrictHandling
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointingConfig",
     "CheckpointingException",
     "LocalNonpersistentObject",
+    "MemoryTier",
     "ShardedObject",
     "ShardedTensor",
     "ShardedTensorFactory",

@@ -6,6 +6,9 @@ Layout: `<root>/iter_<step:07d>` per step (Megatron-LM's names) and Megatron-LM'
 training scripts find our checkpoints. A step counts only once its `metadata.json` exists.
 Every method is called on every rank, like `save` and `load`; rank 0 alone deletes and writes
 the tracker, and its failures raise on every rank.
+
+With a `MemoryTier`, steps are also saved to node-local memory and replicated to other nodes
+(memory_tier.py); `load` restores the newest step either tier can give.
 """
 
 import logging
@@ -17,6 +20,8 @@ from typing import Dict, List, Optional
 from .collectives import exchange, get_rank
 from .core import CheckpointingException, check_is_distributed_checkpoint
 from .layout import CONFIG_FNAME
+from .memory_restore import holdings, restore
+from .memory_tier import MemoryTier, NodeMemory
 from .serialization import load, save
 from .storage import storage_of
 from .strategies.async_utils import AsyncCallsQueue
@@ -51,23 +56,31 @@ class CheckpointManager:
         async_save: `save` returns once the data is staged; the checkpoint commits (and
             retention runs) when the next `save`, `wait` or `close` finalizes it. A failed
             async save raises there, on every rank; its step may be saved again.
+        persistent_every: save to `root` at the steps that are multiples of it
+        memory: a MemoryTier: also save to node-local memory at its own steps, replicated
+            to other nodes; `load` then restores from memory when it has the newest step
     """
 
     def __init__(self, root, keep_latest: int = 2, keep_every: Optional[int] = None, sharded_strategy=None,
-                 async_save: bool = False):
-        for name, value in (("keep_latest", keep_latest), ("keep_every", keep_every)):
-            if (value is not None or name == "keep_latest") and not _is_count(value, least=1):
+                 async_save: bool = False, persistent_every: int = 1, memory: Optional[MemoryTier] = None):
+        for name, value in (("keep_latest", keep_latest), ("keep_every", keep_every), ("persistent_every", persistent_every)):
+            if (value is not None or name != "keep_every") and not _is_count(value, least=1):
                 raise CheckpointingException(f"CheckpointManager: {name} must be an integer >= 1, got {value!r}")
+        if memory is not None and not isinstance(memory, MemoryTier):
+            raise CheckpointingException(f"CheckpointManager: memory must be a MemoryTier, got {type(memory).__name__}")
         self.root, self.storage = str(root).rstrip("/"), storage_of(root)
         if self.storage.is_file(self.root):
             raise CheckpointingException(f"CheckpointManager: {self.root} is a file; the root must be a directory")
         self.keep_latest, self.keep_every = keep_latest, keep_every
         self.sharded_strategy = sharded_strategy
         self.queue = AsyncCallsQueue(persistent=True) if async_save else None
+        self.persistent_every = persistent_every
         self.loaded: Optional[int] = None  # the step last loaded: retention keeps it
+        self.restored_from: Optional[str] = None  # "memory" or "persistent": where `load` found its step
         self.deleter: Optional[ThreadPoolExecutor] = None  # rank 0: retention's deletions
         self.deletions: List[Future] = []
         exchange(self._remove_leftovers if get_rank() == 0 else (lambda: None), f"opening checkpoints at {self.root}")
+        self.memory = NodeMemory(memory) if memory is not None else None
 
     def path(self, step: int) -> str:
         return os.path.join(self.root, step_dir_name(step))
@@ -93,9 +106,15 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def save(self, step: int, sharded_state_dict) -> None:
-        """Saves `sharded_state_dict` as step `step` (newer than every saved step)."""
+        """Saves `sharded_state_dict` as step `step` (newer than every saved step): to memory
+        when `step` is a multiple of the memory tier's `every`, to `root` when it is one of
+        `persistent_every`, to both or neither."""
         if not _is_count(step, least=0):
             raise CheckpointingException(f"CheckpointManager.save: step must be an integer >= 0, got {step!r}")
+        if self.memory is not None and step % self.memory.tier.every == 0:
+            self.memory.save(step, sharded_state_dict)
+        if step % self.persistent_every:
+            return
         # One async save in flight at a time (as Orbax's and torchtitan's managers do): the
         # previous one commits first, so its retention has run and its staging memory is free.
         self.wait()
@@ -109,13 +128,29 @@ class CheckpointManager:
         self.queue.schedule_async_request(request)
 
     def load(self, sharded_state_dict, step: Optional[int] = None, **kwargs):
-        """Loads step `step` (default: the newest complete one); `kwargs` as `load` takes them."""
+        """Loads step `step` (default: the newest one restorable from either tier, from memory
+        where both have it); `kwargs` as `load` takes them (for the persistent tier).
+        `restored_from` says which tier it came from."""
+        if step is None and self.memory is not None:
+            restored = restore(self.memory, sharded_state_dict, not_older_than=self.latest_step())
+            if restored is not None:
+                self.loaded, self.restored_from = restored[0], "memory"
+                return restored[1]
         if step is None:
             step = self.latest_step()
             if step is None:
                 raise CheckpointingException(f"No complete checkpoint under {self.root} to load")
-        self.loaded = step
+        self.loaded, self.restored_from = step, "persistent"
+        if self.memory is not None:
+            logger.info("Loading step %d from the persistent tier (%s)", step, self.path(step))
         return load(sharded_state_dict, self.path(step), **kwargs)
+
+    def memory_steps(self) -> List[int]:
+        """The memory steps that can be restored: every piece held by a live node (collective)."""
+        if self.memory is None:
+            return []
+        self.memory.wait()
+        return sorted({step for step, _ in holdings(self.memory).restorable()})
 
     def wait(self) -> None:
         """Commits every pending async save (collective; raises on every rank if one failed)."""
@@ -131,6 +166,9 @@ class CheckpointManager:
             if self.queue is not None:
                 self.queue.close(abort=True)
                 self.queue = None
+            if self.memory is not None:
+                self.memory.close()
+                self.memory = None
         exchange(self._finish_deletions, f"deleting old checkpoints under {self.root}")
 
     def _committed(self, step: int) -> None:

@@ -48,12 +48,11 @@ from .mapping import (
     ShardedStateDict,
     ShardedTensor,
     StateDict,
-    apply_factory_merges,
     whole_tensor_metadata,
 )
 from .opening import open_checkpoint
 from .pickling import digest_object
-from .state_dict_utils import load_preprocess, save_preprocess
+from .state_dict_utils import finish_load, load_preprocess, save_preprocess
 from .storage import storage_of
 from .strategies import load_strategy_from_config, save_strategy_from_config
 from .strategies.base import (
@@ -465,12 +464,7 @@ def _load(sharded_state_dict, checkpoint_dir: str, sharded_strategy, common_stra
         merge(state, sharded.load(request, checkpoint))  # first: it may talk to other ranks
         if objects:
             merge(state, common.load_sharded_objects(objects, checkpoint))
-        apply_factory_merges(state, local["factories"])
-        if local["dtensors"]:
-            from .dtensors import restore_dtensors
-
-            restore_dtensors(state, local["dtensors"])
-        return state
+        return finish_load(state, local["factories"], local["dtensors"])
 
     state = on_every_rank(read, f"load of {checkpoint_dir}")
     if StrictHandling.requires_returning_mismatch_keys(strict):

@@ -11,6 +11,7 @@ from .mapping import (
     ShardedTensorFactory,
     StateDict,
     apply_factories,
+    apply_factory_merges,
 )
 from .utils import extract_nonpersistent, extract_sharded_base
 
@@ -61,3 +62,14 @@ def load_preprocess(
     dict_list_map_inplace(LocalNonpersistentObject.unwrap, nonpersistent)
     sharded_state_dict, _ = extract_sharded_base(sharded_state_dict)
     return sharded_state_dict, nonpersistent, factories, dtensors
+
+
+def finish_load(state: StateDict, factories: ShardedStateDict, dtensors: Dict) -> StateDict:
+    """The loaded state as the caller's request had it: factories merged back, DTensors put
+    back at their places (the last steps of every load, from any tier)."""
+    apply_factory_merges(state, factories)
+    if dtensors:
+        from .dtensors import restore_dtensors
+
+        restore_dtensors(state, dtensors)
+    return state
