@@ -216,8 +216,10 @@ def wire_device(tensor: torch.Tensor, group=None) -> torch.device:
 Transfer = Tuple[torch.Tensor, int, int]  # (tensor, peer rank, tag)
 
 
-def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], group=None) -> None:
-    """Posts every send and receive of this rank at once, then waits for all of them.
+def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], group=None,
+                     meanwhile: Optional[Callable[[], None]] = None) -> None:
+    """Posts every send and receive of this rank at once, runs `meanwhile` (local work that
+    overlaps the transfers), then waits for all of them.
 
     Tensors may live on any device: each travels on its `wire_device` (copied there, and for a
     receive copied back, only where the devices differ). Receive targets must be contiguous.
@@ -240,9 +242,13 @@ def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], gr
     # as bytes, so that every dtype travels (gloo has no bool or bfloat16 send)
     ops = [dist.P2POp(dist.isend, on_wire(t, False).view(torch.uint8), peer, group, tag) for t, peer, tag in sends]
     ops += [dist.P2POp(dist.irecv, on_wire(t, True).view(torch.uint8), peer, group, tag) for t, peer, tag in receives]
-    if ops:
-        with peers_lost_raise("the exchange of shards between ranks"):
-            for work in dist.batch_isend_irecv(ops):
+    with peers_lost_raise("the exchange of shards between ranks"):
+        posted = dist.batch_isend_irecv(ops) if ops else []
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            for work in posted:
                 work.wait()
     for target, buffer in copies_back:
         target.copy_(buffer.view(target.shape))

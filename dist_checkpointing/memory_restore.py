@@ -11,9 +11,11 @@ a step that cannot be restored is logged and the next one is tried: never a wron
 
 import io
 import logging
+import mmap
 import os
 import socket
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
@@ -135,24 +137,27 @@ class _Attempt:
         if isinstance(indexes, _Failure):
             return indexes
         request, nonpersistent, factories, dtensors = load_preprocess(sharded_state_dict)
-        plan = _Plan(indexes)
-        problem = None
+        plan, problem, needs = _Plan(indexes), None, set()
         try:
-            needs = plan.needs(request, self.where())
+            targets = plan.targets(request, self.where())
+            needs = {plan.common_piece()} | {p for t in targets for _, pieces in t.boxes for p, _ in pieces}
+            needs |= {plan.objects[sh.unique_key] for sh in nested_values(request) if isinstance(sh, ShardedObject)}
         except CheckpointingException as e:
-            problem, needs = str(e), set()
-        asks = self._asks(needs)
+            problem, targets = str(e), []
+        direct = _direct_landings(targets)
+        asks = self._asks(needs, direct)
         gathered = exchange(lambda: (asks, problem), f"planning the restore of memory step {self.step}", group=self.memory.group)
         problems = [p for _, p in gathered if p]
         if problems:
             return _Failure(set(), problems[0])
-        values, bad, moved = self._transfer([a for a, _ in gathered], needs, plan)
-        bad_everywhere = set().union(*exchange(lambda: bad, f"checking memory step {self.step}", group=self.memory.group))
-        if bad_everywhere:
-            return _Failure(bad_everywhere, f"{len(bad_everywhere)} copies of piece files fail their CRC-32C or cannot be read")
-        state = plan.common(values)
-        merge(state, nonpersistent)
-        loaded = plan.fill(request, values, self.where())
+        with _PieceFiles(self.memory.directory, self.step, plan) as files:
+            values, bad, moved = self._transfer([a for a, _ in gathered], needs, direct, plan, files)
+            bad_everywhere = set().union(*exchange(lambda: bad, f"checking memory step {self.step}", group=self.memory.group))
+            if bad_everywhere:
+                return _Failure(bad_everywhere, f"{len(bad_everywhere)} copies of piece files fail their CRC-32C or cannot be read")
+            state = plan.common(values)
+            merge(state, nonpersistent)
+            loaded = plan.fill(request, targets, values, direct, self.where())
         merge(state, dict_list_map_inplace(lambda sh: loaded.get(id(sh), sh), request))
         return finish_load(state, factories, dtensors), moved
 
@@ -200,56 +205,100 @@ class _Attempt:
         ranks = self.held.ranks_on(node)
         return node, (self.rank if node == self.node else ranks[self.rank % len(ranks)])
 
-    def _asks(self, needs: Set[PieceId]) -> Dict[int, List[PieceId]]:
-        asks = defaultdict(list)
+    def _asks(self, needs: Set[PieceId], direct: Dict[PieceId, torch.Tensor]) -> Dict[int, Tuple[List[PieceId], List[PieceId]]]:
+        """Per serving rank of another node: (pieces it sends one by one, straight into their
+        destination; pieces it sends packed in one buffer)."""
+        asks = defaultdict(lambda: ([], []))
         for piece in sorted(needs):
             _, server = self._source(piece[0])
             if server != self.rank:
-                asks[server].append(piece)
+                asks[server][0 if piece in direct else 1].append(piece)
         return dict(asks)
 
-    def _transfer(self, asks_of: List[Dict[int, List[PieceId]]], needs: Set[PieceId], plan: "_Plan"):
-        """Each needed piece's bytes: read here, or received from the rank that serves it; the
-        copies whose bytes fail their check; the bytes received."""
+    def _transfer(self, asks_of, needs: Set[PieceId], direct: Dict[PieceId, torch.Tensor], plan: "_Plan", files: "_PieceFiles"):
+        """Each needed piece's bytes (None for those landed in their destination): from this
+        node's files, or received from the rank that serves them; the copies whose bytes fail
+        their check; the bytes received."""
         sends = []
         for requester, asks in enumerate(asks_of):
-            wanted = asks.get(self.rank, [])
-            if wanted and requester != self.rank:
-                sends.append((self._read(wanted, plan), requester, 0))
-        mine = self._asks(needs)
-        receives = {server: torch.empty(_packed(wanted, plan)[1], dtype=torch.uint8) for server, wanted in mine.items()}
-        send_and_receive(sends, [(buffer, server, 0) for server, buffer in receives.items()], group=self.memory.group)
-        values: Dict[PieceId, torch.Tensor] = {}
-        for server, wanted in mine.items():
-            values.update(_unpacked(wanted, plan, receives[server]))
-        local = [p for p in sorted(needs) if p not in values]
-        values.update(_unpacked(local, plan, self._read(local, plan)))
+            singles, packed = asks.get(self.rank, ([], []))
+            if requester == self.rank:
+                continue
+            sends += [(files.bytes_of(p), requester, tag) for tag, p in enumerate(singles, start=1)]
+            if packed:
+                sends.append((files.packed(packed), requester, 0))
+        mine = self._asks(needs, direct)
+        receives, values = [], {}
+        for server, (singles, packed) in mine.items():
+            receives += [(direct[p], server, tag) for tag, p in enumerate(singles, start=1)]
+            if packed:
+                buffer = torch.empty(_packed(packed, plan)[1], dtype=torch.uint8)
+                receives.append((buffer, server, 0))
+                values.update(_unpacked(packed, plan, buffer))
+        received = {p for singles, _ in mine.values() for p in singles} | set(values)
+
+        def read_local():  # this node's pieces, while the transfers run
+            for p in sorted(needs - received):
+                if p in direct:
+                    direct[p].copy_(files.bytes_of(p))
+                else:
+                    values[p] = files.bytes_of(p)
+
+        send_and_receive(sends, receives, group=self.memory.group, meanwhile=read_local)
         bad = set()
-        for p, data in values.items():
+        for p in sorted(needs):
+            data = direct[p] if p in direct else values[p]
             if crc32c(data.numpy()) != plan.piece(p).crc:
                 node, _ = self._source(p[0])
                 bad.add((node, self.candidate, p[0]))
                 logger.error("Memory tier: a piece of rank %d's step %d held by %s fails its CRC-32C", p[0], self.step, node[1])
-        return values, bad, sum(b.numel() for b in receives.values())
+        return values, bad, sum(t.numel() for t, _, _ in receives)
 
-    def _read(self, pieces: List[PieceId], plan: "_Plan") -> torch.Tensor:
-        """The bytes of `pieces`, one after the other, read from this node's piece files (a
-        piece that cannot be read stays zeros: its CRC check refuses it where it arrives)."""
-        starts, size = _packed(pieces, plan)
-        buffer = torch.zeros(size, dtype=torch.uint8)
-        view, files = buffer.numpy(), {}
-        try:
-            for p, at in zip(pieces, starts):
-                piece = plan.piece(p)
-                try:
-                    if p[0] not in files:
-                        files[p[0]] = os.open(piece_paths(self.memory.directory, self.step, p[0])[0], os.O_RDONLY)
-                    os.preadv(files[p[0]], [view[at : at + piece.nbytes]], piece.at)
-                except OSError as e:
-                    logger.error("Memory tier: cannot read rank %d's step %d on rank %d: %s", p[0], self.step, self.rank, e)
-        finally:
-            for fd in files.values():
-                os.close(fd)
+
+class _PieceFiles:
+    """This node's piece files of a step, mapped read-only while a restore reads them: the bytes
+    of a piece are a view, sent or copied without a read copy (a shared mapping of tmpfs pages
+    costs a third of reading them into new memory here). A file shorter than its index says
+    reads as zeros (its CRC check refuses it) instead of faulting beyond its end."""
+
+    def __init__(self, directory: str, step: int, plan: "_Plan"):
+        self.directory, self.step, self.plan = directory, step, plan
+        self.maps: Dict[int, Optional[mmap.mmap]] = {}
+        self.files: Dict[int, torch.Tensor] = {}
+
+    def __enter__(self) -> "_PieceFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.files.clear()
+        for m in self.maps.values():
+            if m is not None:
+                m.close()
+
+    def _file(self, rank: int) -> torch.Tensor:
+        if rank not in self.files:
+            size, data = self.plan.indexes[rank].nbytes, None
+            try:
+                with open(piece_paths(self.directory, self.step, rank)[0], "rb") as f:
+                    if size and os.fstat(f.fileno()).st_size >= size:
+                        self.maps[rank] = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                        with warnings.catch_warnings():  # read-only, and only ever read
+                            warnings.simplefilter("ignore", UserWarning)
+                            data = torch.frombuffer(self.maps[rank], dtype=torch.uint8)
+            except OSError as e:
+                logger.error("Memory tier: cannot read rank %d's step %d in %s: %s", rank, self.step, self.directory, e)
+            self.files[rank] = data if data is not None else torch.zeros(size, dtype=torch.uint8)
+        return self.files[rank]
+
+    def bytes_of(self, p: PieceId) -> torch.Tensor:
+        piece = self.plan.piece(p)
+        return self._file(p[0])[piece.at : piece.at + piece.nbytes]
+
+    def packed(self, pieces: List[PieceId]) -> torch.Tensor:
+        starts, size = _packed(pieces, self.plan)
+        buffer = torch.empty(size, dtype=torch.uint8)
+        for p, at in zip(pieces, starts):
+            buffer[at : at + self.plan.piece(p).nbytes] = self.bytes_of(p)
         return buffer
 
 
@@ -260,6 +309,7 @@ class _Plan:
         self.indexes = indexes
         self.tensors: Dict[str, List[Tuple[PieceId, TensorPiece]]] = defaultdict(list)
         self.objects: Dict[str, PieceId] = {}
+        self._boxes: Dict[str, dict] = {}
         for r, index in indexes.items():
             for i, p in enumerate(index.tensors):
                 self.tensors[p.key].append(((r, "t", i), p))
@@ -276,14 +326,16 @@ class _Plan:
         return (0, "c", 0)
 
     def boxes(self, key: str, where: str):
-        """The stored boxes of `key`: (offset, shape, dtype, pieces that give its values)."""
-        stored = self.tensors.get(key)
-        if not stored:
-            raise CheckpointingException(f"Key '{key}' is not in {where}")
-        boxes = defaultdict(list)
-        for p, piece in stored:
-            boxes[(piece.offset, piece.shape, piece.dtype)].append((p, piece))
-        return boxes
+        """The stored boxes of `key`: (offset, shape, dtype) -> the pieces that give its values."""
+        if key not in self._boxes:
+            stored = self.tensors.get(key)
+            if not stored:
+                raise CheckpointingException(f"Key '{key}' is not in {where}")
+            boxes = defaultdict(list)
+            for p, piece in stored:
+                boxes[(piece.offset, piece.shape, piece.dtype)].append((p, piece))
+            self._boxes[key] = boxes
+        return self._boxes[key]
 
     def stored_shape(self, key: str, where: str):
         shapes = {piece.global_shape for _, piece in self.tensors[key]}
@@ -292,33 +344,37 @@ class _Plan:
             raise CheckpointingException(f"Key '{key}': its pieces in {where} disagree on the global shape or dtype")
         return shapes.pop(), torch_dtype(dtypes.pop())
 
-    def needs(self, request, where: str) -> Set[PieceId]:
-        """The pieces that `request` needs; raises if some requested element is stored nowhere."""
-        needs = {self.common_piece()}
+    def targets(self, request, where: str) -> List["_Target"]:
+        """Where each requested ShardedTensor's values go, and the stored boxes that give them;
+        raises if some requested element is stored nowhere (or ShardedObject is missing)."""
+        targets = []
         for sh in nested_values(request):
-            if isinstance(sh, ShardedObject):
-                if sh.unique_key not in self.objects:
-                    raise CheckpointingException(f"ShardedObject '{sh.unique_key}' is not in {where}")
-                needs.add(self.objects[sh.unique_key])
-            elif isinstance(sh, ShardedTensor):
-                boxes = self.boxes(sh.key, where)
-                stored_shape, _ = self.stored_shape(sh.key, where)
-                check_request_against_stored(sh, stored_shape, where)
-                offset, shape = sh.covering_box()
-                inside = (offset, tuple(max(0, min(o + s, g) - o) for o, s, g in zip(offset, shape, stored_shape)))
-                covered = 0
-                for (box_offset, box_shape, _), pieces in boxes.items():
-                    region = intersection(inside, (box_offset, box_shape))
-                    if region is None:
-                        continue
-                    _check_flat_cover(sh.key, box_shape, pieces, where)
-                    needs.update(p for p, _ in pieces)
-                    covered += _volume(region)
-                if covered != _volume(tuple((o, o + s) for o, s in zip(*inside))):
-                    raise CheckpointingException(
-                        f"Key '{sh.key}': the request {offset} + {shape} is not covered exactly once by the pieces in {where}"
-                    )
-        return needs
+            if isinstance(sh, ShardedObject) and sh.unique_key not in self.objects:
+                raise CheckpointingException(f"ShardedObject '{sh.unique_key}' is not in {where}")
+            if not isinstance(sh, ShardedTensor):
+                continue
+            boxes = self.boxes(sh.key, where)
+            stored_shape, dtype = self.stored_shape(sh.key, where)
+            check_request_against_stored(sh, stored_shape, where)
+            offset, shape = sh.covering_box()
+            inside = (offset, tuple(max(0, min(o + s, g) - o) for o, s, g in zip(offset, shape, stored_shape)))
+            used, covered = [], 0
+            for (box_offset, box_shape, _), pieces in boxes.items():
+                region = intersection(inside, (box_offset, box_shape))
+                if region is None:
+                    continue
+                _check_flat_cover(sh.key, box_shape, pieces, where)
+                used.append(((box_offset, box_shape), pieces))
+                covered += _volume(region)
+            if covered != _volume(tuple((o, o + s) for o, s in zip(*inside))):
+                raise CheckpointingException(
+                    f"Key '{sh.key}': the request {offset} + {shape} is not covered exactly once by the pieces in {where}"
+                )
+            target = sh.box_target(dtype)
+            if inside[1] != tuple(shape):
+                target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
+            targets.append(_Target(sh, target, dtype, (offset, tuple(shape)), used))
+        return targets
 
     def common(self, values: Dict[PieceId, torch.Tensor]) -> dict:
         state = load_object(io.BytesIO(values[self.common_piece()].numpy().tobytes()), "the common state", "the memory tier")
@@ -326,27 +382,54 @@ class _Plan:
             raise CheckpointingException(f"The memory tier's common state is a {type(state).__name__}, not a dict")
         return state
 
-    def fill(self, request, values: Dict[PieceId, torch.Tensor], where: str) -> Dict[int, object]:
+    def fill(self, request, targets: List["_Target"], values, direct, where: str) -> Dict[int, object]:
+        """Each request's value: ShardedObjects unpickled, tensors copied from their boxes
+        (those landed in place already skipped)."""
         loaded = {}
         for sh in nested_values(request):
             if isinstance(sh, ShardedObject):
                 data = values[self.objects[sh.unique_key]].numpy().tobytes()
                 loaded[id(sh)] = load_object(io.BytesIO(data), f"ShardedObject '{sh.unique_key}'", where)
-            elif isinstance(sh, ShardedTensor):
-                stored_shape, dtype = self.stored_shape(sh.key, where)
-                offset, shape = sh.covering_box()
-                target = sh.box_target(dtype)
-                if any(o + s > g for o, s, g in zip(offset, shape, stored_shape)):
-                    target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
-                for (box_offset, box_shape, _), pieces in self.boxes(sh.key, where).items():
-                    region = intersection((offset, shape), (box_offset, box_shape))
-                    if region is None:
-                        continue
-                    box = _box_values(pieces, box_shape, dtype, values)
-                    piece = piece_of(box_offset, (tuple(a for a, _ in region), tuple(b - a for a, b in region)), target, offset)
-                    piece.into.copy_(box[piece.region])
-                loaded[id(sh)] = sh.deliver(target)
+        for t in targets:
+            for box, pieces in t.boxes:
+                if len(pieces) == 1 and pieces[0][0] in direct:
+                    continue
+                region = intersection(t.box, box)
+                piece = piece_of(box[0], (tuple(a for a, _ in region), tuple(b - a for a, b in region)), t.target, t.box[0])
+                piece.into.copy_(_box_values(pieces, box[1], t.dtype, values)[piece.region])
+            loaded[id(t.request)] = t.request.deliver(t.target)
         return loaded
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a requested ShardedTensor's covering box is assembled, and the stored boxes
+    (with the pieces that give each) it overlaps."""
+
+    request: ShardedTensor
+    target: torch.Tensor
+    dtype: torch.dtype
+    box: Tuple[Tuple[int, ...], Tuple[int, ...]]
+    boxes: List[Tuple[Tuple[Tuple[int, ...], Tuple[int, ...]], List[Tuple[PieceId, TensorPiece]]]]
+
+
+def _direct_landings(targets: List[_Target]) -> Dict[PieceId, torch.Tensor]:
+    """The pieces whose bytes can land straight in their destination: a whole stored box that
+    is exactly a request's box (the same layout's common case), held contiguously on the CPU,
+    and needed by no other request of this rank."""
+    uses = defaultdict(int)
+    for t in targets:
+        for _, pieces in t.boxes:
+            for p, _ in pieces:
+                uses[p] += 1
+    direct = {}
+    for t in targets:
+        if len(t.boxes) == 1:
+            box, pieces = t.boxes[0]
+            (p, piece), = pieces if len(pieces) == 1 else ((None, None),)
+            if p is not None and piece.flat is None and box == t.box and uses[p] == 1 and t.target.device.type == "cpu" and t.target.is_contiguous():
+                direct[p] = t.target.view(-1).view(torch.uint8)
+    return direct
 
 
 def _packed(pieces: List[PieceId], plan: _Plan) -> Tuple[List[int], int]:

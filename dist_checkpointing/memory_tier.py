@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import shutil
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -182,6 +183,7 @@ class NodeMemory:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-ckpt-memory")
         self.pending: Optional[Future] = None
         self.last_error: Optional[str] = None
+        self.timings: Dict[str, float] = {}  # of the last save: seconds per phase, and its bytes
         os.makedirs(os.path.join(self.directory, SPARE_DIR), exist_ok=True)
         if self.is_node_leader:
             self._remove_stale()
@@ -212,6 +214,7 @@ class NodeMemory:
         """Copies this rank's pieces into node memory and returns; the background thread
         commits, replicates and retires (a failure there is logged, and training goes on)."""
         self.wait()
+        started = time.perf_counter()
         if self.last_step is not None and step <= self.last_step:
             raise CheckpointingException(f"Memory tier: step {step} is not newer than step {self.last_step}, already saved")
         self.last_step = step
@@ -237,6 +240,7 @@ class NodeMemory:
                 slot.bytes[piece.at : piece.at + sh.nbytes].view(sh.dtype).view(sh.data_shape).copy_(sh.data.detach())
         for (_, blob), piece in zip(blobs, pieces[len(tensors) :]):
             slot.bytes[piece.at : piece.at + piece.nbytes].numpy()[:] = blob
+        self.timings = {"bytes": slot.size, "stage": time.perf_counter() - started}
         self.pending = self.executor.submit(self._finish, step, slot, pieces)
 
     def wait(self) -> None:
@@ -248,18 +252,22 @@ class NodeMemory:
     def _finish(self, step: int, slot: Slot, pieces: list) -> None:
         """Commits this rank's file, replicates, agrees, retires. Every rank runs every
         collective here whatever failed before it: the ranks stay in step for the next save."""
-        ok, index = True, None
+        ok, index, started = True, None, time.perf_counter()
         try:
             index = self._commit_own(step, slot, pieces)
         except Exception as e:  # the tier is best effort: the persistent tier still has its steps
             ok = self._failed(step, e)
+        self.timings["commit"] = time.perf_counter() - started
         try:
             ok = self._replicate(step, slot, index) and ok
+            self.timings["replicate"] = time.perf_counter() - started - self.timings["commit"]
             if self._everywhere(ok):
                 self.complete.append(step)
                 self._retire(step)
             else:
                 logger.warning("Memory tier: step %d is not complete on every node (a rank failed); older steps are kept", step)
+            self.timings["background"] = time.perf_counter() - started
+            logger.debug("Memory tier: step %d on rank %d: %s", step, self.layout.rank, self.timings)
         except Exception as e:  # a peer that died: nothing to agree with
             self._failed(step, e)
 
