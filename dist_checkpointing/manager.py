@@ -24,7 +24,7 @@ from .memory_restore import holdings, restore
 from .memory_tier import MemoryTier, NodeMemory
 from .serialization import load, save
 from .storage import storage_of
-from .strategies.async_utils import AsyncCallsQueue
+from .strategies.async_utils import AsyncCallsQueue, start_spare_writer
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class CheckpointManager:
         self.keep_latest, self.keep_every = keep_latest, keep_every
         self.sharded_strategy = sharded_strategy
         self.queue = AsyncCallsQueue(persistent=True) if async_save else None
+        if async_save:
+            start_spare_writer()  # it boots while the job loads and trains: no first save waits for it
         self.persistent_every = persistent_every
         self.loaded: Optional[int] = None  # the step last loaded: retention keeps it
         self.restored_from: Optional[str] = None  # "memory" or "persistent": where `load` found its step
