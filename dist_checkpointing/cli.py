@@ -1,6 +1,6 @@
 """`dist-ckpt` (also `python -m dist_checkpointing`): inspect, verify and convert checkpoints.
 
-    dist-ckpt inspect DIR [--json]
+    dist-ckpt inspect DIR [--json]     (DIR: a checkpoint, or a node's memory-tier directory)
     dist-ckpt verify DIR [--json]
     dist-ckpt convert SRC DST --to zarr|tensorstore|torch_dist|torch|safetensors
                       [--zarr-format 2|3] [--max-file-size 5GB]
@@ -18,7 +18,8 @@ from typing import List, Optional
 
 from .convert import DEFAULT_MAX_FILE_BYTES, FORMATS, convert
 from .core import CheckpointingException
-from .inspection import describe, verify
+from .inspection import describe, describe_memory, verify, verify_memory
+from .memory_format import is_node_directory
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -62,6 +63,8 @@ def _size(text: str) -> int:
 
 
 def _inspect(args) -> int:
+    if is_node_directory(args.dir):
+        return _inspect_memory(args)
     info = describe(args.dir)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -90,6 +93,26 @@ def _inspect(args) -> int:
     return 0
 
 
+def _inspect_memory(args) -> int:
+    info = describe_memory(args.dir)
+    damaged = any(step["problems"] for step in info["steps"])
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 1 if damaged else 0
+    print(f"{info['path']}: a node's memory-tier directory, {len(info['steps'])} step(s)")
+    rows = [(step["step"], step["save_id"][:8], f"{len(step['ranks'])} of {step['world_size']}",
+             ",".join(map(str, step["ranks"])), _human(step["bytes"]), step["tensors"],
+             "yes" if step["all_ranks_here"] else "needs other nodes", "DAMAGED" if step["problems"] else "ok")
+            for step in info["steps"]]
+    if rows:
+        print()
+        _table(("step", "save", "ranks here", "which", "bytes", "tensor pieces", "restorable from here alone", "checksums"), rows)
+    for step in info["steps"]:
+        for problem in step["problems"]:
+            print(f"  step {step['step']}: {problem}")
+    return 1 if damaged else 0
+
+
 @contextlib.contextmanager
 def _progress(description: str):
     """A `progress(name)` callback drawing a bar on stderr when it is a terminal; None (quiet)
@@ -104,8 +127,9 @@ def _progress(description: str):
 
 
 def _verify(args) -> int:
+    memory = is_node_directory(args.dir)
     with _progress(f"verifying {args.dir}") as progress:
-        problems, checked = verify(args.dir, progress)
+        problems, checked = (verify_memory if memory else verify)(args.dir, progress)
     if args.json:
         print(json.dumps({"sound": not problems, "checked": checked,
                           "problems": [{"entry": e, "problem": p} for e, p in problems]}, indent=1))
@@ -113,6 +137,8 @@ def _verify(args) -> int:
         print(f"{args.dir}: DAMAGED ({len(problems)} problem(s))")
         for entry, problem in problems:
             print(f"  {entry}: {problem}")
+    elif memory:
+        print(f"{args.dir}: sound ({checked['piece_files']} piece files, {checked['pieces']} pieces' CRC-32C verified)")
     else:
         integrity = f", {checked['integrity_files']} files' SHA-256 (integrity.json)" if checked["integrity_files"] else ""
         print(f"{args.dir}: sound ({checked['tensors']} tensors' chunks, {checked['objects']} objects, "

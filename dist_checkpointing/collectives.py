@@ -239,9 +239,10 @@ def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], gr
         copies_back.append((tensor, buffer))
         return buffer
 
-    # as bytes, so that every dtype travels (gloo has no bool or bfloat16 send)
-    ops = [dist.P2POp(dist.isend, on_wire(t, False).view(torch.uint8), peer, group, tag) for t, peer, tag in sends]
-    ops += [dist.P2POp(dist.irecv, on_wire(t, True).view(torch.uint8), peer, group, tag) for t, peer, tag in receives]
+    # as bytes, so that every dtype travels (gloo has no bool or bfloat16 send); empty ones not
+    # at all (both sides know they are empty)
+    ops = [dist.P2POp(dist.isend, on_wire(t, False).view(torch.uint8), peer, group, tag) for t, peer, tag in sends if t.numel()]
+    ops += [dist.P2POp(dist.irecv, on_wire(t, True).view(torch.uint8), peer, group, tag) for t, peer, tag in receives if t.numel()]
     with peers_lost_raise("the exchange of shards between ranks"):
         posted = dist.batch_isend_irecv(ops) if ops else []
         try:

@@ -1,5 +1,6 @@
 """Looking inside a checkpoint without loading it: `describe` (what `dist-ckpt inspect` prints)
-and `verify` (what `dist-ckpt verify` checks). One process, no torch.distributed.
+and `verify` (what `dist-ckpt verify` checks), and their counterparts for a node's memory-tier
+directory. One process, no torch.distributed.
 """
 
 import math
@@ -12,6 +13,7 @@ from .core import CONFIG_FNAME, CheckpointingException, CheckpointMetadata, read
 from .dtypes import name_of_torch, zarr_v2_dtype
 from .integrity import integrity_problems, verify_file
 from .layout import COMMON_FNAME, INTEGRITY_FNAME, contained_path, object_file
+from .memory_format import list_node, piece_file_problems
 from .serialization import COMMON_STATE_IN_FILE, common_state_place, load_common_state_dict, load_sharded_metadata
 from .single_file import read_safetensors_index
 from .storage import storage_of
@@ -239,3 +241,38 @@ def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problem
             state = "is missing" if size is None else f"ends at byte {size}, before the item's end"
             problems.append((index.fqn, f"{os.path.join(checkpoint_dir, info.relative_path)} {state}"))
     return owners
+
+
+def describe_memory(directory) -> dict:
+    """The steps a node's memory-tier directory holds: per step, the saving ranks whose piece
+    files are here (its own and those it keeps as replicas), their bytes and tensors, and
+    whether every rank of that save is here (else a restore needs other nodes too)."""
+    directory = str(directory)
+    steps = {}
+    for held in list_node(directory):
+        index, problems = piece_file_problems(directory, held.step, held.rank)
+        entry = steps.setdefault((held.step, held.save_id), {
+            "step": held.step, "save_id": held.save_id, "world_size": held.world_size, "ranks": [], "bytes": 0, "tensors": 0, "problems": []})
+        entry["ranks"].append(held.rank)
+        entry["problems"] += problems
+        if index is not None:
+            entry["bytes"] += index.nbytes
+            entry["tensors"] += len(index.tensors)
+    for entry in steps.values():
+        entry["all_ranks_here"] = entry["ranks"] == list(range(entry["world_size"]))
+    return {"path": directory, "kind": "memory tier node", "steps": [steps[k] for k in sorted(steps)]}
+
+
+def verify_memory(directory, progress: Optional[Callable[[str], None]] = None) -> Tuple[List[Problem], dict]:
+    """Every piece file of a node's memory-tier directory: its index checked, every piece's
+    CRC-32C verified."""
+    directory = str(directory)
+    problems, pieces, files = [], 0, 0
+    for held in list_node(directory):
+        index, found = piece_file_problems(directory, held.step, held.rank)
+        files += 1
+        pieces += len(index.tensors) + len(index.objects) + (index.common is not None) if index else 0
+        problems += [(f"step {held.step}, rank {held.rank}", p) for p in found]
+        if progress:
+            progress(f"step {held.step}, rank {held.rank}")
+    return problems, {"piece_files": files, "pieces": pieces}

@@ -14,10 +14,11 @@ With a `MemoryTier`, steps are also saved to node-local memory and replicated to
 import logging
 import os
 import re
+import signal
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, List, Optional
 
-from .collectives import exchange, get_rank
+from .collectives import broadcast_object, exchange, get_rank
 from .core import CheckpointingException, check_is_distributed_checkpoint
 from .layout import CONFIG_FNAME
 from .memory_restore import holdings, restore
@@ -44,6 +45,25 @@ def step_dir_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
+_PROMOTED = "memory tier pieces"  # where a promoted step's pieces sit in the state dict it saves
+
+
+class _Signal:
+    """Records that a signal arrived (the handler only sets a flag: a collective started from
+    a handler could interleave with the training's own)."""
+
+    def __init__(self, signum: int):
+        self.signum, self.received = signum, False
+        self.previous = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        logger.warning("Received signal %d: the next save promotes the newest memory step, then exits", signum)
+
+    def restore(self) -> None:
+        signal.signal(self.signum, self.previous)
+
+
 class CheckpointManager:
     """Saves and loads the checkpoints of a training run under `root` (a directory or an
     `s3://` prefix).
@@ -59,15 +79,22 @@ class CheckpointManager:
         persistent_every: save to `root` at the steps that are multiples of it
         memory: a MemoryTier: also save to node-local memory at its own steps, replicated
             to other nodes; `load` then restores from memory when it has the newest step
+        promote_on_sigterm: (with a memory tier) when any rank receives SIGTERM, what
+            schedulers send before they kill a job, the next `save` call (on every rank: they
+            agree on it in one small exchange per call) promotes the newest memory step to
+            `root` (`promote`) and raises SystemExit
     """
 
     def __init__(self, root, keep_latest: int = 2, keep_every: Optional[int] = None, sharded_strategy=None,
-                 async_save: bool = False, persistent_every: int = 1, memory: Optional[MemoryTier] = None):
+                 async_save: bool = False, persistent_every: int = 1, memory: Optional[MemoryTier] = None,
+                 promote_on_sigterm: bool = False):
         for name, value in (("keep_latest", keep_latest), ("keep_every", keep_every), ("persistent_every", persistent_every)):
             if (value is not None or name != "keep_every") and not _is_count(value, least=1):
                 raise CheckpointingException(f"CheckpointManager: {name} must be an integer >= 1, got {value!r}")
         if memory is not None and not isinstance(memory, MemoryTier):
             raise CheckpointingException(f"CheckpointManager: memory must be a MemoryTier, got {type(memory).__name__}")
+        if promote_on_sigterm and memory is None:
+            raise CheckpointingException("CheckpointManager: promote_on_sigterm needs a memory tier (memory=MemoryTier(...))")
         self.root, self.storage = str(root).rstrip("/"), storage_of(root)
         if self.storage.is_file(self.root):
             raise CheckpointingException(f"CheckpointManager: {self.root} is a file; the root must be a directory")
@@ -83,6 +110,7 @@ class CheckpointManager:
         self.deletions: List[Future] = []
         exchange(self._remove_leftovers if get_rank() == 0 else (lambda: None), f"opening checkpoints at {self.root}")
         self.memory = NodeMemory(memory) if memory is not None else None
+        self.sigterm = _Signal(signal.SIGTERM) if promote_on_sigterm else None
 
     def path(self, step: int) -> str:
         return os.path.join(self.root, step_dir_name(step))
@@ -115,6 +143,10 @@ class CheckpointManager:
             raise CheckpointingException(f"CheckpointManager.save: step must be an integer >= 0, got {step!r}")
         if self.memory is not None and step % self.memory.tier.every == 0:
             self.memory.save(step, sharded_state_dict)
+        if self.sigterm is not None and any(exchange(lambda: self.sigterm.received, "checking for SIGTERM")):
+            promoted = self.promote()
+            self.close()
+            raise SystemExit(f"SIGTERM: step {promoted} is on {self.root}" if promoted is not None else "SIGTERM")
         if step % self.persistent_every:
             return
         # One async save in flight at a time (as Orbax's and torchtitan's managers do): the
@@ -147,6 +179,32 @@ class CheckpointManager:
             logger.info("Loading step %d from the persistent tier (%s)", step, self.path(step))
         return load(sharded_state_dict, self.path(step), **kwargs)
 
+    def promote(self) -> Optional[int]:
+        """Saves the newest memory step to `root` (synchronously, collective), unless the
+        persistent tier has it or a newer one; returns the step now newest there (None if
+        none). Each rank saves its own pieces, read back from its node's memory: only the
+        layout that saved them can (after a restore at another layout, until the next memory
+        save, there is nothing to promote)."""
+        self.wait()
+        self.memory.wait()
+        latest = self.latest_step()
+        candidates = [s for s in self.memory_steps() if latest is None or s > latest]
+        if not candidates:
+            return latest
+        step = candidates[-1]
+        own = self.memory.own_pieces(step)
+        if not all(exchange(lambda: own is not None, f"reading memory step {step} to promote it")):
+            logger.warning("Memory step %d cannot be promoted: not every rank holds its own pieces (saved at another layout?)", step)
+            return latest
+        pieces, common = own
+        state = dict(broadcast_object(common, f"the common state of memory step {step}"))
+        state[_PROMOTED] = pieces
+        exchange(lambda: self._claim(step) if get_rank() == 0 else None, f"saving step {step} at {self.root}")
+        save(state, self.path(step), self.sharded_strategy)
+        self._committed(step)
+        logger.info("Promoted memory step %d to %s", step, self.path(step))
+        return step
+
     def memory_steps(self) -> List[int]:
         """The memory steps that can be restored: every piece held by a live node (collective)."""
         if self.memory is None:
@@ -171,6 +229,9 @@ class CheckpointManager:
             if self.memory is not None:
                 self.memory.close()
                 self.memory = None
+            if self.sigterm is not None:
+                self.sigterm.restore()
+                self.sigterm = None
         exchange(self._finish_deletions, f"deleting old checkpoints under {self.root}")
 
     def _committed(self, step: int) -> None:

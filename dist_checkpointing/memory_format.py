@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .core import CheckpointingException, is_int, parse_json
 from .dtypes import DTYPES
 from .fs import atomic_write
+from .integrity import crc32c
 
 FORMAT_NAME = "dist_checkpointing memory tier"
 FORMAT_VERSION = 1
@@ -59,6 +60,8 @@ class TensorPiece:
     offset: Tuple[int, ...]  # of the box in the global tensor
     shape: Tuple[int, ...]  # of the box (prepended axes as 1)
     flat: Optional[Tuple[int, int]]
+    prepend: int  # the ShardedTensor's prepend_axis_num
+    fragments: Optional[Tuple[int, ...]]  # its axis_fragmentations
     at: int  # byte offset in the data file
     nbytes: int
     crc: int
@@ -107,6 +110,8 @@ def encode_index(index: PieceIndex) -> bytes:
             "offset": [p.offset for p in t],
             "shape": [p.shape for p in t],
             "flat": [p.flat for p in t],
+            "prepend": [p.prepend for p in t],
+            "fragments": [p.fragments for p in t],
             "at": [p.at for p in t],
             "nbytes": [p.nbytes for p in t],
             "crc32c": [p.crc for p in t],
@@ -170,8 +175,8 @@ def decode_index(raw: bytes, path: str) -> PieceIndex:
         return tuple(value)
 
     tensors = []
-    names = ("key", "dtype", "global_shape", "offset", "shape", "flat", "at", "nbytes", "crc32c")
-    for key, dtype, global_shape, offset, shape, flat, at, nbytes, crc in zip(*columns("tensors", names)):
+    names = ("key", "dtype", "global_shape", "offset", "shape", "flat", "prepend", "fragments", "at", "nbytes", "crc32c")
+    for key, dtype, global_shape, offset, shape, flat, prepend, fragments, at, nbytes, crc in zip(*columns("tensors", names)):
         what = f"tensor piece of {key!r}"
         if not isinstance(key, str) or not key:
             fail("a tensor piece's key must be a non-empty string")
@@ -185,10 +190,16 @@ def decode_index(raw: bytes, path: str) -> PieceIndex:
             if not (isinstance(flat, list) and len(flat) == 2 and all(is_int(x) for x in flat) and 0 <= flat[0] <= flat[1] <= elements):
                 fail(f"{what}: flat range {flat!r} outside its box of {elements} elements")
             flat, elements = tuple(flat), flat[1] - flat[0]
+        if not is_int(prepend) or not 0 <= prepend <= len(shape) or any(s != 1 for s in shape[:prepend]):
+            fail(f"{what}: prepend {prepend!r} is not a count of leading unit axes")
+        if fragments is not None:
+            fragments = dims(fragments, what)
+            if len(fragments) != len(shape):
+                fail(f"{what}: fragments {list(fragments)} for {len(shape)} axes")
         at, nbytes, crc = span(at, nbytes, crc, what)
         if nbytes != elements * DTYPES[dtype][0].itemsize:
             fail(f"{what}: {nbytes} bytes for {elements} elements of {dtype}")
-        tensors.append(TensorPiece(key, dtype, global_shape, offset, shape, flat, at, nbytes, crc))
+        tensors.append(TensorPiece(key, dtype, global_shape, offset, shape, flat, prepend, fragments, at, nbytes, crc))
     objects = []
     for key, at, nbytes, crc in zip(*columns("objects", ("key", "at", "nbytes", "crc32c"))):
         if not isinstance(key, str) or not key:
@@ -271,3 +282,36 @@ def step_dirs(directory: str) -> Dict[int, str]:
         if match:
             found[int(match.group(1))] = os.path.join(directory, name)
     return found
+
+
+def is_node_directory(directory: str) -> bool:
+    """Whether `directory` is a node's memory-tier directory (it holds a committed piece file)."""
+    return bool(list_node(directory))
+
+
+def piece_file_problems(directory: str, step: int, rank: int) -> Tuple[Optional[PieceIndex], List[str]]:
+    """A piece file's index, and what is wrong with it: an index that does not parse or check,
+    a data file of another size, pieces that fail their CRC-32C."""
+    data_path, index_path = piece_paths(directory, step, rank)
+    try:
+        with open(index_path, "rb") as f:
+            index = decode_index(f.read(), index_path)
+    except (OSError, CheckpointingException) as e:
+        return None, [str(e)]
+    if (index.step, index.rank) != (step, rank):
+        return index, [f"{index_path}: describes rank {index.rank}'s step {index.step}"]
+    try:
+        with open(data_path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return index, [f"{data_path}: {e.strerror or e}"]
+    if len(data) != index.nbytes:
+        return index, [f"{data_path}: {len(data)} bytes, its index says {index.nbytes}"]
+    problems = []
+    pieces = [(f"tensor '{p.key}' at {list(p.offset)}", p) for p in index.tensors]
+    pieces += [(f"object '{p.key}'", p) for p in index.objects]
+    pieces += [("the common state", index.common)] if index.common else []
+    for what, p in pieces:
+        if crc32c(data[p.at : p.at + p.nbytes]) != p.crc:
+            problems.append(f"{data_path}: {what} fails its CRC-32C")
+    return index, problems

@@ -10,6 +10,7 @@ collectives), checks and commits the replicas it receives, and once every rank h
 (one all-reduce), retires older steps.
 """
 
+import io
 import logging
 import mmap
 import os
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from .collectives import broadcast_object, get_rank, get_world_size, is_distributed, send_and_receive
 from .core import CheckpointingException
 from .dict_utils import nested_values
-from .dtypes import name_of_torch
+from .dtypes import name_of_torch, torch_dtype
 from .fs import atomic_write
 from .integrity import crc32c
 from .mapping import ShardedObject, ShardedTensor, is_main_replica
@@ -44,7 +45,7 @@ from .memory_format import (
     step_dirs,
     write_index,
 )
-from .pickling import dump_object
+from .pickling import dump_object, load_object
 from .state_dict_utils import save_preprocess
 
 logger = logging.getLogger(__name__)
@@ -228,7 +229,8 @@ class NodeMemory:
         for sh in tensors:
             offset, shape = sh.global_box()
             flat = None if sh.flattened_range is None else (sh.flattened_range.start, sh.flattened_range.stop)
-            pieces.append(TensorPiece(sh.key, name_of_torch(sh.dtype, sh.key), sh.global_shape, offset, shape, flat, at, sh.nbytes, 0))
+            pieces.append(TensorPiece(sh.key, name_of_torch(sh.dtype, sh.key), sh.global_shape, offset, shape, flat,
+                                      sh.prepend_axis_num, sh.axis_fragmentations, at, sh.nbytes, 0))
             at += aligned(sh.nbytes)
         for key, blob in blobs:
             pieces.append(BytesPiece(key, at, blob.nbytes, 0))
@@ -371,6 +373,43 @@ class NodeMemory:
                 if old < step and old not in kept:  # newer ones may be being written already
                     shutil.rmtree(path, ignore_errors=True)
         del self.complete[: -self.tier.keep]
+
+    def own_pieces(self, step: int):
+        """This rank's pieces of memory step `step` as a sharded state dict (its ShardedTensors
+        and ShardedObjects as they were saved, under one key) and, on rank 0, the common state;
+        None if this node has no committed file of this rank's for that step of this job's
+        layout. What `CheckpointManager.promote` saves to the persistent tier."""
+        data_path, index_path = piece_paths(self.directory, step, self.layout.rank)
+        try:
+            with open(index_path, "rb") as f:
+                index = decode_index(f.read(), index_path)
+            with open(data_path, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        except (OSError, CheckpointingException) as e:
+            logger.warning("Memory tier: rank %d's pieces of step %d cannot be read: %s", self.layout.rank, step, e)
+            return None
+        if index.world_size != self.layout.world_size or data.numel() != index.nbytes:
+            return None
+        for p in (*index.tensors, *index.objects, *([index.common] if index.common else [])):
+            if crc32c(data[p.at : p.at + p.nbytes].numpy()) != p.crc:
+                logger.warning("Memory tier: rank %d's pieces of step %d fail their CRC-32C", self.layout.rank, step)
+                return None
+        pieces = {}
+        for i, p in enumerate(index.tensors):
+            values = data[p.at : p.at + p.nbytes].view(torch_dtype(p.dtype))
+            pieces[f"t{i}"] = ShardedTensor(
+                p.key, values if p.flat else values.view(p.shape[p.prepend :]), values.dtype, p.shape[p.prepend :], p.global_shape,
+                p.offset, p.fragments, 0, p.prepend, flattened_range=slice(*p.flat) if p.flat else None,
+            )
+        for i, p in enumerate(index.objects):
+            obj = ShardedObject.empty_from_unique_key(p.key)
+            obj.data = load_object(io.BytesIO(data[p.at : p.at + p.nbytes].numpy().tobytes()), f"ShardedObject '{p.key}'", data_path)
+            pieces[f"o{i}"] = obj
+        common = None
+        if index.common is not None:
+            c = index.common
+            common = load_object(io.BytesIO(data[c.at : c.at + c.nbytes].numpy().tobytes()), "the common state", data_path)
+        return pieces, common
 
     def restored(self, step: int) -> None:
         """Step `step` was restored: retention keeps it until newer steps are complete."""

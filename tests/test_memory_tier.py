@@ -3,12 +3,14 @@ after a node is lost (its directory deleted) at the same layout, at another one 
 fewer ranks; two lost nodes holding all copies of some pieces, and a damaged replica, fall
 back to the next candidate. Nodes are simulated: each group of ranks has its own directory."""
 
+import json
 import logging
 import os
+import signal
 
 import torch
 
-from dist_checkpointing import CheckpointManager, MemoryTier
+from dist_checkpointing import CheckpointManager, MemoryTier, cli
 from dist_checkpointing.memory_format import piece_paths
 from layouts import check_loaded, expected_flat, flat_state_dict, sharded_state_dict
 from multirank import run_ranks
@@ -43,21 +45,32 @@ class _Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _manager(root, nodes_root, rank, ranks_per_node, keep=1, every=5, persistent_every=10):
+def _manager(root, nodes_root, rank, ranks_per_node, keep=1, every=5, persistent_every=10, promote_on_sigterm=False):
     tier = MemoryTier(f"{nodes_root}/node{rank // ranks_per_node}", every=every, replicas=1, keep=keep, ranks_per_node=ranks_per_node)
-    return CheckpointManager(root, persistent_every=persistent_every, memory=tier)
+    return CheckpointManager(root, persistent_every=persistent_every, memory=tier, promote_on_sigterm=promote_on_sigterm)
 
 
-def _train(rank, world_size, root, nodes_root, tp, dp, ranks_per_node, steps, keep=1):
-    manager = _manager(root, nodes_root, rank, ranks_per_node, keep)
+def _train(rank, world_size, root, nodes_root, tp, dp, ranks_per_node, steps, keep=1, sigterm_at=None):
+    """Saves `steps`; with `sigterm_at`, rank 0 gets a SIGTERM after that step's save, and the
+    next save call promotes the newest memory step and exits on every rank."""
+    manager = _manager(root, nodes_root, rank, ranks_per_node, keep, promote_on_sigterm=sigterm_at is not None)
+    outcome = {}
     for step in steps:
         manager.save(step, _state(rank, tp, dp, step))
-    outcome = {"memory steps": manager.memory_steps(), "persistent steps": manager.steps()}
+        if step == sigterm_at and rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if step == sigterm_at:
+            try:
+                manager.save(step + 1, _state(rank, tp, dp, step + 1))
+            except SystemExit as e:
+                outcome["exit"] = str(e)
+            break
+    outcome.update({"memory steps": manager.memory_steps() if manager.memory else None, "persistent steps": manager.steps()})
     manager.close()
     return outcome
 
 
-def _restore(rank, world_size, root, nodes_root, tp, dp, ranks_per_node):
+def _restore(rank, world_size, root, nodes_root, tp, dp, ranks_per_node, persistent_step=None):
     handler = _Messages()
     for name in ("dist_checkpointing.memory_restore", "dist_checkpointing.manager"):
         logging.getLogger(name).addHandler(handler)
@@ -67,6 +80,9 @@ def _restore(rank, world_size, root, nodes_root, tp, dp, ranks_per_node):
     step = loaded["iteration"]
     checked = _check(loaded, rank, tp, dp, step)
     outcome = {"step": step, "from": manager.restored_from, "checked": checked, "log": handler.messages}
+    if persistent_step is not None:  # the same from the persistent tier
+        _check(manager.load(_state(rank, tp, dp, with_data=False), step=persistent_step), rank, tp, dp, persistent_step)
+        outcome["then"] = manager.restored_from
     manager.close()
     return outcome
 
@@ -80,19 +96,22 @@ def _lose(nodes_root, node):
 
 def test_lost_node_restored_from_peer_memory_at_any_layout(tmp_path):
     root, nodes = str(tmp_path / "persistent"), str(tmp_path / "memory")
-    saved = run_ranks(_train, 4, root, nodes, 2, 2, 2, (5, 10, 15))  # TP2 x DP2, two nodes of two ranks
-    assert saved[0] == {"memory steps": [15], "persistent steps": [10]}
+    # TP2 x DP2, two nodes of two ranks; SIGTERM after step 15: the next save promotes it to disk
+    saved = run_ranks(_train, 4, root, nodes, 2, 2, 2, (5, 10, 15, 20), 1, 15)
+    for outcome in saved:
+        assert outcome == {"exit": f"SIGTERM: step 15 is on {root}", "memory steps": None, "persistent steps": [10, 15]}
     _lose(nodes, 0)
     same = run_ranks(_restore, 4, root, nodes, 2, 2, 2)
     other = run_ranks(_restore, 4, root, nodes, 4, 1, 2)  # TP4 x DP1
-    fewer = run_ranks(_restore, 2, root, nodes, 1, 2, 1)  # TP1 x DP2 on two nodes of one rank
-    for outcome in same + other + fewer:
+    fewer = run_ranks(_restore, 2, root, nodes, 1, 2, 1, 15)  # TP1 x DP2 on two nodes of one rank
+    for outcome in same + other + fewer:  # memory is preferred at equal steps
         assert (outcome["step"], outcome["from"]) == (15, "memory"), outcome["log"]
         assert outcome["checked"] >= 15
+    assert fewer[0]["then"] == "persistent"
     assert any("Restored step 15 from the memory tier" in m for m in same[0]["log"])
 
 
-def test_lost_copies_and_a_damaged_replica_fall_back(tmp_path):
+def test_lost_copies_and_a_damaged_replica_fall_back(tmp_path, capsys):
     root, nodes = str(tmp_path / "persistent"), str(tmp_path / "memory")
     # four nodes of one rank, each replicated to the next: node 0's pieces live on nodes 0 and 1
     saved = run_ranks(_train, 4, root, nodes, 2, 2, 1, (5, 10, 15), 2)
@@ -104,6 +123,14 @@ def test_lost_copies_and_a_damaged_replica_fall_back(tmp_path):
         byte = f.read(1)
         f.seek(0)
         f.write(bytes([byte[0] ^ 0x01]))
+    # the tools see it: node 2 keeps its own pieces and node 1's replica, steps 10 and 15
+    assert cli.main(["verify", f"{nodes}/node2"]) == 1
+    assert f"rank 1: {data}: tensor" in capsys.readouterr().out
+    assert cli.main(["verify", f"{nodes}/node3"]) == 0
+    assert "sound (4 piece files" in capsys.readouterr().out
+    assert cli.main(["inspect", "--json", f"{nodes}/node3"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert [(s["step"], s["ranks"], s["world_size"], s["all_ranks_here"]) for s in described["steps"]] == [(10, [2, 3], 4, False), (15, [2, 3], 4, False)]
     damaged = run_ranks(_restore, 4, root, nodes, 2, 2, 1)
     for outcome in damaged:
         assert (outcome["step"], outcome["from"]) == (10, "memory"), outcome["log"]
