@@ -18,6 +18,7 @@ the others. Each rank runs one thread (the 2 ranks share the 2 cores).
     .venv/bin/python benchmarks/memory_tier.py [--runs 3] [--json]
 """
 
+import argparse
 import os
 import shutil
 import statistics
@@ -27,10 +28,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from harness import parse_args, report, run_on_ranks, scratch_dir
+from harness import report, run_on_ranks, scratch_dir
+from loads import TP, WORKLOADS
 from workload import gpt_state
-
-TP, MB = 2, 512
 
 
 def _gathered_max(value: float) -> float:
@@ -39,14 +39,14 @@ def _gathered_max(value: float) -> float:
     return max(values)
 
 
-def measure(rank, world, work, shm, url, mb, runs):
+def measure(rank, world, work, shm, url, runs):
     import dist_checkpointing as dc
     from dist_checkpointing import CheckpointManager, MemoryTier
     from dist_checkpointing.storage import storage_of
 
     torch.set_num_threads(1)  # the 2 ranks share the 2 cores: one thread each copies fastest
-    state = gpt_state(rank, TP, mb)
-    request = gpt_state(rank, TP, mb, with_data=False)
+    state = gpt_state(rank, TP, 0, **WORKLOADS["gpt"])
+    request = gpt_state(rank, TP, 0, with_data=False, **WORKLOADS["gpt"])
     node = lambda r: os.path.join(shm, f"node{r}")  # noqa: E731
     tier = MemoryTier(node(rank), every=1, replicas=1, keep=1, ranks_per_node=1)
     manager = CheckpointManager(os.path.join(work, "managed"), persistent_every=10**9, memory=tier)
@@ -109,7 +109,10 @@ def _copy_back(source: str, target: str, step: int) -> None:
 
 
 def main():
-    args = parse_args(__doc__, MB, "state size in MiB (the gpt workload: 512 gives 534 MB)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
     import logging
 
     import boto3
@@ -124,7 +127,7 @@ def main():
     shm = f"/dev/shm/dist_ckpt_bench_{os.getpid()}"
     try:
         with scratch_dir() as work:
-            saves, restores = run_on_ranks(measure, TP, work, shm, "s3://bench/memory", args.mb, args.runs)
+            saves, restores = run_on_ranks(measure, TP, work, shm, "s3://bench/memory", args.runs)
     finally:
         server.stop()
         shutil.rmtree(shm, ignore_errors=True)
