@@ -85,7 +85,7 @@ class PieceIndex:
     save_id: str
     rank: int
     world_size: int
-    nbytes: int  # of the data file
+    nbytes: int  # in use in the data file (which may be longer)
     tensors: Tuple[TensorPiece, ...]
     objects: Tuple[BytesPiece, ...]
     common: Optional[BytesPiece]
@@ -305,7 +305,7 @@ def piece_file_problems(directory: str, step: int, rank: int) -> Tuple[Optional[
             data = f.read()
     except OSError as e:
         return index, [f"{data_path}: {e.strerror or e}"]
-    if len(data) != index.nbytes:
+    if len(data) < index.nbytes:
         return index, [f"{data_path}: {len(data)} bytes, its index says {index.nbytes}"]
     problems = []
     pieces = [(f"tensor '{p.key}' at {list(p.offset)}", p) for p in index.tensors]

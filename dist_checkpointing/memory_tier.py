@@ -127,27 +127,35 @@ class NodeLayout:
 
 class Slot:
     """A piece file kept mapped from save to save: after its step retires it waits in
-    `spare/` and becomes the next step's file, so a save copies into pages that exist."""
+    `spare/` and becomes the next step's file, so a save copies into pages that exist. The
+    file only grows (with some headroom): a save whose pieces pickle a few bytes longer than
+    the last one's does not remap it."""
 
     def __init__(self, path: str, size: int):
-        self.path, self.size = path, 0
+        self.path, self.capacity, self.size = path, 0, 0
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self.map: Optional[mmap.mmap] = None
         self.step: Optional[int] = None
-        self.bytes = torch.empty(0, dtype=torch.uint8)
-        self.resize(size)
+        self.mapped = torch.empty(0, dtype=torch.uint8)
+        self.reserve(size)
 
-    def resize(self, size: int) -> None:
-        if size == self.size:
-            return
-        self._unmap()
-        os.ftruncate(self.fd, size)
-        if size:
+    @property
+    def bytes(self) -> torch.Tensor:
+        """The bytes in use (the pieces of its step)."""
+        return self.mapped[: self.size]
+
+    def reserve(self, size: int) -> None:
+        """Makes the file hold `size` bytes in use."""
+        if size > self.capacity:
+            capacity = aligned(size + size // 16)
+            self._unmap()
+            os.ftruncate(self.fd, capacity)
             # Reserved up front: a tmpfs that is full fails here, not later with a SIGBUS
             # on a store into the mapping.
-            os.posix_fallocate(self.fd, 0, size)
-            self.map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-            self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+            os.posix_fallocate(self.fd, 0, capacity)
+            self.map = mmap.mmap(self.fd, capacity, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            self.mapped = torch.frombuffer(self.map, dtype=torch.uint8)
+            self.capacity = capacity
         self.size = size
 
     def move(self, path: str) -> None:
@@ -155,7 +163,7 @@ class Slot:
         self.path = path
 
     def _unmap(self) -> None:
-        self.bytes = torch.empty(0, dtype=torch.uint8)
+        self.mapped = torch.empty(0, dtype=torch.uint8)
         if self.map is not None:
             self.map.close()
             self.map = None
@@ -345,9 +353,12 @@ class NodeMemory:
         if os.path.exists(index):
             os.remove(index)  # a file of an abandoned run at this step: no longer committed
         if self.spare:
-            slot = self.spare.pop()
+            # the smallest that holds `size` (no remapping), else the largest (grown)
+            fitting = [slot for slot in self.spare if slot.capacity >= size]
+            slot = min(fitting, key=lambda x: x.capacity) if fitting else max(self.spare, key=lambda x: x.capacity)
+            self.spare.remove(slot)
             slot.move(data)
-            slot.resize(size)
+            slot.reserve(size)
         else:
             slot = Slot(data, size)
         slot.step = step
@@ -388,7 +399,7 @@ class NodeMemory:
         except (OSError, CheckpointingException) as e:
             logger.warning("Memory tier: rank %d's pieces of step %d cannot be read: %s", self.layout.rank, step, e)
             return None
-        if index.world_size != self.layout.world_size or data.numel() != index.nbytes:
+        if index.world_size != self.layout.world_size or data.numel() < index.nbytes:
             return None
         for p in (*index.tensors, *index.objects, *([index.common] if index.common else [])):
             if crc32c(data[p.at : p.at + p.nbytes].numpy()) != p.crc:
