@@ -217,9 +217,11 @@ Transfer = Tuple[torch.Tensor, int, int]  # (tensor, peer rank, tag)
 
 
 def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], group=None,
-                     meanwhile: Optional[Callable[[], None]] = None) -> None:
+                     meanwhile: Optional[Callable[[], None]] = None,
+                     arrived: Optional[Callable[[int], None]] = None) -> None:
     """Posts every send and receive of this rank at once, runs `meanwhile` (local work that
-    overlaps the transfers), then waits for all of them.
+    overlaps the transfers), then waits for all of them: the receives in order, calling
+    `arrived(i)` as receive `i` completes (work on it that overlaps the later ones).
 
     Tensors may live on any device: each travels on its `wire_device` (copied there, and for a
     receive copied back, only where the devices differ). Receive targets must be contiguous.
@@ -227,32 +229,45 @@ def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], gr
     by order, gloo by tag). Only valid input may reach this point: a rank that raised before
     posting its sends would leave its peers waiting (until the process group's timeout).
     """
-    copies_back = []
-
-    def on_wire(tensor: torch.Tensor, receive: bool) -> torch.Tensor:
+    def on_wire(tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` on its wire device, as bytes (so that every dtype travels: gloo has no
+        bool or bfloat16 send); a receive's buffer there if it must be copied back."""
         device = wire_device(tensor, group)
-        if tensor.device == device:
-            return tensor.reshape(-1)
-        if not receive:
-            return tensor.to(device).reshape(-1)
-        buffer = torch.empty(tensor.numel(), dtype=tensor.dtype, device=device)
-        copies_back.append((tensor, buffer))
-        return buffer
+        wire = tensor.reshape(-1) if tensor.device == device else torch.empty(tensor.numel(), dtype=tensor.dtype, device=device)
+        return wire.view(torch.uint8)
 
-    # as bytes, so that every dtype travels (gloo has no bool or bfloat16 send); empty ones not
-    # at all (both sides know they are empty)
-    ops = [dist.P2POp(dist.isend, on_wire(t, False).view(torch.uint8), peer, group, tag) for t, peer, tag in sends if t.numel()]
-    ops += [dist.P2POp(dist.irecv, on_wire(t, True).view(torch.uint8), peer, group, tag) for t, peer, tag in receives if t.numel()]
+    def copy_back(tensor: torch.Tensor, wire: torch.Tensor) -> None:
+        if wire.data_ptr() != tensor.data_ptr():
+            tensor.copy_(wire.view(tensor.dtype).view(tensor.shape))
+
+    # empty tensors do not travel (both sides know they are empty)
+    send_ops = [dist.P2POp(dist.isend, _sent_on_wire(t, group).view(torch.uint8), peer, group, tag) for t, peer, tag in sends if t.numel()]
+    wires = [on_wire(t) if t.numel() else None for t, _, _ in receives]
+    receive_ops = [dist.P2POp(dist.irecv, w, peer, group, tag) for w, (_, peer, tag) in zip(wires, receives) if w is not None]
     with peers_lost_raise("the exchange of shards between ranks"):
-        posted = dist.batch_isend_irecv(ops) if ops else []
+        posted = dist.batch_isend_irecv(send_ops + receive_ops) if send_ops or receive_ops else []
         try:
             if meanwhile is not None:
                 meanwhile()
-        finally:
+        except BaseException:
             for work in posted:
                 work.wait()
-    for target, buffer in copies_back:
-        target.copy_(buffer.view(target.shape))
+            raise
+        received = iter(posted[len(send_ops) :])
+        for i, ((tensor, _, _), wire) in enumerate(zip(receives, wires)):
+            if wire is not None:
+                next(received).wait()
+                copy_back(tensor, wire)
+            if arrived is not None:
+                arrived(i)
+        for work in posted[: len(send_ops)]:
+            work.wait()
+
+
+def _sent_on_wire(tensor: torch.Tensor, group) -> torch.Tensor:
+    """A send's tensor on its wire device (copied there only where the devices differ)."""
+    device = wire_device(tensor, group)
+    return tensor.reshape(-1) if tensor.device == device else tensor.to(device).reshape(-1)
 
 
 def broadcast_tensor(tensor: torch.Tensor, src: int, group=None) -> None:

@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import socket
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -228,30 +229,35 @@ class _Attempt:
             if packed:
                 sends.append((files.packed(packed), requester, 0))
         mine = self._asks(needs, direct)
-        receives, values = [], {}
+        receives, carried, values = [], [], {}  # carried[i]: the pieces receive i brings
         for server, (singles, packed) in mine.items():
             receives += [(direct[p], server, tag) for tag, p in enumerate(singles, start=1)]
+            carried += [[p] for p in singles]
             if packed:
                 buffer = torch.empty(_packed(packed, plan)[1], dtype=torch.uint8)
                 receives.append((buffer, server, 0))
+                carried.append(packed)
                 values.update(_unpacked(packed, plan, buffer))
-        received = {p for singles, _ in mine.values() for p in singles} | set(values)
-
-        def read_local():  # this node's pieces, while the transfers run
-            for p in sorted(needs - received):
-                if p in direct:
-                    direct[p].copy_(files.bytes_of(p))
-                else:
-                    values[p] = files.bytes_of(p)
-
-        send_and_receive(sends, receives, group=self.memory.group, meanwhile=read_local)
+        local = sorted(needs - {p for pieces in carried for p in pieces})
         bad = set()
-        for p in sorted(needs):
+
+        def check(p: PieceId) -> None:
             data = direct[p] if p in direct else values[p]
             if crc32c(data.numpy()) != plan.piece(p).crc:
                 node, _ = self._source(p[0])
                 bad.add((node, self.candidate, p[0]))
                 logger.error("Memory tier: a piece of rank %d's step %d held by %s fails its CRC-32C", p[0], self.step, node[1])
+
+        def read_local():  # this node's pieces, read and checked while the transfers run
+            for p in local:
+                if p in direct:
+                    direct[p].copy_(files.bytes_of(p))
+                else:
+                    values[p] = files.bytes_of(p)
+                check(p)
+
+        send_and_receive(sends, receives, group=self.memory.group, meanwhile=read_local,
+                         arrived=lambda i: [check(p) for p in carried[i]])
         return values, bad, sum(t.numel() for t, _, _ in receives)
 
 
@@ -271,9 +277,9 @@ class _PieceFiles:
 
     def __exit__(self, *exc) -> None:
         self.files.clear()
-        for m in self.maps.values():
-            if m is not None:
-                m.close()
+        maps = [m for m in self.maps.values() if m is not None]
+        # unmapping hundreds of MB takes tens of ms: not on the restore's path
+        threading.Thread(target=lambda: [m.close() for m in maps], name="dist-ckpt-unmap", daemon=True).start()
 
     def _file(self, rank: int) -> torch.Tensor:
         if rank not in self.files:
