@@ -51,6 +51,28 @@ def scratch_dir():
         shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def moto_s3(bucket: str = "bench"):
+    """moto's S3 server on 127.0.0.1 (the test extra) with `bucket`, reached through the
+    standard AWS environment, for the duration of the block."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_REGION="us-east-1")
+        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield
+    finally:
+        server.stop()
+
+
 def run_on_ranks(fn, world: int, work: str, *args):
     """Runs `fn(rank, world, work, *args)` on `world` spawned gloo ranks; returns rank 0's result."""
     results = mp.get_context("spawn").Queue()

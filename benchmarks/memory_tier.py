@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from harness import report, run_on_ranks, scratch_dir
+from harness import moto_s3, report, run_on_ranks, scratch_dir
 from loads import TP, WORKLOADS
 from workload import gpt_state
 
@@ -113,23 +113,11 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="bench")
     shm = f"/dev/shm/dist_ckpt_bench_{os.getpid()}"
     try:
-        with scratch_dir() as work:
+        with moto_s3(), scratch_dir() as work:
             saves, restores = run_on_ranks(measure, TP, work, shm, "s3://bench/memory", args.runs)
     finally:
-        server.stop()
         shutil.rmtree(shm, ignore_errors=True)
     memory, persistent = saves["memory"][1:], saves["persistent"][1:]
     mb = memory[0][3] / 1e6

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from harness import parse_side_by_side, report, run_on_ranks, scratch_dir
+from harness import moto_s3, parse_side_by_side, report, run_on_ranks, scratch_dir
 from loads import TP, WORKLOADS
 from workload import ENGINES, gpt_state
 
@@ -81,21 +81,8 @@ def save_and_load(rank, world, work, url, model, engines, runs):
 
 def main():
     args = parse_side_by_side(__doc__, ["gpt"], "savers", SAVERS)
-    from moto.server import ThreadedMotoServer
-    import boto3
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="bench")
-    try:
-        with scratch_dir() as work:
-            times = run_on_ranks(save_and_load, TP, work, "s3://bench/run", WORKLOADS["gpt"], args.savers, args.runs)
-    finally:
-        server.stop()
+    with moto_s3(), scratch_dir() as work:
+        times = run_on_ranks(save_and_load, TP, work, "s3://bench/run", WORKLOADS["gpt"], args.savers, args.runs)
     raw = times["raw", "s3"][1:]
     rows = [{"engine": "raw (obstore PUT/GET)", "s3 save s": round(statistics.median(t[0] for t in raw), 3),
              "s3 load s": round(statistics.median(t[1] for t in raw), 3)}]
