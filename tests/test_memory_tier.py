@@ -8,10 +8,12 @@ import logging
 import os
 import signal
 
+import pytest
 import torch
 
 from dist_checkpointing import CheckpointManager, MemoryTier, cli
-from dist_checkpointing.memory_format import piece_paths
+from dist_checkpointing import CheckpointingException
+from dist_checkpointing.memory_format import BytesPiece, PieceIndex, TensorPiece, decode_index, encode_index, piece_paths
 from layouts import check_loaded, expected_flat, flat_state_dict, sharded_state_dict
 from multirank import run_ranks
 
@@ -142,3 +144,28 @@ def test_lost_copies_and_a_damaged_replica_fall_back(tmp_path, capsys):
     for outcome in fallback:
         assert (outcome["step"], outcome["from"]) == (10, "persistent"), outcome["log"]
     assert any("from the persistent tier" in m for m in fallback[0]["log"])
+
+
+def test_piece_index_is_checked_before_use():
+    """Every field of a piece file's index is type-checked and bounded (a damaged copy is
+    refused, never read out of its bounds)."""
+    piece = TensorPiece("w", "float32", (4, 6), (2, 0), (2, 6), None, 0, (2, 1), 0, 48, 7)
+    index = PieceIndex(5, "run", 1, 2, 64, (piece,), (BytesPiece("rng/shard_0_1", 48, 16, 3),), None)
+    assert decode_index(encode_index(index), "x.json") == index
+    good = json.loads(encode_index(index))
+    damages = {
+        "beyond the data file": lambda d: d["tensors"]["at"].__setitem__(0, 40),
+        "unknown dtype": lambda d: d["tensors"]["dtype"].__setitem__(0, "complex32"),
+        "does not lie in the global shape": lambda d: d["tensors"]["offset"].__setitem__(0, [3, 0]),
+        "bytes for 12 elements": lambda d: d["tensors"]["nbytes"].__setitem__(0, 40),
+        "columns of 'tensors' must be lists of one length": lambda d: d["tensors"]["key"].append("v"),
+        "rank 2 of world size 2": lambda d: d.__setitem__("rank", 2),
+        "flat range": lambda d: d["tensors"]["flat"].__setitem__(0, [0, 13]),
+        "not a count of leading unit axes": lambda d: d["tensors"]["prepend"].__setitem__(0, 1),
+        "not a memory-tier index": lambda d: d.__setitem__("format", "zarr"),
+    }
+    for message, damage in damages.items():
+        doc = json.loads(json.dumps(good))
+        damage(doc)
+        with pytest.raises(CheckpointingException, match=message):
+            decode_index(json.dumps(doc).encode(), "x.json")
