@@ -21,6 +21,8 @@ import pickle
 import time
 from typing import Callable, Hashable, Optional, Sequence, Set, Tuple, Union
 
+import numpy as np
+
 from .collectives import broadcast_object, exchange, gather, get_rank, on_every_rank, within
 from .core import (
     CONFIG_FNAME,
@@ -276,9 +278,13 @@ def prepare_async_save(sharded_state_dict: ShardedStateDict, sharded_strategy: S
     memory bandwidth too, and its write does not wait for an interpreter to start.
 
     The memory is sized for every ShardedTensor of this rank (a main replica or not); a save
-    that needs more (flattened pieces assembled into whole chunks) allocates at its staging."""
+    that needs more (flattened pieces assembled into whole chunks) allocates at its staging.
+    What remains of a first save beyond a later one is its planning exchange (a later save of
+    the same plan reuses it)."""
     start_spare_writer()
     _strategy(StrategyAction.SAVE_SHARDED, sharded_strategy or DEFAULT_BACKEND)
+    _strategy(StrategyAction.SAVE_COMMON, ("torch", 1))
+    np.ma  # noqa: B018 -- numpy imports it at the first np.unique (the save's planning): 10 ms
     sharded, _ = save_preprocess(sharded_state_dict)
     tensors = [sh.data for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)]
     reserve_staging_memory(sum(staged_size(t.numel() * t.element_size()) for t in tensors))
