@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q
 
 # The benchmarks' own environment: the peer they are measured against (Megatron-Core 0.16.1,

@@ -9,19 +9,20 @@ runs alternate on/off; medians are reported, with the CRC-32C throughput of this
 """
 
 import contextlib
+import functools
 import os
 import shutil
 import statistics
 import time
 
 import numpy as np
+from harness import parse_args, report, scratch_dir
+from workload import ENGINES, gpt_state
 
 import dist_checkpointing as dc
 from dist_checkpointing import integrity
 from dist_checkpointing.strategies import zarr_plan
 from dist_checkpointing.strategies.config import StrategyConfig
-from harness import parse_args, report, scratch_dir
-from workload import ENGINES, gpt_state
 
 
 @contextlib.contextmanager
@@ -61,9 +62,9 @@ def main():
                 for on in (True, False):
                     path = os.path.join(work, f"{engine}-{on}")
                     with contextlib.nullcontext() if on else checksums_off():
-                        times[engine, on, "save"].append(timed(lambda: dc.save(state, path, engine)))
+                        times[engine, on, "save"].append(timed(functools.partial(dc.save, state, path, engine)))
                     reader = StrategyConfig(backend=engine, verify_checksums=on)
-                    times[engine, on, "load"].append(timed(lambda: dc.load(dict(request), path, reader)))
+                    times[engine, on, "load"].append(timed(functools.partial(dc.load, dict(request), path, reader)))
                     shutil.rmtree(path)
     rows = []
     for engine in ENGINES:

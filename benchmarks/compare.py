@@ -29,10 +29,10 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-
-import dist_checkpointing as dc
 from harness import dir_stats, in_fresh_process, report, run_on_ranks, scratch_dir
 from workload import ENGINES, gpt_state
+
+import dist_checkpointing as dc
 
 TP = 2
 SAVERS = ["raw", *ENGINES, *(f"{e}-async" for e in ENGINES), "torch.save", "dcp", "megatron"]
@@ -91,7 +91,7 @@ def megatron_save(state, path, rank):
 
 def _axis(sh):
     """The TP axis of a shard: where its local shape differs from the global one."""
-    return next(a for a, (l, g) in enumerate(zip(sh.local_shape, sh.global_shape)) if l != g)
+    return next(a for a, (n, g) in enumerate(zip(sh.local_shape, sh.global_shape)) if n != g)
 
 
 def tp_axes(state):

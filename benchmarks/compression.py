@@ -13,10 +13,10 @@ import statistics
 import time
 
 import torch
+from harness import dir_stats, parse_args, report, scratch_dir
 
 import dist_checkpointing as dc
 from dist_checkpointing import ShardedTensor
-from harness import dir_stats, parse_args, report, scratch_dir
 
 SHARDS = 8
 CODECS = [None, "zstd", "blosc"]

@@ -13,10 +13,11 @@ import multiprocessing as mp
 import os
 import time
 
-import dist_checkpointing as dc
-from dist_checkpointing.convert import FORMATS
 from harness import report, scratch_dir
 from workload import gpt_state
+
+import dist_checkpointing as dc
+from dist_checkpointing.convert import FORMATS
 
 
 def _rss_mb(field: str) -> float:

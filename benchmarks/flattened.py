@@ -20,11 +20,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from harness import dir_stats, parse_args, report, run_on_ranks, scratch_dir
+from workload import ENGINES, gpt_shapes
 
 import dist_checkpointing as dc
 from dist_checkpointing import ShardedTensor
-from workload import ENGINES, gpt_shapes
-from harness import dir_stats, parse_args, report, scratch_dir, run_on_ranks
 
 FORMS = ["regular", "flat-buckets", "flat-halves"]
 
@@ -80,10 +80,10 @@ def main():
         rows = []
         for engine in ENGINES:
             base_save = statistics.median(s for s, _ in times[(engine, "regular")])
-            base_load = statistics.median(l for _, l in times[(engine, "regular")])
+            base_load = statistics.median(load for _, load in times[(engine, "regular")])
             for form in FORMS:
                 save_s = statistics.median(s for s, _ in times[(engine, form)])
-                load_s = statistics.median(l for _, l in times[(engine, form)])
+                load_s = statistics.median(load for _, load in times[(engine, form)])
                 files, _ = dir_stats(os.path.join(work, f"{engine}-{form}-0"))
                 rows.append({
                     "engine": engine, "state": form, "save_s": round(save_s, 3),

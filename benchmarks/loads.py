@@ -28,7 +28,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from harness import in_fresh_process, parse_side_by_side, report, run_on_ranks, scratch_dir
 from workload import ENGINES, gpt_state
 
@@ -53,7 +52,7 @@ def patch_megatron_for_cpu():
 
 def _tp_axes(sh):
     """The axes along which a shard is split over TP (none for a replicated one)."""
-    return [a for a, (l, g) in enumerate(zip(sh.local_shape, sh.global_shape)) if l != g]
+    return [a for a, (n, g) in enumerate(zip(sh.local_shape, sh.global_shape)) if n != g]
 
 
 def save_on_rank(rank, world, work, model):

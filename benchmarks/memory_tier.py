@@ -27,7 +27,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from harness import moto_s3, report, run_on_ranks, scratch_dir
 from loads import TP, WORKLOADS
 from workload import gpt_state
@@ -131,7 +130,8 @@ def main():
     memory_restores = restores["memory"][1:]
     for kind in ("memory", "local disk", "s3"):
         times = restores[kind][1:]
-        row = {"measure": f"recovery from {'peer memory' if kind == 'memory' else 'persistent, ' + kind} s", "value": round(statistics.median(times), 3)}
+        source = "peer memory" if kind == "memory" else f"persistent, {kind}"
+        row = {"measure": f"recovery from {source} s", "value": round(statistics.median(times), 3)}
         rows.append(row)
         if kind != "memory":
             ratio = statistics.median(t / m for t, m in zip(times, memory_restores))

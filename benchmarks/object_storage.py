@@ -22,7 +22,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from harness import moto_s3, parse_side_by_side, report, run_on_ranks, scratch_dir
 from loads import TP, WORKLOADS
 from workload import ENGINES, gpt_state
@@ -32,8 +31,9 @@ SAVERS = ENGINES
 
 def raw_put_and_get(state, url: str, rank: int):
     """Each tensor of this rank as one object, PUT and then GET 16 at a time by obstore."""
-    import obstore
     from concurrent.futures import ThreadPoolExecutor
+
+    import obstore
 
     from dist_checkpointing.storage import storage_of
 
@@ -41,7 +41,10 @@ def raw_put_and_get(state, url: str, rank: int):
     keys = {f"{storage.key(url)}/{rank}/{name}": sh.data for name, sh in state.items()}
     with ThreadPoolExecutor(16) as pool:
         start = time.perf_counter()
-        list(pool.map(lambda item: obstore.put(storage.store, item[0], item[1].view(-1).view(torch.uint8).numpy(), use_multipart=False), keys.items()))
+        def put(item):
+            return obstore.put(storage.store, item[0], item[1].view(-1).view(torch.uint8).numpy(), use_multipart=False)
+
+        list(pool.map(put, keys.items()))
         dist.barrier()
         saved = time.perf_counter() - start
         start = time.perf_counter()
@@ -92,10 +95,10 @@ def main():
             "engine": engine,
             "local save s": round(statistics.median(t[0] for t in local), 3),
             "s3 save s": round(statistics.median(t[0] for t in s3), 3),
-            "s3 / local save (same run)": round(statistics.median(s[0] / l[0] for s, l in zip(s3, local)), 2),
+            "s3 / local save (same run)": round(statistics.median(s[0] / here[0] for s, here in zip(s3, local)), 2),
             "local load s": round(statistics.median(t[1] for t in local), 3),
             "s3 load s": round(statistics.median(t[1] for t in s3), 3),
-            "s3 / local load (same run)": round(statistics.median(s[1] / l[1] for s, l in zip(s3, local)), 2),
+            "s3 / local load (same run)": round(statistics.median(s[1] / here[1] for s, here in zip(s3, local)), 2),
             "s3 / raw save (same run)": round(statistics.median(s[0] / r[0] for s, r in zip(s3, raw)), 2),
             "s3 / raw load (same run)": round(statistics.median(s[1] / r[1] for s, r in zip(s3, raw)), 2),
         })

@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import torch
+from harness import report
 
 from dist_checkpointing.core import FORMAT_VERSION, CheckpointingConfig, CheckpointMetadata, TensorEntry, read_metadata, write_metadata
 from dist_checkpointing.global_plan import GlobalPlan, LocalPlan, PlanCache, structure_owners
@@ -39,7 +40,6 @@ from dist_checkpointing.strategies import save_strategy_from_config
 from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from dist_checkpointing.validation import validate_plan
-from harness import report
 
 TP, PP = 8, 8
 

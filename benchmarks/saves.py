@@ -32,7 +32,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
 from harness import dir_stats, parse_side_by_side, report, run_on_ranks, scratch_dir
 from loads import TP, WORKLOADS, _tp_axes, patch_megatron_for_cpu
 from workload import ENGINES, gpt_state

@@ -3,6 +3,7 @@
 
 from .core import CheckpointingConfig, CheckpointingException, check_is_distributed_checkpoint
 from .install import install_as_megatron
+from .manager import CheckpointManager
 from .mapping import (
     LocalNonpersistentObject,
     ShardedObject,
@@ -12,6 +13,7 @@ from .mapping import (
     apply_factory_merges,
     is_main_replica,
 )
+from .memory_tier import MemoryTier
 from .serialization import (
     get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
@@ -25,8 +27,6 @@ from .serialization import (
     remove_sharded_tensors,
     save,
 )
-from .manager import CheckpointManager
-from .memory_tier import MemoryTier
 from .validation import StrictHandling
 
 __all__ = [

@@ -11,7 +11,8 @@ import errno
 import os
 
 from .errors import CheckpointingException
-from .storage import Reader, storage_of
+from .storage import storage_of
+from .storage_interface import Reader
 
 CONFIG_FNAME = "metadata.json"  # the commit marker, written last
 INDEX_FNAME = "index.json"  # our index of the content, written just before metadata.json

@@ -28,7 +28,7 @@ from datetime import timedelta
 from typing import Dict, List, Optional, Tuple
 
 from .errors import CheckpointingException
-from .storage import MemoryReader, Reader, Storage
+from .storage_interface import MemoryReader, Reader, Storage
 
 PART_BYTES = 16 * 2**20  # multipart part size (10,000 parts: objects up to 156 GiB)
 SINGLE_PUT_BYTES = 64 * 2**20  # smaller objects are one PUT: fewer requests, one retry unit
@@ -272,6 +272,9 @@ class ObjectReader(Reader):
 
     def __init__(self, storage: S3Storage, path: str, size: int):
         self.storage, self.path, self.size = storage, path, size
+
+    def close(self) -> None:
+        """Nothing to release: the storage's client (and its connections) is shared."""
 
     def readinto(self, offset: int, buffer) -> int:
         import obstore

@@ -57,6 +57,7 @@ from .pickling import digest_object
 from .state_dict_utils import finish_load, load_preprocess, save_preprocess
 from .storage import storage_of
 from .strategies import load_strategy_from_config, save_strategy_from_config
+from .strategies.async_utils import AsyncRequest, start_spare_writer
 from .strategies.base import (
     LoadCommonStrategy,
     LoadShardedStrategy,
@@ -66,7 +67,6 @@ from .strategies.base import (
     get_default_strategy,
     is_planned,
 )
-from .strategies.async_utils import AsyncRequest, start_spare_writer
 from .strategies.config import StrategyConfig
 from .validation import (
     CkptShardedMetadata,
@@ -619,7 +619,8 @@ def load_plain_tensors(checkpoint_dir) -> StateDict:
     its key (common state not included)."""
     checkpoint = open_checkpoint(checkpoint_dir, require_complete=True)
     sharded, _ = verify_checkpoint_and_load_strategy(checkpoint.path, None, None, checkpoint.metadata)
-    whole = {key: whole_tensor_metadata(key, sh.dtype, sh.global_shape) for key, sh in _tensors_metadata(checkpoint, checkpoint.metadata, sharded).items()}
+    stored = _tensors_metadata(checkpoint, checkpoint.metadata, sharded)
+    whole = {key: whole_tensor_metadata(key, sh.dtype, sh.global_shape) for key, sh in stored.items()}
     return sharded.load(whole, checkpoint)  # n-d, also a key stored flattened
 
 

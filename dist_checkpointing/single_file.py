@@ -181,7 +181,9 @@ def read_safetensors_index(directory: str) -> Dict[str, SafetensorsEntry]:
     else:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise CheckpointingException(f"Malformed {os.path.join(directory, SAFETENSORS_INDEX)}: expected a 'weight_map' of tensor names to file names")
+            raise CheckpointingException(
+                f"Malformed {os.path.join(directory, SAFETENSORS_INDEX)}: expected a 'weight_map' of tensor names to file names"
+            )
         files = sorted(set(weight_map.values()))
     entries: Dict[str, SafetensorsEntry] = {}
     for name in files:

@@ -20,10 +20,10 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from .collectives import get_rank, within
 from .core import CheckpointingException
 from .dict_utils import dict_list_map_inplace, dict_list_map_outplace, merge, nested_values
 from .exchange_utils import ShardDistribution, determine_main_replica_uniform_distribution, exchange_by_distribution, load_shard_id
-from .collectives import get_rank, within
 from .mapping import ShardedObject, ShardedStateDict, ShardedTensor, StateDict, apply_factory_merges
 from .state_dict_utils import load_preprocess, save_preprocess
 from .utils import _sharded_object_id, zip_strict
@@ -189,14 +189,17 @@ class MCoreTensorAwareStateDict(TensorAwareStateDict):
         if fully_parallel:
             distribution = determine_main_replica_uniform_distribution(self.sharded_state_dict, parallelization_group, ignore_groups=True)
             if distribution is not None:
-                missing_here = {load_shard_id(sh): sh for sh in nested_values(request) if isinstance(sh, ShardedTensor) and load_shard_id(sh) not in held}
+                requested = [sh for sh in nested_values(request) if isinstance(sh, ShardedTensor)]
+                missing_here = {load_shard_id(sh): sh for sh in requested if load_shard_id(sh) not in held}
                 held = exchange_by_distribution(held, missing_here, distribution, parallelization_group, exchange_algo)
         objects = {_sharded_object_id(sh): sh.data for sh in nested_values(self.sharded_state_dict) if isinstance(sh, ShardedObject)}
 
         def fill(sh):
             if isinstance(sh, ShardedTensor):
                 if load_shard_id(sh) not in held:
-                    raise CheckpointingException(f"ShardedTensor '{sh.key}' at {sh.global_offset} of shape {sh.local_shape} is not one of the stored shards")
+                    raise CheckpointingException(
+                        f"ShardedTensor '{sh.key}' at {sh.global_offset} of shape {sh.local_shape} is not one of the stored shards"
+                    )
                 return sh.fill(held[load_shard_id(sh)])
             if isinstance(sh, ShardedObject):
                 if _sharded_object_id(sh) not in objects:

@@ -33,11 +33,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tinygpt import TinyGPT
 
 from dist_checkpointing import CheckpointManager, MemoryTier, check_is_distributed_checkpoint, load
 from dist_checkpointing.manager import step_dir_name
 from dist_checkpointing.storage import storage_of
-from tinygpt import TinyGPT
 
 WORLD = 4
 FIRST, RESUMED = (2, 1, 2), (1, 1, 4)  # (TP, PP, DP)

@@ -8,18 +8,17 @@ import signal
 import pytest
 import torch
 import torch.distributed as dist
+from layouts import check_loaded, sharded_state_dict
+from multirank import run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor, write_job
 from dist_checkpointing.dict_utils import nested_values
 from dist_checkpointing.inspection import verify
-from dist_checkpointing.strategies import save_strategy_from_config
-from dist_checkpointing.strategies import async_utils
+from dist_checkpointing.strategies import async_utils, save_strategy_from_config
 from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
 from dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-from layouts import check_loaded, sharded_state_dict
-from multirank import run_ranks
 
 
 def _scribble(state):

@@ -6,12 +6,12 @@ import resource
 import signal
 
 import pytest
+from layouts import check_loaded, sharded_state_dict
+from multirank import RankFailed, run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedObject
 from dist_checkpointing.cli import main
-from layouts import check_loaded, sharded_state_dict
-from multirank import RankFailed, run_ranks
 
 
 class KillOnSave:

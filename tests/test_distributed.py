@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from layouts import check_loaded, sharded_state_dict
+from multirank import RankFailed, run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedObject, ShardedTensor
-from layouts import check_loaded, sharded_state_dict
-from multirank import RankFailed, run_ranks
 
 
 def save_and_reload(rank, world_size, ckpt_dir, tp, dp):

@@ -6,10 +6,10 @@ the losses must match the uninterrupted run's to float rounding (TP and DP sum i
 """
 
 import pytest
-
-import dist_checkpointing as dc
 from multirank import run_ranks
 from tinygpt import TinyGPT, train
+
+import dist_checkpointing as dc
 
 ENGINES = ["zarr", "tensorstore", "torch_dist"]
 SAVE_AT, STEPS = 2, 6  # save after step 2, compare steps 3..5

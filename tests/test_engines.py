@@ -10,13 +10,13 @@ import shutil
 import pytest
 import torch
 import zarr
+from layouts import check_loaded, full, sharded_state_dict
+from multirank import run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
 from dist_checkpointing.dtypes import register_zarr_bfloat16
 from dist_checkpointing.strategies.config import StrategyConfig
-from layouts import check_loaded, full, sharded_state_dict
-from multirank import run_ranks
 
 SAVE_CONFIGS = {
     "zarr": {"backend": "zarr"},

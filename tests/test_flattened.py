@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from layouts import FLAT_KEYS, expected_flat, flat_key_shards, flat_state_dict, full
+from multirank import run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
 from dist_checkpointing.dtypes import BFLOAT16, register_zarr_bfloat16
-from layouts import FLAT_KEYS, expected_flat, flat_key_shards, flat_state_dict, full
-from multirank import run_ranks
 
 ENGINES = ["zarr", "tensorstore", "torch_dist"]
 
@@ -138,9 +138,9 @@ def test_megatron_core_reads_our_flattened_torch_dist(tmp_path):
 def test_each_dp_rank_writes_the_chunks_inside_its_range(monkeypatch):
     """A (12, 4) shard cut at flat elements 18 and 30 over 3 DP ranks, 16-byte rows, 32-byte
     chunk limit: 2-row chunks, each written by the rank holding most of it."""
+    from dist_checkpointing.global_plan import GlobalPlan
     from dist_checkpointing.strategies import zarr_plan
     from dist_checkpointing.strategies.config import StrategyConfig
-    from dist_checkpointing.global_plan import GlobalPlan
 
     monkeypatch.setattr(zarr_plan, "FLAT_CHUNK_BYTES", 32)
     ranges = [(0, 18), (18, 30), (30, 48)]

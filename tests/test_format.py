@@ -10,12 +10,12 @@ import pytest
 import tensorstore as ts
 import torch
 import zarr
+from layouts import DTYPES, dtype_key, full, sharded_state_dict
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
-from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.dtypes import register_zarr_bfloat16, to_numpy, to_torch
-from layouts import DTYPES, dtype_key, full, sharded_state_dict
+from dist_checkpointing.strategies.config import StrategyConfig
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,9 @@ def corrupt_copy(src, dst, content, name="metadata.json"):
         ("metadata.json", "[]", "expected a JSON object"),
         ("metadata.json", '{"sharded_backend": 3}', "'sharded_backend' must be a string"),
         ("metadata.json", '{"sharded_backend": "zarr", "format_version": 99, "tensors": {}, "objects": []}', "newer"),
-        ("metadata.json", '{"sharded_backend": "zarr", "format_version": 1, "tensors": {"a": {"shape": [-1], "dtype": "x"}}, "objects": []}', "tensor entry"),
+        ("metadata.json",
+         '{"sharded_backend": "zarr", "format_version": 1, "tensors": {"a": {"shape": [-1], "dtype": "x"}}, "objects": []}',
+         "tensor entry"),
         ("metadata.json", '{"sharded_backend": "zarr", "tensors": {}}', "without 'format_version'"),
         ("metadata.json", '{"sharded_backend": "nope"}', "No default load_sharded strategy"),
         ("index.json", "{not json", "index.json: not valid JSON"),
@@ -262,7 +264,8 @@ def test_shape_and_dtype_mismatch_and_padding(ckpt):
     assert torch.equal(loaded[0], stored[:40])
     assert torch.equal(loaded[1][:24], stored[40:]) and not loaded[1][24:].any()
     # a request wholly outside the stored rows reads zeros
-    outside = ShardedTensor(key, torch.zeros(4, 16, dtype=torch.bfloat16), torch.bfloat16, (4, 16), (68, 16), (64, 0), None, allow_shape_mismatch=True)
+    outside = ShardedTensor(key, torch.zeros(4, 16, dtype=torch.bfloat16), torch.bfloat16, (4, 16), (68, 16), (64, 0), None,
+                            allow_shape_mismatch=True)
     assert not dc.load({"e": outside}, ckpt, validate_access_integrity=False)["e"].any()
 
 

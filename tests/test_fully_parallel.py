@@ -5,22 +5,22 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
+from layouts import check_loaded, sharded_state_dict
+from multirank import run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing.dict_utils import nested_values
+from dist_checkpointing.exchange_utils import distribute_shards_to_ranks
+from dist_checkpointing.global_plan import GlobalPlan
 from dist_checkpointing.mapping import ShardedTensor, is_main_replica
 from dist_checkpointing.strategies import load_strategy_from_config, save_strategy_from_config
 from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
-from dist_checkpointing.exchange_utils import distribute_shards_to_ranks
-from dist_checkpointing.global_plan import GlobalPlan
 from dist_checkpointing.strategies.fully_parallel import (
     FullyParallelLoadStrategyWrapper,
     FullyParallelSaveStrategyWrapper,
     _sharded_tensor_shard_id,
     save_distribution,
 )
-from layouts import check_loaded, sharded_state_dict
-from multirank import run_ranks
 
 TP, DP = 2, 2
 
@@ -122,9 +122,11 @@ def save_and_load_fully_parallel(rank, world_size, root, use_dp_groups):
         base = load_strategy_from_config(config)
         read_keys = []
         plain_load = base.load
-        base.load = lambda request, ckpt_dir: read_keys.extend(
-            sh.key for sh in nested_values(request) if isinstance(sh, ShardedTensor)
-        ) or plain_load(request, ckpt_dir)
+        def counting_load(request, ckpt_dir, read_keys=read_keys, plain_load=plain_load):
+            read_keys.extend(sh.key for sh in nested_values(request) if isinstance(sh, ShardedTensor))
+            return plain_load(request, ckpt_dir)
+
+        base.load = counting_load
         loader = FullyParallelLoadStrategyWrapper(base, group, do_cache_distribution=True)
         for attempt in ("first", "cached"):
             request = sharded_state_dict(rank, TP, DP, with_data=False)

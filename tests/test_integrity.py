@@ -6,13 +6,12 @@ import os
 
 import pytest
 import torch
+from layouts import TP2_SAVES, check_loaded, full, load_tp1, sharded_state_dict
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException
 from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.strategies.dcp_format import read_dcp_metadata
-from layouts import TP2_SAVES, check_loaded, full, load_tp1, sharded_state_dict
-
 
 
 @pytest.fixture

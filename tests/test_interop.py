@@ -22,6 +22,9 @@ import shutil
 
 import pytest
 import torch
+from layouts import DTYPES, full, sharded_state_dict
+from multirank import run_ranks
+from test_megatron_fixture import FIXTURES, check_fixture_at_tp, manifest
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
@@ -29,9 +32,6 @@ import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
 from dist_checkpointing.cli import main as cli
 from dist_checkpointing.inspection import verify
-from layouts import DTYPES, full, sharded_state_dict
-from multirank import run_ranks
-from test_megatron_fixture import FIXTURES, check_fixture_at_tp, manifest
 
 NEWEST = FIXTURES[-1]  # written by Megatron-Core core_v0.19+
 
@@ -81,7 +81,8 @@ def _check_dtensors(loaded, request) -> int:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     checked = 0
-    pairs = [(f"model.layers.{name}.weight", loaded["model"]["layers"][name]["weight"], request["model"]["layers"][name]["weight"]) for name in request["model"]["layers"]]
+    layers = request["model"]["layers"]
+    pairs = [(f"model.layers.{name}.weight", loaded["model"]["layers"][name]["weight"], layers[name]["weight"]) for name in layers]
     pairs.append(("model.small", loaded["model"]["small"], request["model"]["small"]))
     for key, got, asked in pairs:
         assert got is asked, key  # the DTensor itself, filled in place
@@ -102,7 +103,8 @@ def _check_whole(loaded) -> int:
 
 def _whole_request(rank: int):
     """ShardedTensors asking for every whole tensor (each rank a replica)."""
-    request = {f"model.layers.{_name(d)}.weight": ShardedTensor.from_rank_offsets(f"model.layers.{_name(d)}.weight", torch.empty(SHAPE, dtype=d), replica_id=rank) for d in DTYPES}
+    keys = {d: f"model.layers.{_name(d)}.weight" for d in DTYPES}
+    request = {keys[d]: ShardedTensor.from_rank_offsets(keys[d], torch.empty(SHAPE, dtype=d), replica_id=rank) for d in DTYPES}
     request["model.small"] = ShardedTensor.from_rank_offsets("model.small", torch.empty(SMALL), replica_id=rank)
     return request
 
@@ -302,7 +304,12 @@ def test_hugging_face_safetensors_in_one_process(dtensor_runs, shards, monkeypat
     assert cli(["verify", model]) == 0 and f"sound ({len(DTYPES) + 1} tensors" in capsys.readouterr().out
     read = []
     real_preadv = os.preadv
-    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: read.append(sum(memoryview(b).nbytes for b in buffers)) or real_preadv(fd, buffers, offset))
+
+    def counted_preadv(fd, buffers, offset):
+        read.append(sum(memoryview(b).nbytes for b in buffers))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counted_preadv)
     key = "model.layers.float64.weight"
     rows = {key: ShardedTensor(key, torch.empty(2, 6, dtype=torch.float64), torch.float64, (2, 6), SHAPE, (4, 0), None)}
     assert torch.equal(dc.load(rows, model, validate_access_integrity=False)[key], full(key, SHAPE, torch.float64)[4:6])

@@ -5,11 +5,11 @@ import os
 import signal
 
 import pytest
+from layouts import check_loaded, sharded_state_dict
+from multirank import run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, CheckpointManager
-from layouts import check_loaded, sharded_state_dict
-from multirank import run_ranks
 
 
 def _tracker(root) -> str:

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from layouts import full
 
 import dist_checkpointing as dc
 from dist_checkpointing import ShardedObject, ShardedTensor
 from dist_checkpointing.inspection import verify
-from layouts import full
 
 FIXTURES_DIR = os.path.join(os.path.dirname(__file__), "fixtures")
 FIXTURE = os.path.join(FIXTURES_DIR, "mcore015_zarr_tp2")

@@ -7,6 +7,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from multirank import run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing.dict_utils import dict_list_map_outplace, nested_values
@@ -19,7 +20,6 @@ from dist_checkpointing.strategies.base import (
     register_default_strategy,
 )
 from dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-from multirank import run_ranks
 
 BACKEND = "pt_files"
 

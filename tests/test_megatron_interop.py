@@ -16,12 +16,12 @@ import warnings
 
 import pytest
 import torch
-
-import dist_checkpointing as dc
-from dist_checkpointing.cli import main as cli
 from layouts import check_loaded, full, sharded_state_dict
 from multirank import run_ranks
 from test_megatron_fixture import FIXTURES, manifest, request_at_tp
+
+import dist_checkpointing as dc
+from dist_checkpointing.cli import main as cli
 
 NEWEST = FIXTURES[-1]
 
@@ -42,11 +42,11 @@ def _megatron_loads_ours(rank, world_size, root, peer_dirs):
     whole tensors, as DP replicas): values, common state, objects and plain tensors."""
     sys.path[0:0] = [os.path.join(PEERS, d) for d in peer_dirs]  # before megatron imports zarr
     warnings.filterwarnings("ignore")
+    from importlib.metadata import version
+
     from megatron.core import dist_checkpointing as mdc
     from megatron.core.dist_checkpointing import ShardedObject as MObject
     from megatron.core.dist_checkpointing import ShardedTensor as MTensor
-
-    from importlib.metadata import version
 
     version = version("megatron-core")
 

@@ -16,7 +16,6 @@ import warnings
 
 import pytest
 import torch
-
 from multirank import run_ranks
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="installed by `make test` (--no-deps)")

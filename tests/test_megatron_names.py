@@ -74,7 +74,8 @@ def test_install_as_megatron_aliases_every_module():
         import megatron.core
         assert mdc is dc and megatron.core.dist_checkpointing is dc
         assert ShardedTensor is dc.ShardedTensor
-        assert FullyParallelSaveStrategyWrapper is importlib.import_module("dist_checkpointing.strategies.fully_parallel").FullyParallelSaveStrategyWrapper
+        fully_parallel = importlib.import_module("dist_checkpointing.strategies.fully_parallel")
+        assert FullyParallelSaveStrategyWrapper is fully_parallel.FullyParallelSaveStrategyWrapper
         for name in ("utils", "exchange_utils", "strategies.torch", "strategies.resharding", "tensor_aware_state_dict"):
             assert importlib.import_module("megatron.core.dist_checkpointing." + name) is importlib.import_module("dist_checkpointing." + name)
         try:

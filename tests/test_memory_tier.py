@@ -10,12 +10,11 @@ import signal
 
 import pytest
 import torch
-
-from dist_checkpointing import CheckpointManager, MemoryTier, cli
-from dist_checkpointing import CheckpointingException
-from dist_checkpointing.memory_format import BytesPiece, PieceIndex, TensorPiece, decode_index, encode_index, piece_paths
 from layouts import check_loaded, expected_flat, flat_state_dict, sharded_state_dict
 from multirank import run_ranks
+
+from dist_checkpointing import CheckpointingException, CheckpointManager, MemoryTier, cli
+from dist_checkpointing.memory_format import BytesPiece, PieceIndex, TensorPiece, decode_index, encode_index, piece_paths
 
 
 def _state(rank, tp, dp, step=None, with_data=True):
@@ -132,7 +131,8 @@ def test_lost_copies_and_a_damaged_replica_fall_back(tmp_path, capsys):
     assert "sound (4 piece files" in capsys.readouterr().out
     assert cli.main(["inspect", "--json", f"{nodes}/node3"]) == 0
     described = json.loads(capsys.readouterr().out)
-    assert [(s["step"], s["ranks"], s["world_size"], s["all_ranks_here"]) for s in described["steps"]] == [(10, [2, 3], 4, False), (15, [2, 3], 4, False)]
+    steps = [(s["step"], s["ranks"], s["world_size"], s["all_ranks_here"]) for s in described["steps"]]
+    assert steps == [(10, [2, 3], 4, False), (15, [2, 3], 4, False)]
     damaged = run_ranks(_restore, 4, root, nodes, 2, 2, 1)
     for outcome in damaged:
         assert (outcome["step"], outcome["from"]) == (10, "memory"), outcome["log"]

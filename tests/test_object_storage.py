@@ -6,6 +6,9 @@ import pathlib
 
 import pytest
 import torch
+from layouts import check_loaded, full, load_tp1, sharded_state_dict
+from multirank import run_ranks
+from s3server import S3Endpoint, fault_hits, set_faults
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, CheckpointManager, ShardedTensor
@@ -14,9 +17,6 @@ from dist_checkpointing.strategies import load_strategy_from_config, save_strate
 from dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from dist_checkpointing.strategies.config import StrategyConfig
 from dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper, FullyParallelSaveStrategyWrapper
-from layouts import check_loaded, full, load_tp1, sharded_state_dict
-from multirank import run_ranks
-from s3server import S3Endpoint, fault_hits, set_faults
 
 
 @pytest.fixture(scope="module")

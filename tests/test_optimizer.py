@@ -7,6 +7,7 @@ slice of an unsharded run's state: a TP=2 save loaded at TP=1 must equal the TP=
 
 import pytest
 import torch
+from multirank import run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
@@ -15,7 +16,6 @@ from dist_checkpointing.optimizer import (
     make_sharded_optimizer_tensor,
     optimizer_sharded_state_dict,
 )
-from multirank import run_ranks
 
 OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=0.1),

@@ -59,13 +59,17 @@ def test_read_chunk_direct_strided_and_blocked(tmp_path, monkeypatch):
             reading.read_chunk(file, 4, (41, 6), torch.float32, [reading.Piece((slice(0, 41), slice(0, 6)), torch.empty(41, 6))], 0)
 
 
+def _reader(data):
+    return lambda offset, n: data[offset : offset + n]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_save_items_are_located_without_loading_them(dtype):
     for tensor in [_values((7, 5), dtype), _values((), dtype), _values((0, 3), dtype)]:
         blob = io.BytesIO()
         torch.save(tensor, blob)
         data = memoryview(bytearray(blob.getvalue()))
-        item = tensor_item(lambda offset, n: data[offset : offset + n], data.nbytes)
+        item = tensor_item(_reader(data), data.nbytes)
         assert item is not None and item.record.dtype == dtype and item.record.shape == tuple(tensor.shape)
         assert bytes(data[: item.start]) == item.head and bytes(data[item.start + item.nbytes :]) == item.tail
         assert torch.equal(stored_tensor(data, "x", "y"), tensor)
@@ -74,7 +78,7 @@ def test_torch_save_items_are_located_without_loading_them(dtype):
         blob = io.BytesIO()
         torch.save(tensor, blob)
         data = memoryview(bytearray(blob.getvalue()))
-        assert tensor_item(lambda offset, n: data[offset : offset + n], data.nbytes) is None
+        assert tensor_item(_reader(data), data.nbytes) is None
         assert torch.equal(stored_tensor(data, "x", "y"), tensor)
 
 
@@ -101,7 +105,8 @@ def test_loads_in_place_whole_and_in_parts(saved, backend):
     strategy = backend if backend == "tensorstore" else None
     expected = _state()
     held = torch.zeros(1024, 512)
-    request = {"big": ShardedTensor.from_rank_offsets("big", held), "small": ShardedTensor.from_rank_offsets("small", torch.zeros(4, 3, dtype=torch.bfloat16))}
+    request = {"big": ShardedTensor.from_rank_offsets("big", held),
+               "small": ShardedTensor.from_rank_offsets("small", torch.zeros(4, 3, dtype=torch.bfloat16))}
     loaded = dc.load(request, path, strategy)
     assert loaded["big"] is held and torch.equal(held, expected["big"].data)
     assert torch.equal(loaded["small"], expected["small"].data)
@@ -157,7 +162,8 @@ def test_raw_zarr_chunks_damaged_truncated_or_linked_are_named(saved, tmp_path):
 @pytest.mark.parametrize("backend", ["torch_dist", "zarr"])
 def test_a_load_parses_each_document_once(saved, backend, monkeypatch):
     from dist_checkpointing import core
-    from dist_checkpointing.strategies import dcp_format, torch as torch_engine, zarr_spec
+    from dist_checkpointing.strategies import dcp_format, zarr_spec
+    from dist_checkpointing.strategies import torch as torch_engine
 
     parsed = []
     real_read_json, real_dcp = core.read_json, dcp_format.read_dcp_metadata

@@ -11,6 +11,8 @@ import subprocess
 
 import pytest
 import torch
+from layouts import check_loaded, load_tp1, sharded_state_dict
+from multirank import run_ranks
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
@@ -20,8 +22,6 @@ from dist_checkpointing.strategies import load_strategy_from_config
 from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
 from dist_checkpointing.strategies.dcp_format import read_dcp_metadata
 from dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
-from layouts import check_loaded, load_tp1, sharded_state_dict
-from multirank import run_ranks
 
 
 def rewrite_dcp_metadata(ckpt, change):

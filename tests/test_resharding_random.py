@@ -97,7 +97,8 @@ def _one_case(tmp_path, engine, options, seed):
             for r in _flat_ranges(whole.numel(), rng):
                 saved.append(ShardedTensor.from_rank_offsets_flat(
                     "t", whole[r].clone(), sh.local_shape,
-                    *[(axis, o // s, f) for axis, (o, s, f) in enumerate(zip(sh.global_offset, (1,) * sh.prepend_axis_num + sh.local_shape, save_grid))],
+                    *[(axis, o // s, f) for axis, (o, s, f)
+                      in enumerate(zip(sh.global_offset, (1,) * sh.prepend_axis_num + sh.local_shape, save_grid))],
                     prepend_axis_num=sh.prepend_axis_num, flattened_range=r,
                 ))
         else:

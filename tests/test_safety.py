@@ -8,10 +8,10 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from userclasses import Exploit, TrainerState
 
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedObject, ShardedTensor
-from userclasses import Exploit, TrainerState
 
 
 def test_user_class_needs_add_safe_globals(tmp_path):

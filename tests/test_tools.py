@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from layouts import check_loaded, sharded_state_dict
 
 import dist_checkpointing as dc
 from dist_checkpointing.cli import main
 from dist_checkpointing.dtypes import DTYPES, safetensors_dtype, torch_dtype
-from layouts import check_loaded, sharded_state_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 MEGATRON = ["mcore015_zarr_tp2", "mcore015_torch_dist_tp2", "mcore016_torch_dist_tp2"]

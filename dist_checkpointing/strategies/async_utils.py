@@ -15,6 +15,7 @@ finalize functions run (the save's commit, which writes `metadata.json`, is the 
 """
 
 import ctypes
+import functools
 import importlib
 import os
 import platform
@@ -170,7 +171,7 @@ class AsyncCallsQueue:
                 request = self.calls[0]
                 done = self.writer.poll(request.call_idx, blocking)
                 if not no_dist:
-                    done = all(exchange(lambda: done, "async save status"))
+                    done = all(exchange(functools.partial(bool, done), "async save status"))
                 if not done:
                     break
                 self.calls.popleft()

@@ -59,7 +59,7 @@ def get_default_strategy(action: StrategyAction, backend: str, version: int):
         ) from None
 
 
-class StrategyBase(ABC):
+class StrategyBase:
     """An engine for one (backend, version) of the format, and what it can handle. (A load
     strategy written for Megatron-Core's interface may name no backend: it then implements
     the compatibility checks itself.)"""
@@ -101,7 +101,7 @@ class SaveStrategyBase(StrategyBase):
     """Base of save strategies: its (backend, version) is recorded in `metadata.json`."""
 
 
-class LoadCommonStrategy(LoadStrategyBase):
+class LoadCommonStrategy(LoadStrategyBase, ABC):
     """Reads `common.pt` and ShardedObjects."""
 
     @abstractmethod
@@ -119,7 +119,7 @@ class LoadCommonStrategy(LoadStrategyBase):
         """unique key -> ShardedObject (without data) for every stored object."""
 
 
-class LoadShardedStrategy(LoadStrategyBase):
+class LoadShardedStrategy(LoadStrategyBase, ABC):
     """Reads ShardedTensors: any rectangle of any stored global tensor."""
 
     @abstractmethod
@@ -144,7 +144,7 @@ class LoadShardedStrategy(LoadStrategyBase):
         raise CheckpointingException(f"{type(self).__name__} cannot remove tensors from a checkpoint")
 
 
-class SaveCommonStrategy(SaveStrategyBase):
+class SaveCommonStrategy(SaveStrategyBase, ABC):
     """Writes `common.pt` (rank 0) and ShardedObjects (their main replicas)."""
 
     @abstractmethod
@@ -167,7 +167,7 @@ class ShardedSavePlan:
     rank: int  # names this rank's files; an async writer process has no process group to ask
 
 
-class SaveShardedStrategy(SaveStrategyBase):
+class SaveShardedStrategy(SaveStrategyBase, ABC):
     """Writes the ShardedTensors of a state dict (Megatron-Core's interface).
 
     `save(sharded_state_dict, checkpoint_dir)`, called on every rank, writes this strategy's

@@ -8,7 +8,7 @@ import os
 
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..integrity import Checksums, ChecksumIndex
+from ..integrity import ChecksumIndex, Checksums
 from ..layout import COMMON_FNAME, common_file, object_file
 from ..mapping import ShardedObject, is_main_replica
 from ..opening import open_checkpoint

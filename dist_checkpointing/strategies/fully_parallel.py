@@ -92,7 +92,8 @@ def save_distribution(plan: GlobalPlan, group_of_rank: Sequence[int]) -> np.ndar
     key_position = np.argsort(np.argsort(np.array(plan.keys, dtype=str), kind="stable"))
     rows = shard_row[written]
     greedy = np.lexsort(
-        (plan.flat[rows, 1], plan.flat[rows, 0], *plan.offset[rows].T[::-1], key_position[plan.row_key[rows]], -size[written], fingerprint[written, 0])
+        (plan.flat[rows, 1], plan.flat[rows, 0], *plan.offset[rows].T[::-1], key_position[plan.row_key[rows]], -size[written],
+         fingerprint[written, 0])
     )
     writer = np.full(n_shards, -1)
     writer[written] = assign_greedily(greedy, shard_set[written], members, size[written], plan.world_size)
@@ -104,7 +105,9 @@ def save_distribution(plan: GlobalPlan, group_of_rank: Sequence[int]) -> np.ndar
     return np.where(tensor_pair, writes, plan.main)
 
 
-def distribute_main_replicas_with_precomputed_distribution(sharded_state_dict, parallelization_group, precomputed_distribution: Optional[ShardDistribution]) -> None:
+def distribute_main_replicas_with_precomputed_distribution(
+    sharded_state_dict, parallelization_group, precomputed_distribution: Optional[ShardDistribution]
+) -> None:
     """Applies a save distribution (`determine_main_replica_uniform_distribution`) in place:
     the ShardedTensors this rank writes get replica id 0, all others 1 (Megatron-Core's)."""
     with within(parallelization_group):
@@ -151,7 +154,8 @@ def _cached(kind) -> Optional[ShardDistribution]:
 def _cached_distribution(kind, sharded_state_dict, group, compute, use_cache: bool) -> Optional[ShardDistribution]:
     """`compute()`, or the distribution cached for `kind` if every rank of `group` reports
     the shards it was computed for (one small exchange)."""
-    shards = sorted(repr((sid, sh.nbytes, sh.replica_id)) for sh in nested_values(sharded_state_dict) if isinstance(sh, ShardedTensor) for sid in [load_shard_id(sh)])
+    tensors = [sh for sh in nested_values(sharded_state_dict) if isinstance(sh, ShardedTensor)]
+    shards = sorted(repr((load_shard_id(sh), sh.nbytes, sh.replica_id)) for sh in tensors)
     digest = hashlib.sha256("\n".join(shards).encode()).digest()
     if use_cache:
         cached = _DISTRIBUTIONS.digest(kind)
@@ -268,7 +272,8 @@ class FullyParallelLoadStrategyWrapper(LoadShardedStrategy):
     module, not on the wrapper, which holds configuration only.
     """
 
-    def __init__(self, strategy: LoadShardedStrategy, parallelization_group=None, do_cache_distribution: bool = False, exchange_algo: str = "broadcast"):
+    def __init__(self, strategy: LoadShardedStrategy, parallelization_group=None, do_cache_distribution: bool = False,
+                 exchange_algo: str = "broadcast"):
         super().__init__(getattr(strategy, "backend", None), getattr(strategy, "version", 1))
         if exchange_algo not in EXCHANGE_ALGOS:
             raise CheckpointingException(f"exchange_algo must be one of {list(EXCHANGE_ALGOS)}, got {exchange_algo!r}")

@@ -18,7 +18,7 @@ import torch
 
 from ..core import CheckpointingException
 from ..integrity import crc32c
-from ..storage import Reader
+from ..storage_interface import Reader
 
 SCRATCH_BYTES = 16 * 2**20  # per reading thread
 

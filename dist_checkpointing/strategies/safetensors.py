@@ -20,9 +20,9 @@ from ..layout import contained_path
 from ..mapping import ShardedTensor, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..single_file import SafetensorsEntry, read_safetensors_index
+from ..storage import storage_of
 from ..validation import check_request_against_stored
 from .base import LoadShardedStrategy
-from ..storage import storage_of
 from .reading import piece_of, read_chunk
 
 Read = Tuple[ShardedTensor, torch.Tensor, SafetensorsEntry]  # request, its box's target, where

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -36,7 +37,6 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.utils.serialization import config as serialization_config
@@ -45,35 +45,37 @@ from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import torch_dtype
 from ..fs import DurableDir
+from ..geometry import inside, intersection
 from ..global_plan import FLAT, OBJECT, GlobalPlan
 from ..integrity import ChecksumIndex, Checksums, Range, crc32c, write_items_checksummed
-from ..mapping import ShardedObject, ShardedTensor, is_main_replica
-from ..geometry import inside, intersection
 from ..layout import check_key, contained_path
+from ..mapping import ShardedObject, ShardedTensor, is_main_replica
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..pickling import dump_dcp_metadata, dump_object, load_object
+from ..storage import storage_of
+from ..storage_interface import Reader
 from ..validation import check_request_against_stored
 from .base import LoadShardedStrategy, PlannedSaveStrategy, ShardedSavePlan
-from .config import StrategyConfig
-from .filesystem_async import write_buckets
 from .checkpointable import BoxesToRead
-from .resharding import TensorReformulationMetadata, is_nd_flattened_tensor, nd_flattened_tensor_reformulated_global_shape
+from .config import StrategyConfig
 from .dcp_format import (
     DCP_VERSION,
     METADATA_FNAME,
     ORIG_SHAPE,
+    TensorItem,
     check_chunks_tile,
     global_shape,
     mcore_data,
     read_dcp_metadata,
     reformulated_from,
-    TensorItem,
     stored_entries,
     stored_tensor,
     tensor_item,
 )
-from ..storage import Reader, storage_of
+from .filesystem_async import write_buckets
 from .reading import Piece, read_chunk
+from .resharding import TensorReformulationMetadata, is_nd_flattened_tensor, nd_flattened_tensor_reformulated_global_shape
+
 
 @dataclass(frozen=True)
 class DcpSavePlan(ShardedSavePlan):
@@ -413,7 +415,8 @@ class MCoreLoadPlanner(DefaultLoadPlanner):
             stored = metadata.state_dict_metadata.get(sh.key)
             if not isinstance(stored, TensorStorageMetadata):
                 raise CheckpointingException(f"Key '{sh.key}' is not a tensor of the checkpoint")
-            expected = nd_flattened_tensor_reformulated_global_shape(sh) if is_nd_flattened_tensor(sh) and len(sh.global_shape) > 1 else sh.global_shape
+            reformulated = is_nd_flattened_tensor(sh) and len(sh.global_shape) > 1
+            expected = nd_flattened_tensor_reformulated_global_shape(sh) if reformulated else sh.global_shape
             if tuple(stored.size) != tuple(expected):
                 raise CheckpointingException(
                     f"Global shape mismatch for loaded ({tuple(stored.size)}) and expected ({tuple(expected)}) "
@@ -521,14 +524,14 @@ class _Reads:
         for cell in itertools.product(*cells):
             lo = [max(o, c * s) for o, c, s in zip(offset, cell, shard)]
             hi = [min(e, (c + 1) * s) for e, c, s in zip(stop, cell, shard)]
-            if any(h <= l for l, h in zip(lo, hi)):
+            if any(h <= low for low, h in zip(lo, hi)):
                 continue
-            first = sum((l - c * s) * st for l, c, s, st in zip(lo, cell, shard, strides))
+            first = sum((low - c * s) * st for low, c, s, st in zip(lo, cell, shard, strides))
             last = sum((h - 1 - c * s) * st for h, c, s, st in zip(hi, cell, shard, strides))
             flat = torch.empty((1,) * len(grid) + (last + 1 - first,), dtype=target.dtype)
             boxes.add(tuple(cell) + (first,), flat)
-            overlap = [h - l for l, h in zip(lo, hi)]
-            into = target[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offset))]
+            overlap = [h - low for low, h in zip(lo, hi)]
+            into = target[tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offset))]
             self.copy_outs.append((into, flat.reshape(-1).as_strided(overlap, strides)))
 
     def _stored(self, name: str, kind, what: str):

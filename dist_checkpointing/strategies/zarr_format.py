@@ -22,15 +22,27 @@ from ..integrity import crc32c
 from ..layout import LinkFreeTree, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
+from ..storage import storage_of
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, PlannedSaveStrategy
 from .config import ZARR_ENGINES, StrategyConfig
-from ..storage import storage_of
 from .reading import Piece, piece_of, read_chunk
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
-    CONSOLIDATED_FNAME, METADATA_FNAME, chunk_indices, chunk_key, chunk_regions, chunk_shape, chunks_checksummed, consolidated_documents,
-    document_bytes, key_separator, list_arrays, raw_dtype, read_array_document, read_consolidated,
+    CONSOLIDATED_FNAME,
+    METADATA_FNAME,
+    chunk_indices,
+    chunk_key,
+    chunk_regions,
+    chunk_shape,
+    chunks_checksummed,
+    consolidated_documents,
+    document_bytes,
+    key_separator,
+    list_arrays,
+    raw_dtype,
+    read_array_document,
+    read_consolidated,
 )
 
 

@@ -30,7 +30,6 @@ from .base import ShardedSavePlan
 from .config import StrategyConfig
 from .zarr_spec import array_document, chunk_key, chunk_shape, key_separator
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -202,7 +201,7 @@ def assemble_flat_chunks(sharded_state_dict, plans: Dict[FlatShardId, List[FlatC
     for shard_id, chunks in sorted(plans.items()):
         local = mine.pop(shard_id, [])
 
-        def my_values(start, stop):
+        def my_values(start, stop, local=local):
             piece = next(p for p in local if p.flattened_range.start <= start and stop <= p.flattened_range.stop)
             return piece.data.detach()[start - piece.flattened_range.start : stop - piece.flattened_range.start]
 

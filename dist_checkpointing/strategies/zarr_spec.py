@@ -16,7 +16,6 @@ from ..layout import ZARR_GROUP_FNAME, check_key, contained_path
 from ..storage import storage_of
 from .config import StrategyConfig
 
-
 METADATA_FNAME = {3: "zarr.json", 2: ".zarray"}
 
 
@@ -247,7 +246,8 @@ def _document_problem(document) -> str:
         grid = document.get("chunk_grid")
         if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(grid.get("configuration"), dict):
             return "its chunk_grid is not a regular grid"
-        if not isinstance(document.get("codecs"), list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in document["codecs"]):
+        codecs = document.get("codecs")
+        if not isinstance(codecs, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in codecs):
             return "its codecs are not a list of named codecs"
         chunks, dtype = grid["configuration"].get("chunk_shape"), document.get("data_type")
     else:
