@@ -2,21 +2,21 @@
 
 Names are the Zarr v3 data type names (what `zarr.json` and the index, `index.json`, say).
 numpy has no bfloat16; `ml_dtypes.bfloat16` (the type tensorstore uses) stands in for it, and
-torch tensors cross into numpy through a 16-bit integer view, which is exact.
+torch tensors cross into numpy through a 16-bit integer view, which is exact. ml_dtypes is
+imported only where a numpy bfloat16 is needed (`bfloat16_numpy`): its import takes 0.6 s
+here, which every process would pay (ranks, writers, tools) although most never need it.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-import ml_dtypes
 import numpy as np
 import torch
 
 from .core import CheckpointingException
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-
-# name -> (torch dtype, numpy dtype, safetensors dtype)
+# name -> (torch dtype, numpy dtype (None for bfloat16: `bfloat16_numpy`), safetensors dtype)
 DTYPES = {
     "bool": (torch.bool, np.dtype(np.bool_), "BOOL"),
     "int8": (torch.int8, np.dtype(np.int8), "I8"),
@@ -25,15 +25,23 @@ DTYPES = {
     "int64": (torch.int64, np.dtype(np.int64), "I64"),
     "uint8": (torch.uint8, np.dtype(np.uint8), "U8"),
     "float16": (torch.float16, np.dtype(np.float16), "F16"),
-    "bfloat16": (torch.bfloat16, BFLOAT16, "BF16"),
+    "bfloat16": (torch.bfloat16, None, "BF16"),
     "float32": (torch.float32, np.dtype(np.float32), "F32"),
     "float64": (torch.float64, np.dtype(np.float64), "F64"),
 }
 DTYPE_NAMES = tuple(DTYPES)  # a dtype's code (in a plan) is its position here
 _NAME_OF_TORCH = {t: name for name, (t, _, _) in DTYPES.items()}
 _CODE_OF_TORCH = {t: code for code, (t, _, _) in enumerate(DTYPES.values())}
-_NAME_OF_NUMPY = {n: name for name, (_, n, _) in DTYPES.items()}
-_NAME_OF_ZARR_V2 = {("bfloat16" if name == "bfloat16" else n.str): name for name, (_, n, _) in DTYPES.items()}
+_NAME_OF_NUMPY = {n: name for name, (_, n, _) in DTYPES.items() if n is not None}
+_NAME_OF_ZARR_V2 = {("bfloat16" if n is None else n.str): name for name, (_, n, _) in DTYPES.items()}
+
+
+@functools.cache
+def bfloat16_numpy() -> np.dtype:
+    """numpy's stand-in for bfloat16 (ml_dtypes', imported on first use)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def name_of_torch(dtype: torch.dtype, key: str = "") -> str:
@@ -54,8 +62,11 @@ def dtype_code(dtype: torch.dtype, key: str = "") -> int:
 
 
 def name_of_numpy(dtype: np.dtype, key: str = "") -> str:
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":  # only ml_dtypes makes one: it is imported already
+        return "bfloat16"
     try:
-        return _NAME_OF_NUMPY[np.dtype(dtype).newbyteorder("=")]
+        return _NAME_OF_NUMPY[dtype.newbyteorder("=")]
     except KeyError:
         where = f" (key '{key}')" if key else ""
         raise CheckpointingException(f"stored dtype {dtype}{where} has no torch equivalent") from None
@@ -85,13 +96,13 @@ def torch_dtype(name: str) -> torch.dtype:
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor (bfloat16 included); no copy."""
     if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(BFLOAT16)
+        return tensor.view(torch.int16).numpy().view(bfloat16_numpy())
     return tensor.numpy()
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
     """A tensor sharing memory with a numpy array (bfloat16 included)."""
-    if array.dtype == BFLOAT16:
+    if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
 
@@ -111,7 +122,7 @@ def register_zarr_bfloat16() -> None:
 
     @dataclass(frozen=True, kw_only=True)
     class BFloat16(BaseFloat):
-        dtype_cls = type(BFLOAT16)
+        dtype_cls = type(bfloat16_numpy())
         _zarr_v3_name = "bfloat16"
         _zarr_v2_names: ClassVar = ("bfloat16",)
 

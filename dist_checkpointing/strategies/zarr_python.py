@@ -16,7 +16,7 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.storage import LocalStore, ObjectStore, StorePath
 
-from ..dtypes import BFLOAT16, register_zarr_bfloat16
+from ..dtypes import register_zarr_bfloat16
 from ..storage import storage_of
 from .zarr_format import StoredArray
 
@@ -110,7 +110,7 @@ def open_array(array_dir: str, concurrency: int) -> StoredArray:
 def _encodable(document: dict, data: np.ndarray):
     """Zarr v2 compressors (numcodecs) take only buffers numpy can describe, which bfloat16
     is not: write those chunks through an int16 view (the same bytes on disk)."""
-    if document["zarr_format"] == 2 and data.dtype == BFLOAT16:
+    if document["zarr_format"] == 2 and data.dtype.name == "bfloat16":
         return dict(document, dtype="<i2"), data.view(np.int16)
     return document, data
 

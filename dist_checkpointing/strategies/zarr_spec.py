@@ -31,7 +31,7 @@ def array_document(global_shape, chunks, dtype_name: str, config: StrategyConfig
     Every chunk is written, so the fill value is never read. Zarr v2 arrays say `null` there,
     as Megatron-Core's do: its zarr reader fails on a number for bfloat16."""
     fill_value = False if dtype_name == "bool" else 0
-    itemsize = DTYPES[dtype_name][1].itemsize
+    itemsize = DTYPES[dtype_name][0].itemsize
     if config.zarr_format == 2:
         fill_value = None
         return {
