@@ -7,6 +7,7 @@ replica for other nodes):
     <directory>/iter_<step:07d>/rank_<rank:05d>.bin    the pieces' bytes, C order, 64-byte aligned
     <directory>/iter_<step:07d>/rank_<rank:05d>.json   their index; written last (the file's commit)
     <directory>/spare/                                 emptied files kept for reuse (no index)
+    <directory>/node                                   a random token naming the node
 
 A piece file holds what its rank saved: its main-replica ShardedTensors (their global box, or
 for a flattened shard the flat range of its box), its main-replica ShardedObjects (pickled),
@@ -30,6 +31,7 @@ FORMAT_NAME = "dist_checkpointing memory tier"
 FORMAT_VERSION = 1
 ALIGNMENT = 64
 SPARE_DIR = "spare"
+NODE_FNAME = "node"  # a random token: the node's identity
 STEP_DIR = re.compile(r"iter_(\d{7,})")
 PIECE_FILE = re.compile(r"rank_(\d{5,})\.json")
 MAX_RANKS = 2**24  # bounds what a document may claim

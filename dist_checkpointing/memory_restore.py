@@ -13,7 +13,6 @@ import io
 import logging
 import mmap
 import os
-import socket
 import threading
 import time
 import warnings
@@ -39,7 +38,7 @@ from .validation import check_request_against_stored
 
 logger = logging.getLogger(__name__)
 
-Node = Tuple[str, str]  # (host name, real path of its memory directory)
+Node = Tuple[str, str]  # (the node's token, its memory directory, for messages)
 Candidate = Tuple[int, str]  # (step, save_id)
 PieceId = Tuple[int, str, int]  # (saving rank, "t" tensor / "o" object / "c" common, index)
 
@@ -69,7 +68,7 @@ class Holdings:
 
 def holdings(memory: NodeMemory) -> Holdings:
     """What every node holds (collective on the memory tier's group)."""
-    node = (socket.gethostname(), os.path.realpath(memory.directory))
+    node = (memory.node, memory.directory)
     gathered = exchange(lambda: (node, list_node(memory.directory)), "listing the memory tier", group=memory.group)
     result = Holdings([n for n, _ in gathered])
     seen = set()

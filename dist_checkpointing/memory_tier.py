@@ -33,6 +33,7 @@ from .fs import atomic_write
 from .integrity import crc32c
 from .mapping import ShardedObject, ShardedTensor, is_main_replica
 from .memory_format import (
+    NODE_FNAME,
     SPARE_DIR,
     BytesPiece,
     PieceIndex,
@@ -125,6 +126,16 @@ class NodeLayout:
         return layout
 
 
+def node_token(directory: str, create: bool = False) -> str:
+    """The node's identity: a random token kept in its directory (host names and paths may
+    repeat across nodes, e.g. containers; a replaced node starts with a new directory)."""
+    path = os.path.join(directory, NODE_FNAME)
+    if create and not os.path.exists(path):
+        atomic_write(path, uuid.uuid4().hex.encode())
+    with open(path, "rb") as f:
+        return f.read().decode("ascii", "replace")
+
+
 class Slot:
     """A piece file kept mapped from save to save: after its step retires it waits in
     `spare/` and becomes the next step's file, so a save copies into pages that exist. The
@@ -196,7 +207,9 @@ class NodeMemory:
         os.makedirs(os.path.join(self.directory, SPARE_DIR), exist_ok=True)
         if self.is_node_leader:
             self._remove_stale()
+            node_token(self.directory, create=True)
         self.barrier()
+        self.node = node_token(self.directory)  # what the ranks sharing this directory share
 
     @property
     def is_node_leader(self) -> bool:
