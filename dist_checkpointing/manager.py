@@ -101,8 +101,6 @@ class CheckpointManager:
         self.keep_latest, self.keep_every = keep_latest, keep_every
         self.sharded_strategy = sharded_strategy
         self.queue = AsyncCallsQueue(persistent=True) if async_save else None
-        if async_save:
-            start_spare_writer()  # it boots while the job loads and trains: no first save waits for it
         self.persistent_every = persistent_every
         self.loaded: Optional[int] = None  # the step last loaded: retention keeps it
         self.restored_from: Optional[str] = None  # "memory" or "persistent": where `load` found its step
@@ -141,6 +139,7 @@ class CheckpointManager:
         `persistent_every`, to both or neither."""
         if not _is_count(step, least=0):
             raise CheckpointingException(f"CheckpointManager.save: step must be an integer >= 0, got {step!r}")
+        self._start_writer()
         if self.memory is not None and step % self.memory.tier.every == 0:
             self.memory.save(step, sharded_state_dict)
         if self.sigterm is not None and any(exchange(lambda: self.sigterm.received, "checking for SIGTERM")):
@@ -169,6 +168,7 @@ class CheckpointManager:
             restored = restore(self.memory, sharded_state_dict, not_older_than=self.latest_step())
             if restored is not None:
                 self.loaded, self.restored_from = restored[0], "memory"
+                self._start_writer()
                 return restored[1]
         if step is None:
             step = self.latest_step()
@@ -177,7 +177,16 @@ class CheckpointManager:
         self.loaded, self.restored_from = step, "persistent"
         if self.memory is not None:
             logger.info("Loading step %d from the persistent tier (%s)", step, self.path(step))
-        return load(sharded_state_dict, self.path(step), **kwargs)
+        state = load(sharded_state_dict, self.path(step), **kwargs)
+        self._start_writer()
+        return state
+
+    def _start_writer(self) -> None:
+        """With async saves: the writer process boots while the job trains, after the load (a
+        restore is the critical path after a failure; the boot would compete with it for the
+        CPUs), so that no save waits for an interpreter to start."""
+        if self.queue is not None and self.queue.writer is None:
+            start_spare_writer()
 
     def promote(self) -> Optional[int]:
         """Saves the newest memory step to `root` (synchronously, collective), unless the
