@@ -251,7 +251,11 @@ def list_node(directory: str) -> List[Held]:
         if not match or os.path.islink(os.path.join(directory, name)):
             continue
         step = int(match.group(1))
-        for file in os.listdir(os.path.join(directory, name)):
+        try:
+            files = os.listdir(os.path.join(directory, name))
+        except FileNotFoundError:  # retired meanwhile
+            continue
+        for file in files:
             found = PIECE_FILE.fullmatch(file)
             if not found:
                 continue

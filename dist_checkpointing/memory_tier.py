@@ -240,6 +240,17 @@ class NodeMemory:
         if self.last_step is not None and step <= self.last_step:
             raise CheckpointingException(f"Memory tier: step {step} is not newer than step {self.last_step}, already saved")
         self.last_step = step
+        try:
+            slot, pieces = self._stage(step, sharded_state_dict)
+        except Exception as e:  # e.g. a full tmpfs: the others learn it in the background, as for a failure there
+            self._failed(step, e)
+            slot, pieces = None, []
+        self.timings = {"bytes": slot.size if slot else 0, "stage": time.perf_counter() - started}
+        self.pending = self.executor.submit(self._finish, step, slot, pieces)
+
+    def _stage(self, step: int, sharded_state_dict) -> Tuple[Slot, list]:
+        """This rank's piece file of `step`, its pieces copied in; the pieces' index entries
+        (their CRC-32C still to compute)."""
         sharded, common = save_preprocess(sharded_state_dict)
         tensors = [sh for sh in nested_values(sharded) if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id)]
         objects = [sh for sh in nested_values(sharded) if isinstance(sh, ShardedObject) and is_main_replica(sh.replica_id)]
@@ -263,8 +274,7 @@ class NodeMemory:
                 slot.bytes[piece.at : piece.at + sh.nbytes].view(sh.dtype).view(sh.data_shape).copy_(sh.data.detach())
         for (_, blob), piece in zip(blobs, pieces[len(tensors) :]):
             slot.bytes[piece.at : piece.at + piece.nbytes].numpy()[:] = blob
-        self.timings = {"bytes": slot.size, "stage": time.perf_counter() - started}
-        self.pending = self.executor.submit(self._finish, step, slot, pieces)
+        return slot, pieces
 
     def wait(self) -> None:
         """Waits for the memory save in flight (its failure was logged where it happened)."""
@@ -272,12 +282,14 @@ class NodeMemory:
             self.pending.result()
             self.pending = None
 
-    def _finish(self, step: int, slot: Slot, pieces: list) -> None:
-        """Commits this rank's file, replicates, agrees, retires. Every rank runs every
-        collective here whatever failed before it: the ranks stay in step for the next save."""
-        ok, index, started = True, None, time.perf_counter()
+    def _finish(self, step: int, slot: Optional[Slot], pieces: list) -> None:
+        """Commits this rank's file (none if staging failed), replicates, agrees, retires.
+        Every rank runs every collective here whatever failed before it: the ranks stay in
+        step for the next save."""
+        ok, index, started = slot is not None, None, time.perf_counter()
         try:
-            index = self._commit_own(step, slot, pieces)
+            if ok:
+                index = self._commit_own(step, slot, pieces)
         except Exception as e:  # the tier is best effort: the persistent tier still has its steps
             ok = self._failed(step, e)
         self.timings["commit"] = time.perf_counter() - started
@@ -309,7 +321,7 @@ class NodeMemory:
         write_index(piece_paths(self.directory, step, self.layout.rank)[1], index)
         return index
 
-    def _replicate(self, step: int, slot: Slot, index: Optional[PieceIndex]) -> bool:
+    def _replicate(self, step: int, slot: Optional[Slot], index: Optional[PieceIndex]) -> bool:
         """Sends this rank's piece file (if it was committed) to its peers and receives
         theirs; True if every replica this rank received checked out and was committed."""
         distances = range(1, self.tier.replicas + 1)
@@ -397,6 +409,7 @@ class NodeMemory:
                 if old < step and old not in kept:  # newer ones may be being written already
                     shutil.rmtree(path, ignore_errors=True)
         del self.complete[: -self.tier.keep]
+        self.barrier()  # a rank whose save is done sees its node's directory settled
 
     def own_pieces(self, step: int):
         """This rank's pieces of memory step `step` as a sharded state dict (its ShardedTensors

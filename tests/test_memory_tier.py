@@ -3,6 +3,7 @@ after a node is lost (its directory deleted) at the same layout, at another one 
 fewer ranks; two lost nodes holding all copies of some pieces, and a damaged replica, fall
 back to the next candidate. Nodes are simulated: each group of ranks has its own directory."""
 
+import errno
 import json
 import logging
 import os
@@ -51,13 +52,23 @@ def _manager(root, nodes_root, rank, ranks_per_node, keep=1, every=5, persistent
     return CheckpointManager(root, persistent_every=persistent_every, memory=tier, promote_on_sigterm=promote_on_sigterm)
 
 
-def _train(rank, world_size, root, nodes_root, tp, dp, ranks_per_node, steps, keep=1, sigterm_at=None):
+def _train(rank, world_size, root, nodes_root, tp, dp, ranks_per_node, steps, keep=1, sigterm_at=None, full_at=None):
     """Saves `steps`; with `sigterm_at`, rank 0 gets a SIGTERM after that step's save, and the
-    next save call promotes the newest memory step and exits on every rank."""
+    next save call promotes the newest memory step and exits on every rank; with `full_at`,
+    rank 3's memory is full at that step (its staging fails)."""
     manager = _manager(root, nodes_root, rank, ranks_per_node, keep, promote_on_sigterm=sigterm_at is not None)
     outcome = {}
     for step in steps:
+        if step == full_at and rank == 3:
+            stage = manager.memory._stage
+            manager.memory._stage = lambda *args: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
         manager.save(step, _state(rank, tp, dp, step))
+        if step == full_at:
+            manager.memory.wait()
+            outcome["memory steps after the full one"] = manager.memory_steps()
+            if rank == 3:
+                manager.memory._stage = stage
+                outcome["error"] = manager.memory.last_error
         if step == sigterm_at and rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
         if step == sigterm_at:
@@ -98,9 +109,12 @@ def _lose(nodes_root, node):
 def test_lost_node_restored_from_peer_memory_at_any_layout(tmp_path):
     root, nodes = str(tmp_path / "persistent"), str(tmp_path / "memory")
     # TP2 x DP2, two nodes of two ranks; SIGTERM after step 15: the next save promotes it to disk
-    saved = run_ranks(_train, 4, root, nodes, 2, 2, 2, (5, 10, 15, 20), 1, 15)
+    # rank 3's memory full at step 10: no rank hangs, step 10 is not complete, step 5 stays
+    saved = run_ranks(_train, 4, root, nodes, 2, 2, 2, (5, 10, 15, 20), 1, 15, 10)
+    assert "No space left on device" in saved[3].pop("error")
     for outcome in saved:
-        assert outcome == {"exit": f"SIGTERM: step 15 is on {root}", "memory steps": None, "persistent steps": [10, 15]}
+        assert outcome == {"memory steps after the full one": [5], "exit": f"SIGTERM: step 15 is on {root}",
+                           "memory steps": None, "persistent steps": [10, 15]}
     _lose(nodes, 0)
     same = run_ranks(_restore, 4, root, nodes, 2, 2, 2)
     other = run_ranks(_restore, 4, root, nodes, 4, 1, 2)  # TP4 x DP1
