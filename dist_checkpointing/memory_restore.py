@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
-from .collectives import exchange, send_and_receive
+from .collectives import exchange, on_every_rank, send_and_receive
 from .core import CheckpointingException
 from .dict_utils import dict_list_map_inplace, merge, nested_values
 from .dtypes import torch_dtype
@@ -155,11 +155,15 @@ class _Attempt:
             bad_everywhere = set().union(*exchange(lambda: bad, f"checking memory step {self.step}", group=self.memory.group))
             if bad_everywhere:
                 return _Failure(bad_everywhere, f"{len(bad_everywhere)} copies of piece files fail their CRC-32C or cannot be read")
-            state = plan.common(values)
-            merge(state, nonpersistent)
-            loaded = plan.fill(request, targets, values, direct, self.where())
-        merge(state, dict_list_map_inplace(lambda sh: loaded.get(id(sh), sh), request))
-        return finish_load(state, factories, dtensors), moved
+
+            def fill():  # what fails here (a pickled class not allowed) fails on every rank
+                state = plan.common(values)
+                merge(state, nonpersistent)
+                loaded = plan.fill(request, targets, values, direct, self.where())
+                merge(state, dict_list_map_inplace(lambda sh: loaded.get(id(sh), sh), request))
+                return finish_load(state, factories, dtensors)
+
+            return on_every_rank(fill, f"restore of memory step {self.step}", group=self.memory.group), moved
 
     def where(self) -> str:
         return f"memory step {self.step} ({self.memory.directory} and its peers)"
