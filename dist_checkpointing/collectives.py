@@ -229,11 +229,17 @@ def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], gr
     by order, gloo by tag). Only valid input may reach this point: a rank that raised before
     posting its sends would leave its peers waiting (until the process group's timeout).
     """
-    def on_wire(tensor: torch.Tensor) -> torch.Tensor:
+    def on_wire(tensor: torch.Tensor, receive: bool) -> torch.Tensor:
         """`tensor` on its wire device, as bytes (so that every dtype travels: gloo has no
-        bool or bfloat16 send); a receive's buffer there if it must be copied back."""
+        bool or bfloat16 send): itself, a copy there to send, or a buffer there to receive
+        into and copy back from."""
         device = wire_device(tensor, group)
-        wire = tensor.reshape(-1) if tensor.device == device else torch.empty(tensor.numel(), dtype=tensor.dtype, device=device)
+        if tensor.device == device:
+            wire = tensor.reshape(-1)
+        elif receive:
+            wire = torch.empty(tensor.numel(), dtype=tensor.dtype, device=device)
+        else:
+            wire = tensor.to(device).reshape(-1)
         return wire.view(torch.uint8)
 
     def copy_back(tensor: torch.Tensor, wire: torch.Tensor) -> None:
@@ -241,8 +247,8 @@ def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], gr
             tensor.copy_(wire.view(tensor.dtype).view(tensor.shape))
 
     # empty tensors do not travel (both sides know they are empty)
-    send_ops = [dist.P2POp(dist.isend, _sent_on_wire(t, group).view(torch.uint8), peer, group, tag) for t, peer, tag in sends if t.numel()]
-    wires = [on_wire(t) if t.numel() else None for t, _, _ in receives]
+    send_ops = [dist.P2POp(dist.isend, on_wire(t, False), peer, group, tag) for t, peer, tag in sends if t.numel()]
+    wires = [on_wire(t, True) if t.numel() else None for t, _, _ in receives]
     receive_ops = [dist.P2POp(dist.irecv, w, peer, group, tag) for w, (_, peer, tag) in zip(wires, receives) if w is not None]
     with peers_lost_raise("the exchange of shards between ranks"):
         posted = dist.batch_isend_irecv(send_ops + receive_ops) if send_ops or receive_ops else []
@@ -262,12 +268,6 @@ def send_and_receive(sends: Sequence[Transfer], receives: Sequence[Transfer], gr
                 arrived(i)
         for work in posted[: len(send_ops)]:
             work.wait()
-
-
-def _sent_on_wire(tensor: torch.Tensor, group) -> torch.Tensor:
-    """A send's tensor on its wire device (copied there only where the devices differ)."""
-    device = wire_device(tensor, group)
-    return tensor.reshape(-1) if tensor.device == device else tensor.to(device).reshape(-1)
 
 
 def broadcast_tensor(tensor: torch.Tensor, src: int, group=None) -> None:

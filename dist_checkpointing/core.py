@@ -165,6 +165,11 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
 
 
+def is_count(x, least: int = 0) -> bool:
+    """`is_int` and at least `least` (a size, an offset, a setting such as `keep_latest`)."""
+    return is_int(x) and x >= least
+
+
 _CONFIG_FIELDS = ("sharded_backend", "sharded_backend_version", "common_backend", "common_backend_version")
 _INDEX_FIELDS = ("format_version", "tensors", "objects", "checksums")
 

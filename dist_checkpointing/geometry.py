@@ -27,6 +27,27 @@ def intersection(a: Box, b: Box) -> Optional[Region]:
     return None if any(stop <= start for start, stop in region) else region
 
 
+def volume(region: Region) -> int:
+    """The elements of `region` (0 if it is empty along an axis)."""
+    n = 1
+    for start, stop in region:
+        n *= max(0, stop - start)
+    return n
+
+
+def flat_tiling_fault(ranges: Sequence[Tuple[int, int]], numel: int) -> Optional[Tuple[Optional[int], int]]:
+    """Where flat ranges [start, stop), sorted, fail to tile [0, numel) exactly once: None if
+    they do; (i, position) if range i does not start at `position`, where the ranges before
+    it end (a gap if it starts later, an overlap if earlier); (None, position) if they all
+    follow each other but end at `position`, not at `numel`."""
+    position = 0
+    for i, (start, stop) in enumerate(ranges):
+        if start != position:
+            return i, position
+        position = stop
+    return None if position == numel else (None, position)
+
+
 def contains(box: Box, region: Region) -> bool:
     return all(o <= start and stop <= o + s for o, s, (start, stop) in zip(box[0], box[1], region))
 

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 from .collectives import broadcast_object, exchange, get_rank
-from .core import CheckpointingException, check_is_distributed_checkpoint
+from .core import CheckpointingException, check_is_distributed_checkpoint, is_count
 from .layout import CONFIG_FNAME
 from .memory_restore import holdings, restore
 from .memory_tier import MemoryTier, NodeMemory
@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 TRACKER_FNAME = "latest_checkpointed_iteration.txt"
 _STEP_DIR = re.compile(r"iter_(\d{7,})")
 
-
-def _is_count(value, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _complete(dirs: Dict[int, bool]) -> List[int]:
@@ -89,7 +86,7 @@ class CheckpointManager:
                  async_save: bool = False, persistent_every: int = 1, memory: Optional[MemoryTier] = None,
                  promote_on_sigterm: bool = False):
         for name, value in (("keep_latest", keep_latest), ("keep_every", keep_every), ("persistent_every", persistent_every)):
-            if (value is not None or name != "keep_every") and not _is_count(value, least=1):
+            if (value is not None or name != "keep_every") and not is_count(value, least=1):
                 raise CheckpointingException(f"CheckpointManager: {name} must be an integer >= 1, got {value!r}")
         if memory is not None and not isinstance(memory, MemoryTier):
             raise CheckpointingException(f"CheckpointManager: memory must be a MemoryTier, got {type(memory).__name__}")
@@ -137,7 +134,7 @@ class CheckpointManager:
         """Saves `sharded_state_dict` as step `step` (newer than every saved step): to memory
         when `step` is a multiple of the memory tier's `every`, to `root` when it is one of
         `persistent_every`, to both or neither."""
-        if not _is_count(step, least=0):
+        if not is_count(step, least=0):
             raise CheckpointingException(f"CheckpointManager.save: step must be an integer >= 0, got {step!r}")
         self._start_writer()
         if self.memory is not None and step % self.memory.tier.every == 0:

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .core import CheckpointingException, is_int, parse_json
+from .core import CheckpointingException, is_count, is_int, parse_json
 from .dtypes import DTYPES
 from .fs import atomic_write
 from .integrity import crc32c
@@ -92,6 +92,14 @@ class PieceIndex:
     objects: Tuple[BytesPiece, ...]
     common: Optional[BytesPiece]
 
+    def damaged(self, data) -> List[str]:
+        """What fails its CRC-32C among the pieces in `data` (the file's bytes: any buffer)."""
+        pieces = [(f"tensor '{p.key}' at {list(p.offset)}", p) for p in self.tensors]
+        pieces += [(f"object '{p.key}'", p) for p in self.objects]
+        pieces += [("the common state", self.common)] if self.common else []
+        data = memoryview(data).cast("B")
+        return [f"{what} fails its CRC-32C" for what, p in pieces if crc32c(data[p.at : p.at + p.nbytes]) != p.crc]
+
 
 def encode_index(index: PieceIndex) -> bytes:
     """The index document: tensors as columns (tens of thousands of pieces encode and parse
@@ -147,7 +155,7 @@ def decode_index(raw: bytes, path: str) -> PieceIndex:
     if doc.get("format_version") != FORMAT_VERSION:
         fail(f"format_version {doc.get('format_version')!r}, this library reads {FORMAT_VERSION}")
     for name in ("step", "rank", "world_size", "nbytes"):
-        if not is_int(doc.get(name)) or doc[name] < 0:
+        if not is_count(doc.get(name)):
             fail(f"'{name}' must be a non-negative integer")
     if not 0 <= doc["rank"] < doc["world_size"] <= MAX_RANKS:
         fail(f"rank {doc['rank']} of world size {doc['world_size']}")
@@ -156,7 +164,7 @@ def decode_index(raw: bytes, path: str) -> PieceIndex:
     size = doc["nbytes"]
 
     def span(at, nbytes, crc, what: str) -> Tuple[int, int, int]:
-        if not (is_int(at) and is_int(nbytes) and is_int(crc)) or at < 0 or nbytes < 0 or not 0 <= crc < 2**32:
+        if not (is_count(at) and is_count(nbytes) and is_count(crc)) or crc >= 2**32:
             fail(f"{what}: byte offset, size and CRC-32C must be non-negative integers")
         if at + nbytes > size:
             fail(f"{what}: bytes [{at}, {at + nbytes}) lie beyond the data file's {size} bytes")
@@ -172,7 +180,7 @@ def decode_index(raw: bytes, path: str) -> PieceIndex:
         return cols
 
     def dims(value, what: str) -> Tuple[int, ...]:
-        if not isinstance(value, list) or not all(is_int(x) and x >= 0 for x in value):
+        if not isinstance(value, list) or not all(is_count(x) for x in value):
             fail(f"{what} must be a list of non-negative integers")
         return tuple(value)
 
@@ -244,15 +252,11 @@ def list_node(directory: str) -> List[Held]:
     regular files (not links). Files that are not so are skipped: what a restore cannot use
     must not stop it (it uses other copies)."""
     held = []
-    if not os.path.isdir(directory):
-        return held
-    for name in os.listdir(directory):
-        match = STEP_DIR.fullmatch(name)
-        if not match or os.path.islink(os.path.join(directory, name)):
+    for step, path in step_dirs(directory).items():
+        if os.path.islink(path):
             continue
-        step = int(match.group(1))
         try:
-            files = os.listdir(os.path.join(directory, name))
+            files = os.listdir(path)
         except FileNotFoundError:  # retired meanwhile
             continue
         for file in files:
@@ -313,11 +317,4 @@ def piece_file_problems(directory: str, step: int, rank: int) -> Tuple[Optional[
         return index, [f"{data_path}: {e.strerror or e}"]
     if len(data) < index.nbytes:
         return index, [f"{data_path}: {len(data)} bytes, its index says {index.nbytes}"]
-    problems = []
-    pieces = [(f"tensor '{p.key}' at {list(p.offset)}", p) for p in index.tensors]
-    pieces += [(f"object '{p.key}'", p) for p in index.objects]
-    pieces += [("the common state", index.common)] if index.common else []
-    for what, p in pieces:
-        if crc32c(data[p.at : p.at + p.nbytes]) != p.crc:
-            problems.append(f"{data_path}: {what} fails its CRC-32C")
-    return index, problems
+    return index, [f"{data_path}: {problem}" for problem in index.damaged(data)]

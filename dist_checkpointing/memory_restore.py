@@ -9,8 +9,10 @@ piece that fails its check excludes that copy and the step is tried again with t
 a step that cannot be restored is logged and the next one is tried: never a wrong value.
 """
 
+import functools
 import io
 import logging
+import math
 import mmap
 import os
 import threading
@@ -26,7 +28,7 @@ from .collectives import exchange, on_every_rank, send_and_receive
 from .core import CheckpointingException
 from .dict_utils import dict_list_map_inplace, merge, nested_values
 from .dtypes import torch_dtype
-from .geometry import intersection
+from .geometry import flat_tiling_fault, intersection, volume
 from .integrity import crc32c
 from .mapping import ShardedObject, ShardedTensor
 from .memory_format import PieceIndex, TensorPiece, aligned, decode_index, list_node, piece_paths, read_index
@@ -52,7 +54,14 @@ class Holdings:
     copies: Dict[Candidate, Dict[int, List[Node]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
 
     def ranks_on(self, node: Node) -> List[int]:
-        return [rank for rank, n in enumerate(self.node_of) if n == node]
+        return self._ranks_of_node[node]
+
+    @functools.cached_property
+    def _ranks_of_node(self) -> Dict[Node, List[int]]:
+        ranks = defaultdict(list)
+        for rank, node in enumerate(self.node_of):
+            ranks[node].append(rank)
+        return ranks
 
     def restorable(self, excluded: Set[Tuple[Node, Candidate, int]] = frozenset()) -> List[Candidate]:
         """Candidates whose every piece file has a copy not excluded, newest first."""
@@ -129,6 +138,7 @@ class _Attempt:
         copies = held.copies[candidate]
         (world,) = held.world_sizes[candidate]
         self.copies = {r: [n for n in copies[r] if (n, candidate, r) not in excluded] for r in range(world)}
+        self.sources: Dict[int, Tuple[Node, int]] = {}  # saving rank -> `_source`
         self.step = step
 
     def run(self, sharded_state_dict):
@@ -204,10 +214,12 @@ class _Attempt:
 
     def _source(self, rank: int) -> Tuple[Node, int]:
         """(node, serving rank) for pieces of saving rank `rank`: this node if it holds them."""
-        nodes = self.copies[rank]
-        node = self.node if self.node in nodes else nodes[self.rank % len(nodes)]
-        ranks = self.held.ranks_on(node)
-        return node, (self.rank if node == self.node else ranks[self.rank % len(ranks)])
+        if rank not in self.sources:
+            nodes = self.copies[rank]
+            node = self.node if self.node in nodes else nodes[self.rank % len(nodes)]
+            ranks = self.held.ranks_on(node)
+            self.sources[rank] = node, (self.rank if node == self.node else ranks[self.rank % len(ranks)])
+        return self.sources[rank]
 
     def _asks(self, needs: Set[PieceId], direct: Dict[PieceId, torch.Tensor]) -> Dict[int, Tuple[List[PieceId], List[PieceId]]]:
         """Per serving rank of another node: (pieces it sends one by one, straight into their
@@ -318,7 +330,7 @@ class _Plan:
         self.indexes = indexes
         self.tensors: Dict[str, List[Tuple[PieceId, TensorPiece]]] = defaultdict(list)
         self.objects: Dict[str, PieceId] = {}
-        self._boxes: Dict[str, dict] = {}
+        self._stored: Dict[str, _StoredKey] = {}
         for r, index in indexes.items():
             for i, p in enumerate(index.tensors):
                 self.tensors[p.key].append(((r, "t", i), p))
@@ -334,24 +346,24 @@ class _Plan:
             raise CheckpointingException("rank 0's piece file has no common state")
         return (0, "c", 0)
 
-    def boxes(self, key: str, where: str):
-        """The stored boxes of `key`: (offset, shape, dtype) -> the pieces that give its values."""
-        if key not in self._boxes:
+    def stored(self, key: str, where: str) -> "_StoredKey":
+        """`key` as stored (checked once per key): its global shape and dtype, on which its
+        pieces agree, and its boxes, each given whole by one piece or by flat pieces that tile it."""
+        if key not in self._stored:
             stored = self.tensors.get(key)
             if not stored:
                 raise CheckpointingException(f"Key '{key}' is not in {where}")
+            shapes = {piece.global_shape for _, piece in stored}
+            dtypes = {piece.dtype for _, piece in stored}
+            if len(shapes) > 1 or len(dtypes) > 1:
+                raise CheckpointingException(f"Key '{key}': its pieces in {where} disagree on the global shape or dtype")
             boxes = defaultdict(list)
             for p, piece in stored:
-                boxes[(piece.offset, piece.shape, piece.dtype)].append((p, piece))
-            self._boxes[key] = boxes
-        return self._boxes[key]
-
-    def stored_shape(self, key: str, where: str):
-        shapes = {piece.global_shape for _, piece in self.tensors[key]}
-        dtypes = {piece.dtype for _, piece in self.tensors[key]}
-        if len(shapes) > 1 or len(dtypes) > 1:
-            raise CheckpointingException(f"Key '{key}': its pieces in {where} disagree on the global shape or dtype")
-        return shapes.pop(), torch_dtype(dtypes.pop())
+                boxes[(piece.offset, piece.shape)].append((p, piece))
+            for box, pieces in boxes.items():
+                _check_flat_cover(key, box[1], pieces, where)
+            self._stored[key] = _StoredKey(shapes.pop(), torch_dtype(dtypes.pop()), dict(boxes))
+        return self._stored[key]
 
     def targets(self, request, where: str) -> List["_Target"]:
         """Where each requested ShardedTensor's values go, and the stored boxes that give them;
@@ -362,27 +374,24 @@ class _Plan:
                 raise CheckpointingException(f"ShardedObject '{sh.unique_key}' is not in {where}")
             if not isinstance(sh, ShardedTensor):
                 continue
-            boxes = self.boxes(sh.key, where)
-            stored_shape, dtype = self.stored_shape(sh.key, where)
-            check_request_against_stored(sh, stored_shape, where)
+            stored = self.stored(sh.key, where)
+            check_request_against_stored(sh, stored.shape, where)
             offset, shape = sh.covering_box()
-            inside = (offset, tuple(max(0, min(o + s, g) - o) for o, s, g in zip(offset, shape, stored_shape)))
+            inside = (offset, tuple(max(0, min(o + s, g) - o) for o, s, g in zip(offset, shape, stored.shape)))
             used, covered = [], 0
-            for (box_offset, box_shape, _), pieces in boxes.items():
-                region = intersection(inside, (box_offset, box_shape))
-                if region is None:
-                    continue
-                _check_flat_cover(sh.key, box_shape, pieces, where)
-                used.append(((box_offset, box_shape), pieces))
-                covered += _volume(region)
-            if covered != _volume(tuple((o, o + s) for o, s in zip(*inside))):
+            for box, pieces in stored.boxes.items():
+                region = intersection(inside, box)
+                if region is not None:
+                    used.append((box, pieces))
+                    covered += volume(region)
+            if covered != volume(tuple((o, o + s) for o, s in zip(*inside))):
                 raise CheckpointingException(
                     f"Key '{sh.key}': the request {offset} + {shape} is not covered exactly once by the pieces in {where}"
                 )
-            target = sh.box_target(dtype)
+            target = sh.box_target(stored.dtype)
             if inside[1] != tuple(shape):
                 target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
-            targets.append(_Target(sh, target, dtype, (offset, tuple(shape)), used))
+            targets.append(_Target(sh, target, stored.dtype, (offset, tuple(shape)), used))
         return targets
 
     def common(self, values: Dict[PieceId, torch.Tensor]) -> dict:
@@ -456,11 +465,11 @@ def _unpacked(pieces: List[PieceId], plan: _Plan, buffer: torch.Tensor) -> Dict[
     return {p: buffer[at : at + plan.piece(p).nbytes] for p, at in zip(pieces, starts)}
 
 
-def _volume(region) -> int:
-    n = 1
-    for start, stop in region:
-        n *= max(0, stop - start)
-    return n
+@dataclass(frozen=True)
+class _StoredKey:
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    boxes: Dict[Tuple[Tuple[int, ...], Tuple[int, ...]], List[Tuple[PieceId, TensorPiece]]]  # (offset, shape) -> pieces
 
 
 def _check_flat_cover(key: str, box_shape, pieces, where: str) -> None:
@@ -468,15 +477,8 @@ def _check_flat_cover(key: str, box_shape, pieces, where: str) -> None:
     if len(pieces) == 1 and pieces[0][1].flat is None:
         return
     ranges = sorted(piece.flat or (0, -1) for _, piece in pieces)
-    end = 0
-    for start, stop in ranges:
-        if start != end:
-            break
-        end = stop
-    else:
-        if end == _volume(tuple((0, s) for s in box_shape)):
-            return
-    raise CheckpointingException(f"Key '{key}': the pieces of box {box_shape} in {where} do not tile it (flat ranges {ranges})")
+    if any(piece.flat is None for _, piece in pieces) or flat_tiling_fault(ranges, math.prod(box_shape)) is not None:
+        raise CheckpointingException(f"Key '{key}': the pieces of box {box_shape} in {where} do not tile it (flat ranges {ranges})")
 
 
 def _box_values(pieces, box_shape, dtype: torch.dtype, values: Dict[PieceId, torch.Tensor]) -> torch.Tensor:

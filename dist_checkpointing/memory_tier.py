@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import broadcast_object, get_rank, get_world_size, is_distributed, send_and_receive
-from .core import CheckpointingException
+from .core import CheckpointingException, is_count
 from .dict_utils import nested_values
 from .dtypes import name_of_torch, torch_dtype
 from .fs import atomic_write
@@ -51,9 +51,6 @@ from .state_dict_utils import save_preprocess
 
 logger = logging.getLogger(__name__)
 
-
-def _is_count(value, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 @dataclass(frozen=True)
@@ -82,9 +79,9 @@ class MemoryTier:
         if not isinstance(self.directory, (str, os.PathLike)) or not str(self.directory):
             raise CheckpointingException(f"MemoryTier: directory must be a path, got {self.directory!r}")
         for name, least in (("every", 1), ("replicas", 0), ("keep", 1)):
-            if not _is_count(getattr(self, name), least):
+            if not is_count(getattr(self, name), least):
                 raise CheckpointingException(f"MemoryTier: {name} must be an integer >= {least}, got {getattr(self, name)!r}")
-        if self.ranks_per_node is not None and not _is_count(self.ranks_per_node, 1):
+        if self.ranks_per_node is not None and not is_count(self.ranks_per_node, 1):
             raise CheckpointingException(f"MemoryTier: ranks_per_node must be an integer >= 1, got {self.ranks_per_node!r}")
 
 
@@ -427,10 +424,10 @@ class NodeMemory:
             return None
         if index.world_size != self.layout.world_size or data.numel() < index.nbytes:
             return None
-        for p in (*index.tensors, *index.objects, *([index.common] if index.common else [])):
-            if crc32c(data[p.at : p.at + p.nbytes].numpy()) != p.crc:
-                logger.warning("Memory tier: rank %d's pieces of step %d fail their CRC-32C", self.layout.rank, step)
-                return None
+        damaged = index.damaged(data.numpy())
+        if damaged:
+            logger.warning("Memory tier: rank %d's pieces of step %d: %s", self.layout.rank, step, "; ".join(damaged))
+            return None
         pieces = {}
         for i, p in enumerate(index.tensors):
             values = data[p.at : p.at + p.nbytes].view(torch_dtype(p.dtype))
@@ -478,8 +475,5 @@ def _replica_problem(header: bytes, path: str, replica: Slot, step: int, save_id
         return str(e)
     if (index.step, index.save_id, index.rank, index.nbytes) != (step, save_id, rank, replica.size):
         return f"its index describes rank {index.rank}'s step {index.step} of {index.nbytes} bytes"
-    data = replica.bytes.numpy()
-    for piece in (*index.tensors, *index.objects, *([index.common] if index.common else [])):
-        if crc32c(data[piece.at : piece.at + piece.nbytes]) != piece.crc:
-            return f"a piece at byte {piece.at} fails its CRC-32C (damaged in transit)"
-    return None
+    damaged = index.damaged(replica.bytes.numpy())
+    return f"{damaged[0]} (damaged in transit)" if damaged else None

@@ -16,7 +16,7 @@ from .collectives import exchange
 from .core import CheckpointingException
 from .dict_utils import extract_matching_values, nested_values
 from .dtypes import DTYPE_NAMES, name_of_torch, torch_dtype
-from .geometry import contains, cover_fault, inside
+from .geometry import contains, cover_fault, flat_tiling_fault, inside
 from .global_plan import FLAT, OBJECT, TENSOR, GlobalPlan, sorted_groups
 from .mapping import (
     ShardedBase,
@@ -202,21 +202,22 @@ def _check_flat_tiling(plan: GlobalPlan, rows, ranks, keys) -> None:
 def validate_flat_tiling(key: str, offset, flat: List[Tuple[int, ShardedTensor]]) -> None:
     numel = int(np.prod(flat[0][1].local_shape))
     ranges = sorted((sh.flattened_range.start, sh.flattened_range.stop, rank) for rank, sh in flat)
-    position = 0
-    for start, stop, rank in ranges:
-        if start != position:
-            problem = "a gap" if start > position else "an overlap"
-            raise CheckpointingException(
-                f"Flattened shards of key '{key}' at offset {offset} leave {problem} at flat "
-                f"element {min(start, position)} (rank {rank}'s range starts at {start}). The "
-                f"main replicas' flattened_range must tile the {numel} elements exactly once."
-            )
-        position = stop
-    if position != numel:
+    fault = flat_tiling_fault([(start, stop) for start, stop, _ in ranges], numel)
+    if fault is None:
+        return
+    i, position = fault
+    if i is not None:
+        start, _, rank = ranges[i]
+        problem = "a gap" if start > position else "an overlap"
         raise CheckpointingException(
-            f"Flattened shards of key '{key}' at offset {offset} cover {position} of {numel} "
-            f"elements. The main replicas' flattened_range must tile the local shard exactly."
+            f"Flattened shards of key '{key}' at offset {offset} leave {problem} at flat "
+            f"element {min(start, position)} (rank {rank}'s range starts at {start}). The "
+            f"main replicas' flattened_range must tile the {numel} elements exactly once."
         )
+    raise CheckpointingException(
+        f"Flattened shards of key '{key}' at offset {offset} cover {position} of {numel} "
+        f"elements. The main replicas' flattened_range must tile the local shard exactly."
+    )
 
 
 def _check_coverage(plan: GlobalPlan, rows, ranks, keys) -> None:

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from ..core import CheckpointingException, is_int
+from ..core import CheckpointingException, is_count
 from ..geometry import cover_fault, inside
 from ..layout import DCP_METADATA_FNAME, relative_path_problem
 from ..mapping import ShardedObject, whole_tensor_metadata
@@ -47,15 +47,11 @@ def read_dcp_metadata(checkpoint_dir: str) -> Metadata:
     return metadata
 
 
-def _is_count(x) -> bool:
-    return is_int(x) and x >= 0
-
-
 def _is_shape(x, ndim: Optional[int] = None) -> bool:
     return (
         isinstance(x, (torch.Size, tuple, list))
         and (ndim is None or len(x) == ndim)
-        and all(_is_count(n) for n in x)
+        and all(is_count(n) for n in x)
         and math.prod(x) < 2**63
     )
 
@@ -79,7 +75,7 @@ def _metadata_problem(metadata) -> str:
         if index.offset is not None and not _is_shape(index.offset):
             return f"key '{index.fqn}': chunk offset {index.offset!r} is not a tuple of 64-bit counts"
         relative_path = getattr(info, "relative_path", None)
-        if not (_is_count(getattr(info, "offset", None)) and _is_count(getattr(info, "length", None))):
+        if not (is_count(getattr(info, "offset", None)) and is_count(getattr(info, "length", None))):
             return f"key '{index.fqn}': its storage record {info!r} needs a non-negative offset and length"
         problem = relative_path_problem(relative_path)
         if problem:
