@@ -7,8 +7,6 @@ import math
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
 from .core import CONFIG_FNAME, CheckpointingException, CheckpointMetadata, read_metadata
 from .dtypes import name_of_torch, zarr_v2_dtype
 from .integrity import integrity_problems, verify_file
@@ -19,7 +17,7 @@ from .single_file import read_safetensors_index
 from .storage import storage_of
 from .strategies.config import ZARR_ENGINES
 from .strategies.dcp_format import METADATA_FNAME as DCP_METADATA
-from .strategies.dcp_format import check_chunks_tile, read_dcp_metadata
+from .strategies.dcp_format import check_chunks_tile, read_dcp_index
 from .strategies.zarr_format import damaged_chunks
 from .strategies.zarr_spec import chunk_shape, list_arrays, read_array_document, read_consolidated
 
@@ -100,11 +98,10 @@ def _shard_grids(checkpoint_dir: str, engine: str) -> Dict[str, List[int]]:
             document = read_array_document(checkpoint_dir, key)
             grids[key] = [-(-s // c) if c else 0 for s, c in zip(document["shape"], chunk_shape(document))]
         return grids
-    metadata = read_dcp_metadata(checkpoint_dir)
+    index = read_dcp_index(checkpoint_dir)
     return {
-        key: [len({chunk.offsets[axis] for chunk in stored.chunks}) for axis in range(len(stored.size))]
-        for key, stored in metadata.state_dict_metadata.items()
-        if hasattr(stored, "chunks")
+        key: [len({offsets[axis] for offsets, _ in stored.chunks}) for axis in range(len(stored.size))]
+        for key, stored in index.tensors.items()
     }
 
 
@@ -207,39 +204,38 @@ def _owners_of_ranges(checkpoint_dir: str, metadata: CheckpointMetadata, problem
     if metadata.config.sharded_backend != "torch_dist":
         return owners
     try:
-        dcp = read_dcp_metadata(checkpoint_dir)
+        dcp = read_dcp_index(checkpoint_dir)
     except CheckpointingException as e:
         problems.append((DCP_METADATA, str(e)))
         return owners
-    stored = set(dcp.state_dict_metadata)
+    stored = set(dcp.tensors) | set(dcp.objects)
     for key in sorted(set(metadata.tensors or ()) | set(metadata.objects or ())):
         if key not in stored:
             problems.append((key, f"{os.path.join(checkpoint_dir, DCP_METADATA)} does not list it"))
-    for key, entry in sorted(dcp.state_dict_metadata.items()):
-        if isinstance(entry, TensorStorageMetadata):
-            try:
-                check_chunks_tile(checkpoint_dir, key, entry)
-            except CheckpointingException as e:
-                problems.append((key, str(e)))
+    for key, entry in sorted(dcp.tensors.items()):
+        try:
+            check_chunks_tile(checkpoint_dir, key, entry)
+        except CheckpointingException as e:
+            problems.append((key, str(e)))
     storage = storage_of(checkpoint_dir)
     sizes: Dict[str, Optional[int]] = {}  # file -> its size; None if missing
     refused = set()  # files that are not inside the checkpoint (reported once)
-    for index, info in dcp.storage_data.items():
-        owners[(info.relative_path, info.offset)] = index.fqn
-        if info.relative_path in refused:
+    for key, item in dcp.stored_items():
+        owners[(item.file, item.offset)] = key
+        if item.file in refused:
             continue
-        if info.relative_path not in sizes:
+        if item.file not in sizes:
             try:
-                path = contained_path(checkpoint_dir, info.relative_path, f"{DCP_METADATA} (key '{index.fqn}')")
+                path = contained_path(checkpoint_dir, item.file, f"{DCP_METADATA} (key '{key}')")
             except CheckpointingException as e:
-                problems.append((index.fqn, str(e)))
-                refused.add(info.relative_path)
+                problems.append((key, str(e)))
+                refused.add(item.file)
                 continue
-            sizes[info.relative_path] = storage.size(path) if storage.is_file(path) else None
-        size = sizes[info.relative_path]
-        if size is None or size < info.offset + info.length:
+            sizes[item.file] = storage.size(path) if storage.is_file(path) else None
+        size = sizes[item.file]
+        if size is None or size < item.offset + item.length:
             state = "is missing" if size is None else f"ends at byte {size}, before the item's end"
-            problems.append((index.fqn, f"{os.path.join(checkpoint_dir, info.relative_path)} {state}"))
+            problems.append((key, f"{os.path.join(checkpoint_dir, item.file)} {state}"))
     return owners
 
 

@@ -97,35 +97,56 @@ def _not_allowed(source, path: str, what: str, error: Exception) -> Checkpointin
     )
 
 
-def _dcp_metadata_globals() -> dict:
-    """(module, name) -> object for everything a DCP `.metadata` pickle may reference."""
-    from torch.distributed.checkpoint import filesystem, metadata, planner
+_DCP = "torch.distributed.checkpoint"
+_MCORE = "megatron.core.dist_checkpointing.strategies.torch"
+# Every DCP class a `.metadata` pickle may reference: (module, name) -> DCP's name for it
+# (Megatron-Core <= 0.15 pickles subclasses that only add plain-data attributes).
+DCP_METADATA_CLASSES = {
+    **{(f"{_DCP}.metadata", n): n for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")},
+    **{(f"{_DCP}.planner", n): n for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")},
+    **{(f"{_DCP}.filesystem", n): n for n in ("_StorageInfo", "_StoragePrefix")},
+    (_MCORE, "MCoreMetadata"): "Metadata",
+    (_MCORE, "MCoreSavePlan"): "SavePlan",
+}
 
-    allowed = [
-        metadata.Metadata,
-        metadata.TensorStorageMetadata,
-        metadata.BytesStorageMetadata,
-        metadata.ChunkStorageMetadata,
-        metadata.TensorProperties,
-        metadata.MetadataIndex,
-        metadata.StorageMeta,
-        metadata._MEM_FORMAT_ENCODING,
-        planner.SavePlan,
-        planner.WriteItem,
-        planner.WriteItemType,
-        planner.TensorWriteData,
-        filesystem._StorageInfo,
-        filesystem._StoragePrefix,
-        torch.Size,
-        torch.serialization._get_layout,  # looks a torch.layout up by name
-        pathlib.PosixPath,  # stock DCP's StorageMeta.checkpoint_id (a path made of strings)
-    ]
-    table = {(g.__module__, g.__qualname__): g for g in allowed}
+
+class DcpRecord:
+    """An object of one of DCP's metadata classes as read here: inert, no DCP class and no
+    code, just the class's name (`kind`) and what the pickle gave it: `state` (a dataclass's
+    attribute dict; TensorProperties' tuple) or constructor `args` (an enum member's value).
+    dcp_format.py type-checks records into its own index."""
+
+    kind = ""
+    state = None
+    args = ()
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_RECORD_CLASSES = {kind: type(kind, (DcpRecord,), {"kind": kind}) for kind in set(DCP_METADATA_CLASSES.values())}
+
+
+def _dcp_metadata_globals(as_dcp_objects: bool) -> dict:
+    """(module, name) -> what a DCP `.metadata` pickle's reference builds: a DcpRecord class,
+    or with `as_dcp_objects` DCP's own class (to rewrite the file; imports DCP's package)."""
+    if as_dcp_objects:
+        from torch.distributed.checkpoint import filesystem, metadata, planner
+
+        classes = {**vars(metadata), **vars(planner), **vars(filesystem)}
+        table = {name: classes[kind] for name, kind in DCP_METADATA_CLASSES.items()}
+        table[("torch", "Size")] = torch.Size
+    else:
+        table = {name: _RECORD_CLASSES[kind] for name, kind in DCP_METADATA_CLASSES.items()}
+        table[("torch", "Size")] = tuple
+    table[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a torch.layout by name
+    table[("pathlib", "PosixPath")] = pathlib.PosixPath  # stock DCP's StorageMeta.checkpoint_id
     table.update({("torch", n): d for n, d in vars(torch).items() if isinstance(d, torch.dtype)})
-    # Megatron-Core <= 0.15 pickles subclasses that only add plain-data attributes
-    mcore = "megatron.core.dist_checkpointing.strategies.torch"
-    table[(mcore, "MCoreMetadata")] = metadata.Metadata
-    table[(mcore, "MCoreSavePlan")] = planner.SavePlan
     return table
 
 
@@ -141,14 +162,15 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"{module}.{name}") from None
 
 
-def load_dcp_metadata(path: str):
-    """Reads a DCP `.metadata` pickle with an allow-list of DCP's metadata classes.
+def load_dcp_metadata(path: str, as_dcp_objects: bool = False):
+    """Reads a DCP `.metadata` pickle with an allow-list of DCP's metadata classes, into
+    DcpRecords (or, `as_dcp_objects`, DCP's own classes).
 
     DCP itself uses `pickle.load`, which runs whatever a tampered file says; here a class
     outside the list fails the load instead.
     """
     try:
-        return _DcpMetadataUnpickler(io.BytesIO(storage_of(path).read(path)), _dcp_metadata_globals()).load()
+        return _DcpMetadataUnpickler(io.BytesIO(storage_of(path).read(path)), _dcp_metadata_globals(as_dcp_objects)).load()
     except FileNotFoundError:
         raise CheckpointingException(f"{path} is missing; the torch_dist checkpoint is damaged") from None
     except pickle.UnpicklingError as e:

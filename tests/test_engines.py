@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -221,6 +223,44 @@ def test_torch_dist_checkpoint_loads_with_stock_dcp(tmp_path):
     dcp.load(state, checkpoint_id=ckpt)  # stock DCP, no process group: keys -> full tensors
     for key, value in state.items():
         assert torch.equal(value, full(key, tuple(value.shape), value.dtype)), key
+
+
+def test_a_torch_dist_load_does_not_import_dcp(tmp_path):
+    """`.metadata` is read without DCP's package (about a second to import): a fresh process
+    loads a torch_dist checkpoint, checked, and has not imported it."""
+    ckpt = str(tmp_path / "c")
+    run_ranks(_save_tp2_torch_dist, 2, ckpt)
+    code = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from layouts import check_loaded, sharded_state_dict
+import dist_checkpointing as dc
+check_loaded(dc.load(sharded_state_dict(0, 2, with_data=False), {ckpt!r}, validate_access_integrity=False), 0, 2)
+assert "layers.qkv.weight" in dc.load_tensors_metadata({ckpt!r})
+print(sorted(m for m in sys.modules if m.startswith("torch.distributed.checkpoint")))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_mcore_load_planner_in_stock_dcp(tmp_path):
+    """Megatron-Core's planner under stock DCP's load: our TP2 checkpoint read into another
+    layout's boxes (CheckpointableShardedTensor), global shapes checked first."""
+    import torch.distributed.checkpoint as dcp
+
+    from dist_checkpointing.strategies.checkpointable import CheckpointableShardedTensor
+    from dist_checkpointing.strategies.torch import MCoreLoadPlanner
+
+    ckpt = str(tmp_path / "c")
+    run_ranks(_save_tp2_torch_dist, 2, ckpt)
+    box = ShardedTensor.from_rank_offsets("embedding.weight", torch.zeros(16, 16, dtype=torch.bfloat16), (0, 1, 4))
+    state = {"embedding.weight": CheckpointableShardedTensor.from_sh_ten(box)}
+    dcp.load(state, checkpoint_id=ckpt, planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=[box]))
+    assert torch.equal(box.data, full("embedding.weight", (64, 16), torch.bfloat16)[16:32])
+    wrong = ShardedTensor.from_rank_offsets("embedding.weight", torch.zeros(16, 16, dtype=torch.bfloat16), (0, 1, 5))
+    with pytest.raises(BaseException, match=r"Global shape mismatch for loaded \(\(64, 16\)\) and expected \(\(80, 16\)\)"):
+        dcp.load(state, checkpoint_id=ckpt, planner=MCoreLoadPlanner(shapes_validation_sharded_tensors=[wrong]))  # DCP wraps it in a BaseException
 
 
 def _save_tp2_torch_dist(rank, world_size, ckpt_dir):

@@ -11,7 +11,7 @@ from layouts import TP2_SAVES, check_loaded, full, load_tp1, sharded_state_dict
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException
 from dist_checkpointing.strategies.config import StrategyConfig
-from dist_checkpointing.strategies.dcp_format import read_dcp_metadata
+from dist_checkpointing.strategies.dcp_format import read_dcp_index
 
 
 @pytest.fixture
@@ -38,9 +38,9 @@ def test_checksums_are_recorded(saved):
             checksums = json.load(f)["checksums"]
         assert "common.pt" in checksums and all(len(r) == 3 for rs in checksums.values() for r in rs)
         if name == "torch_dist":  # one range per item of every .distcp file
-            items = read_dcp_metadata(f"{saved}/{name}").storage_data.values()
+            items = [item for _, item in read_dcp_index(f"{saved}/{name}").stored_items()]
             recorded = {(n, o) for n, rs in checksums.items() for o, _, _ in rs}
-            assert {(i.relative_path, i.offset) for i in items} <= recorded
+            assert {(i.file, i.offset) for i in items} <= recorded
         else:  # objects are files of their own; v3 chunks carry their own CRC-32C
             assert "rng_state/shard_0_2.pt" in checksums
     with open(f"{saved}/zarr/embedding.weight/zarr.json") as f:
@@ -82,9 +82,9 @@ def _offset_of(path, values: torch.Tensor) -> int:
 
 def test_damaged_torch_dist_item_raises_unless_verification_is_off(copy_of):
     ckpt = copy_of("torch_dist")
-    dcp = read_dcp_metadata(ckpt)
-    index, info = next((i, s) for i, s in dcp.storage_data.items() if i.fqn == "embedding.weight" and i.offset[0] == 32)
-    path = os.path.join(ckpt, info.relative_path)
+    stored = read_dcp_index(ckpt).tensors["embedding.weight"]
+    item = next(item for (offsets, _), item in zip(stored.chunks, stored.items) if offsets[0] == 32)
+    path = os.path.join(ckpt, item.file)
     second_half = full("embedding.weight", (64, 16), torch.bfloat16)[32:]
     flip_byte(path, _offset_of(path, second_half) + 100)
     with pytest.raises(CheckpointingException, match=r"embedding\.weight.*CRC-32C") as error:

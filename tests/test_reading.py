@@ -166,7 +166,7 @@ def test_a_load_parses_each_document_once(saved, backend, monkeypatch):
     from dist_checkpointing.strategies import torch as torch_engine
 
     parsed = []
-    real_read_json, real_dcp = core.read_json, dcp_format.read_dcp_metadata
+    real_read_json, real_dcp = core.read_json, dcp_format.read_dcp_index
     def read_json(path, missing_ok=False):  # counts the documents found
         document = real_read_json(path, missing_ok)
         if document is not core.MISSING:
@@ -175,7 +175,7 @@ def test_a_load_parses_each_document_once(saved, backend, monkeypatch):
 
     monkeypatch.setattr(core, "read_json", read_json)
     monkeypatch.setattr(zarr_spec, "read_json", read_json)
-    monkeypatch.setattr(torch_engine, "read_dcp_metadata", lambda d: parsed.append(".metadata") or real_dcp(d))
+    monkeypatch.setattr(torch_engine, "read_dcp_index", lambda d: parsed.append(".metadata") or real_dcp(d))
     dc.load(_state(), str(saved / backend))
     # zarr: the root group's zarr.json holds every array's document (consolidated metadata)
     expected = {"torch_dist": [".metadata", "index.json", "metadata.json"], "zarr": ["index.json", "metadata.json", "zarr.json"]}

@@ -17,15 +17,14 @@ from multirank import run_ranks
 import dist_checkpointing as dc
 from dist_checkpointing import CheckpointingException, ShardedTensor
 from dist_checkpointing.cli import main
-from dist_checkpointing.pickling import dump_dcp_metadata
+from dist_checkpointing.pickling import dump_dcp_metadata, load_dcp_metadata
 from dist_checkpointing.strategies import load_strategy_from_config
 from dist_checkpointing.strategies.config import ENGINES, StrategyConfig
-from dist_checkpointing.strategies.dcp_format import read_dcp_metadata
 from dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
 
 def rewrite_dcp_metadata(ckpt, change):
-    metadata = read_dcp_metadata(ckpt)
+    metadata = load_dcp_metadata(os.path.join(ckpt, ".metadata"), as_dcp_objects=True)
     change(metadata)
     with open(os.path.join(ckpt, ".metadata"), "wb") as f:
         f.write(dump_dcp_metadata(metadata))

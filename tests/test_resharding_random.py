@@ -157,16 +157,3 @@ def test_issue_examples(tmp_path, engine):
         loaded = dc.load({name: requests}, ckpt, validate_access_integrity=False)[name]
         for (offset, size), got in zip(_boxes(shape, load_grid), loaded):
             assert torch.equal(got, values[tuple(slice(o, o + s) for o, s in zip(offset, size))]), (engine, name, offset)
-
-
-def test_dcp_generic_planning_of_the_torch_dist_boxes(tmp_path, monkeypatch):
-    """The torch_dist engine's planner (`MCoreLoadPlanner`) lists the ReadItems of its boxes
-    itself; DCP's generic planning of the same boxes (what Megatron-Core's tests patch in to
-    watch the reads) gives the same values."""
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    from dist_checkpointing.strategies.torch import MCoreLoadPlanner
-
-    monkeypatch.setattr(MCoreLoadPlanner, "create_local_plan", DefaultLoadPlanner.create_local_plan)
-    for seed in range(100, 112):
-        _one_case(tmp_path, "torch_dist", {}, seed)

@@ -17,19 +17,20 @@ _ENGINE_CLASSES = {
 }
 
 
-def engine_classes(backend: str) -> Tuple[type, type]:
-    """The (save, load) strategy classes of an engine."""
+def engine_class(backend: str, action: str) -> type:
+    """An engine's strategy class for `action` ("save" or "load"); only what it needs is
+    imported (a torch_dist load does not import DCP's package)."""
     module_name, save_name, load_name = _ENGINE_CLASSES[backend]
     module = importlib.import_module(f"{__name__}.{module_name}")
-    return getattr(module, save_name), getattr(module, load_name)
+    return getattr(module, save_name if action == "save" else load_name)
 
 
 def save_strategy_from_config(config: StrategyConfig):
-    return engine_classes(config.backend)[0](config.backend, 1, config=config)
+    return engine_class(config.backend, "save")(config.backend, 1, config=config)
 
 
 def load_strategy_from_config(config: StrategyConfig):
-    return engine_classes(config.backend)[1](config.backend, 1, config=config)
+    return engine_class(config.backend, "load")(config.backend, 1, config=config)
 
 
 READ_ONLY_BACKENDS = ("safetensors",)

@@ -1,7 +1,7 @@
 """ShardedTensors that stock `torch.distributed.checkpoint.save` and `load` understand
 (Megatron-Core's names): DCP's checkpointable protocol (`__create_write_items__`,
 `__create_chunk_list__`, `__get_tensor_shard__`) on tensor subclasses standing for a
-ShardedTensor, or for several local shards of one key.
+ShardedTensor, or for several local shards of one key; and Megatron-Core's load planner.
 
     state_dict = {"w": CheckpointableShardedTensor.from_sh_ten(sharded_tensor)}
     torch.distributed.checkpoint.save(state_dict, checkpoint_id=path)   # each rank its box
@@ -14,11 +14,13 @@ between any boxes as this library does. Flattened shards have no box and are ref
 from typing import List, Optional
 
 import torch
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from ..core import CheckpointingException
 from ..mapping import ShardedTensor
+from .resharding import is_nd_flattened_tensor, nd_flattened_tensor_reformulated_global_shape
 
 
 class _Placeholder(torch.Tensor):
@@ -104,29 +106,6 @@ class LocalShardsContainer(_Placeholder):
         return f"{type(self).__name__}({self._local_shards!r})"
 
 
-class BoxesToRead(_Placeholder):
-    """Boxes of one stored tensor that a load reads into, as a DCP state dict value: the
-    torch_dist engine's request to its planner (`torch.MCoreLoadPlanner`). Each box is (global
-    offset, the tensor it is read into), a chunk in the order added."""
-
-    def __new__(cls, size: torch.Size, dtype: torch.dtype):
-        return torch.Tensor._make_wrapper_subclass(cls, size, dtype=dtype)
-
-    def __init__(self, size: torch.Size, dtype: torch.dtype):
-        self.offsets: List[torch.Size] = []
-        self.targets: List[torch.Tensor] = []
-
-    def add(self, offset, target: torch.Tensor) -> None:
-        self.offsets.append(torch.Size(offset))
-        self.targets.append(target)
-
-    def __create_chunk_list__(self) -> List[ChunkStorageMetadata]:
-        return [ChunkStorageMetadata(offsets=o, sizes=t.shape) for o, t in zip(self.offsets, self.targets)]
-
-    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
-        return _find(self.targets, self.offsets, index)
-
-
 def _find(items: list, offsets: List[torch.Size], index: MetadataIndex):
     """The item at `index.offset` (`index.index`, DCP's position hint, is tried first)."""
     if index.index is not None and index.index < len(items) and offsets[index.index] == index.offset:
@@ -135,3 +114,32 @@ def _find(items: list, offsets: List[torch.Size], index: MetadataIndex):
         if offset == index.offset:
             return item
     raise CheckpointingException(f"No local shard of '{index.fqn}' at offset {tuple(index.offset or ())}")
+
+
+class MCoreLoadPlanner(DefaultLoadPlanner):
+    """Megatron-Core's DCP load planner, for stock `torch.distributed.checkpoint.load`: DCP's
+    default planner that first checks the global shapes of `shapes_validation_sharded_tensors`
+    against the checkpoint's (a flattened one against its n-d formulation);
+    `allow_shape_mismatch_sharded_tensors` are not checked."""
+
+    def __init__(self, *args, shapes_validation_sharded_tensors=(), allow_shape_mismatch_sharded_tensors=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shapes_validation_sharded_tensors = shapes_validation_sharded_tensors
+        self.allow_shape_mismatch_sharded_tensors = allow_shape_mismatch_sharded_tensors
+
+    def _validate_global_shapes(self, metadata: Metadata, sharded_tensors) -> None:
+        for sh in sharded_tensors:
+            stored = metadata.state_dict_metadata.get(sh.key)
+            if not isinstance(stored, TensorStorageMetadata):
+                raise CheckpointingException(f"Key '{sh.key}' is not a tensor of the checkpoint")
+            reformulated = is_nd_flattened_tensor(sh) and len(sh.global_shape) > 1
+            expected = nd_flattened_tensor_reformulated_global_shape(sh) if reformulated else sh.global_shape
+            if tuple(stored.size) != tuple(expected):
+                raise CheckpointingException(
+                    f"Global shape mismatch for loaded ({tuple(stored.size)}) and expected ({tuple(expected)}) "
+                    f"tensor for key {sh.key}"
+                )
+
+    def create_local_plan(self):
+        self._validate_global_shapes(self.metadata, self.shapes_validation_sharded_tensors)
+        return super().create_local_plan()
