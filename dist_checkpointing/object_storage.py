@@ -113,6 +113,7 @@ class S3Storage(Storage):
     local = False
     links = False
     thread_bytes = 4 * 2**20  # a request's latency, not the GIL, bounds small reads and writes
+    small_read_bytes = 0
 
     def __init__(self, bucket: str, settings: S3Settings):
         import obstore.store

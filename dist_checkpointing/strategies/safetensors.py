@@ -48,7 +48,7 @@ class SafetensorsLoadShardedStrategy(LoadShardedStrategy):
                 )
             check_request_against_stored(sh, entry.shape, os.path.join(checkpoint.path, entry.file))
             reads.append((sh, sh.box_target(torch_dtype(entry.dtype)), entry))
-        batches = storage_of(checkpoint.path).io_batches(reads, self.thread_count, lambda read: read[1].numel() * read[1].element_size())
+        batches = storage_of(checkpoint.path).read_batches(reads, self.thread_count, lambda read: (read[1].numel() * read[1].element_size(),))
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(lambda batch: _read_batch(checkpoint.path, batch), batches))
         loaded = {id(sh): sh.deliver(target) for sh, target, _ in reads}

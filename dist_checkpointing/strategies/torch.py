@@ -293,10 +293,9 @@ class _Reads:
             for name, items in batch:
                 self._read_file(name, sorted(items, key=lambda item: item.offset), object_keys, checksums)
 
-        def large_bytes(entry) -> int:  # threads pay for large reads; small items contend for the GIL
-            return sum(item.length for item in entry[1] if item.length > IN_MEMORY_ITEM_BYTES)
-
-        batches = storage_of(self.checkpoint_dir).io_batches(list(by_file.items()), thread_count, large_bytes)
+        batches = storage_of(self.checkpoint_dir).read_batches(
+            list(by_file.items()), thread_count, lambda entry: (item.length for item in entry[1])
+        )
         with ThreadPoolExecutor(len(batches) or 1) as pool:
             list(pool.map(read_files, batches))
         for into, read in self.copy_outs:

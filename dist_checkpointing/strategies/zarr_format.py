@@ -331,7 +331,7 @@ class RawChunkReads:
         """Reads every planned chunk, in `thread_count` batches of similar size (one task per
         thread: thousands of small chunks would otherwise cost more in hand-offs than in
         reading); returns each request's value by `id` of the request."""
-        batches = storage_of(self.checkpoint_dir).io_batches(list(self.chunks.items()), thread_count, lambda entry: entry[1].nbytes)
+        batches = storage_of(self.checkpoint_dir).read_batches(list(self.chunks.items()), thread_count, lambda entry: (entry[1].nbytes,))
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(self._read_batch, batches))
         return {id(sh): sh.deliver(target) for sh, target in self.targets}
