@@ -11,7 +11,7 @@ import math
 import os
 import uuid
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,6 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.storage import WriteResult
 from torch.utils.serialization import config as serialization_config
 
 from ..core import CheckpointingException
@@ -40,8 +39,9 @@ from ..pickling import dump_dcp_metadata, dump_object
 from ..storage import storage_of
 from .base import PlannedSaveStrategy, ShardedSavePlan
 from .config import StrategyConfig
-from .dcp_format import DCP_VERSION, IN_MEMORY_ITEM_BYTES, METADATA_FNAME, ORIG_SHAPE
+from .dcp_format import DCP_VERSION, IN_MEMORY_ITEM_BYTES, METADATA_FNAME, ORIG_SHAPE, TensorItem, tensor_item
 from .filesystem_async import write_buckets
+from .reading import host_bytes
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
     def _dcp_entries(plan: GlobalPlan, rows: np.ndarray, bounds: np.ndarray, reformulated, flat_keys) -> Dict[str, object]:
         """DCP's entry of every key: a tensor's chunks (its main shards' boxes), or an object."""
         offsets, extents = plan.offset[rows].tolist(), plan.extent[rows].tolist()
-        sizes = {}  # equal chunk shapes share one torch.Size
+        sizes, properties = {}, {}  # equal chunk shapes share one torch.Size, dtypes one TensorProperties
         entries = {}
         for key, name in enumerate(plan.keys):
             held = range(bounds[key], bounds[key + 1])
@@ -146,26 +146,27 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
                 for o, s in boxes
                 if 0 not in s
             ]
-            properties = TensorProperties(dtype=torch_dtype(plan.dtype_name(key)))
-            entries[name] = TensorStorageMetadata(properties, torch.Size(shape), chunks)
+            dtype = plan.dtype_name(key)
+            shared = properties.get(dtype) or properties.setdefault(dtype, TensorProperties(dtype=torch_dtype(dtype)))
+            entries[name] = TensorStorageMetadata(shared, torch.Size(shape), chunks)
         return entries
 
-    def write(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[WriteResult]]:
-        items = []  # (index, tensor or BytesIO)
+    def write(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List["WrittenItems"]]:
+        items = []  # (key, chunk offset or None, tensor or BytesIO)
         for sh in nested_values(sharded_state_dict):
             if not isinstance(sh, (ShardedTensor, ShardedObject)) or not is_main_replica(sh.replica_id):
                 continue
             if isinstance(sh, ShardedObject):
                 # Megatron-Core's byte entry: a list of the values stored under the unique key
-                items.append((MetadataIndex(sh.unique_key), dump_object([sh.data])))
+                items.append((sh.unique_key, None, dump_object([sh.data])))
                 continue
             offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
-                items.append((MetadataIndex(sh.key, torch.Size(offset)), _compact_cpu(sh.data).reshape(shape)))
+                items.append((sh.key, tuple(offset), _compact_cpu(sh.data).reshape(shape)))
         hint = self.separation_hint
         groups = {"": items} if hint is None else {
-            "": [item for item in items if not item[0].fqn.startswith(hint)],
-            hint: [item for item in items if item[0].fqn.startswith(hint)],
+            "": [item for item in items if not item[0].startswith(hint)],
+            hint: [item for item in items if item[0].startswith(hint)],
         }
         threads = self.config.thread_count if hint is None else max(1, self.config.thread_count // 2)
         files, names = [], []
@@ -173,18 +174,19 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
             for batch in storage_of(checkpoint_dir).io_batches(group, threads, _nbytes) if group else []:
                 names.append(f"{prefix}__{plan.rank}_{len(files)}.distcp")
                 files.append(batch)
-        # Each item is checksummed (CRC-32C, index.json), so torch.save's own zlib CRC-32 of
-        # every record is skipped: it costs ~1/3 of a small item's save and 40 ms per 100 MB.
-        # torch.load (DCP's and Megatron's readers) reads such records; the setting is
-        # process-wide, hence set once around all writer threads.
-        with serialization_config.patch("save.compute_crc32", False):
-            written = write_buckets([(checkpoint_dir, name, items) for name, items in zip(names, files)], _write_file)
+        written = write_buckets([(checkpoint_dir, name, items) for name, items in zip(names, files)], _write_file)
         checksums = {name: ranges for name, (_, ranges) in zip(names, written)}
-        return checksums, [r for results, _ in written for r in results]
+        return checksums, [placed for placed, _ in written]
 
-    def finalize(self, plan: DcpSavePlan, checkpoint_dir, write_results: List[List[WriteResult]]) -> None:
+    def finalize(self, plan: DcpSavePlan, checkpoint_dir, write_results: List[List["WrittenItems"]]) -> None:
         """Writes `.metadata` (rank 0), pointing at every rank's chunks."""
-        storage_data = {r.index: r.storage_data for results in write_results for r in results}
+        names = {name: name for name in plan.state_dict_metadata}  # one str object per key: pickled once
+        storage_data = {
+            MetadataIndex(names.get(key, key), chunk): _StorageInfo(placed.file, offset, length)
+            for files in write_results
+            for placed in files
+            for key, chunk, offset, length in zip(placed.keys, placed.chunks, placed.offsets, placed.lengths)
+        }
         metadata = Metadata(
             state_dict_metadata=dict(plan.state_dict_metadata),
             storage_data=storage_data,
@@ -226,24 +228,61 @@ def _compact_cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _nbytes(item) -> int:
-    data = item[1]
+    data = item[2]
     return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else data.getbuffer().nbytes
 
 
-def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[List[WriteResult], List[Range]]:
+class WrittenItems(NamedTuple):
+    """Where one data file's items are, for `.metadata`: what every rank sends rank 0, as plain
+    lists (10^4 of DCP's WriteResults would pickle as many objects, twice)."""
+
+    file: str
+    keys: List[str]
+    chunks: List[Optional[Tuple[int, ...]]]  # a chunk's offset; None for a byte entry
+    offsets: List[int]
+    lengths: List[int]
+
+
+def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[WrittenItems, List[Range]]:
     """One `.distcp` file: the items' `torch.save` blobs back to back, each checksummed."""
-    results = []
+    placed = WrittenItems(name, [key for key, _, _ in items], [chunk for _, chunk, _ in items], [], [])
+    layouts: Dict[Tuple[torch.dtype, Tuple[int, ...]], Optional[TensorItem]] = {}
 
     def write(f):
-        for item in items:
-            index, data = item
-            if isinstance(data, torch.Tensor) and _nbytes(item) >= IN_MEMORY_ITEM_BYTES:
-                torch.save(data, f)  # its values in one write, from the tensor's memory
-            else:  # one write, not torch.save's ~40 small ones, each checksummed
-                f.write((dump_object(data) if isinstance(data, torch.Tensor) else data).getbuffer())
+        for _, _, data in items:
+            layout = _layout(layouts, data) if isinstance(data, torch.Tensor) else None
+            if layout is not None:  # the values written from the tensor's memory, no torch.save
+                values = host_bytes(data)
+                parts = (layout.head, values, layout.tail)
+                for part in parts if layout.nbytes >= IN_MEMORY_ITEM_BYTES else [b"".join(parts)]:  # small: one write
+                    f.write(part)
+            elif isinstance(data, torch.Tensor):
+                torch.save(data, f)
+            else:
+                f.write(data.getbuffer())
             offset, length, _ = f.end_item()
-            results.append(WriteResult(index, length, _StorageInfo(name, offset, length)))
+            placed.offsets.append(offset)
+            placed.lengths.append(length)
 
-    ranges = write_items_checksummed(checkpoint_dir, os.path.join(checkpoint_dir, name), write)
-    return results, ranges
+    # Each item is checksummed (CRC-32C, index.json), so torch.save's own zlib CRC-32 of every
+    # record is skipped: it costs ~1/3 of a small item's save and 40 ms per 100 MB. torch.load
+    # (DCP's and Megatron's readers) reads such records. The setting is per thread.
+    with serialization_config.patch("save.compute_crc32", False):
+        ranges = write_items_checksummed(checkpoint_dir, os.path.join(checkpoint_dir, name), write)
+    return placed, ranges
 
+
+def _layout(layouts: dict, tensor: torch.Tensor) -> Optional[TensorItem]:
+    """The bytes `torch.save` writes around the values of a compact CPU tensor like `tensor`:
+    they depend on its dtype and shape only, as the zip records' CRC-32s are not computed
+    (`save.compute_crc32` is off while a file's items are written). One `torch.save` per distinct
+    layout; then an item is its layout's head, its values and its tail (a small tensor's
+    `torch.save` costs ~50 µs, most of a many-tensor save). None where that does not hold (a
+    subclass, a conjugate or negative view, CRC-32s on), and `torch.save` writes the item."""
+    if type(tensor) is not torch.Tensor or tensor.is_conj() or tensor.is_neg() or serialization_config.save.compute_crc32:
+        return None
+    key = (tensor.dtype, tuple(tensor.shape))
+    if key not in layouts:
+        blob = dump_object(torch.zeros(key[1], dtype=key[0])).getbuffer()
+        layouts[key] = tensor_item(lambda offset, n: blob[offset : offset + n], blob.nbytes)
+    return layouts[key]

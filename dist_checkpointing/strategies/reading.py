@@ -46,7 +46,10 @@ def piece_of(chunk_offset: Sequence[int], box: Tuple[Sequence[int], Sequence[int
 
 def host_bytes(tensor: torch.Tensor):
     """The bytes of a contiguous CPU tensor, writable in place."""
-    return tensor.detach().reshape(-1).view(torch.uint8).numpy()
+    flat = tensor.detach().reshape(-1)
+    if flat.stride(0) != 1:  # one element (a contiguous tensor's length-1 axes may have any stride)
+        flat = flat.as_strided(flat.shape, (1,))
+    return flat.view(torch.uint8).numpy()
 
 
 _scratch = threading.local()
