@@ -26,6 +26,7 @@ from .layout import (
     split_unique_key,
 )
 from .storage import storage_of
+from .storage_interface import Storage
 
 FORMAT_VERSION = 2  # 1: the index was inside metadata.json
 
@@ -91,17 +92,20 @@ def maybe_load_config(checkpoint_dir) -> Optional[CheckpointingConfig]:
     return None if metadata is None else metadata.config
 
 
-def read_metadata(checkpoint_dir) -> Optional[CheckpointMetadata]:
+def read_metadata(checkpoint_dir, storage: Optional[Storage] = None) -> Optional[CheckpointMetadata]:
     """Parses `metadata.json` strictly; None if the checkpoint is not complete. Malformed
-    content raises. A checkpoint of another tool (`foreign_format`) reads as a legacy one."""
+    content raises. A checkpoint of another tool (`foreign_format`) reads as a legacy one.
+    `storage`: the checkpoint's, where the caller has resolved it."""
+    storage = storage or storage_of(checkpoint_dir)
     path = os.path.join(str(checkpoint_dir), CONFIG_FNAME)
-    if not storage_of(path).exists(path):
-        foreign = foreign_format(checkpoint_dir)
+    document = read_json(path, missing_ok=True, storage=storage)
+    if document is MISSING:
+        foreign = foreign_format(checkpoint_dir, storage)
         return None if foreign is None else CheckpointMetadata(FOREIGN_FORMATS[foreign], foreign=foreign)
-    return _parse_metadata(read_json(path), path)
+    return _parse_metadata(document, path, storage)
 
 
-def foreign_format(checkpoint_dir) -> Optional[str]:
+def foreign_format(checkpoint_dir, storage: Optional[Storage] = None) -> Optional[str]:
     """The name (in FOREIGN_FORMATS) of the tool that wrote a directory without `metadata.json`:
     - "PyTorch DCP": `torch.distributed.checkpoint.save` (e.g. torchtitan's): DCP's `.metadata`,
       which DCP writes once all data is written, and none of the files that a save of this
@@ -110,7 +114,7 @@ def foreign_format(checkpoint_dir) -> Optional[str]:
       without `metadata.json` those are incomplete;
     - "safetensors": Hugging Face's `model.safetensors.index.json` or `model.safetensors`.
     None for anything else (an incomplete checkpoint, or no checkpoint)."""
-    root, storage = str(checkpoint_dir), storage_of(checkpoint_dir)
+    root, storage = str(checkpoint_dir), storage or storage_of(checkpoint_dir)
     if storage.exists(os.path.join(root, CONFIG_FNAME)):
         return None
     dcp_metadata = os.path.join(root, DCP_METADATA_FNAME)
@@ -118,7 +122,7 @@ def foreign_format(checkpoint_dir) -> Optional[str]:
         storage.is_file(dcp_metadata)
         and not storage.exists(os.path.join(root, COMMON_FNAME))
         and not storage.exists(os.path.join(root, INDEX_FNAME))
-        and not _mentions(dcp_metadata, COMMON_STATE_UNIQUE_KEY.encode())
+        and not _mentions(storage, dcp_metadata, COMMON_STATE_UNIQUE_KEY.encode())
     ):
         return "PyTorch DCP"
     if any(storage.is_file(os.path.join(root, name)) for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE)):
@@ -129,12 +133,13 @@ def foreign_format(checkpoint_dir) -> Optional[str]:
 MISSING = object()  # what `read_json(..., missing_ok=True)` returns for a file that is not there
 
 
-def read_json(path: str, missing_ok: bool = False):
+def read_json(path: str, missing_ok: bool = False, storage: Optional[Storage] = None):
     """A JSON document of a checkpoint (MISSING for a missing file with `missing_ok`). Anything
     but well-formed JSON (a file that cannot be read, bad syntax, nesting too deep, NaN, an
-    integer of more than 4300 digits) raises a `CheckpointingException` naming the file."""
+    integer of more than 4300 digits) raises a `CheckpointingException` naming the file.
+    `storage`: the one holding `path`, where the caller has it."""
     try:
-        raw = storage_of(path).read(path)
+        raw = (storage or storage_of(path)).read(path)
     except (FileNotFoundError, NotADirectoryError):
         if missing_ok:
             return MISSING
@@ -174,15 +179,15 @@ _CONFIG_FIELDS = ("sharded_backend", "sharded_backend_version", "common_backend"
 _INDEX_FIELDS = ("format_version", "tensors", "objects", "checksums")
 
 
-def _mentions(path: str, name: bytes) -> bool:
+def _mentions(storage: Storage, path: str, name: bytes) -> bool:
     """Whether file `path` contains the bytes `name` (read, never unpickled)."""
     try:
-        return name in storage_of(path).read(path)
+        return name in storage.read(path)
     except OSError:
         return False
 
 
-def _parse_metadata(doc, path: str) -> CheckpointMetadata:
+def _parse_metadata(doc, path: str, storage: Storage) -> CheckpointMetadata:
     """`metadata.json`: Megatron-Core's config fields (unknown ones are ignored, as newer
     Megatron-Core versions do); an index inside it is the layout of format_version 1."""
     if not isinstance(doc, dict):
@@ -192,7 +197,7 @@ def _parse_metadata(doc, path: str) -> CheckpointMetadata:
         if any(name in doc for name in _INDEX_FIELDS):
             raise CheckpointingException(f"Malformed {path}: an index ('tensors'/'objects'/'checksums') without 'format_version'")
         index_path = os.path.join(os.path.dirname(path), INDEX_FNAME)
-        index = read_json(index_path, missing_ok=True)
+        index = read_json(index_path, missing_ok=True, storage=storage)
         if index is MISSING:
             return CheckpointMetadata(config)
         return _parse_index(index, index_path, config, set(_INDEX_FIELDS))
@@ -332,12 +337,12 @@ def _readable_json(doc: dict) -> str:
     return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
-def require_complete_checkpoint(checkpoint_dir) -> CheckpointMetadata:
+def require_complete_checkpoint(checkpoint_dir, storage: Optional[Storage] = None) -> CheckpointMetadata:
     """The metadata of a complete checkpoint; a clear error for anything else."""
-    checkpoint_dir, storage = str(checkpoint_dir), storage_of(checkpoint_dir)
-    if not storage.is_dir(checkpoint_dir):
+    checkpoint_dir, storage = str(checkpoint_dir), storage or storage_of(checkpoint_dir)
+    metadata = read_metadata(checkpoint_dir, storage)
+    if metadata is None and not storage.is_dir(checkpoint_dir):
         raise CheckpointingException(f"Checkpoint directory {checkpoint_dir} does not exist")
-    metadata = read_metadata(checkpoint_dir)
     if metadata is None:
         if storage.entries(checkpoint_dir):
             raise CheckpointingException(

@@ -28,6 +28,7 @@ from .core import MISSING, CheckpointingException, read_json
 from .fs import DurableDir
 from .layout import INTEGRITY_FNAME, contained_path
 from .storage import read_whole, storage_of
+from .storage_interface import Storage
 
 Range = Tuple[int, int, int]  # (offset, length, crc32c) of bytes in a file
 Checksums = Dict[str, List[Range]]  # path relative to the checkpoint directory -> its ranges
@@ -137,9 +138,9 @@ class ChecksumIndex:
                 f"are damaged: {problem}. Restore the file or the checkpoint from a copy, or save again."
             )
 
-    def read_file(self, checkpoint_dir, name: str, what: str) -> io.BytesIO:
-        """The whole file `name` of the checkpoint, verified."""
-        data = read_whole(contained_path(checkpoint_dir, name, what), what)
+    def read_file(self, checkpoint_dir, name: str, what: str, storage: Optional[Storage] = None) -> io.BytesIO:
+        """The whole file `name` of the checkpoint (on `storage`, where the caller has it), verified."""
+        data = read_whole(contained_path(checkpoint_dir, name, what, storage), what, storage)
         self.verify(data, checkpoint_dir, name, 0, what)
         return io.BytesIO(data)
 

@@ -9,10 +9,11 @@ it.
 
 import errno
 import os
+from typing import Optional
 
 from .errors import CheckpointingException
 from .storage import storage_of
-from .storage_interface import Reader
+from .storage_interface import Reader, Storage
 
 CONFIG_FNAME = "metadata.json"  # the commit marker, written last
 INDEX_FNAME = "index.json"  # our index of the content, written just before metadata.json
@@ -90,14 +91,14 @@ def relative_path_problem(name) -> str:
     return ""
 
 
-def contained_path(checkpoint_dir, name: str, what: str) -> str:
+def contained_path(checkpoint_dir, name: str, what: str, storage: Optional[Storage] = None) -> str:
     """The path of file `name` of the checkpoint, refused (naming `what` refers to it) unless it
     stays inside the checkpoint directory, also after following symbolic links (on storage
-    that has them)."""
+    that has them; `storage`: the checkpoint's, where the caller has it)."""
     root = str(checkpoint_dir)
     problem = relative_path_problem(name)
     path = os.path.join(root, name) if not problem else ""
-    if not problem and storage_of(root).links:
+    if not problem and (storage or storage_of(root)).links:
         real_root = os.path.realpath(root)
         if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
             problem = "it resolves (through a symbolic link) outside the checkpoint"
@@ -115,9 +116,8 @@ class LinkFreeTree:
     files themselves are opened with O_NOFOLLOW), each directory checked once. Cheaper than
     resolving every path, and as strict as `dist-ckpt verify` is about chunk files."""
 
-    def __init__(self, root: str, what: str):
-        self.root, self.what = root, what
-        self.storage = storage_of(root)
+    def __init__(self, root: str, what: str, storage: Storage):
+        self.root, self.what, self.storage = root, what, storage
         self.checked = set()
 
     def open(self, name: str, whole: bool = False) -> Reader:

@@ -1,6 +1,7 @@
 """A checkpoint opened once per load (DCP's `set_up_storage_reader(metadata)`, Orbax's handlers).
 
-`open_checkpoint` parses `metadata.json` and the index with its checksums once; the engine's own index
+`open_checkpoint` resolves the location's storage and parses `metadata.json` and the index with its
+checksums once; the engine's own index
 (`.metadata`, the Zarr array documents) is parsed on first use and kept. The load hands the
 `OpenCheckpoint` to the strategies where Megatron-Core's signatures take a directory: it is an
 `os.PathLike` of that directory, so a strategy called with a plain path (as Megatron-Core code
@@ -12,13 +13,15 @@ from typing import Callable, Dict, Hashable, Optional
 
 from .core import CheckpointMetadata, read_metadata, require_complete_checkpoint
 from .integrity import ChecksumIndex
+from .storage import storage_of
+from .storage_interface import Storage
 
 
 class OpenCheckpoint(os.PathLike):
-    """A checkpoint directory and what has been parsed of it."""
+    """A checkpoint directory, the storage it is on, and what has been parsed of it."""
 
-    def __init__(self, path: str, metadata: Optional[CheckpointMetadata]):
-        self.path = path
+    def __init__(self, path: str, storage: Storage, metadata: Optional[CheckpointMetadata]):
+        self.path, self.storage = path, storage
         self.metadata = metadata  # None where there is no metadata.json (strategies used directly)
         self.checksums = ChecksumIndex(metadata.checksums if metadata else None)
         self._parsed: Dict[Hashable, object] = {}
@@ -45,5 +48,6 @@ def open_checkpoint(checkpoint_dir, require_complete: bool = False) -> OpenCheck
     if isinstance(checkpoint_dir, OpenCheckpoint):
         return checkpoint_dir
     path = os.fspath(checkpoint_dir)
-    metadata = require_complete_checkpoint(path) if require_complete else read_metadata(path)
-    return OpenCheckpoint(path, metadata)
+    storage = storage_of(path)
+    metadata = require_complete_checkpoint(path, storage) if require_complete else read_metadata(path, storage)
+    return OpenCheckpoint(path, storage, metadata)

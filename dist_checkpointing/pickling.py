@@ -25,6 +25,7 @@ from .core import CheckpointingException, is_int
 from .fs import DurableDir
 from .integrity import Range, write_checksummed
 from .storage import storage_of
+from .storage_interface import Storage
 
 SAFE_GLOBALS = [
     io.BytesIO,  # Transformer Engine's `_extra_state`: rebuilt from its bytes, it runs no code
@@ -162,15 +163,16 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"{module}.{name}") from None
 
 
-def load_dcp_metadata(path: str, as_dcp_objects: bool = False):
+def load_dcp_metadata(path: str, as_dcp_objects: bool = False, storage: Optional[Storage] = None):
     """Reads a DCP `.metadata` pickle with an allow-list of DCP's metadata classes, into
     DcpRecords (or, `as_dcp_objects`, DCP's own classes).
 
     DCP itself uses `pickle.load`, which runs whatever a tampered file says; here a class
-    outside the list fails the load instead.
+    outside the list fails the load instead. `storage`: the one holding `path`, where the
+    caller has it.
     """
     try:
-        return _DcpMetadataUnpickler(io.BytesIO(storage_of(path).read(path)), _dcp_metadata_globals(as_dcp_objects)).load()
+        return _DcpMetadataUnpickler(io.BytesIO((storage or storage_of(path)).read(path)), _dcp_metadata_globals(as_dcp_objects)).load()
     except FileNotFoundError:
         raise CheckpointingException(f"{path} is missing; the torch_dist checkpoint is damaged") from None
     except pickle.UnpicklingError as e:

@@ -554,7 +554,7 @@ def _entries_and_common_state(checkpoint, sharded, common) -> Tuple[CkptShardedM
     held = entries.pop(COMMON_STATE_UNIQUE_KEY, None) is not None
     if checkpoint.metadata.foreign:
         return entries, None
-    if held and not storage_of(checkpoint).exists(common_file(checkpoint)):
+    if held and not checkpoint.storage.exists(common_file(checkpoint)):
         return entries, COMMON_STATE_IN_OBJECT
     return entries, COMMON_STATE_IN_FILE
 

@@ -14,7 +14,7 @@ concurrency that pays off for reads and writes (`io_threads`, `thread_bytes`).
 
 import os
 import shutil
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from .errors import CheckpointingException
 from .fs import DurableDir, atomic_write, atomic_write_with, fsync_dir
@@ -126,11 +126,11 @@ class FileReader(Reader):
 LOCAL = LocalStorage()
 
 
-def read_whole(path: str, what: str) -> bytes:
-    """The bytes of file `path` of a checkpoint; a missing or unreadable file raises a
-    CheckpointingException naming `what` needs it."""
+def read_whole(path: str, what: str, storage: Optional[Storage] = None) -> bytes:
+    """The bytes of file `path` of a checkpoint (on `storage`, where the caller has it); a
+    missing or unreadable file raises a CheckpointingException naming `what` needs it."""
     try:
-        return storage_of(path).read(path)
+        return (storage or storage_of(path)).read(path)
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointingException(f"{what}: file {path} is missing; the checkpoint is damaged or incomplete") from None
     except OSError as e:

@@ -160,23 +160,31 @@ def test_raw_zarr_chunks_damaged_truncated_or_linked_are_named(saved, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch_dist", "zarr"])
-def test_a_load_parses_each_document_once(saved, backend, monkeypatch):
-    from dist_checkpointing import core
+def test_a_load_parses_each_document_once_and_resolves_its_storage_once(saved, backend, monkeypatch):
+    import sys
+
+    from dist_checkpointing import core, storage
     from dist_checkpointing.strategies import dcp_format, zarr_spec
     from dist_checkpointing.strategies import torch as torch_engine
 
     parsed = []
     real_read_json, real_dcp = core.read_json, dcp_format.read_dcp_index
-    def read_json(path, missing_ok=False):  # counts the documents found
-        document = real_read_json(path, missing_ok)
+    def read_json(path, missing_ok=False, storage=None):  # counts the documents found
+        document = real_read_json(path, missing_ok, storage)
         if document is not core.MISSING:
             parsed.append(os.path.basename(path))
         return document
 
     monkeypatch.setattr(core, "read_json", read_json)
     monkeypatch.setattr(zarr_spec, "read_json", read_json)
-    monkeypatch.setattr(torch_engine, "read_dcp_index", lambda d: parsed.append(".metadata") or real_dcp(d))
-    dc.load(_state(), str(saved / backend))
+    monkeypatch.setattr(torch_engine, "read_dcp_index", lambda *args: parsed.append(".metadata") or real_dcp(*args))
+    resolved = []  # every call of storage_of, whichever module imported it
+    sys.setprofile(lambda frame, event, _: event == "call" and frame.f_code is storage.storage_of.__code__ and resolved.append(1))
+    try:
+        dc.load(_state(), str(saved / backend))
+    finally:
+        sys.setprofile(None)
     # zarr: the root group's zarr.json holds every array's document (consolidated metadata)
     expected = {"torch_dist": [".metadata", "index.json", "metadata.json"], "zarr": ["index.json", "metadata.json", "zarr.json"]}
     assert sorted(parsed) == expected[backend]
+    assert len(resolved) == 1  # open_checkpoint resolves the location; everything below is handed its storage

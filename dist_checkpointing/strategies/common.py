@@ -8,10 +8,10 @@ import os
 
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..integrity import ChecksumIndex, Checksums
+from ..integrity import Checksums
 from ..layout import COMMON_FNAME, common_file, object_file
 from ..mapping import ShardedObject, is_main_replica
-from ..opening import open_checkpoint
+from ..opening import OpenCheckpoint, open_checkpoint
 from ..pickling import load_object, save_object
 from ..storage import storage_of
 from .base import LoadCommonStrategy, SaveCommonStrategy, StrategyAction, register_default_strategy
@@ -56,8 +56,9 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
         return True
 
     def load_common(self, checkpoint_dir):
-        path = common_file(checkpoint_dir)
-        state = _load_verified(checkpoint_dir, path, "common state dict")
+        checkpoint = open_checkpoint(checkpoint_dir)
+        path = common_file(checkpoint.path)
+        state = _load_verified(checkpoint, path, "common state dict")
         if not isinstance(state, dict):
             raise CheckpointingException(
                 f"{path} holds a {type(state).__name__}, not the common state dict; the checkpoint is damaged"
@@ -65,13 +66,13 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
         return state
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
-        checksums = open_checkpoint(checkpoint_dir).checksums
+        checkpoint = open_checkpoint(checkpoint_dir)
 
         def load_one(obj):
             if not isinstance(obj, ShardedObject):
                 return obj
-            path = object_file(checkpoint_dir, obj.unique_key)
-            return _load_verified(checkpoint_dir, path, f"ShardedObject '{obj.unique_key}'", checksums)
+            path = object_file(checkpoint.path, obj.unique_key)
+            return _load_verified(checkpoint, path, f"ShardedObject '{obj.unique_key}'")
 
         return dict_list_map_inplace(load_one, sharded_objects_state_dict)
 
@@ -87,7 +88,6 @@ class TorchCommonLoadStrategy(LoadCommonStrategy):
         return found
 
 
-def _load_verified(checkpoint_dir, path: str, what: str, checksums: ChecksumIndex = None):
-    checksums = checksums or open_checkpoint(checkpoint_dir).checksums
-    name = os.path.relpath(path, str(checkpoint_dir))
-    return load_object(checksums.read_file(checkpoint_dir, name, what), what, path)
+def _load_verified(checkpoint: OpenCheckpoint, path: str, what: str):
+    name = os.path.relpath(path, checkpoint.path)
+    return load_object(checkpoint.checksums.read_file(checkpoint.path, name, what, checkpoint.storage), what, path)

@@ -25,6 +25,7 @@ from ..geometry import cover_fault, inside
 from ..layout import DCP_METADATA_FNAME, relative_path_problem
 from ..mapping import ShardedObject, whole_tensor_metadata
 from ..pickling import DcpRecord, TensorRecord, load_dcp_metadata, load_object, tensor_record
+from ..storage_interface import Storage
 
 METADATA_FNAME = DCP_METADATA_FNAME
 ORIG_SHAPE = "nd_reformulated_orig_global_shape"  # Megatron-Core's `mcore_data` field
@@ -83,12 +84,12 @@ class DcpIndex:
         return {item.file for _, item in self.stored_items()}
 
 
-def read_dcp_index(checkpoint_dir: str) -> DcpIndex:
-    """The checkpoint's `.metadata`, unpickled into records with an allow-list and
-    type-checked into a DcpIndex."""
+def read_dcp_index(checkpoint_dir: str, storage: Optional[Storage] = None) -> DcpIndex:
+    """The checkpoint's `.metadata` (on `storage`, where the caller has it), unpickled into
+    records with an allow-list and type-checked into a DcpIndex."""
     path = os.path.join(checkpoint_dir, METADATA_FNAME)
     try:
-        return _index(path, load_dcp_metadata(path))
+        return _index(path, load_dcp_metadata(path, storage=storage))
     except _Damaged as e:
         raise CheckpointingException(f"{path} is damaged or was tampered with: {e}") from None
 

@@ -32,7 +32,6 @@ from ..layout import contained_path
 from ..mapping import ShardedObject, ShardedTensor
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..pickling import dump_dcp_metadata, load_dcp_metadata, load_object
-from ..storage import storage_of
 from ..storage_interface import Reader
 from ..validation import check_request_against_stored
 from .base import LoadShardedStrategy
@@ -82,7 +81,7 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
 
     def load(self, sharded_state_dict, checkpoint_dir):
         checkpoint = open_checkpoint(checkpoint_dir)
-        reads = _Reads(checkpoint.path, dcp_index(checkpoint))
+        reads = _Reads(checkpoint, dcp_index(checkpoint))
         placeholders = dict_list_map_inplace(reads.plan, sharded_state_dict)
         reads.run(checkpoint.checksums if self.config.verify_checksums else ChecksumIndex(None), self.config.thread_count)
         return dict_list_map_inplace(reads.result, placeholders)
@@ -108,14 +107,13 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
             {k: v for k, v in index.tensors.items() if not k.startswith(key_prefix)},
             {k: v for k, v in index.objects.items() if not k.startswith(key_prefix)},
         )
-        metadata = load_dcp_metadata(index.path, as_dcp_objects=True)  # DCP's classes, to write back
+        metadata = load_dcp_metadata(index.path, as_dcp_objects=True, storage=checkpoint.storage)  # DCP's classes, to write back
         metadata.state_dict_metadata = {k: v for k, v in metadata.state_dict_metadata.items() if not k.startswith(key_prefix)}
         metadata.storage_data = {k: v for k, v in metadata.storage_data.items() if not k.fqn.startswith(key_prefix)}
         metadata.mcore_data = {k: v for k, v in (getattr(metadata, "mcore_data", None) or {}).items() if not k.startswith(key_prefix)}
-        storage = storage_of(index.path)
-        storage.write_atomic(index.path, dump_dcp_metadata(metadata))
+        checkpoint.storage.write_atomic(index.path, dump_dcp_metadata(metadata))
         for name in sorted(index.files() - kept.files()):
-            storage.remove(contained_path(checkpoint.path, name, METADATA_FNAME))
+            checkpoint.storage.remove(contained_path(checkpoint.path, name, METADATA_FNAME, checkpoint.storage))
 
 
 def get_reformulation_metadata(sharded_state_dict, checkpoint_dir) -> Dict[str, TensorReformulationMetadata]:
@@ -143,7 +141,7 @@ def get_reformulation_metadata(sharded_state_dict, checkpoint_dir) -> Dict[str, 
 
 def dcp_index(checkpoint: OpenCheckpoint) -> DcpIndex:
     """`.metadata`, read once per open checkpoint."""
-    return checkpoint.parsed(METADATA_FNAME, lambda: read_dcp_index(checkpoint.path))
+    return checkpoint.parsed(METADATA_FNAME, lambda: read_dcp_index(checkpoint.path, checkpoint.storage))
 
 
 class _Pending:
@@ -180,8 +178,8 @@ class _Reads:
     ones straight into their destinations.
     """
 
-    def __init__(self, checkpoint_dir: str, index: DcpIndex):
-        self.checkpoint_dir, self.index = checkpoint_dir, index
+    def __init__(self, checkpoint: OpenCheckpoint, index: DcpIndex):
+        self.checkpoint_dir, self.storage, self.index = checkpoint.path, checkpoint.storage, index
         self.requests: List = []  # per _Pending.n: the request
         self.values: List = []  # per _Pending.n: the target tensor or the loaded object
         self.objects: Dict[str, List[int]] = {}  # unique key -> the _Pending.n requesting it
@@ -293,7 +291,7 @@ class _Reads:
             for name, items in batch:
                 self._read_file(name, sorted(items, key=lambda item: item.offset), object_keys, checksums)
 
-        batches = storage_of(self.checkpoint_dir).read_batches(
+        batches = self.storage.read_batches(
             list(by_file.items()), thread_count, lambda entry: (item.length for item in entry[1])
         )
         with ThreadPoolExecutor(len(batches) or 1) as pool:
@@ -303,9 +301,9 @@ class _Reads:
 
     def _read_file(self, name: str, items: List[StoredItem], object_keys: dict, checksums: ChecksumIndex) -> None:
         keys = sorted({self.fills[item].key if item in self.fills else object_keys[item] for item in items})
-        path = contained_path(self.checkpoint_dir, name, f"{METADATA_FNAME} (keys {keys})")
+        path = contained_path(self.checkpoint_dir, name, f"{METADATA_FNAME} (keys {keys})", self.storage)
         try:
-            with storage_of(path).open(path) as file:
+            with self.storage.open(path) as file:
                 for run in _coalesced(items):
                     self._check_items(run, file.size, path, object_keys)
                     first, last = run[0], run[-1]

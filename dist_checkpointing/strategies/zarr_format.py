@@ -23,6 +23,7 @@ from ..layout import LinkFreeTree, entry_dir
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..storage import storage_of
+from ..storage_interface import Storage
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, PlannedSaveStrategy
 from .config import ZARR_ENGINES, StrategyConfig
@@ -254,7 +255,7 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
         checkpoint_dir = checkpoint.path
         requests = [sh for sh in nested_values(sharded_state_dict) if isinstance(sh, ShardedTensor)]
         documents = {key: _array_document(checkpoint, key) for key in dict.fromkeys(sh.key for sh in requests)}
-        raw = RawChunkReads(checkpoint_dir)
+        raw = RawChunkReads(checkpoint_dir, checkpoint.storage)
         decoded = [sh for sh in requests if not raw.plan(sh, documents[sh.key])]
         loaded = raw.run(self.config.thread_count)
         arrays = {key: self._open(checkpoint, key) for key in dict.fromkeys(sh.key for sh in decoded)}
@@ -289,8 +290,8 @@ class ZarrFormatLoadStrategy(LoadShardedStrategy):
 def _array_document(checkpoint: OpenCheckpoint, key: str) -> dict:
     """The array document of `key`, read and checked once per open checkpoint (the root's
     consolidated metadata is read once for all)."""
-    consolidated = checkpoint.parsed("zarr consolidated", lambda: read_consolidated(checkpoint.path))
-    return checkpoint.parsed(("array", key), lambda: read_array_document(checkpoint.path, key, consolidated))
+    consolidated = checkpoint.parsed("zarr consolidated", lambda: read_consolidated(checkpoint.path, checkpoint.storage))
+    return checkpoint.parsed(("array", key), lambda: read_array_document(checkpoint.path, key, consolidated, checkpoint.storage))
 
 
 class RawChunkReads:
@@ -298,8 +299,8 @@ class RawChunkReads:
     request needs is read once, straight into the request's tensor where it is the whole chunk
     (reading.py), its CRC-32C checked on the bytes as they land."""
 
-    def __init__(self, checkpoint_dir: str):
-        self.checkpoint_dir = checkpoint_dir
+    def __init__(self, checkpoint_dir: str, storage: Storage):
+        self.checkpoint_dir, self.storage = checkpoint_dir, storage
         self.targets: List[Tuple[ShardedTensor, torch.Tensor]] = []
         self.chunks: Dict[str, "_ChunkFile"] = {}  # by path relative to the checkpoint
 
@@ -331,7 +332,7 @@ class RawChunkReads:
         """Reads every planned chunk, in `thread_count` batches of similar size (one task per
         thread: thousands of small chunks would otherwise cost more in hand-offs than in
         reading); returns each request's value by `id` of the request."""
-        batches = storage_of(self.checkpoint_dir).read_batches(list(self.chunks.items()), thread_count, lambda entry: (entry[1].nbytes,))
+        batches = self.storage.read_batches(list(self.chunks.items()), thread_count, lambda entry: (entry[1].nbytes,))
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(self._read_batch, batches))
         return {id(sh): sh.deliver(target) for sh, target in self.targets}
@@ -340,7 +341,7 @@ class RawChunkReads:
         trees = {}  # key -> its array directory's files
         for name, chunk in batch:
             if chunk.key not in trees:
-                trees[chunk.key] = LinkFreeTree(entry_dir(self.checkpoint_dir, chunk.key), f"Key '{chunk.key}'")
+                trees[chunk.key] = LinkFreeTree(entry_dir(self.checkpoint_dir, chunk.key), f"Key '{chunk.key}'", self.storage)
             self._read(trees[chunk.key], name[len(chunk.key) + 1 :], chunk)
 
     def _read(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile") -> None:

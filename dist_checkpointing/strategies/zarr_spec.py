@@ -14,6 +14,7 @@ from ..dtypes import DTYPES, name_of_zarr_v2, torch_dtype, zarr_v2_dtype
 from ..geometry import intersection
 from ..layout import ZARR_GROUP_FNAME, check_key, contained_path
 from ..storage import storage_of
+from ..storage_interface import Storage
 from .config import StrategyConfig
 
 METADATA_FNAME = {3: "zarr.json", 2: ".zarray"}
@@ -169,13 +170,14 @@ class Consolidated(NamedTuple):
     documents: Dict[str, object]
 
 
-def read_consolidated(checkpoint_dir) -> Optional[Consolidated]:
+def read_consolidated(checkpoint_dir, storage: Optional[Storage] = None) -> Optional[Consolidated]:
     """The root's consolidated metadata; None where there is none (a checkpoint of
-    Megatron-Core, or of an older version of this library). A malformed root document raises."""
+    Megatron-Core, or of an older version of this library). A malformed root document raises.
+    `storage`: the checkpoint's, where the caller has it."""
     root = str(checkpoint_dir)
     for zarr_format in (3, 2):
         path = os.path.join(root, CONSOLIDATED_FNAME[zarr_format])
-        found = read_json(path, missing_ok=True)
+        found = read_json(path, missing_ok=True, storage=storage)
         if found is MISSING:
             continue
         if zarr_format == 3:
@@ -198,14 +200,17 @@ def read_consolidated(checkpoint_dir) -> Optional[Consolidated]:
 MAX_CHUNKS = 2**26  # per array; more chunk files than any checkpoint writes means damage
 
 
-def read_array_document(checkpoint_dir, key: str, consolidated: Optional[Consolidated] = None) -> dict:
+def read_array_document(checkpoint_dir, key: str, consolidated: Optional[Consolidated] = None,
+                        storage: Optional[Storage] = None) -> dict:
     """The array document of `key` (from the root's `consolidated` documents, else `.zarray`,
     else `zarr.json`), checked: a Zarr array of a known dtype whose shape and chunk grid are
     bounded (numbers from a checkpoint are not trusted). A key with no array raises a clear
-    error. The array's directory must lie inside the checkpoint, whichever document is read."""
+    error. The array's directory must lie inside the checkpoint, whichever document is read.
+    `storage`: the checkpoint's, where the caller has it."""
+    storage = storage or storage_of(checkpoint_dir)
     array_dir = os.path.join(str(checkpoint_dir), check_key(key))  # one component, checked
-    if storage_of(array_dir).links and os.path.islink(array_dir):  # allowed if it stays inside (resolving costs; links are rare)
-        contained_path(checkpoint_dir, key, f"Key '{key}'")
+    if storage.links and os.path.islink(array_dir):  # allowed if it stays inside (resolving costs; links are rare)
+        contained_path(checkpoint_dir, key, f"Key '{key}'", storage)
     if consolidated is not None and key in consolidated.documents:
         document = consolidated.documents[key]
         problem = _document_problem(document)
@@ -218,7 +223,7 @@ def read_array_document(checkpoint_dir, key: str, consolidated: Optional[Consoli
     paths = [os.path.join(array_dir, METADATA_FNAME[zarr_format]) for zarr_format in (2, 3)]
     path, document = None, None
     for candidate in paths:
-        found = read_json(candidate, missing_ok=True)
+        found = read_json(candidate, missing_ok=True, storage=storage)
         if found is not MISSING:
             path, document = candidate, found
             break
