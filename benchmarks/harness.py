@@ -120,4 +120,4 @@ def report(title: str, summary: dict, rows: list, as_json: bool) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
-        print("| " + " | ".join(str(row[h]) for h in header) + " |")
+        print("| " + " | ".join("" if row[h] is None else str(row[h]) for h in header) + " |")

@@ -102,7 +102,7 @@ _DCP = "torch.distributed.checkpoint"
 _MCORE = "megatron.core.dist_checkpointing.strategies.torch"
 # Every DCP class a `.metadata` pickle may reference: (module, name) -> DCP's name for it
 # (Megatron-Core <= 0.15 pickles subclasses that only add plain-data attributes).
-DCP_METADATA_CLASSES = {
+_DCP_METADATA_CLASSES = {
     **{(f"{_DCP}.metadata", n): n for n in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
         "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")},
@@ -130,7 +130,7 @@ class DcpRecord:
         self.state = state
 
 
-_RECORD_CLASSES = {kind: type(kind, (DcpRecord,), {"kind": kind}) for kind in set(DCP_METADATA_CLASSES.values())}
+_RECORD_CLASSES = {kind: type(kind, (DcpRecord,), {"kind": kind}) for kind in set(_DCP_METADATA_CLASSES.values())}
 
 
 def _dcp_metadata_globals(as_dcp_objects: bool) -> dict:
@@ -140,10 +140,10 @@ def _dcp_metadata_globals(as_dcp_objects: bool) -> dict:
         from torch.distributed.checkpoint import filesystem, metadata, planner
 
         classes = {**vars(metadata), **vars(planner), **vars(filesystem)}
-        table = {name: classes[kind] for name, kind in DCP_METADATA_CLASSES.items()}
+        table = {name: classes[kind] for name, kind in _DCP_METADATA_CLASSES.items()}
         table[("torch", "Size")] = torch.Size
     else:
-        table = {name: _RECORD_CLASSES[kind] for name, kind in DCP_METADATA_CLASSES.items()}
+        table = {name: _RECORD_CLASSES[kind] for name, kind in _DCP_METADATA_CLASSES.items()}
         table[("torch", "Size")] = tuple
     table[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a torch.layout by name
     table[("pathlib", "PosixPath")] = pathlib.PosixPath  # stock DCP's StorageMeta.checkpoint_id

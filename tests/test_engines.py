@@ -360,3 +360,27 @@ def test_a_load_imports_only_the_engine_it_needs(tp2_checkpoints):
     out = subprocess.run([sys.executable, "-c", script], cwd=here, capture_output=True, text=True, check=True).stdout
     # raw chunks are read by the layout's own reader; only compressed ones need the engine
     assert out.split("\n")[:3] == ["[]", "[]", "['zarr']"], out
+
+
+def test_torch_dist_items_are_what_torch_save_writes():
+    """An item is written from its layout (head, values, tail) without torch.save: byte for byte
+    what torch.save writes with the zip CRC-32s off for a contiguous tensor of its values (a
+    one-element tensor's odd strides become the usual ones), and torch.load reads it."""
+    import io
+
+    from torch.utils.serialization import config
+
+    from dist_checkpointing.strategies.dcp_save import _layout
+    from dist_checkpointing.strategies.reading import host_bytes
+
+    layouts = {}
+    with config.patch("save.compute_crc32", False):
+        for tensor in (torch.randn(3, 5).to(torch.bfloat16), torch.tensor(2.5), torch.arange(7), torch.rand(4) > 0.5,
+                       torch.empty_strided((1, 1), (64, 64)).fill_(3.0), torch.randn(300, 1000)):
+            layout = _layout(layouts, tensor)
+            written = b"".join((layout.head, host_bytes(tensor).tobytes(), layout.tail))
+            expected = io.BytesIO()
+            torch.save(tensor.clone(memory_format=torch.contiguous_format), expected)
+            assert written == expected.getvalue(), (tensor.dtype, tuple(tensor.shape))
+            assert torch.equal(torch.load(io.BytesIO(written), weights_only=True), tensor)
+    assert _layout({}, torch.zeros(2)) is None  # with CRC-32s on, torch.save writes the item

@@ -250,14 +250,12 @@ def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[WrittenIt
 
     def write(f):
         for _, _, data in items:
-            layout = _layout(layouts, data) if isinstance(data, torch.Tensor) else None
-            if layout is not None:  # the values written from the tensor's memory, no torch.save
-                values = host_bytes(data)
-                parts = (layout.head, values, layout.tail)
-                for part in parts if layout.nbytes >= IN_MEMORY_ITEM_BYTES else [b"".join(parts)]:  # small: one write
-                    f.write(part)
+            small = isinstance(data, torch.Tensor) and data.numel() * data.element_size() < IN_MEMORY_ITEM_BYTES
+            layout = _layout(layouts, data) if small else None
+            if layout is not None:  # one write, no torch.save: its ~40 small writes cost more than the bytes
+                f.write(b"".join((layout.head, host_bytes(data), layout.tail)))
             elif isinstance(data, torch.Tensor):
-                torch.save(data, f)
+                torch.save(data, f)  # its values in one write, from the tensor's memory
             else:
                 f.write(data.getbuffer())
             offset, length, _ = f.end_item()
@@ -273,12 +271,14 @@ def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[WrittenIt
 
 
 def _layout(layouts: dict, tensor: torch.Tensor) -> Optional[TensorItem]:
-    """The bytes `torch.save` writes around the values of a compact CPU tensor like `tensor`:
-    they depend on its dtype and shape only, as the zip records' CRC-32s are not computed
-    (`save.compute_crc32` is off while a file's items are written). One `torch.save` per distinct
-    layout; then an item is its layout's head, its values and its tail (a small tensor's
-    `torch.save` costs ~50 µs, most of a many-tensor save). None where that does not hold (a
-    subclass, a conjugate or negative view, CRC-32s on), and `torch.save` writes the item."""
+    """The bytes `torch.save` writes around the values of a contiguous CPU tensor of `tensor`'s
+    dtype and shape (with the usual strides, which a one-element tensor need not have): they
+    depend on the dtype and shape only, as the zip records' CRC-32s are not computed
+    (`save.compute_crc32` is off while a file's items are written). One `torch.save` (of zeros)
+    per distinct layout, so for small items only; then an item is its layout's head, its values
+    and its tail (a small tensor's `torch.save` costs ~50 µs, most of a many-tensor save). None
+    where that does not hold (a subclass, a conjugate or negative view, CRC-32s on), and
+    `torch.save` writes the item."""
     if type(tensor) is not torch.Tensor or tensor.is_conj() or tensor.is_neg() or serialization_config.save.compute_crc32:
         return None
     key = (tensor.dtype, tuple(tensor.shape))

@@ -300,7 +300,8 @@ class _Reads:
             into.copy_(read)
 
     def _read_file(self, name: str, items: List[StoredItem], object_keys: dict, checksums: ChecksumIndex) -> None:
-        keys = sorted({self.fills[item].key if item in self.fills else object_keys[item] for item in items})
+        keys = sorted({self.fills[item].key if item in self.fills else object_keys[item] for item in items[:3]})
+        keys = ", ".join(f"'{key}'" for key in keys) + (", ..." if len(items) > 3 else "")  # for messages
         path = contained_path(self.checkpoint_dir, name, f"{METADATA_FNAME} (keys {keys})", self.storage)
         try:
             with self.storage.open(path) as file:
