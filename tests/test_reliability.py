@@ -159,6 +159,29 @@ def test_damaged_zarr_document_raises_and_is_reported(copy_of, capsys, content, 
         assert "final_norm/c.0: missing" in capsys.readouterr().out
 
 
+def test_dcp_metadata_damage_beyond_the_requested_keys(copy_of, capsys):
+    """Every n-d formulation shape in mcore_data is checked, also of keys without an entry."""
+    ckpt = copy_of("torch_dist")
+    rewrite_dcp_metadata(ckpt, lambda metadata: setattr(metadata, "mcore_data", {"no.such.key": {"nd_reformulated_orig_global_shape": [-1]}}))
+    with pytest.raises(CheckpointingException, match=r"\.metadata is damaged.*no\.such\.key.*nd_reformulated_orig_global_shape"):
+        load_tp1(ckpt)
+    assert_reported(ckpt, capsys, ".metadata")
+
+
+def test_dcp_entries_sharing_bytes_are_damage(copy_of):
+    """A byte entry pointed at a tensor chunk's bytes raises; it would fill only one of them."""
+    ckpt = copy_of("torch_dist")
+
+    def share(metadata):
+        chunk = next(info for index, info in metadata.storage_data.items() if index.fqn == "embedding.weight")
+        rng = next(index for index in metadata.storage_data if index.fqn == "rng_state/shard_0_2")
+        metadata.storage_data[rng] = chunk
+
+    rewrite_dcp_metadata(ckpt, share)
+    with pytest.raises(CheckpointingException, match="'embedding.weight' and 'rng_state/shard_0_2'.*same bytes"):
+        dc.load(sharded_state_dict(0, 2, with_data=False), ckpt, validate_access_integrity=False)
+
+
 # 7: a .metadata that unpickles to the wrong type
 @pytest.mark.parametrize("value", [{"state_dict_metadata": {}}, ["not", "metadata"], 42])
 def test_dcp_metadata_of_the_wrong_type(copy_of, capsys, value):

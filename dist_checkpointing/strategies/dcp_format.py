@@ -30,7 +30,6 @@ from ..storage_interface import Storage
 METADATA_FNAME = DCP_METADATA_FNAME
 ORIG_SHAPE = "nd_reformulated_orig_global_shape"  # Megatron-Core's `mcore_data` field
 DCP_VERSION = "1.0.0"  # the `Metadata.version` DCP of torch 2.6+ writes
-_LIMIT = 2**63
 IN_MEMORY_ITEM_BYTES = 2**20  # smaller items are written and read whole (one call each), larger ones in place
 
 
@@ -117,9 +116,8 @@ def _shape(x, what: str, ndim: Optional[int] = None, checked: Optional[set] = No
     if (
         not isinstance(x, (tuple, list))
         or (ndim is not None and len(x) != ndim)
-        or not all(type(n) is int for n in x)
-        or (x and (min(x) < 0 or max(x) >= _LIMIT))
-        or math.prod(x) >= _LIMIT
+        or not all(is_count(n) for n in x)
+        or math.prod(x) >= 2**63
     ):
         raise _Damaged(f"{what} {x!r} is not {'a tuple' if ndim is None else ndim} of 64-bit counts")
     x = tuple(x)
@@ -136,11 +134,14 @@ def _index(path: str, metadata) -> DcpIndex:
     mcore_data = fields.get("mcore_data") or {}
     if not isinstance(mcore_data, dict):
         raise _Damaged("mcore_data must be a dict")
+    checked, files = set(), set()  # shapes and file names found good
+    originals = {}  # key -> its shape as saved, for keys in the n-d formulation
     for key, data in mcore_data.items():
         if not isinstance(data, dict):
             raise _Damaged(f"key '{key}': mcore_data must hold {ORIG_SHAPE} as a shape")
+        if ORIG_SHAPE in data:
+            originals[key] = _shape(data[ORIG_SHAPE], f"key '{key}': mcore_data's {ORIG_SHAPE}", checked=checked)
     items = {}  # (key, chunk offsets or None) -> StoredItem
-    checked, files = set(), set()  # shapes and file names found good
     for index, info in storage.items():
         at = _fields(index, ("MetadataIndex",), f"storage_data key {index!r}")
         key, offset = at.get("fqn"), at.get("offset")
@@ -167,13 +168,13 @@ def _index(path: str, metadata) -> DcpIndex:
             objects[key] = items.get((key, None))
             continue
         try:
-            tensors[key] = _tensor(entry, mcore_data.get(key), items, key, checked)
+            tensors[key] = _tensor(entry, originals.get(key), items, key, checked)
         except _Damaged as e:
             raise _Damaged(f"key '{key}': {e}") from None
     return DcpIndex(path, tensors, objects)
 
 
-def _tensor(entry, mcore, items: dict, key: str, checked: set) -> DcpTensor:
+def _tensor(entry, original: Optional[Tuple[int, ...]], items: dict, key: str, checked: set) -> DcpTensor:
     fields = _fields(entry, ("TensorStorageMetadata",), "the entry")
     properties = fields.get("properties")
     if not isinstance(properties, DcpRecord) or properties.kind != "TensorProperties":
@@ -194,9 +195,6 @@ def _tensor(entry, mcore, items: dict, key: str, checked: set) -> DcpTensor:
         if not inside((offsets, sizes), size):
             raise _Damaged(f"chunk at {offsets} of size {sizes} lies outside the size {size}")
         boxes.append((offsets, sizes))
-    original = None
-    if mcore is not None and ORIG_SHAPE in mcore:
-        original = _shape(mcore[ORIG_SHAPE], f"mcore_data's {ORIG_SHAPE}")
     return DcpTensor(dtype, size, tuple(boxes), tuple(items.get((key, o)) for o, _ in boxes), original)
 
 

@@ -102,17 +102,13 @@ class TorchDistLoadShardedStrategy(LoadShardedStrategy):
         shared with other keys stay, unreferenced."""
         checkpoint = open_checkpoint(checkpoint_dir)
         index = dcp_index(checkpoint)
-        kept = DcpIndex(
-            index.path,
-            {k: v for k, v in index.tensors.items() if not k.startswith(key_prefix)},
-            {k: v for k, v in index.objects.items() if not k.startswith(key_prefix)},
-        )
+        kept_files = {item.file for key, item in index.stored_items() if not key.startswith(key_prefix)}
         metadata = load_dcp_metadata(index.path, as_dcp_objects=True, storage=checkpoint.storage)  # DCP's classes, to write back
         metadata.state_dict_metadata = {k: v for k, v in metadata.state_dict_metadata.items() if not k.startswith(key_prefix)}
         metadata.storage_data = {k: v for k, v in metadata.storage_data.items() if not k.fqn.startswith(key_prefix)}
         metadata.mcore_data = {k: v for k, v in (getattr(metadata, "mcore_data", None) or {}).items() if not k.startswith(key_prefix)}
         checkpoint.storage.write_atomic(index.path, dump_dcp_metadata(metadata))
-        for name in sorted(index.files() - kept.files()):
+        for name in sorted(index.files() - kept_files):
             checkpoint.storage.remove(contained_path(checkpoint.path, name, METADATA_FNAME, checkpoint.storage))
 
 
@@ -232,10 +228,7 @@ class _Reads:
             if fill is None:
                 fill = self.fills[item] = _Fill(key, stored.dtype, chunk[1])
             elif fill.key != key:
-                raise CheckpointingException(
-                    f"Keys '{fill.key}' and '{key}': {self.index.path} stores both in the same bytes "
-                    f"({item.file} at {item.offset}); it is damaged"
-                )
+                raise self._shared(fill.key, key, item)
             part = (tuple(a for a, _ in region), tuple(b - a for a, b in region))
             fill.pieces.append(piece_of(chunk[0], part, target, box[0]))
 
@@ -269,6 +262,12 @@ class _Reads:
             f"or load with strict='log_unexpected' to skip keys the checkpoint does not have."
         )
 
+    def _shared(self, first: str, second: str, item: StoredItem) -> CheckpointingException:
+        return CheckpointingException(
+            f"Keys '{first}' and '{second}': {self.index.path} stores both in the same bytes "
+            f"({item.file} at {item.offset}); it is damaged"
+        )
+
     def _add(self, sh, value) -> int:
         self.requests.append(sh)
         self.values.append(value)
@@ -280,12 +279,15 @@ class _Reads:
         by_file: Dict[str, List[StoredItem]] = {}
         for item in self.fills:
             by_file.setdefault(item.file, []).append(item)
+        object_keys: Dict[StoredItem, str] = {}
         for key in self.objects:
             item = self.index.objects[key]
             if item is None:
                 raise CheckpointingException(f"ShardedObject '{key}': {self.index.path} lists no bytes for it; it is damaged")
+            if item in self.fills or item in object_keys:  # each would fill only one of them
+                raise self._shared(self.fills[item].key if item in self.fills else object_keys[item], key, item)
+            object_keys[item] = key
             by_file.setdefault(item.file, []).append(item)
-        object_keys = {self.index.objects[key]: key for key in self.objects}
 
         def read_files(batch) -> None:
             for name, items in batch:
@@ -358,7 +360,7 @@ class _Reads:
             self._fill_from(blob, fill, what, path)
             return
         record = layout.record
-        self._check_chunk(fill, record.dtype, record.shape, item, what, path)
+        self._check_chunk(fill, record.dtype, record.shape, what, path)
         crc = None if recorded is None else crc32c(layout.head)
         crc = read_chunk(source, item.offset + layout.start, record.shape, record.dtype, fill.pieces, crc)
         if recorded is not None:
@@ -368,12 +370,12 @@ class _Reads:
     def _fill_from(self, blob, fill: _Fill, what: str, path: str) -> None:
         """Copies the pieces of a tensor item read whole (`blob`, already verified)."""
         tensor = stored_tensor(blob, what, path, self.layouts)
-        self._check_chunk(fill, tensor.dtype, tensor.shape, None, what, path)
+        self._check_chunk(fill, tensor.dtype, tensor.shape, what, path)
         for piece in fill.pieces:
             # a piece of the chunk's shape is all of it (the common case: no view to build)
             piece.into.copy_(tensor if piece.into.shape == tensor.shape else tensor[piece.region])
 
-    def _check_chunk(self, fill: _Fill, dtype: torch.dtype, shape, item: Optional[StoredItem], what: str, path: str) -> None:
+    def _check_chunk(self, fill: _Fill, dtype: torch.dtype, shape, what: str, path: str) -> None:
         """A stored item must hold a tensor of its chunk's size and the key's dtype (one that
         disagrees with `.metadata` is damage, not data)."""
         if tuple(shape) != fill.shape or dtype != fill.dtype:
