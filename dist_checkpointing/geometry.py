@@ -5,6 +5,8 @@ replica), load requests (inside the stored tensor), and the chunks a checkpoint 
 must tile the stored tensor) all use it.
 """
 
+import functools
+import itertools
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,6 +27,46 @@ def intersection(a: Box, b: Box) -> Optional[Region]:
         (max(ao, bo), min(ao + asz, bo + bsz)) for ao, asz, bo, bsz in zip(a[0], a[1], b[0], b[1])
     )
     return None if any(stop <= start for start, stop in region) else region
+
+
+# (which chunk, the overlap as slices of the chunk, as slices of the target or None for all of it)
+Overlap = Tuple[object, Tuple[slice, ...], Optional[Tuple[slice, ...]]]
+
+
+@functools.lru_cache(maxsize=2**12)
+def grid_overlaps(offset: Tuple[int, ...], shape: Tuple[int, ...], stored_shape: Tuple[int, ...],
+                  chunks: Tuple[int, ...]) -> Tuple[Overlap, ...]:
+    """Where a target holding box (offset, shape) of a tensor of `stored_shape`, stored in a
+    regular grid of `chunks`, overlaps each chunk (named by its grid position); the part of
+    the box beyond the stored shape overlaps none. Cached: the requests of a model's many
+    tensors share a few geometries."""
+    stop = tuple(min(o + n, g) for o, n, g in zip(offset, shape, stored_shape))
+    positions = itertools.product(*(range(o // c, -(-e // c)) for o, e, c in zip(offset, stop, chunks)))
+    boxes = [(tuple(i * c for i, c in zip(index, chunks)), chunks, index) for index in positions]
+    return _overlaps((offset, shape), stop, boxes)
+
+
+@functools.lru_cache(maxsize=2**12)
+def box_overlaps(offset: Tuple[int, ...], shape: Tuple[int, ...], boxes: Tuple[Box, ...]) -> Tuple[Overlap, ...]:
+    """`grid_overlaps` for chunks listed as boxes (named by their number in `boxes`), which lie
+    inside the stored tensor."""
+    stop = tuple(o + n for o, n in zip(offset, shape))
+    return _overlaps((offset, shape), stop, [(o, n, i) for i, (o, n) in enumerate(boxes)])
+
+
+def _overlaps(target: Box, stop: Tuple[int, ...], boxes) -> Tuple[Overlap, ...]:
+    offset, shape = target
+    found = []
+    for origin, extent, name in boxes:
+        lo = tuple(max(o, c) for o, c in zip(offset, origin))
+        hi = tuple(min(e, c + n) for e, c, n in zip(stop, origin, extent))
+        if any(h <= low for low, h in zip(lo, hi)):
+            continue
+        in_chunk = tuple(slice(low - c, h - c) for low, h, c in zip(lo, hi, origin))
+        whole = lo == tuple(offset) and tuple(h - low for low, h in zip(lo, hi)) == tuple(shape)
+        in_target = None if whole else tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offset))
+        found.append((name, in_chunk, in_target))
+    return tuple(found)
 
 
 def volume(region: Region) -> int:
@@ -103,3 +145,10 @@ def cover_fault(shape: Sequence[int], boxes: Sequence[Tuple[Box, int]]) -> Optio
     cell = bad[0]
     region = tuple((int(c[i]), int(c[i + 1])) for c, i in zip(cuts, cell))
     return region, int(counts[tuple(cell)])
+
+
+@functools.lru_cache(maxsize=2**12)
+def tiling_fault(shape: Tuple[int, ...], boxes: Tuple[Box, ...]) -> Optional[Tuple[Region, int]]:
+    """`cover_fault` of `boxes` counted once each (the chunks a checkpoint lists for a tensor).
+    Cached: a model's many tensors are stored in few distinct layouts."""
+    return cover_fault(shape, [(box, 1) for box in boxes])

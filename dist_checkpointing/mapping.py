@@ -216,7 +216,8 @@ class ShardedTensor(ShardedBase):
             or (host_only and destination.device.type != "cpu")
         ):
             return torch.empty(self.covering_box()[1], dtype=stored_dtype)
-        return destination.detach()[(None,) * self.prepend_axis_num]
+        destination = destination.detach()
+        return destination[(None,) * self.prepend_axis_num] if self.prepend_axis_num else destination
 
     def deliver(self, box_values: torch.Tensor) -> torch.Tensor:
         """What a load returns for this request, given the values of its `covering_box()`."""

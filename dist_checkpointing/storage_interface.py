@@ -5,7 +5,7 @@ backend for a path (`storage_of`); backends depend on this module only.
 """
 
 from abc import ABC, abstractmethod
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Sequence
 
 from .fs import balance
 
@@ -93,6 +93,18 @@ class Storage(ABC):
     def open(self, path: str, follow_links: bool = True, whole: bool = False) -> Reader:
         """`path` for reading; `whole`: the caller will read every byte (an object store then
         fetches it in one request instead of a size query and ranged reads)."""
+
+    def read_exactly(self, path: str, buffers: Sequence, follow_links: bool = True) -> int:
+        """Reads file `path` into `buffers` (writable, filled in order) if it holds exactly as
+        many bytes as they do; returns its size either way (the buffers are filled only when
+        it matches). One request per file: the read of many small files (chunks)."""
+        total = sum(memoryview(buffer).nbytes for buffer in buffers)
+        with self.open(path, follow_links=follow_links, whole=True) as file:
+            if file.size == total:
+                offset = 0
+                for buffer in buffers:
+                    offset += file.readinto(offset, buffer)
+            return file.size
 
     @abstractmethod
     def files(self, root: str) -> Dict[str, int]:

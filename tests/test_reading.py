@@ -15,7 +15,7 @@ from dist_checkpointing.core import CheckpointingException
 from dist_checkpointing.integrity import crc32c
 from dist_checkpointing.storage import LOCAL
 from dist_checkpointing.strategies import reading
-from dist_checkpointing.strategies.dcp_format import stored_tensor, tensor_item
+from dist_checkpointing.strategies.dcp_format import stored_values, tensor_item
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
           torch.int32, torch.int64, torch.uint8, torch.bool]
@@ -59,6 +59,41 @@ def test_read_chunk_direct_strided_and_blocked(tmp_path, monkeypatch):
             reading.read_chunk(file, 4, (41, 6), torch.float32, [reading.Piece((slice(0, 41), slice(0, 6)), torch.empty(41, 6))], 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_destinations_are_views_of_the_targets_memory(dtype):
+    """`destination` views a CPU target's bytes (numpy) whatever its dtype and strides, so that
+    pieces copied into slices of it land in the tensor; a target whose last axis is strided
+    stays a tensor. Every kind is filled from one chunk through `fill_pieces`."""
+    chunk = _values((6, 4), dtype, seed=3)
+    raw = chunk.reshape(-1).view(torch.uint8).numpy()
+    parameter = torch.nn.Parameter(torch.zeros(6, 4, dtype=dtype), requires_grad=dtype.is_floating_point)
+    targets = {
+        "contiguous": torch.zeros(6, 4, dtype=dtype),
+        "rows of a larger tensor": torch.zeros(8, 4, dtype=dtype)[1:7],
+        "columns of a larger tensor": torch.zeros(6, 9, dtype=dtype)[:, 2:6],
+        "transposed (strided last axis)": torch.zeros(4, 6, dtype=dtype).t(),
+        "a parameter": parameter,
+    }
+    for name, target in targets.items():
+        into = reading.destination(target)
+        assert isinstance(into, torch.Tensor) == (name == "transposed (strided last axis)"), name
+        top, bottom = reading.Piece((slice(0, 3), slice(0, 4)), into[0:3]), reading.Piece((slice(3, 6), slice(0, 4)), into[3:6])
+        reading.fill_pieces([top, bottom], raw, (6, 4), dtype)
+        assert torch.equal(target.detach(), chunk), name
+    scalar = torch.zeros((), dtype=dtype)  # 0-d, and a length-1 last axis with any stride
+    odd = torch.zeros(3, 1, dtype=dtype).as_strided((3, 1), (1, 5))
+    for target, values in [(scalar, chunk[0, 0]), (odd, chunk[0:3, 0:1])]:
+        source = values.contiguous().reshape(-1).view(torch.uint8).numpy()
+        into = reading.destination(target)
+        reading.fill_pieces([reading.Piece(tuple(slice(0, n) for n in values.shape), into)], source, tuple(values.shape), dtype)
+        assert torch.equal(target, values)
+
+
+def _stored(data):
+    dtype, shape, values = stored_values(data, "x", "y")
+    return torch.frombuffer(bytearray(values.tobytes()) or bytearray(1), dtype=torch.uint8)[: values.nbytes].view(dtype).reshape(shape)
+
+
 def _reader(data):
     return lambda offset, n: data[offset : offset + n]
 
@@ -72,14 +107,14 @@ def test_torch_save_items_are_located_without_loading_them(dtype):
         item = tensor_item(_reader(data), data.nbytes)
         assert item is not None and item.record.dtype == dtype and item.record.shape == tuple(tensor.shape)
         assert bytes(data[: item.start]) == item.head and bytes(data[item.start + item.nbytes :]) == item.tail
-        assert torch.equal(stored_tensor(data, "x", "y"), tensor)
+        assert torch.equal(_stored(data), tensor)
     # a view saved with its whole storage, or a transposed one: not the plain layout, loaded by torch.load
     for tensor in [_values((6, 6), dtype)[1:3], _values((6, 4), dtype).t()]:
         blob = io.BytesIO()
         torch.save(tensor, blob)
         data = memoryview(bytearray(blob.getvalue()))
         assert tensor_item(_reader(data), data.nbytes) is None
-        assert torch.equal(stored_tensor(data, "x", "y"), tensor)
+        assert torch.equal(_stored(data), tensor)
 
 
 def _state(rows=1024, cols=512):

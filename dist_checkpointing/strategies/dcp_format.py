@@ -18,10 +18,11 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..core import CheckpointingException, is_count
-from ..geometry import cover_fault, inside
+from ..geometry import inside, tiling_fault
 from ..layout import DCP_METADATA_FNAME, relative_path_problem
 from ..mapping import ShardedObject, whole_tensor_metadata
 from ..pickling import DcpRecord, TensorRecord, load_dcp_metadata, load_object, tensor_record
@@ -201,7 +202,7 @@ def _tensor(entry, original: Optional[Tuple[int, ...]], items: dict, key: str, c
 def check_chunks_tile(checkpoint_dir: str, key: str, entry: DcpTensor) -> None:
     """Raises unless the chunks `.metadata` lists for `key` cover its tensor exactly once:
     an element no chunk holds would otherwise load as whatever the buffer held."""
-    fault = cover_fault(entry.size, [(box, 1) for box in entry.chunks])
+    fault = tiling_fault(entry.size, entry.chunks)
     if fault:
         region, n = fault
         what = "no chunk holds" if n == 0 else f"{n} chunks hold"
@@ -230,7 +231,7 @@ def stored_entries(index: DcpIndex, with_objects: bool) -> dict:
 # so an item is read from its central directory at the end.
 _MAX_DIRECTORY = 2**20  # bytes; a tensor item's directory has a handful of entries
 _TAIL = 4096  # what is read first from an item's end: its directories, usually
-_LAYOUTS_PER_LENGTH = 8  # layouts `stored_tensor` remembers per item length
+_LAYOUTS_PER_LENGTH = 8  # layouts `stored_values` remembers per item length
 
 
 @dataclass(frozen=True)
@@ -360,9 +361,10 @@ def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return tuple(math.prod(shape[axis + 1 :]) for axis in range(len(shape)))
 
 
-def stored_tensor(blob, what: str, path: str, layouts: Optional[Dict[int, List[TensorItem]]] = None) -> torch.Tensor:
-    """The tensor of an in-memory `torch.save` item, as a view of its bytes where it is one
-    plain tensor (what DCP writers produce), else as `torch.load` builds it.
+def stored_values(blob, what: str, path: str, layouts: Optional[Dict[int, List[TensorItem]]] = None):
+    """The tensor of an in-memory `torch.save` item as (dtype, shape, its values' bytes: a
+    flat numpy array, C order): a view of `blob` where it is one plain tensor (what DCP
+    writers produce), else from what `torch.load` builds.
 
     `layouts` (item length -> TensorItems, filled here) spares parsing items laid out like one
     parsed before: of its length, with the same bytes before the values (its zip records'
@@ -375,10 +377,10 @@ def stored_tensor(blob, what: str, path: str, layouts: Optional[Dict[int, List[T
         item = tensor_item(lambda offset, n: blob[offset : offset + n], blob.nbytes)
         if item is not None and len(known) < _LAYOUTS_PER_LENGTH:
             known.append(item)
-    if item is None:
-        tensor = load_object(io.BytesIO(blob), what, path)
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointingException(f"{what} in {path}: expected a tensor, found {type(tensor).__name__}")
-        return tensor
-    values = torch.frombuffer(blob, dtype=torch.uint8, count=item.nbytes, offset=item.start) if item.nbytes else torch.empty(0, dtype=torch.uint8)
-    return values.view(item.record.dtype).reshape(item.record.shape)
+    if item is not None:
+        return item.record.dtype, item.record.shape, np.frombuffer(blob, np.uint8, item.nbytes, item.start)
+    tensor = load_object(io.BytesIO(blob), what, path)
+    if not isinstance(tensor, torch.Tensor):
+        raise CheckpointingException(f"{what} in {path}: expected a tensor, found {type(tensor).__name__}")
+    values = tensor.contiguous().reshape(-1)
+    return tensor.dtype, tuple(tensor.shape), values.view(torch.uint8).numpy() if values.numel() else np.empty(0, np.uint8)

@@ -12,8 +12,9 @@ they land.
 import math
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..core import CheckpointingException
@@ -26,19 +27,47 @@ SCRATCH_BYTES = 16 * 2**20  # per reading thread
 @dataclass(frozen=True)
 class Piece:
     """Part `region` of a chunk (slices relative to the chunk's origin, inside it) is copied
-    into `into`, a view of the same shape in a destination tensor."""
+    into `into`, a view of the same shape in a destination (`destination`): the bytes of host
+    memory, or a tensor on a device."""
 
     region: Tuple[slice, ...]
-    into: torch.Tensor
+    into: Union[np.ndarray, torch.Tensor]
 
 
-def piece_of(chunk_offset: Sequence[int], box: Tuple[Sequence[int], Sequence[int]], target: torch.Tensor,
+def destination(target: torch.Tensor) -> Union[np.ndarray, torch.Tensor]:
+    """What pieces of `target` are views of: in host memory, its bytes as a numpy array of
+    shape `target.shape + (itemsize,)` (any strides; numpy slices and copies them in a
+    fraction of torch's per-call cost, which dominates for thousands of small chunks);
+    elsewhere (a GPU, or a last axis that is not contiguous) the tensor itself."""
+    if not target.is_cpu:
+        return target.detach()
+    values = target.detach() if target.requires_grad else target
+    if values.dtype in _NUMPY_TYPES and values.dim() and values.is_contiguous():  # the common case, faster
+        return values.numpy().view(np.uint8).reshape(values.shape + (values.element_size(),))
+    if values.dim() and values.shape[-1] > 1 and values.stride(-1) != 1:
+        return values
+    if not values.dim():
+        values = values.reshape(1)
+    elif values.stride(-1) != 1:  # a length-1 last axis may have any stride
+        values = values.as_strided(values.shape, values.stride()[:-1] + (1,))
+    return values.view(torch.uint8).numpy().reshape(tuple(target.shape) + (target.element_size(),))
+
+
+_NUMPY_TYPES = {torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool}
+
+
+def _shape(into) -> Tuple[int, ...]:
+    """The shape in elements of a piece's destination view."""
+    return tuple(into.shape[:-1]) if isinstance(into, np.ndarray) else tuple(into.shape)
+
+
+def piece_of(chunk_offset: Sequence[int], box: Tuple[Sequence[int], Sequence[int]], target,
              target_offset: Sequence[int]) -> Piece:
     """The Piece of a chunk (at `chunk_offset`) that fills global box `box` (offset, shape) of
-    `target`, a tensor holding the box at `target_offset`."""
+    `target` (a `destination`, or a tensor), which holds the box at `target_offset`."""
     offset, shape = box
-    if tuple(offset) == tuple(target_offset) and tuple(shape) == tuple(target.shape):
-        into = target  # the whole target (the common case): no view to build (~3 µs each)
+    if tuple(offset) == tuple(target_offset) and tuple(shape) == _shape(target):
+        into = target  # the whole target (the common case): no view to build
     else:
         into = target[tuple(slice(o - t, o - t + s) for o, t, s in zip(offset, target_offset, shape))]
     return Piece(tuple(slice(o - c, o - c + s) for o, c, s in zip(offset, chunk_offset, shape)), into)
@@ -55,7 +84,7 @@ def host_bytes(tensor: torch.Tensor):
 _scratch = threading.local()
 
 
-def _scratch_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+def scratch_buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
     """This thread's reusable scratch buffer of at least `nbytes` (at most SCRATCH_BYTES are
     asked for). It grows only as needed: every page of it is a page fault, 10 ms per 16 MiB
     here, paid again by each load (its reading threads are new)."""
@@ -65,6 +94,34 @@ def _scratch_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         setattr(_scratch, name, buffer)
     return buffer[:nbytes]
+
+
+def scratch_bytes(nbytes: int) -> np.ndarray:
+    """`scratch_buffer` as a numpy array (host memory), for reads of small chunks."""
+    buffer = getattr(_scratch, "host", None)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = _scratch.host = scratch_buffer(nbytes).numpy()
+    return buffer[:nbytes]
+
+
+def whole_destination(pieces: List[Piece], shape: Sequence[int]) -> Optional[np.ndarray]:
+    """The flat bytes of host memory a chunk of `shape` can be read into directly: where one
+    piece is all of it and its destination is contiguous; else None."""
+    if len(pieces) != 1:
+        return None
+    piece = pieces[0]
+    into = piece.into
+    if not isinstance(into, np.ndarray) or not into.flags.c_contiguous:
+        return None
+    if any(s.start != 0 or s.stop != n for s, n in zip(piece.region, shape)):
+        return None
+    return into.reshape(-1)
+
+
+def fill_pieces(pieces: List[Piece], chunk: np.ndarray, shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Copies the pieces out of a chunk of `shape` and `dtype` held in memory (`chunk`: its
+    bytes, flat)."""
+    _copy_block(pieces, chunk, tuple(shape), dtype, 0, shape[0] if shape else 1)
 
 
 def read_chunk(file: Reader, offset: int, shape: Sequence[int], dtype: torch.dtype, pieces: List[Piece],
@@ -79,8 +136,8 @@ def read_chunk(file: Reader, offset: int, shape: Sequence[int], dtype: torch.dty
     nbytes = math.prod(shape) * itemsize
     if nbytes == 0:
         return crc
-    if len(pieces) == 1 and _whole_and_direct(pieces[0], shape):
-        into = host_bytes(pieces[0].into)
+    into = whole_destination(pieces, shape)
+    if into is not None:
         _read_all(file, offset, into)
         return None if crc is None else crc32c(into, crc)
     rows = shape[0] if shape else 1
@@ -90,36 +147,44 @@ def read_chunk(file: Reader, offset: int, shape: Sequence[int], dtype: torch.dty
         first = min(p.region[0].start for p in pieces)
         stop = max(p.region[0].stop for p in pieces)
     block = max(1, SCRATCH_BYTES // row_bytes)
-    pinned = any(p.into.device.type != "cpu" for p in pieces)
+    pinned = any(not isinstance(p.into, np.ndarray) and p.into.device.type != "cpu" for p in pieces)
     for start in range(first, stop, block):
         n = min(block, stop - start)
-        scratch = _scratch_buffer(n * row_bytes, pinned)
+        scratch = scratch_buffer(n * row_bytes, pinned)
         _read_all(file, offset + start * row_bytes, scratch.numpy())
         if crc is not None:
             crc = crc32c(scratch.numpy(), crc)
-        values = scratch.view(dtype).reshape((n,) + shape[1:])
-        for piece in pieces:
-            _copy_rows(piece, values, start, n)
+        _copy_block(pieces, scratch, shape, dtype, start, n)
     return crc
 
 
-def _whole_and_direct(piece: Piece, shape: Tuple[int, ...]) -> bool:
-    into = piece.into
-    whole = all(s.start == 0 and s.stop == n for s, n in zip(piece.region, shape))
-    return whole and into.device.type == "cpu" and into.is_contiguous()
+def _copy_block(pieces: List[Piece], block, shape: Tuple[int, ...], dtype: torch.dtype, start: int, n: int) -> None:
+    """Copies what rows [start, start + n) of a chunk of `shape` (`block`: their bytes, flat,
+    a numpy array or a uint8 tensor) hold of each piece."""
+    rows_shape = (n,) + shape[1:]
+    host = values = None
+    for piece in pieces:
+        if isinstance(piece.into, np.ndarray):
+            if host is None:
+                host = (block if isinstance(block, np.ndarray) else block.numpy()).reshape(rows_shape + (dtype.itemsize,))
+            _copy_rows(piece, host, start, n, np.copyto)
+        else:
+            if values is None:
+                values = (block if isinstance(block, torch.Tensor) else torch.from_numpy(block)).view(dtype).reshape(rows_shape)
+            _copy_rows(piece, values, start, n, lambda into, source: into.detach().copy_(source))
 
 
-def _copy_rows(piece: Piece, values: torch.Tensor, start: int, n: int) -> None:
+def _copy_rows(piece: Piece, values, start: int, n: int, copy) -> None:
     """Copies what rows [start, start + n) of the chunk (`values`) hold of `piece`."""
     if not piece.region:  # a 0-d chunk
-        piece.into.detach().copy_(values)
+        copy(piece.into, values[0])
         return
     rows = piece.region[0]
     lo, hi = max(rows.start, start), min(rows.stop, start + n)
     if lo >= hi:
         return
     source = values[(slice(lo - start, hi - start),) + piece.region[1:]]
-    piece.into.detach()[lo - rows.start : hi - rows.start].copy_(source)
+    copy(piece.into[lo - rows.start : hi - rows.start], source)
 
 
 def _read_all(file: Reader, offset: int, buffer) -> None:

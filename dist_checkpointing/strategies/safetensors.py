@@ -23,7 +23,7 @@ from ..single_file import SafetensorsEntry, read_safetensors_index
 from ..storage import storage_of
 from ..validation import check_request_against_stored
 from .base import LoadShardedStrategy
-from .reading import piece_of, read_chunk
+from .reading import destination, piece_of, read_chunk
 
 Read = Tuple[ShardedTensor, torch.Tensor, SafetensorsEntry]  # request, its box's target, where
 
@@ -79,5 +79,5 @@ def _read_batch(directory: str, batch: List[Read]) -> None:
         if math.prod(inside) == 0:
             continue
         with storage_of(path).open(path) as file:
-            piece = piece_of((0,) * len(shape), (offset, inside), target, offset)
+            piece = piece_of((0,) * len(shape), (offset, inside), destination(target), offset)
             read_chunk(file, entry.start, entry.shape, target.dtype, [piece], None)

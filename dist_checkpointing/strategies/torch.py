@@ -26,7 +26,7 @@ import torch
 
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..geometry import inside, intersection
+from ..geometry import box_overlaps, inside
 from ..integrity import ChecksumIndex, crc32c
 from ..layout import contained_path
 from ..mapping import ShardedObject, ShardedTensor
@@ -47,10 +47,10 @@ from .dcp_format import (
     check_chunks_tile,
     read_dcp_index,
     stored_entries,
-    stored_tensor,
+    stored_values,
     tensor_item,
 )
-from .reading import Piece, piece_of, read_chunk
+from .reading import Piece, destination, fill_pieces, read_chunk
 from .resharding import TensorReformulationMetadata, is_nd_flattened_tensor
 
 _LAZY = {  # Megatron-Core's names that need DCP's package, imported on first use
@@ -182,7 +182,7 @@ class _Reads:
         self.fills: Dict[StoredItem, _Fill] = {}
         self.copy_outs: List = []  # (target view, read view)
         self.tiled: Set[str] = set()  # keys whose stored chunks were checked to tile the tensor
-        self.layouts: Dict[int, List[TensorItem]] = {}  # item layouts seen (`stored_tensor`)
+        self.layouts: Dict[int, List[TensorItem]] = {}  # item layouts seen (`stored_values`)
         # requests are checked as they are planned (`check_request_against_stored`), not again
 
     def plan(self, sh):
@@ -215,22 +215,19 @@ class _Reads:
     def _fill(self, key: str, stored: DcpTensor, offset, target: torch.Tensor) -> None:
         """Plans the reads of the box at `offset` of `target`'s shape into `target`: a piece
         of each stored chunk it overlaps."""
-        box = (tuple(offset), tuple(target.shape))
-        for chunk, item in zip(stored.chunks, stored.items):
-            region = intersection(box, chunk)
-            if region is None:
-                continue
+        into = destination(target)
+        for number, in_chunk, in_target in box_overlaps(tuple(offset), tuple(target.shape), stored.chunks):
+            item = stored.items[number]
             if item is None:
                 raise CheckpointingException(
-                    f"Key '{key}': {self.index.path} lists no bytes for the chunk at {chunk[0]}; it is damaged"
+                    f"Key '{key}': {self.index.path} lists no bytes for the chunk at {stored.chunks[number][0]}; it is damaged"
                 )
             fill = self.fills.get(item)
             if fill is None:
-                fill = self.fills[item] = _Fill(key, stored.dtype, chunk[1])
+                fill = self.fills[item] = _Fill(key, stored.dtype, stored.chunks[number][1])
             elif fill.key != key:
                 raise self._shared(fill.key, key, item)
-            part = (tuple(a for a, _ in region), tuple(b - a for a, b in region))
-            fill.pieces.append(piece_of(chunk[0], part, target, box[0]))
+            fill.pieces.append(Piece(in_chunk, into if in_target is None else into[in_target]))
 
     def _plan_reformulated(self, key: str, stored: DcpTensor, global_shape, offset, target) -> None:
         grid, numel = tuple(stored.size[:-1]), stored.size[-1]
@@ -369,11 +366,9 @@ class _Reads:
 
     def _fill_from(self, blob, fill: _Fill, what: str, path: str) -> None:
         """Copies the pieces of a tensor item read whole (`blob`, already verified)."""
-        tensor = stored_tensor(blob, what, path, self.layouts)
-        self._check_chunk(fill, tensor.dtype, tensor.shape, what, path)
-        for piece in fill.pieces:
-            # a piece of the chunk's shape is all of it (the common case: no view to build)
-            piece.into.copy_(tensor if piece.into.shape == tensor.shape else tensor[piece.region])
+        dtype, shape, values = stored_values(blob, what, path, self.layouts)
+        self._check_chunk(fill, dtype, shape, what, path)
+        fill_pieces(fill.pieces, values, fill.shape, fill.dtype)
 
     def _check_chunk(self, fill: _Fill, dtype: torch.dtype, shape, what: str, path: str) -> None:
         """A stored item must hold a tensor of its chunk's size and the key's dtype (one that

@@ -17,9 +17,10 @@ from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_numpy, to_numpy, torch_dtype
 from ..fs import DurableDir
+from ..geometry import grid_overlaps
 from ..global_plan import GlobalPlan
 from ..integrity import crc32c
-from ..layout import LinkFreeTree, entry_dir
+from ..layout import LinkFreeTree, entry_dir, linked_entries
 from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..storage import storage_of
@@ -27,7 +28,7 @@ from ..storage_interface import Storage
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, PlannedSaveStrategy
 from .config import ZARR_ENGINES, StrategyConfig
-from .reading import Piece, piece_of, read_chunk
+from .reading import SCRATCH_BYTES, Piece, destination, fill_pieces, read_chunk, scratch_bytes, whole_destination
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
     CONSOLIDATED_FNAME,
@@ -291,7 +292,8 @@ def _array_document(checkpoint: OpenCheckpoint, key: str) -> dict:
     """The array document of `key`, read and checked once per open checkpoint (the root's
     consolidated metadata is read once for all)."""
     consolidated = checkpoint.parsed("zarr consolidated", lambda: read_consolidated(checkpoint.path, checkpoint.storage))
-    return checkpoint.parsed(("array", key), lambda: read_array_document(checkpoint.path, key, consolidated, checkpoint.storage))
+    linked = checkpoint.parsed("linked entries", lambda: linked_entries(checkpoint.path, checkpoint.storage))
+    return checkpoint.parsed(("array", key), lambda: read_array_document(checkpoint.path, key, consolidated, checkpoint.storage, linked))
 
 
 class RawChunkReads:
@@ -316,15 +318,14 @@ class RawChunkReads:
         target = sh.box_target(dtype)
         if any(o + n > g for o, n, g in zip(offset, shape, stored_shape)):
             target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
-        stops = [min(o + n, g) for o, n, g in zip(offset, shape, stored_shape)]
-        inside = [max(0, e - o) for o, e in zip(offset, stops)]
-        chunks, separator = chunk_shape(document), key_separator(document)
-        for index, origin, box in chunk_regions(offset, inside, chunks):
-            name = f"{sh.key}/{chunk_key(document['zarr_format'], index, separator)}"
-            if name not in self.chunks:
-                self.chunks[name] = _ChunkFile(sh.key, tuple(chunks), dtype, chunks_checksummed(document), [])
-            region = (tuple(a for a, _ in box), tuple(b - a for a, b in box))
-            self.chunks[name].pieces.append(piece_of(origin, region, target, offset))
+        chunks, into, checksummed = chunk_shape(document), destination(target), chunks_checksummed(document)
+        zarr_format, separator, nbytes = document["zarr_format"], key_separator(document), math.prod(chunks) * dtype.itemsize
+        for index, in_chunk, in_target in grid_overlaps(offset, shape, stored_shape, chunks):
+            name = f"{sh.key}/{chunk_key(zarr_format, index, separator)}"
+            chunk = self.chunks.get(name)
+            if chunk is None:
+                chunk = self.chunks[name] = _ChunkFile(sh.key, chunks, dtype, nbytes, checksummed, [])
+            chunk.pieces.append(Piece(in_chunk, into if in_target is None else into[in_target]))
         self.targets.append((sh, target))
         return True
 
@@ -345,21 +346,44 @@ class RawChunkReads:
             self._read(trees[chunk.key], name[len(chunk.key) + 1 :], chunk)
 
     def _read(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile") -> None:
-        path = os.path.join(tree.root, name)
-        nbytes = chunk.nbytes
+        """Reads one chunk file into the pieces that need it: whole, in one request, where it
+        fits in a scratch buffer or lands in a destination as it is (most chunks; the cost of
+        many small ones is per request); else in blocks of rows (`read_chunk`)."""
+        nbytes, checksummed = chunk.nbytes, chunk.checksummed
+        into = whole_destination(chunk.pieces, chunk.shape)
+        if into is None and nbytes > SCRATCH_BYTES:
+            return self._read_in_blocks(tree, name, chunk)
+        values = into if into is not None else scratch_bytes(nbytes)
+        crc = bytearray(4 * checksummed)
+        try:
+            size = tree.read_exactly(name, [values, crc] if checksummed else [values])
+        except FileNotFoundError:
+            raise _damaged(chunk.key, self.checkpoint_dir, [f"{os.path.join(tree.root, name)}: missing"]) from None
+        self._check(tree, name, chunk, size, checksummed and crc32c(values) != int.from_bytes(crc, "little"))
+        if into is None:
+            fill_pieces(chunk.pieces, values, chunk.shape, chunk.dtype)
+
+    def _read_in_blocks(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile") -> None:
         try:
             file = tree.open(name, whole=chunk.checksummed)
         except FileNotFoundError:
-            raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: missing"]) from None
+            raise _damaged(chunk.key, self.checkpoint_dir, [f"{os.path.join(tree.root, name)}: missing"]) from None
         with file:
-            size = file.size
-            if size != nbytes + 4 * chunk.checksummed:
-                raise _damaged(chunk.key, self.checkpoint_dir, [
-                    f"{path}: has {size} bytes, a chunk of shape {list(chunk.shape)} has {nbytes + 4 * chunk.checksummed} (truncated or changed)"
-                ])
+            self._check(tree, name, chunk, file.size, False)
             crc = read_chunk(file, 0, chunk.shape, chunk.dtype, chunk.pieces, 0 if chunk.checksummed else None)
-            if chunk.checksummed and file.read(nbytes, 4) != crc.to_bytes(4, "little"):
-                raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: fails its CRC-32C (truncated or changed)"])
+            if chunk.checksummed:
+                self._check(tree, name, chunk, file.size, file.read(chunk.nbytes, 4) != crc.to_bytes(4, "little"))
+
+    def _check(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile", size: int, crc_mismatch: bool) -> None:
+        """Raises, naming the file, where a chunk file's size is not its chunk's or its values
+        fail their CRC-32C."""
+        path, expected = os.path.join(tree.root, name), chunk.nbytes + 4 * chunk.checksummed
+        if size != expected:
+            raise _damaged(chunk.key, self.checkpoint_dir, [
+                f"{path}: has {size} bytes, a chunk of shape {list(chunk.shape)} has {expected} (truncated or changed)"
+            ])
+        if crc_mismatch:
+            raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: fails its CRC-32C (truncated or changed)"])
 
 
 @dataclass(frozen=True)
@@ -367,12 +391,9 @@ class _ChunkFile:
     key: str
     shape: Tuple[int, ...]  # of the chunk (edge chunks are stored whole)
     dtype: torch.dtype
+    nbytes: int  # of the values
     checksummed: bool  # ends with the CRC-32C of the values (Zarr v3's `crc32c` codec)
     pieces: List[Piece]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _damaged(key: str, checkpoint_dir, problems: List[str], cause: str = "") -> CheckpointingException:

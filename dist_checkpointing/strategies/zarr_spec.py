@@ -5,7 +5,7 @@ import itertools
 import json
 import math
 import os
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -201,15 +201,17 @@ MAX_CHUNKS = 2**26  # per array; more chunk files than any checkpoint writes mea
 
 
 def read_array_document(checkpoint_dir, key: str, consolidated: Optional[Consolidated] = None,
-                        storage: Optional[Storage] = None) -> dict:
+                        storage: Optional[Storage] = None, linked: Optional[FrozenSet[str]] = None) -> dict:
     """The array document of `key` (from the root's `consolidated` documents, else `.zarray`,
     else `zarr.json`), checked: a Zarr array of a known dtype whose shape and chunk grid are
     bounded (numbers from a checkpoint are not trusted). A key with no array raises a clear
     error. The array's directory must lie inside the checkpoint, whichever document is read.
-    `storage`: the checkpoint's, where the caller has it."""
+    `storage`: the checkpoint's, where the caller has it; `linked`: the checkpoint's
+    `linked_entries`, where the caller reads many documents."""
     storage = storage or storage_of(checkpoint_dir)
     array_dir = os.path.join(str(checkpoint_dir), check_key(key))  # one component, checked
-    if storage.links and os.path.islink(array_dir):  # allowed if it stays inside (resolving costs; links are rare)
+    if storage.links and (os.path.islink(array_dir) if linked is None else key in linked):
+        # allowed if it stays inside (resolving costs; links are rare)
         contained_path(checkpoint_dir, key, f"Key '{key}'", storage)
     if consolidated is not None and key in consolidated.documents:
         document = consolidated.documents[key]
