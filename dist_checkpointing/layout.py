@@ -128,6 +128,7 @@ class LinkFreeTree:
 
     def __init__(self, root: str, what: str, storage: Storage):
         self.root, self.what, self.storage = root, what, storage
+        self.prefix = os.path.join(root, "")  # a file's path is prefix + name (os.path.join per file costs)
         self.checked = set()
 
     def open(self, name: str, whole: bool = False) -> Reader:
@@ -142,16 +143,16 @@ class LinkFreeTree:
     def _unlinked(self, name: str, call):
         """`call(path, follow_links)` on file `name`, refusing links on the way to it."""
         if not self.storage.links:
-            return call(os.path.join(self.root, name), True)
-        parts = name.split("/")
+            return call(self.prefix + name, True)
+        parts = name.split("/") if "/" in name else ()
         for depth in range(1, len(parts)):
             directory = "/".join(parts[:depth])
             if directory not in self.checked:
-                if os.path.islink(os.path.join(self.root, directory)):
+                if os.path.islink(self.prefix + directory):
                     raise self._refused(directory)
                 self.checked.add(directory)
         try:
-            return call(os.path.join(self.root, name), False)
+            return call(self.prefix + name, False)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise self._refused(name) from None
@@ -159,6 +160,6 @@ class LinkFreeTree:
 
     def _refused(self, name: str) -> CheckpointingException:
         return CheckpointingException(
-            f"{self.what}: {os.path.join(self.root, name)} is a symbolic link; the files of a "
+            f"{self.what}: {self.prefix + name} is a symbolic link; the files of a "
             f"checkpoint are never links. It is damaged or was tampered with."
         )

@@ -67,7 +67,7 @@ class LocalStorage(Storage):
         return FileReader(path, os.open(path, flags))
 
     def read_exactly(self, path: str, buffers: Sequence, follow_links: bool = True) -> int:
-        total = sum(memoryview(buffer).nbytes for buffer in buffers)
+        total = sum([memoryview(buffer).nbytes for buffer in buffers])
         if total >= 2**31 - 2**12:  # one preadv stops short of 2 GiB; FileReader.readinto loops
             return super().read_exactly(path, buffers, follow_links)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW))

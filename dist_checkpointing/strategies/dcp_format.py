@@ -372,7 +372,7 @@ def stored_values(blob, what: str, path: str, layouts: Optional[Dict[int, List[T
     small tensors most items are; the comparison costs a fraction of a parse."""
     blob = memoryview(blob).cast("B")
     known = layouts.setdefault(blob.nbytes, []) if layouts is not None else []
-    item = next((k for k in known if blob[: k.start] == k.head), None)
+    item = next((k for k in known if blob[: k.start].tobytes() == k.head), None)  # (10x a memoryview ==)
     if item is None:
         item = tensor_item(lambda offset, n: blob[offset : offset + n], blob.nbytes)
         if item is not None and len(known) < _LAYOUTS_PER_LENGTH:

@@ -121,6 +121,10 @@ def whole_destination(pieces: List[Piece], shape: Sequence[int]) -> Optional[np.
 def fill_pieces(pieces: List[Piece], chunk: np.ndarray, shape: Sequence[int], dtype: torch.dtype) -> None:
     """Copies the pieces out of a chunk of `shape` and `dtype` held in memory (`chunk`: its
     bytes, flat)."""
+    into = whole_destination(pieces, shape)
+    if into is not None:
+        into[:] = chunk
+        return
     _copy_block(pieces, chunk, tuple(shape), dtype, 0, shape[0] if shape else 1)
 
 

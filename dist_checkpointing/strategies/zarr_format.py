@@ -358,7 +358,7 @@ class RawChunkReads:
         try:
             size = tree.read_exactly(name, [values, crc] if checksummed else [values])
         except FileNotFoundError:
-            raise _damaged(chunk.key, self.checkpoint_dir, [f"{os.path.join(tree.root, name)}: missing"]) from None
+            raise _damaged(chunk.key, self.checkpoint_dir, [f"{tree.prefix + name}: missing"]) from None
         self._check(tree, name, chunk, size, checksummed and crc32c(values) != int.from_bytes(crc, "little"))
         if into is None:
             fill_pieces(chunk.pieces, values, chunk.shape, chunk.dtype)
@@ -367,7 +367,7 @@ class RawChunkReads:
         try:
             file = tree.open(name, whole=chunk.checksummed)
         except FileNotFoundError:
-            raise _damaged(chunk.key, self.checkpoint_dir, [f"{os.path.join(tree.root, name)}: missing"]) from None
+            raise _damaged(chunk.key, self.checkpoint_dir, [f"{tree.prefix + name}: missing"]) from None
         with file:
             self._check(tree, name, chunk, file.size, False)
             crc = read_chunk(file, 0, chunk.shape, chunk.dtype, chunk.pieces, 0 if chunk.checksummed else None)
@@ -377,13 +377,13 @@ class RawChunkReads:
     def _check(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile", size: int, crc_mismatch: bool) -> None:
         """Raises, naming the file, where a chunk file's size is not its chunk's or its values
         fail their CRC-32C."""
-        path, expected = os.path.join(tree.root, name), chunk.nbytes + 4 * chunk.checksummed
+        expected = chunk.nbytes + 4 * chunk.checksummed
         if size != expected:
             raise _damaged(chunk.key, self.checkpoint_dir, [
-                f"{path}: has {size} bytes, a chunk of shape {list(chunk.shape)} has {expected} (truncated or changed)"
+                f"{tree.prefix + name}: has {size} bytes, a chunk of shape {list(chunk.shape)} has {expected} (truncated or changed)"
             ])
         if crc_mismatch:
-            raise _damaged(chunk.key, self.checkpoint_dir, [f"{path}: fails its CRC-32C (truncated or changed)"])
+            raise _damaged(chunk.key, self.checkpoint_dir, [f"{tree.prefix + name}: fails its CRC-32C (truncated or changed)"])
 
 
 @dataclass(frozen=True)
