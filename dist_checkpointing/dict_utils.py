@@ -21,31 +21,29 @@ def extract_matching_values(
     dicts keyed by index, so that the two halves can be merged back into the original layout.
     """
     if isinstance(x, dict):
-        items, new = x.items(), dict
+        items, as_dict = x.items(), True
     elif isinstance(x, list):
-        items, new = enumerate(x), (dict if return_lists_as_dicts else list)
+        items, as_dict = enumerate(x), return_lists_as_dicts
     else:
         raise ValueError(f"Unexpected top-level object type: {type(x)}")
-    matching, nonmatching = new(), new()
-
-    def put(target, k, v):
-        if isinstance(target, dict):
-            target[k] = v
-        else:
-            target.append(v)
-
+    matching, nonmatching = [], []  # (key, value) pairs, made into the containers at the end
     for k, v in items:
-        if isinstance(v, (dict, list)) and v:
+        if isinstance(v, (dict, list)):
+            if not v:
+                nonmatching.append((k, v))
+                continue
             match, nonmatch = extract_matching_values(v, predicate, return_lists_as_dicts)
             if match:
-                put(matching, k, match)
+                matching.append((k, match))
             if nonmatch:
-                put(nonmatching, k, nonmatch)
-        elif not isinstance(v, (dict, list)) and predicate(v):
-            put(matching, k, v)
+                nonmatching.append((k, nonmatch))
+        elif predicate(v):
+            matching.append((k, v))
         else:
-            put(nonmatching, k, v)
-    return matching, nonmatching
+            nonmatching.append((k, v))
+    if as_dict:
+        return dict(matching), dict(nonmatching)
+    return [v for _, v in matching], [v for _, v in nonmatching]
 
 
 def diff(x1: Any, x2: Any, prefix: Tuple = ()) -> Tuple[list, list, list]:

@@ -248,11 +248,14 @@ def balance(items: list, bins: int, size: Callable[[object], int], min_bin: int 
     not per item. With `min_bin`, fewer lists, none much under that size: threads pay off only
     where the work releases the GIL long enough (large reads and copies), not for many small
     items, where they contend for it."""
-    total = sum(size(item) for item in items)
+    sizes = [size(item) for item in items]
+    total = sum(sizes)
     bins = max(1, min(bins, -(-total // min_bin) if min_bin else bins))
+    if bins == 1:
+        return [list(items)] if items else []
     lists, totals = [[] for _ in range(bins)], [0] * bins
-    for item in sorted(items, key=size, reverse=True):
+    for n, item in sorted(zip(sizes, items), key=lambda pair: pair[0], reverse=True):
         smallest = totals.index(min(totals))
         lists[smallest].append(item)
-        totals[smallest] += size(item)
+        totals[smallest] += n
     return [batch for batch in lists if batch]
