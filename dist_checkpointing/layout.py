@@ -7,13 +7,12 @@ checkpoint's documents refer to (checksummed files, DCP data files) is resolved 
 it.
 """
 
-import errno
 import os
 from typing import FrozenSet, Optional
 
 from .errors import CheckpointingException
 from .storage import storage_of
-from .storage_interface import Reader, Storage
+from .storage_interface import Storage
 
 CONFIG_FNAME = "metadata.json"  # the commit marker, written last
 INDEX_FNAME = "index.json"  # our index of the content, written just before metadata.json
@@ -131,34 +130,21 @@ class LinkFreeTree:
         self.prefix = os.path.join(root, "")  # a file's path is prefix + name (os.path.join per file costs)
         self.checked = set()
 
-    def open(self, name: str, whole: bool = False) -> Reader:
-        """File `name` (built by this library, e.g. a chunk key) opened for reading (`whole`:
-        as `Storage.open`)."""
-        return self._unlinked(name, lambda path, follow_links: self.storage.open(path, follow_links, whole))
+    def path(self, name: str) -> str:
+        """The path of file `name` (built by this library, e.g. a chunk key), every directory
+        on the way to it checked; open it with `follow_links=False`, and an ELOOP from that
+        with `refused`."""
+        if self.storage.links and "/" in name:
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                directory = "/".join(parts[:depth])
+                if directory not in self.checked:
+                    if os.path.islink(self.prefix + directory):
+                        raise self.refused(directory)
+                    self.checked.add(directory)
+        return self.prefix + name
 
-    def read_exactly(self, name: str, buffers) -> int:
-        """`Storage.read_exactly` of file `name`."""
-        return self._unlinked(name, lambda path, follow_links: self.storage.read_exactly(path, buffers, follow_links))
-
-    def _unlinked(self, name: str, call):
-        """`call(path, follow_links)` on file `name`, refusing links on the way to it."""
-        if not self.storage.links:
-            return call(self.prefix + name, True)
-        parts = name.split("/") if "/" in name else ()
-        for depth in range(1, len(parts)):
-            directory = "/".join(parts[:depth])
-            if directory not in self.checked:
-                if os.path.islink(self.prefix + directory):
-                    raise self._refused(directory)
-                self.checked.add(directory)
-        try:
-            return call(self.prefix + name, False)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise self._refused(name) from None
-            raise
-
-    def _refused(self, name: str) -> CheckpointingException:
+    def refused(self, name: str) -> CheckpointingException:
         return CheckpointingException(
             f"{self.what}: {self.prefix + name} is a symbolic link; the files of a "
             f"checkpoint are never links. It is damaged or was tampered with."

@@ -14,7 +14,7 @@ concurrency that pays off for reads and writes (`io_threads`, `thread_bytes`).
 
 import os
 import shutil
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import CheckpointingException
 from .fs import DurableDir, atomic_write, atomic_write_with, fsync_dir
@@ -66,16 +66,21 @@ class LocalStorage(Storage):
         flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW)
         return FileReader(path, os.open(path, flags))
 
-    def read_exactly(self, path: str, buffers: Sequence, follow_links: bool = True) -> int:
-        total = sum([memoryview(buffer).nbytes for buffer in buffers])
-        if total >= 2**31 - 2**12:  # one preadv stops short of 2 GiB; FileReader.readinto loops
-            return super().read_exactly(path, buffers, follow_links)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW))
-        try:  # one byte more than expected tells a longer file without asking its size
-            n = os.preadv(fd, [*buffers, bytearray(1)], 0)
-            return total if n == total else os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+    def read_files(self, reads: Sequence[Tuple[str, Sequence]], follow_links: bool = True) -> List[int]:
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW)
+        sizes, spare = [], bytearray(1)  # one byte more than expected tells a longer file without asking its size
+        for path, buffers in reads:
+            total = sum([memoryview(buffer).nbytes for buffer in buffers])
+            if total >= 2**31 - 2**12:  # one preadv stops short of 2 GiB; FileReader.readinto loops
+                sizes += super().read_files([(path, buffers)], follow_links)
+                continue
+            fd = os.open(path, flags)
+            try:
+                n = os.preadv(fd, [*buffers, spare], 0)
+                sizes.append(total if n == total else os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        return sizes
 
     def files(self, root: str) -> Dict[str, int]:
         found = {}

@@ -5,7 +5,7 @@ backend for a path (`storage_of`); backends depend on this module only.
 """
 
 from abc import ABC, abstractmethod
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 from .fs import balance
 
@@ -94,17 +94,22 @@ class Storage(ABC):
         """`path` for reading; `whole`: the caller will read every byte (an object store then
         fetches it in one request instead of a size query and ranged reads)."""
 
-    def read_exactly(self, path: str, buffers: Sequence, follow_links: bool = True) -> int:
-        """Reads file `path` into `buffers` (writable, filled in order) if it holds exactly as
-        many bytes as they do; returns its size either way (the buffers are filled only when
-        it matches). One request per file: the read of many small files (chunks)."""
-        total = sum(memoryview(buffer).nbytes for buffer in buffers)
-        with self.open(path, follow_links=follow_links, whole=True) as file:
-            if file.size == total:
-                offset = 0
-                for buffer in buffers:
-                    offset += file.readinto(offset, buffer)
-            return file.size
+    def read_files(self, reads: Sequence[Tuple[str, Sequence]], follow_links: bool = True) -> List[int]:
+        """Reads each file of `reads` ((path, buffers) pairs) into its buffers (writable,
+        filled in order) if it holds exactly as many bytes as they do; returns each file's
+        size either way (its buffers are filled only when it matches). Many small files
+        (chunks) in one call, each in one request: a local storage pays its per-file costs in
+        one loop. A missing file raises FileNotFoundError naming it."""
+        sizes = []
+        for path, buffers in reads:
+            total = sum([memoryview(buffer).nbytes for buffer in buffers])
+            with self.open(path, follow_links=follow_links, whole=True) as file:
+                if file.size == total:
+                    offset = 0
+                    for buffer in buffers:
+                        offset += file.readinto(offset, buffer)
+                sizes.append(file.size)
+        return sizes
 
     @abstractmethod
     def files(self, root: str) -> Dict[str, int]:

@@ -96,14 +96,6 @@ def scratch_buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
     return buffer[:nbytes]
 
 
-def scratch_bytes(nbytes: int) -> np.ndarray:
-    """`scratch_buffer` as a numpy array (host memory), for reads of small chunks."""
-    buffer = getattr(_scratch, "host", None)
-    if buffer is None or buffer.nbytes < nbytes:
-        buffer = _scratch.host = scratch_buffer(nbytes).numpy()
-    return buffer[:nbytes]
-
-
 def whole_destination(pieces: List[Piece], shape: Sequence[int]) -> Optional[np.ndarray]:
     """The flat bytes of host memory a chunk of `shape` can be read into directly: where one
     piece is all of it and its destination is contiguous; else None."""

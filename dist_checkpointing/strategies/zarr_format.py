@@ -3,12 +3,13 @@ layout (zarr_spec.py) planned as zarr_plan.py decides, raw chunks written and re
 module's own readers and writers, compressed ones encoded and decoded by the engine.
 """
 
+import errno
 import math
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from ..storage_interface import Storage
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, PlannedSaveStrategy
 from .config import ZARR_ENGINES, StrategyConfig
-from .reading import SCRATCH_BYTES, Piece, destination, fill_pieces, read_chunk, scratch_bytes, whole_destination
+from .reading import SCRATCH_BYTES, Piece, destination, fill_pieces, read_chunk, whole_destination
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
     CONSOLIDATED_FNAME,
@@ -339,40 +340,59 @@ class RawChunkReads:
         return {id(sh): sh.deliver(target) for sh, target in self.targets}
 
     def _read_batch(self, batch) -> None:
-        trees = {}  # key -> its array directory's files
+        """Reads a thread's chunk files: whole, one request each, handed to the storage in
+        groups (its per-file costs paid in one loop), where a chunk lands in a destination as
+        it is or fits in scratch memory (most chunks); others in blocks of rows."""
+        trees: Dict[str, LinkFreeTree] = {}  # key -> its array directory's files
+        group, scratch = [], 0
         for name, chunk in batch:
-            if chunk.key not in trees:
-                trees[chunk.key] = LinkFreeTree(entry_dir(self.checkpoint_dir, chunk.key), f"Key '{chunk.key}'", self.storage)
-            self._read(trees[chunk.key], name[len(chunk.key) + 1 :], chunk)
+            tree = trees.get(chunk.key)
+            if tree is None:
+                tree = trees[chunk.key] = LinkFreeTree(entry_dir(self.checkpoint_dir, chunk.key), f"Key '{chunk.key}'", self.storage)
+            name = name[len(chunk.key) + 1 :]
+            into = whole_destination(chunk.pieces, chunk.shape)
+            if into is None and chunk.nbytes > SCRATCH_BYTES:
+                self._read_in_blocks(tree, name, chunk)
+                continue
+            values = into if into is not None else np.empty(chunk.nbytes, np.uint8)
+            group.append(_WholeRead(tree, name, chunk, values, bytearray(4 * chunk.checksummed), into is not None))
+            scratch += 0 if into is not None else chunk.nbytes
+            if len(group) == _FILES_PER_CALL or scratch > SCRATCH_BYTES:
+                self._read_whole(group)
+                group, scratch = [], 0
+        self._read_whole(group)
 
-    def _read(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile") -> None:
-        """Reads one chunk file into the pieces that need it: whole, in one request, where it
-        fits in a scratch buffer or lands in a destination as it is (most chunks; the cost of
-        many small ones is per request); else in blocks of rows (`read_chunk`)."""
-        nbytes, checksummed = chunk.nbytes, chunk.checksummed
-        into = whole_destination(chunk.pieces, chunk.shape)
-        if into is None and nbytes > SCRATCH_BYTES:
-            return self._read_in_blocks(tree, name, chunk)
-        values = into if into is not None else scratch_bytes(nbytes)
-        crc = bytearray(4 * checksummed)
+    def _read_whole(self, group: List["_WholeRead"]) -> None:
+        reads = [(r.tree.path(r.name), [r.values, r.crc] if r.chunk.checksummed else [r.values]) for r in group]
         try:
-            size = tree.read_exactly(name, [values, crc] if checksummed else [values])
-        except FileNotFoundError:
-            raise _damaged(chunk.key, self.checkpoint_dir, [f"{tree.prefix + name}: missing"]) from None
-        self._check(tree, name, chunk, size, checksummed and crc32c(values) != int.from_bytes(crc, "little"))
-        if into is None:
-            fill_pieces(chunk.pieces, values, chunk.shape, chunk.dtype)
+            sizes = self.storage.read_files(reads, follow_links=False)
+        except OSError as e:
+            failed = next((r for r, (path, _) in zip(group, reads) if path == e.filename), None)
+            raise (e if failed is None else self._unreadable(e, failed.tree, failed.name, failed.chunk)) from None
+        for r, size in zip(group, sizes):
+            chunk = r.chunk
+            self._check(r.tree, r.name, chunk, size, chunk.checksummed and crc32c(r.values) != int.from_bytes(r.crc, "little"))
+            if not r.direct:
+                fill_pieces(chunk.pieces, r.values, chunk.shape, chunk.dtype)
 
     def _read_in_blocks(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile") -> None:
         try:
-            file = tree.open(name, whole=chunk.checksummed)
-        except FileNotFoundError:
-            raise _damaged(chunk.key, self.checkpoint_dir, [f"{tree.prefix + name}: missing"]) from None
+            file = self.storage.open(tree.path(name), follow_links=False, whole=chunk.checksummed)
+        except OSError as e:
+            raise self._unreadable(e, tree, name, chunk) from None
         with file:
             self._check(tree, name, chunk, file.size, False)
             crc = read_chunk(file, 0, chunk.shape, chunk.dtype, chunk.pieces, 0 if chunk.checksummed else None)
             if chunk.checksummed:
                 self._check(tree, name, chunk, file.size, file.read(chunk.nbytes, 4) != crc.to_bytes(4, "little"))
+
+    def _unreadable(self, error: OSError, tree: LinkFreeTree, name: str, chunk: "_ChunkFile") -> Exception:
+        """The error for a chunk file that could not be opened: missing, or a link."""
+        if isinstance(error, FileNotFoundError):
+            return _damaged(chunk.key, self.checkpoint_dir, [f"{tree.prefix + name}: missing"])
+        if error.errno == errno.ELOOP:
+            return tree.refused(name)
+        return error
 
     def _check(self, tree: LinkFreeTree, name: str, chunk: "_ChunkFile", size: int, crc_mismatch: bool) -> None:
         """Raises, naming the file, where a chunk file's size is not its chunk's or its values
@@ -384,6 +404,21 @@ class RawChunkReads:
             ])
         if crc_mismatch:
             raise _damaged(chunk.key, self.checkpoint_dir, [f"{tree.prefix + name}: fails its CRC-32C (truncated or changed)"])
+
+
+_FILES_PER_CALL = 256  # chunk files handed to the storage at once
+
+
+class _WholeRead(NamedTuple):
+    """A chunk file read whole: its values into `values` (a destination's bytes where
+    `direct`, else memory to copy pieces from), then its CRC-32C into `crc` (v3)."""
+
+    tree: LinkFreeTree
+    name: str
+    chunk: "_ChunkFile"
+    values: np.ndarray
+    crc: bytearray
+    direct: bool
 
 
 @dataclass(frozen=True)
