@@ -162,7 +162,7 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
                 continue
             offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
-                items.append((sh.key, tuple(offset), _compact_cpu(sh.data).reshape(shape)))
+                items.append((sh.key, tuple(offset), _contiguous_cpu(sh.data).reshape(shape)))
         hint = self.separation_hint
         groups = {"": items} if hint is None else {
             "": [item for item in items if not item[0].startswith(hint)],
@@ -219,11 +219,16 @@ def _reformulated_size(key: str, main: List[ShardedTensor]) -> Tuple[int, ...]:
     return first.axis_fragmentations + (math.prod(first.local_shape),)
 
 
-def _compact_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor owning exactly its elements (`torch.save` of a view writes its whole storage)."""
+def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach().to("cpu")
-    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def _owning(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy owning exactly its elements (`torch.save` of a view writes its whole
+    storage)."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
     return tensor
 
 
@@ -255,7 +260,7 @@ def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[WrittenIt
             if layout is not None:  # one write, no torch.save: its ~40 small writes cost more than the bytes
                 f.write(b"".join((layout.head, host_bytes(data), layout.tail)))
             elif isinstance(data, torch.Tensor):
-                torch.save(data, f)  # its values in one write, from the tensor's memory
+                torch.save(_owning(data), f)  # its values in one write, from the tensor's memory
             else:
                 f.write(data.getbuffer())
             offset, length, _ = f.end_item()
