@@ -205,12 +205,16 @@ def share_bytes(payload: Optional[bytes], sizes: Sequence[int], what: str, group
     return received
 
 
+def host_wire(group=None) -> bool:
+    """Whether tensors travel between ranks through host memory: gloo (also the CPU half of a
+    'cpu:gloo,cuda:nccl' group), not an NCCL-only group."""
+    return str(dist.get_backend(_group(group))) != "nccl"
+
+
 def wire_device(tensor: torch.Tensor, group=None) -> torch.device:
-    """Where `tensor` must be to travel between ranks: CPU for gloo (also the CPU half of a
-    'cpu:gloo,cuda:nccl' group); its own (CUDA) device for an NCCL-only group."""
-    if str(dist.get_backend(group)) == "nccl":
-        return tensor.device
-    return torch.device("cpu")
+    """Where `tensor` must be to travel between ranks: CPU on a `host_wire`; its own (CUDA)
+    device for an NCCL-only group."""
+    return torch.device("cpu") if host_wire(group) else tensor.device
 
 
 Transfer = Tuple[torch.Tensor, int, int]  # (tensor, peer rank, tag)

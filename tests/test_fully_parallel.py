@@ -170,15 +170,23 @@ def test_fully_parallel_over_all_ranks(tmp_path):
 def _exchange_algos_and_tensor_aware_state_dict(rank, world_size, root):
     """Loads with every exchange algorithm; round-trips a MCoreTensorAwareStateDict (fully
     parallel: each replicated shard kept by one rank; atomic) through pop/insert/init."""
-    from dist_checkpointing.exchange_utils import EXCHANGE_ALGOS
+    from dist_checkpointing import exchange_utils
     from dist_checkpointing.tensor_aware_state_dict import MCoreTensorAwareStateDict
 
     dc.save(sharded_state_dict(rank, TP, DP), f"{root}/ckpt", "torch_dist")
     compared = {}
-    for algo in EXCHANGE_ALGOS:
+    packed = exchange_utils.PACKED_BYTES
+    # shards travel packed (the default), one by one (0), and both, in many small messages (256)
+    variants = [(algo, packed) for algo in exchange_utils.EXCHANGE_ALGOS]
+    variants += [("broadcast", 0), ("point_to_point", 0), ("broadcast", 256), ("point_to_point", 256)]
+    for algo, packed_bytes in variants:
+        exchange_utils.PACKED_BYTES = packed_bytes
         loader = FullyParallelLoadStrategyWrapper(load_strategy_from_config(StrategyConfig(backend="torch_dist")), exchange_algo=algo)
-        loaded = dc.load(sharded_state_dict(rank, TP, DP, with_data=False), f"{root}/ckpt", loader)
-        compared[algo] = check_loaded(loaded, rank, TP, DP)
+        request = sharded_state_dict(rank, TP, DP, with_data=False)
+        loaded = dc.load(request, f"{root}/ckpt", loader)
+        assert loaded["embedding"] is request["embedding"].data  # received into the caller's tensor
+        compared[f"{algo} {packed_bytes}"] = check_loaded(loaded, rank, TP, DP)
+    exchange_utils.PACKED_BYTES = packed
     for algo in ("fully_parallel", "atomic"):
         tasd, distribution = MCoreTensorAwareStateDict.from_state_dict(sharded_state_dict(rank, TP, DP), algo)
         kept = len(list(tasd.tensors))
