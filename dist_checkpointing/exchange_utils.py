@@ -40,6 +40,7 @@ from .collectives import (
 )
 from .core import CheckpointingException
 from .dict_utils import nested_values
+from .global_plan import FLAT, GlobalPlan, LocalPlan
 from .mapping import ShardedStateDict, ShardedTensor, is_main_replica
 from .utils import _sharded_tensor_shard_id
 
@@ -119,7 +120,8 @@ def determine_main_replica_uniform_distribution(
 
     Saving (`ignore_groups` False): the shards with a main replica in the group, each to one
     rank holding it. Loading (`ignore_groups` True): every shard some rank asked for, by its
-    `load_shard_id`, those without a main replica in the group assigned last."""
+    `load_shard_id`, those without a main replica in the group assigned last; the requests
+    travel as columns (global_plan.LocalPlan), not as pickled ShardedTensors."""
     with within(parallelization_group):
         if get_world_size() <= 1:
             return None
@@ -128,6 +130,8 @@ def determine_main_replica_uniform_distribution(
         for sh in nested_values(sharded_state_dict):
             if isinstance(sh, ShardedTensor):
                 local.setdefault(shard_id(sh), sh.without_data())
+        if ignore_groups:
+            return _load_distribution(local)
         gathered = exchange(lambda: local, "fully parallel planning")
     shard_to_ranks, shard_to_metadata, with_main = defaultdict(list), {}, set()
     for rank, shards in enumerate(gathered):
@@ -136,11 +140,46 @@ def determine_main_replica_uniform_distribution(
             shard_to_metadata.setdefault(sid, sh)
             if is_main_replica(sh.replica_id):
                 with_main.add(sid)
-    in_group = set(shard_to_ranks) if ignore_groups else with_main
-    shard_to_ranks = {sid: ranks for sid, ranks in shard_to_ranks.items() if sid in in_group}
+    shard_to_ranks = {sid: ranks for sid, ranks in shard_to_ranks.items() if sid in with_main}
     sizes = {sid: shard_to_metadata[sid].nbytes for sid in shard_to_ranks}
-    main_rank = distribute_shards_to_ranks(shard_to_ranks, sizes, len(gathered), in_group - with_main)
-    return ShardDistribution(main_rank, in_group, shard_to_metadata, shard_to_ranks)
+    main_rank = distribute_shards_to_ranks(shard_to_ranks, sizes, len(gathered))
+    return ShardDistribution(main_rank, with_main, shard_to_metadata, shard_to_ranks)
+
+
+def _load_distribution(local: Dict[Hashable, ShardedTensor]) -> ShardDistribution:
+    """The load's distribution from every rank's requests (`local`: this rank's, by load
+    shard id), exchanged as columns. A shard's metadata is this rank's request where it made
+    one, else the first asking rank's (from the plan)."""
+    plan = GlobalPlan.of_local_plans(exchange(lambda: LocalPlan.of(list(local.values())), "fully parallel planning"))
+    ids = _load_shard_ids(plan)
+    shard_to_ranks: Dict[Hashable, List[int]] = {}
+    first_row: Dict[Hashable, int] = {}
+    with_main = set()
+    for rank, row, main in zip(plan.pair_rank.tolist(), plan.pair_row.tolist(), plan.main.tolist()):
+        sid = ids[row]
+        if sid in shard_to_ranks:
+            shard_to_ranks[sid].append(rank)
+        else:
+            shard_to_ranks[sid], first_row[sid] = [rank], row
+        if main:
+            with_main.add(sid)
+    nbytes = plan.row_nbytes.tolist()
+    sizes = {sid: nbytes[row] for sid, row in first_row.items()}
+    metadata = {sid: local[sid] if sid in local else plan.shard(row) for sid, row in first_row.items()}
+    main_rank = distribute_shards_to_ranks(shard_to_ranks, sizes, plan.world_size, set(shard_to_ranks) - with_main)
+    return ShardDistribution(main_rank, set(shard_to_ranks), metadata, shard_to_ranks)
+
+
+def _load_shard_ids(plan: GlobalPlan) -> List[Tuple]:
+    """`load_shard_id` of each row of a plan of ShardedTensors."""
+    ndims = plan.entry_ndim[plan.row_entry].tolist()
+    keys = [plan.keys[k] for k in plan.row_key.tolist()]
+    flats = plan.flat.tolist() or [None] * len(keys)  # (no column where no row is flat)
+    rows = zip(keys, ndims, plan.offset.tolist(), plan.extent.tolist(), plan.prepend.tolist(), plan.flags.tolist(), flats)
+    return [
+        (key, tuple(offset[:ndim]), tuple(flat) if flags & FLAT else None, tuple(extent[prepend:ndim]))
+        for key, ndim, offset, extent, prepend, flags, flat in rows
+    ]
 
 
 def _get_empty_tensor_for_exchange(

@@ -5,7 +5,6 @@ piece of non-tensor state that differs per rank in a `ShardedObject`, and everyt
 a plain value that goes to `common.pt`.
 """
 
-import copy
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -531,7 +530,8 @@ class ShardedTensorFactory(ShardedBase):
 def _without_data(sharded: ShardedBase) -> ShardedBase:
     """A shallow copy with `data=None`; its metadata was validated when `sharded` was made, so
     it is not validated again (`replace` would: ~25 us each, thousands per save)."""
-    clone = copy.copy(sharded)
+    clone = object.__new__(type(sharded))  # copy.copy, without its generic machinery (~10x)
+    clone.__dict__.update(sharded.__dict__)
     clone.data = None
     return clone
 
