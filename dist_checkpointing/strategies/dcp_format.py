@@ -143,24 +143,15 @@ def _index(path: str, metadata) -> DcpIndex:
         if ORIG_SHAPE in data:
             originals[key] = _shape(data[ORIG_SHAPE], f"key '{key}': mcore_data's {ORIG_SHAPE}", checked=checked)
     items = {}  # (key, chunk offsets or None) -> StoredItem
-    for index, info in storage.items():
-        at = _fields(index, ("MetadataIndex",), f"storage_data key {index!r}")
-        key, offset = at.get("fqn"), at.get("offset")
+    for index, info in storage.items():  # (messages are built on failure only: 10^5 records)
+        at = _fields(index, ("MetadataIndex",), "a storage_data key")
+        key = at.get("fqn")
         if not isinstance(key, str):
             raise _Damaged(f"storage_data key {index!r} names no key")
-        if offset is not None:
-            offset = _shape(offset, f"key '{key}': chunk offset", checked=checked)
-        record = _fields(info, ("_StorageInfo",), f"key '{key}': its storage record")
-        file, start, length = record.get("relative_path"), record.get("offset"), record.get("length")
-        if not (is_count(start) and is_count(length)):
-            raise _Damaged(f"key '{key}': its storage record {record!r} needs a non-negative offset and length")
-        if not (isinstance(file, str) and file in files):  # a few data files, named by 10^5 records
-            problem = relative_path_problem(file)
-            if problem:
-                raise _Damaged(f"key '{key}': its data file {file!r} cannot be inside the checkpoint: {problem}")
-            files.add(file)
-        transforms = record.get("transform_descriptors") or ()
-        items[key, offset] = StoredItem(file, start, length, tuple(transforms) if isinstance(transforms, (list, tuple)) else (transforms,))
+        try:
+            items[key, _stored_offset(at.get("offset"), checked)] = _stored_item(info, files)
+        except _Damaged as e:
+            raise _Damaged(f"key '{key}': {e}") from None
     tensors, objects = {}, {}
     for key, entry in entries.items():
         if not isinstance(key, str):
@@ -173,6 +164,24 @@ def _index(path: str, metadata) -> DcpIndex:
         except _Damaged as e:
             raise _Damaged(f"key '{key}': {e}") from None
     return DcpIndex(path, tensors, objects)
+
+
+def _stored_offset(offset, checked: set) -> Optional[Tuple[int, ...]]:
+    return None if offset is None else _shape(offset, "chunk offset", checked=checked)
+
+
+def _stored_item(info, files: set) -> StoredItem:
+    record = _fields(info, ("_StorageInfo",), "its storage record")
+    file, start, length = record.get("relative_path"), record.get("offset"), record.get("length")
+    if not (is_count(start) and is_count(length)):
+        raise _Damaged(f"its storage record {record!r} needs a non-negative offset and length")
+    if not (isinstance(file, str) and file in files):  # a few data files, named by 10^5 records
+        problem = relative_path_problem(file)
+        if problem:
+            raise _Damaged(f"its data file {file!r} cannot be inside the checkpoint: {problem}")
+        files.add(file)
+    transforms = record.get("transform_descriptors") or ()
+    return StoredItem(file, start, length, tuple(transforms) if isinstance(transforms, (list, tuple)) else (transforms,))
 
 
 def _tensor(entry, original: Optional[Tuple[int, ...]], items: dict, key: str, checked: set) -> DcpTensor:
@@ -190,7 +199,7 @@ def _tensor(entry, original: Optional[Tuple[int, ...]], items: dict, key: str, c
         raise _Damaged("its chunks are not a list")
     boxes = []
     for chunk in chunks:
-        box = _fields(chunk, ("ChunkStorageMetadata",), f"chunk {chunk!r}")
+        box = _fields(chunk, ("ChunkStorageMetadata",), "a chunk")
         offsets = _shape(box.get("offsets"), "chunk offsets", len(size), checked)
         sizes = _shape(box.get("sizes"), "chunk sizes", len(size), checked)
         if not inside((offsets, sizes), size):
