@@ -231,24 +231,27 @@ def _travelling(distribution: ShardDistribution) -> List[Hashable]:
     return sorted(sid for sid, ranks in distribution.all_ranks_for_shard.items() if len(ranks) > 1)
 
 
-PACKED_BYTES = 16 * 2**20  # on a CPU wire, smaller shards travel packed in messages of up to this size
+PACKED_BYTES = 16 * 2**20  # on a CPU wire, smaller shards travel packed in messages of up to this size...
+PACKED_MIN_SHARDS = 64  # ...where more shards than this travel (fewer: one message each, as Megatron-Core)
 
 
 def _exchange_directly(loaded, unloaded, distribution: ShardDistribution, broadcast: bool) -> Dict[Hashable, torch.Tensor]:
     """Each travelling shard from its reader to the ranks that asked for it: broadcast where
     all did (with `broadcast`), else point to point. On a CPU wire (gloo), where every message
     costs ~0.3 ms whatever its size, shards under PACKED_BYTES travel packed: one message per
-    reader and destination carries many (20,001 shards took 7 s one by one)."""
+    reader and destination carries many (20,001 shards took 7 s one by one), where more than
+    PACKED_MIN_SHARDS travel (below, the messages are few, and each shard is its own, as in
+    Megatron-Core, whose tests count the broadcasts)."""
     rank, size, ranks = get_rank(), get_world_size(), group_ranks()
     result = dict(loaded)
     sends, receives = [], []
     packs: Dict[Tuple[int, Tuple[int, ...]], List[Hashable]] = defaultdict(list)  # (reader, receivers) -> shards
-    packing = host_wire()
 
     def target(sid) -> torch.Tensor:
         return _get_empty_tensor_for_exchange(sid, unloaded, distribution.shard_to_metadata, result)[0]
 
     travelling = _travelling(distribution)
+    packing = host_wire() and len(travelling) > PACKED_MIN_SHARDS
     for tag, sid in enumerate(travelling):
         reader, askers = distribution.main_rank_for_shard[sid], distribution.all_ranks_for_shard[sid]
         everyone = broadcast and len(askers) == size

@@ -175,18 +175,18 @@ def _exchange_algos_and_tensor_aware_state_dict(rank, world_size, root):
 
     dc.save(sharded_state_dict(rank, TP, DP), f"{root}/ckpt", "torch_dist")
     compared = {}
-    packed = exchange_utils.PACKED_BYTES
-    # shards travel packed (the default), one by one (0), and both, in many small messages (256)
-    variants = [(algo, packed) for algo in exchange_utils.EXCHANGE_ALGOS]
-    variants += [("broadcast", 0), ("point_to_point", 0), ("broadcast", 256), ("point_to_point", 256)]
-    for algo, packed_bytes in variants:
-        exchange_utils.PACKED_BYTES = packed_bytes
+    packed, fewest = exchange_utils.PACKED_BYTES, exchange_utils.PACKED_MIN_SHARDS
+    # shards travel one by one (the default for this few), packed, and both, in many small messages (256)
+    variants = [(algo, packed, fewest) for algo in exchange_utils.EXCHANGE_ALGOS]
+    variants += [(algo, size, 0) for algo in ("broadcast", "point_to_point") for size in (packed, 256)]
+    for algo, packed_bytes, min_shards in variants:
+        exchange_utils.PACKED_BYTES, exchange_utils.PACKED_MIN_SHARDS = packed_bytes, min_shards
         loader = FullyParallelLoadStrategyWrapper(load_strategy_from_config(StrategyConfig(backend="torch_dist")), exchange_algo=algo)
         request = sharded_state_dict(rank, TP, DP, with_data=False)
         loaded = dc.load(request, f"{root}/ckpt", loader)
         assert loaded["embedding"] is request["embedding"].data  # received into the caller's tensor
-        compared[f"{algo} {packed_bytes}"] = check_loaded(loaded, rank, TP, DP)
-    exchange_utils.PACKED_BYTES = packed
+        compared[f"{algo} {packed_bytes} {min_shards}"] = check_loaded(loaded, rank, TP, DP)
+    exchange_utils.PACKED_BYTES, exchange_utils.PACKED_MIN_SHARDS = packed, fewest
     for algo in ("fully_parallel", "atomic"):
         tasd, distribution = MCoreTensorAwareStateDict.from_state_dict(sharded_state_dict(rank, TP, DP), algo)
         kept = len(list(tasd.tensors))
