@@ -63,11 +63,10 @@ class LocalStorage(Storage):
             return f.read()
 
     def open(self, path: str, follow_links: bool = True, whole: bool = False) -> Reader:
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW)
-        return FileReader(path, os.open(path, flags))
+        return FileReader(path, os.open(path, _read_flags(follow_links)))
 
     def read_files(self, reads: Sequence[Tuple[str, Sequence]], follow_links: bool = True) -> List[int]:
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW)
+        flags = _read_flags(follow_links)
         sizes, spare = [], bytearray(1)  # one byte more than expected tells a longer file without asking its size
         for path, buffers in reads:
             total = sum([memoryview(buffer).nbytes for buffer in buffers])
@@ -119,6 +118,10 @@ class LocalStorage(Storage):
 
     def tensorstore_context(self) -> dict:
         return {}
+
+
+def _read_flags(follow_links: bool) -> int:
+    return os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow_links else os.O_NOFOLLOW)
 
 
 class FileReader(Reader):

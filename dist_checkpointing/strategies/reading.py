@@ -84,7 +84,7 @@ def host_bytes(tensor: torch.Tensor):
 _scratch = threading.local()
 
 
-def scratch_buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
+def _scratch_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
     """This thread's reusable scratch buffer of at least `nbytes` (at most SCRATCH_BYTES are
     asked for). It grows only as needed: every page of it is a page fault, 10 ms per 16 MiB
     here, paid again by each load (its reading threads are new)."""
@@ -146,7 +146,7 @@ def read_chunk(file: Reader, offset: int, shape: Sequence[int], dtype: torch.dty
     pinned = any(not isinstance(p.into, np.ndarray) and p.into.device.type != "cpu" for p in pieces)
     for start in range(first, stop, block):
         n = min(block, stop - start)
-        scratch = scratch_buffer(n * row_bytes, pinned)
+        scratch = _scratch_buffer(n * row_bytes, pinned)
         _read_all(file, offset + start * row_bytes, scratch.numpy())
         if crc is not None:
             crc = crc32c(scratch.numpy(), crc)

@@ -345,11 +345,11 @@ class RawChunkReads:
         it is or fits in scratch memory (most chunks); others in blocks of rows."""
         trees: Dict[str, LinkFreeTree] = {}  # key -> its array directory's files
         group, scratch = [], 0
-        for name, chunk in batch:
+        for path, chunk in batch:
             tree = trees.get(chunk.key)
             if tree is None:
                 tree = trees[chunk.key] = LinkFreeTree(entry_dir(self.checkpoint_dir, chunk.key), f"Key '{chunk.key}'", self.storage)
-            name = name[len(chunk.key) + 1 :]
+            name = path[len(chunk.key) + 1 :]  # inside the array's directory
             into = whole_destination(chunk.pieces, chunk.shape)
             if into is None and chunk.nbytes > SCRATCH_BYTES:
                 self._read_in_blocks(tree, name, chunk)
