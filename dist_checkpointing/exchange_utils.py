@@ -149,7 +149,8 @@ def determine_main_replica_uniform_distribution(
 def _load_distribution(local: Dict[Hashable, ShardedTensor]) -> ShardDistribution:
     """The load's distribution from every rank's requests (`local`: this rank's, by load
     shard id), exchanged as columns. A shard's metadata is this rank's request where it made
-    one, else the first asking rank's (from the plan)."""
+    one of the first asking rank's size, else the first asking rank's (from the plan): every
+    rank must agree on the sizes of what travels."""
     plan = GlobalPlan.of_local_plans(exchange(lambda: LocalPlan.of(list(local.values())), "fully parallel planning"))
     ids = _load_shard_ids(plan)
     shard_to_ranks: Dict[Hashable, List[int]] = {}
@@ -165,7 +166,7 @@ def _load_distribution(local: Dict[Hashable, ShardedTensor]) -> ShardDistributio
             with_main.add(sid)
     nbytes = plan.row_nbytes.tolist()
     sizes = {sid: nbytes[row] for sid, row in first_row.items()}
-    metadata = {sid: local[sid] if sid in local else plan.shard(row) for sid, row in first_row.items()}
+    metadata = {sid: local[sid] if sid in local and local[sid].nbytes == sizes[sid] else plan.shard(row) for sid, row in first_row.items()}
     main_rank = distribute_shards_to_ranks(shard_to_ranks, sizes, plan.world_size, set(shard_to_ranks) - with_main)
     return ShardDistribution(main_rank, set(shard_to_ranks), metadata, shard_to_ranks)
 

@@ -96,6 +96,11 @@ def _scratch_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
     return buffer[:nbytes]
 
 
+def scratch_bytes(nbytes: int) -> np.ndarray:
+    """This thread's scratch buffer (`_scratch_buffer`, host memory) as numpy bytes."""
+    return _scratch_buffer(nbytes, False).numpy()
+
+
 def whole_destination(pieces: List[Piece], shape: Sequence[int]) -> Optional[np.ndarray]:
     """The flat bytes of host memory a chunk of `shape` can be read into directly: where one
     piece is all of it and its destination is contiguous; else None."""

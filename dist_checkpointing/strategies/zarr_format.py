@@ -29,7 +29,7 @@ from ..storage_interface import Storage
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, PlannedSaveStrategy
 from .config import ZARR_ENGINES, StrategyConfig
-from .reading import SCRATCH_BYTES, Piece, destination, fill_pieces, read_chunk, whole_destination
+from .reading import SCRATCH_BYTES, Piece, destination, fill_pieces, read_chunk, scratch_bytes, whole_destination
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
     CONSOLIDATED_FNAME,
@@ -344,7 +344,7 @@ class RawChunkReads:
         groups (its per-file costs paid in one loop), where a chunk lands in a destination as
         it is or fits in scratch memory (most chunks); others in blocks of rows."""
         trees: Dict[str, LinkFreeTree] = {}  # key -> its array directory's files
-        group, scratch = [], 0
+        group, scratch, used = [], None, 0  # a group's chunks that need copying share the scratch buffer
         for path, chunk in batch:
             tree = trees.get(chunk.key)
             if tree is None:
@@ -354,12 +354,14 @@ class RawChunkReads:
             if into is None and chunk.nbytes > SCRATCH_BYTES:
                 self._read_in_blocks(tree, name, chunk)
                 continue
-            values = into if into is not None else np.empty(chunk.nbytes, np.uint8)
-            group.append(_WholeRead(tree, name, chunk, values, bytearray(4 * chunk.checksummed), into is not None))
-            scratch += 0 if into is not None else chunk.nbytes
-            if len(group) == _FILES_PER_CALL or scratch > SCRATCH_BYTES:
+            if len(group) == _FILES_PER_CALL or (into is None and used and used + chunk.nbytes > _GROUP_SCRATCH_BYTES):
                 self._read_whole(group)
-                group, scratch = [], 0
+                group, used = [], 0
+            direct = into is not None
+            if not direct:
+                scratch = scratch_bytes(SCRATCH_BYTES) if scratch is None else scratch
+                into, used = scratch[used : used + chunk.nbytes], used + chunk.nbytes
+            group.append(_WholeRead(tree, name, chunk, into, bytearray(4 * chunk.checksummed), direct))
         self._read_whole(group)
 
     def _read_whole(self, group: List["_WholeRead"]) -> None:
@@ -407,6 +409,7 @@ class RawChunkReads:
 
 
 _FILES_PER_CALL = 256  # chunk files handed to the storage at once
+_GROUP_SCRATCH_BYTES = 2**20  # chunks to copy out share this much scratch memory per group (a larger one is alone)
 
 
 class _WholeRead(NamedTuple):
