@@ -34,6 +34,7 @@ _NAME_OF_TORCH = {t: name for name, (t, _, _) in DTYPES.items()}
 _CODE_OF_TORCH = {t: code for code, (t, _, _) in enumerate(DTYPES.values())}
 _NAME_OF_NUMPY = {n: name for name, (_, n, _) in DTYPES.items() if n is not None}
 _NAME_OF_ZARR_V2 = {("bfloat16" if n is None else n.str): name for name, (_, n, _) in DTYPES.items()}
+NUMPY_NATIVE = frozenset(t for t, n, _ in DTYPES.values() if n is not None)  # torch dtypes numpy has itself
 
 
 @functools.cache

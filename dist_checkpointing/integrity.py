@@ -119,14 +119,13 @@ class ChecksumIndex:
     def verify(self, data, checkpoint_dir, name: str, offset: int, what: str) -> None:
         """Checks bytes `data` read from `name` at `offset` against their recorded Range (a
         recorded range read shorter, e.g. from a truncated file, or with another CRC fails)."""
-        if name not in self.files:
-            return
-        recorded = self.ranges.get((name, offset))
-        if recorded is not None and memoryview(data).nbytes == recorded[0] and crc32c(data) == recorded[1]:
-            return  # sound (the common case, checked first: 10^5 items may be verified per load)
         recorded = self.recorded(checkpoint_dir, name, offset, what)
-        size = memoryview(data).nbytes
-        self._check(_problem(size, *recorded, lambda: crc32c(memoryview(data).cast("B"))), checkpoint_dir, name, offset, what)
+        if recorded is None:
+            return
+        view = memoryview(data).cast("B")
+        if view.nbytes == recorded[0] and crc32c(view) == recorded[1]:
+            return  # sound: checked inline (10^5 items may be verified per load)
+        self._check(_problem(view.nbytes, *recorded, lambda: crc32c(view)), checkpoint_dir, name, offset, what)
 
     def verify_crc(self, crc: int, size: int, checkpoint_dir, name: str, offset: int, what: str) -> None:
         """Like `verify`, for `size` bytes whose CRC-32C `crc` the reader computed as they landed."""

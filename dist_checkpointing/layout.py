@@ -126,7 +126,7 @@ class LinkFreeTree:
     resolving every path, and as strict as `dist-ckpt verify` is about chunk files."""
 
     def __init__(self, root: str, what: str, storage: Storage):
-        self.root, self.what, self.storage = root, what, storage
+        self.what, self.storage = what, storage
         self.prefix = os.path.join(root, "")  # a file's path is prefix + name (os.path.join per file costs)
         self.checked = set()
 

@@ -149,7 +149,10 @@ def _index(path: str, metadata) -> DcpIndex:
         if not isinstance(key, str):
             raise _Damaged(f"storage_data key {index!r} names no key")
         try:
-            items[key, _stored_offset(at.get("offset"), checked)] = _stored_item(info, files)
+            offset = at.get("offset")
+            if offset is not None:
+                offset = _shape(offset, "chunk offset", checked=checked)
+            items[key, offset] = _stored_item(info, files)
         except _Damaged as e:
             raise _Damaged(f"key '{key}': {e}") from None
     tensors, objects = {}, {}
@@ -164,10 +167,6 @@ def _index(path: str, metadata) -> DcpIndex:
         except _Damaged as e:
             raise _Damaged(f"key '{key}': {e}") from None
     return DcpIndex(path, tensors, objects)
-
-
-def _stored_offset(offset, checked: set) -> Optional[Tuple[int, ...]]:
-    return None if offset is None else _shape(offset, "chunk offset", checked=checked)
 
 
 def _stored_item(info, files: set) -> StoredItem:

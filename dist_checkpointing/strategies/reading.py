@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..core import CheckpointingException
+from ..dtypes import NUMPY_NATIVE
 from ..integrity import crc32c
 from ..storage_interface import Reader
 
@@ -42,7 +43,7 @@ def destination(target: torch.Tensor) -> Union[np.ndarray, torch.Tensor]:
     if not target.is_cpu:
         return target.detach()
     values = target.detach() if target.requires_grad else target
-    if values.dtype in _NUMPY_TYPES and values.dim() and values.is_contiguous():  # the common case, faster
+    if values.dtype in NUMPY_NATIVE and values.dim() and values.is_contiguous():  # the common case, faster
         return values.numpy().view(np.uint8).reshape(values.shape + (values.element_size(),))
     if values.dim() and values.shape[-1] > 1 and values.stride(-1) != 1:
         return values
@@ -51,9 +52,6 @@ def destination(target: torch.Tensor) -> Union[np.ndarray, torch.Tensor]:
     elif values.stride(-1) != 1:  # a length-1 last axis may have any stride
         values = values.as_strided(values.shape, values.stride()[:-1] + (1,))
     return values.view(torch.uint8).numpy().reshape(tuple(target.shape) + (target.element_size(),))
-
-
-_NUMPY_TYPES = {torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool}
 
 
 def _shape(into) -> Tuple[int, ...]:
@@ -73,12 +71,9 @@ def piece_of(chunk_offset: Sequence[int], box: Tuple[Sequence[int], Sequence[int
     return Piece(tuple(slice(o - c, o - c + s) for o, c, s in zip(offset, chunk_offset, shape)), into)
 
 
-def host_bytes(tensor: torch.Tensor):
-    """The bytes of a contiguous CPU tensor, writable in place."""
-    flat = tensor.detach().reshape(-1)
-    if flat.stride(0) != 1:  # one element (a contiguous tensor's length-1 axes may have any stride)
-        flat = flat.as_strided(flat.shape, (1,))
-    return flat.view(torch.uint8).numpy()
+def host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor, flat, writable in place."""
+    return destination(tensor).reshape(-1)
 
 
 _scratch = threading.local()

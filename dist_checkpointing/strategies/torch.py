@@ -282,7 +282,7 @@ class _Reads:
             if item is None:
                 raise CheckpointingException(f"ShardedObject '{key}': {self.index.path} lists no bytes for it; it is damaged")
             if item in self.fills or item in object_keys:  # each would fill only one of them
-                raise self._shared(self.fills[item].key if item in self.fills else object_keys[item], key, item)
+                raise self._shared(self._owner(item, object_keys), key, item)
             object_keys[item] = key
             by_file.setdefault(item.file, []).append(item)
 
@@ -299,7 +299,7 @@ class _Reads:
             into.copy_(read)
 
     def _read_file(self, name: str, items: List[StoredItem], object_keys: dict, checksums: ChecksumIndex) -> None:
-        keys = sorted({self.fills[item].key if item in self.fills else object_keys[item] for item in items[:3]})
+        keys = sorted({self._owner(item, object_keys) for item in items[:3]})
         keys = ", ".join(f"'{key}'" for key in keys) + (", ..." if len(items) > 3 else "")  # for messages
         path = contained_path(self.checkpoint_dir, name, f"{METADATA_FNAME} (keys {keys})", self.storage)
         try:
@@ -326,9 +326,12 @@ class _Reads:
                 f"Cannot read keys {keys} from {path}: {type(e).__name__}: {e}. The checkpoint is damaged."
             ) from e
 
+    def _owner(self, item: StoredItem, object_keys: dict) -> str:
+        """The key (or a ShardedObject's unique key) whose bytes `item` holds."""
+        return self.fills[item].key if item in self.fills else object_keys[item]
+
     def _what(self, item: StoredItem, object_keys: dict) -> str:
-        fill = self.fills.get(item)
-        return f"Key '{fill.key}'" if fill is not None else f"ShardedObject '{object_keys[item]}'"
+        return f"{'Key' if item in self.fills else 'ShardedObject'} '{self._owner(item, object_keys)}'"
 
     def _check_items(self, items: List[StoredItem], size: int, path: str, object_keys: dict) -> None:
         for item in items:
