@@ -14,9 +14,10 @@ import hashlib
 import io
 import pathlib
 import pickle
+import struct
 import types
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -185,8 +186,183 @@ def load_dcp_metadata(path: str, as_dcp_objects: bool = False, storage: Optional
 
 
 def dump_dcp_metadata(metadata) -> bytes:
-    """The `.metadata` bytes DCP readers expect (a plain pickle of DCP's `Metadata`)."""
+    """The `.metadata` bytes DCP readers expect, of DCP's own `Metadata` (a plain pickle)."""
     return pickle.dumps(metadata)
+
+
+DcpChunk = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (offsets, sizes)
+
+
+class DcpTensorEntry(NamedTuple):
+    """A tensor entry of `.metadata` (DCP's TensorStorageMetadata)."""
+
+    dtype: torch.dtype
+    size: Tuple[int, ...]
+    chunks: List[DcpChunk]
+
+
+class DcpStorageRecords(NamedTuple):
+    """Where items are, in one data file (DCP's `storage_data` entries), as columns."""
+
+    file: str
+    keys: List[str]
+    chunks: List[Optional[Tuple[int, ...]]]  # an item's chunk offsets; None for a byte entry
+    offsets: List[int]
+    lengths: List[int]
+
+
+def encode_dcp_metadata(
+    entries: Dict[str, Optional[DcpTensorEntry]],  # None: a byte entry
+    records: Iterable[DcpStorageRecords],
+    mcore_data: Dict[str, dict],
+    storage_meta: Tuple[str, str],  # (checkpoint_id, save_id)
+    version: str,
+) -> bytes:
+    """`.metadata` for these entries: the bytes `pickle.dumps` writes for DCP's `Metadata` of
+    them (the same objects, opcode for opcode but for memo sharing and framing), built without
+    DCP's classes. pickle.dumps of 10^4 entries and 10^5 storage records takes ~0.5 s, most of
+    it calling each object's reduction, plus as long again to build the objects."""
+    w = _PickleWriter()
+    string, fetch = w.string, w.memo.get  # a key's string is memoized by its entry: fetched
+    sizes = {}
+    size = lambda shape: sizes.get(shape) or w.size(shape, sizes)  # noqa: E731
+    chunk_head = w.new_object(_DCP_METADATA, "ChunkStorageMetadata") + b"}(" + string("offsets")
+    chunk_sizes = string("sizes")
+    tensor_head = w.new_object(_DCP_METADATA, "TensorStorageMetadata") + b"}(" + string("properties")
+    tensor_size, tensor_chunks = string("size"), string("chunks")
+    byte_entry = w.new_object(_DCP_METADATA, "BytesStorageMetadata")
+    pairs = [
+        string(name) + (
+            byte_entry if entry is None
+            else tensor_head + w.tensor_properties(entry.dtype) + tensor_size + size(entry.size) + tensor_chunks
+            + _batched([chunk_head + size(o) + chunk_sizes + size(s) + b"ub" for o, s in entry.chunks], b"]", b"e")
+            + b"ub"
+        )
+        for name, entry in entries.items()
+    ]
+    out = [w.new_object(_DCP_METADATA, "Metadata") + b"}(" + string("state_dict_metadata") + _batched(pairs, b"}", b"u")]
+    index_head = w.new_object(_DCP_METADATA, "MetadataIndex") + b"}(" + string("fqn")
+    index_none, index_offset = string("index") + b"N", string("offset")
+    info_head = w.new_object(_DCP_FILESYSTEM, "_StorageInfo") + b"}(" + string("relative_path")
+    info_offset, info_length = string("offset"), string("length")
+    integer = _PickleWriter.integer
+    pairs = [
+        index_head + (fetch(key) or string(key)) + index_none
+        + (b"ub" if chunk is None else index_offset + size(chunk) + b"ub")
+        + info_head + file + info_offset
+        + (b"J" + offset.to_bytes(4, "little") if 0 <= offset < 2**31 else integer(offset)) + info_length
+        + (b"J" + length.to_bytes(4, "little") if 0 <= length < 2**31 else integer(length)) + b"ub"
+        for placed in records
+        for file in (string(placed.file),)
+        for key, chunk, offset, length in zip(placed.keys, placed.chunks, placed.offsets, placed.lengths)
+    ]
+    out.append(string("planner_data") + b"N" + string("storage_data") + _batched(pairs, b"}", b"u"))
+    checkpoint_id, save_id = storage_meta
+    out.append(w.string("storage_meta") + w.new_object(_DCP_METADATA, "StorageMeta"))
+    out.append(w.plain({"checkpoint_id": checkpoint_id, "save_id": save_id, "load_id": None, "modules": []}) + b"b")
+    out.append(w.string("version") + w.string(version) + w.string("mcore_data") + w.plain(mcore_data) + b"ub.")
+    return b"".join(w.preamble + out)
+
+
+_DCP_METADATA, _DCP_FILESYSTEM = f"{_DCP}.metadata", f"{_DCP}.filesystem"
+_TUPLE_OF = (b")", b"\x85", b"\x86", b"\x87")  # EMPTY_TUPLE, TUPLE1-3: tuples of 0-3 pushed items
+
+
+def _batched(items: List[bytes], empty: bytes, add: bytes) -> bytes:
+    """A container (`empty` pushes it) and its items (each item's opcodes), added in batches
+    of 1000 (MARK, items, `add`) as pickle does."""
+    if len(items) <= 1000:
+        return empty + b"(" + b"".join(items) + add if items else empty
+    return empty + b"".join(b"(" + b"".join(items[i : i + 1000]) + add for i in range(0, len(items), 1000))
+
+
+class _PickleWriter:
+    """Opcodes of a protocol-4 pickle, for encode_dcp_metadata. Strings, class references and
+    shared objects are put in the memo by a preamble (pushed, stored at a chosen index,
+    popped), so the body fetches them wherever it uses them, in whatever order it is built."""
+
+    _SMALL = [b"K" + bytes((n,)) for n in range(256)]
+
+    def __init__(self):
+        self.preamble = [b"\x80\x04"]
+        self.memo: Dict[object, bytes] = {}  # value -> the opcode fetching it from the memo
+        self.torch_size = self.global_("torch", "Size")
+
+    def _memoized(self, key, push: bytes) -> bytes:
+        """A fetch of the value `push` builds, which the preamble memoizes under `key`."""
+        n = len(self.memo)
+        index = bytes((n,)) if n < 256 else struct.pack("<I", n)
+        self.preamble.append(push + (b"q" if n < 256 else b"r") + index + b"0")  # BINPUT, POP
+        got = self.memo[key] = (b"h" if n < 256 else b"j") + index
+        return got
+
+    def string(self, s: str) -> bytes:
+        got = self.memo.get(s)
+        if got is not None:
+            return got
+        data = s.encode("utf-8", "surrogatepass")
+        push = b"\x8c" + bytes((len(data),)) + data if len(data) < 256 else b"X" + struct.pack("<I", len(data)) + data
+        return self._memoized(s, push)
+
+    def global_(self, module: str, name: str) -> bytes:
+        key = ("global", module, name)
+        return self.memo.get(key) or self._memoized(key, self.string(module) + self.string(name) + b"\x93")
+
+    def new_object(self, module: str, name: str) -> bytes:
+        """An object of class `module.name` built without arguments (state follows: BUILD)."""
+        return self.global_(module, name) + b")\x81"
+
+    @staticmethod
+    def integer(n: int) -> bytes:
+        if 0 <= n < 256:
+            return _PickleWriter._SMALL[n]
+        if 0 <= n < 65536:
+            return b"M" + n.to_bytes(2, "little")
+        if -(2**31) <= n < 2**31:
+            return b"J" + n.to_bytes(4, "little", signed=True)
+        data = n.to_bytes(n.bit_length() // 8 + 1, "little", signed=True)
+        return b"\x8a" + bytes((len(data),)) + data
+
+    def tuple_(self, values) -> bytes:
+        items = b"".join(map(self.plain, values))
+        return items + _TUPLE_OF[len(values)] if len(values) < len(_TUPLE_OF) else b"(" + items + b"t"
+
+    def size(self, shape: Tuple[int, ...], cache: dict) -> bytes:
+        """A torch.Size of `shape` (cached: a model's chunks have few distinct shapes)."""
+        got = cache.get(shape)
+        if got is None:
+            got = cache[shape] = self.torch_size + self.tuple_(shape) + b"\x85R"
+        return got
+
+    def tensor_properties(self, dtype: torch.dtype) -> bytes:
+        """DCP's TensorProperties of a plain tensor of `dtype` (strided, contiguous, no grad,
+        not pinned), as its __getstate__ tuple, memoized: entries of one dtype share it."""
+        key = ("properties", dtype)
+        if key in self.memo:
+            return self.memo[key]
+        module, name = str(dtype).split(".")
+        layout = self.global_("torch.serialization", "_get_layout") + self.string("torch.strided") + b"\x85R"
+        contiguous = self.global_(_DCP_METADATA, "_MEM_FORMAT_ENCODING") + b"K\x00\x85R"
+        state = b"(" + self.global_(module, name) + layout + b"\x89" + contiguous + b"\x89tb"
+        return self._memoized(key, self.new_object(_DCP_METADATA, "TensorProperties") + state)
+
+    def plain(self, value) -> bytes:
+        """Plain data: None, bool, int, str, tuple, list, dict."""
+        if value is None:
+            return b"N"
+        if isinstance(value, bool):
+            return b"\x88" if value else b"\x89"
+        if isinstance(value, int):
+            return self.integer(value)
+        if isinstance(value, str):
+            return self.string(value)
+        if isinstance(value, tuple):
+            return self.tuple_(value)
+        if isinstance(value, list):
+            return _batched([self.plain(v) for v in value], b"]", b"e")
+        if isinstance(value, dict):
+            return _batched([self.plain(k) + self.plain(v) for k, v in value.items()], b"}", b"u")
+        raise TypeError(f"cannot encode {type(value).__name__} in .metadata")
 
 
 @dataclass(frozen=True)

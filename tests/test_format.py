@@ -1,5 +1,6 @@
 """The on-disk format: readable by stock zarr-python and tensorstore; metadata.json strict."""
 
+import io
 import json
 import logging
 import os
@@ -295,6 +296,71 @@ def test_remove_sharded_tensors_updates_the_index(ckpt, tmp_path):
     assert keys and not any(k.startswith("dtypes.") for k in keys)
     assert not any(name.startswith("dtypes.") for name in os.listdir(path))
     assert set(dc.load_plain_tensors(path)) == keys
+
+
+def test_dcp_metadata_is_encoded_as_pickle_writes_dcps_metadata(tmp_path):
+    """`.metadata` is encoded without DCP's classes; unpickled, it is the `Metadata` DCP's own
+    pickle of the same entries gives: every dtype, 0-d and n-d shapes, more entries, chunks and
+    memoized strings than one batch or a one-byte memo index holds, 64-bit offsets, long
+    non-ASCII names, byte entries, Megatron-Core's mcore_data. Stock DCP reads the file."""
+    import pickle
+    import pickletools
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties, TensorStorageMetadata,
+    )
+
+    from dist_checkpointing.pickling import DcpStorageRecords, DcpTensorEntry, encode_dcp_metadata
+
+    entries, dcp_entries, dcp_storage = {}, {}, {}
+    records = [DcpStorageRecords(f"__{r}_0.distcp", [], [], [], []) for r in range(2)]
+
+    def stored(name, chunk, file, offset, length):
+        placed = records[file]
+        placed.keys.append(name), placed.chunks.append(chunk), placed.offsets.append(offset), placed.lengths.append(length)
+        dcp_storage[MetadataIndex(name, chunk)] = _StorageInfo(placed.file, offset, length)
+
+    for i in range(1200):
+        name = f"layers.{i}.weight" + ("é" * 200 if i == 3 else "")
+        dtype = DTYPES[i % len(DTYPES)]
+        shape = () if i == 1 else (2 * (i + 1), 3, 2)
+        chunks = [((), ())] if i == 1 else [((0, 0, 0), (i + 1, 3, 2)), ((i + 1, 0, 0), (i + 1, 3, 2))]
+        if i == 2:  # more chunks than one APPENDS batch
+            shape, chunks = (1500,), [((k,), (1,)) for k in range(1500)]
+        entries[name] = DcpTensorEntry(dtype, shape, chunks)
+        dcp_entries[name] = TensorStorageMetadata(
+            TensorProperties(dtype=dtype), torch.Size(shape), [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks]
+        )
+        for k, (offsets, _) in enumerate(chunks):
+            stored(name, offsets, k % 2, i * 2**33 + k * 1000, 7 + i + 2**31 * (i == 4))
+    for name in ("common_state/shard_0_1", "opt/shard_3_4"):
+        entries[name], dcp_entries[name] = None, BytesStorageMetadata()
+        stored(name, None, 1, 5, 300)
+    mcore_data = {"layers.5.weight": {"nd_reformulated_orig_global_shape": (12, 3, 2)}}
+    encoded = encode_dcp_metadata(entries, records, mcore_data, ("/ckpt/it_7", "a-save-id"), "1.0.0")
+    pickletools.dis(encoded, out=io.StringIO())  # a well-formed pickle, opcode by opcode
+
+    expected = Metadata(dcp_entries, storage_data=dcp_storage, storage_meta=StorageMeta("/ckpt/it_7", "a-save-id"), version="1.0.0")
+    expected.mcore_data = mcore_data
+    expected = pickle.loads(pickle.dumps(expected))  # as a reader of DCP's own pickle has it
+    got = pickle.loads(encoded)
+    assert got == expected and list(got.state_dict_metadata) == list(expected.state_dict_metadata)
+    assert vars(got.storage_meta) == vars(expected.storage_meta) and got.mcore_data == mcore_data
+    assert len(got.storage_data) == len(expected.storage_data)
+    for index, info in expected.storage_data.items():
+        assert vars(got.storage_data[index]) == vars(info)
+    for name, entry in got.state_dict_metadata.items():
+        if name in mcore_data or not isinstance(entry, TensorStorageMetadata):
+            continue
+        assert vars(entry.properties) == vars(expected.state_dict_metadata[name].properties)
+        assert [vars(c) for c in entry.chunks] == [vars(c) for c in expected.state_dict_metadata[name].chunks]
+    (tmp_path / ".metadata").write_bytes(encoded)
+    read = FileSystemReader(str(tmp_path)).read_metadata()
+    assert (read.storage_meta.checkpoint_id, read.storage_meta.save_id) == ("/ckpt/it_7", "a-save-id")
+    read.storage_meta = expected.storage_meta  # the reader sets its own load_id
+    assert read == expected
 
 
 def test_each_save_logs_what_it_wrote_and_how_long_each_step_took(tmp_path, caplog):

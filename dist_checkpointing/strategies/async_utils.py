@@ -294,8 +294,8 @@ def lower_priority() -> None:
 def _writer_loop(jobs, results, parent_pid: int, warm_up: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process
     lower_priority()
-    if warm_up:  # idle until its first call: import now what unpickling the call would (~1-2 s:
-        # the engines' saving, DCP's package); a writer started for a waiting call imports only its own
+    if warm_up:  # idle until its first call: import now what unpickling the call would (the
+        # engines' saving code, ~1 s); a writer started for a waiting call imports only its own
         for module in ("..write_job", ".dcp_save", ".zarr"):
             importlib.import_module(module, __package__)
     while True:

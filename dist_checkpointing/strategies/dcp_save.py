@@ -4,27 +4,18 @@
 We write the data files ourselves instead of calling DCP's `save`: `serialization.save` has
 already exchanged and validated the plan (DCP would do both again, with its own collectives),
 fs.py makes every file durable, and each item is checksummed (CRC-32C, `index.json`). `.metadata`
-is a pickle of DCP's own `Metadata`, so this module imports DCP's package; loads do not.
+is a pickle of DCP's own `Metadata`, encoded without DCP's classes (pickling.py), so neither
+saves nor loads import DCP's package.
 """
 
 import math
 import os
 import uuid
 from dataclasses import dataclass, replace
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
 from torch.utils.serialization import config as serialization_config
 
 from ..core import CheckpointingException
@@ -35,7 +26,7 @@ from ..global_plan import FLAT, OBJECT, GlobalPlan
 from ..integrity import Checksums, Range, write_items_checksummed
 from ..layout import check_key
 from ..mapping import ShardedObject, ShardedTensor, is_main_replica
-from ..pickling import dump_dcp_metadata, dump_object
+from ..pickling import DcpStorageRecords, DcpTensorEntry, dump_object, encode_dcp_metadata
 from ..storage import storage_of
 from .base import PlannedSaveStrategy, ShardedSavePlan
 from .config import StrategyConfig
@@ -48,7 +39,7 @@ from .reading import host_bytes
 class DcpSavePlan(ShardedSavePlan):
     """One save's DCP layout: `.metadata`'s per-key entries, and the n-d reformulated keys."""
 
-    state_dict_metadata: Dict[str, object]
+    entries: Dict[str, Optional[DcpTensorEntry]]  # on rank 0; None: a byte entry
     mcore_data: Dict[str, dict]  # key -> {ORIG_SHAPE: global shape}, flattened keys
 
     def chunk_box(self, sh: ShardedTensor):
@@ -115,16 +106,14 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
             name, main = plan.keys[key], [plan.shard(row) for row in rows[bounds[key] : bounds[key + 1]].tolist()]
             reformulated[name] = {ORIG_SHAPE: plan.global_shape(key)}
             flat_keys[name] = main, _reformulated_size(name, main)
-        state_dict_metadata = {}
-        if rank == 0:
-            state_dict_metadata = self._dcp_entries(plan, rows, bounds, reformulated, flat_keys)
-        return DcpSavePlan(rank, state_dict_metadata, reformulated)
+        entries = self._dcp_entries(plan, rows, bounds, reformulated, flat_keys) if rank == 0 else {}
+        return DcpSavePlan(rank, entries, reformulated)
 
     @staticmethod
-    def _dcp_entries(plan: GlobalPlan, rows: np.ndarray, bounds: np.ndarray, reformulated, flat_keys) -> Dict[str, object]:
+    @staticmethod
+    def _dcp_entries(plan: GlobalPlan, rows: np.ndarray, bounds: np.ndarray, reformulated, flat_keys) -> Dict[str, Optional[DcpTensorEntry]]:
         """DCP's entry of every key: a tensor's chunks (its main shards' boxes), or an object."""
         offsets, extents = plan.offset[rows].tolist(), plan.extent[rows].tolist()
-        sizes, properties = {}, {}  # equal chunk shapes share one torch.Size, dtypes one TensorProperties
         entries = {}
         for key, name in enumerate(plan.keys):
             held = range(bounds[key], bounds[key + 1])
@@ -132,7 +121,7 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
                 continue
             if plan.key_kind[key] == OBJECT:
                 for i in held:
-                    entries[plan.shard(rows[i]).unique_key] = BytesStorageMetadata()
+                    entries[plan.shard(rows[i]).unique_key] = None
                 continue
             shape = plan.global_shape(key)
             ndim = len(shape)
@@ -141,17 +130,10 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
                 boxes = [_chunk_box(reformulated, sh) for sh in main]
             else:
                 boxes = [(tuple(offsets[i][:ndim]), tuple(extents[i][:ndim])) for i in held]
-            chunks = [
-                ChunkStorageMetadata(torch.Size(o), sizes.get(s) or sizes.setdefault(s, torch.Size(s)))
-                for o, s in boxes
-                if 0 not in s
-            ]
-            dtype = plan.dtype_name(key)
-            shared = properties.get(dtype) or properties.setdefault(dtype, TensorProperties(dtype=torch_dtype(dtype)))
-            entries[name] = TensorStorageMetadata(shared, torch.Size(shape), chunks)
+            entries[name] = DcpTensorEntry(torch_dtype(plan.dtype_name(key)), tuple(shape), [box for box in boxes if 0 not in box[1]])
         return entries
 
-    def write(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List["WrittenItems"]]:
+    def write(self, plan: DcpSavePlan, sharded_state_dict, checkpoint_dir) -> Tuple[Checksums, List[DcpStorageRecords]]:
         items = []  # (key, chunk offset or None, tensor or BytesIO)
         for sh in nested_values(sharded_state_dict):
             if not isinstance(sh, (ShardedTensor, ShardedObject)) or not is_main_replica(sh.replica_id):
@@ -178,24 +160,12 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
         checksums = {name: ranges for name, (_, ranges) in zip(names, written)}
         return checksums, [placed for placed, _ in written]
 
-    def finalize(self, plan: DcpSavePlan, checkpoint_dir, write_results: List[List["WrittenItems"]]) -> None:
+    def finalize(self, plan: DcpSavePlan, checkpoint_dir, write_results: List[List[DcpStorageRecords]]) -> None:
         """Writes `.metadata` (rank 0), pointing at every rank's chunks."""
-        names = {name: name for name in plan.state_dict_metadata}  # one str object per key: pickled once
-        storage_data = {
-            MetadataIndex(names.get(key, key), chunk): _StorageInfo(placed.file, offset, length)
-            for files in write_results
-            for placed in files
-            for key, chunk, offset, length in zip(placed.keys, placed.chunks, placed.offsets, placed.lengths)
-        }
-        metadata = Metadata(
-            state_dict_metadata=dict(plan.state_dict_metadata),
-            storage_data=storage_data,
-            storage_meta=StorageMeta(checkpoint_id=str(checkpoint_dir), save_id=str(uuid.uuid4())),
-            version=DCP_VERSION,
-        )
-        metadata.mcore_data = dict(plan.mcore_data)  # where Megatron-Core looks for the original shapes
+        records = (placed for files in write_results for placed in files)
+        document = encode_dcp_metadata(plan.entries, records, plan.mcore_data, (str(checkpoint_dir), str(uuid.uuid4())), DCP_VERSION)
         path = os.path.join(str(checkpoint_dir), METADATA_FNAME)
-        storage_of(path).write_atomic(path, dump_dcp_metadata(metadata))
+        storage_of(path).write_atomic(path, document)
 
 
 def _reformulated_size(key: str, main: List[ShardedTensor]) -> Tuple[int, ...]:
@@ -237,20 +207,11 @@ def _nbytes(item) -> int:
     return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else data.getbuffer().nbytes
 
 
-class WrittenItems(NamedTuple):
-    """Where one data file's items are, for `.metadata`: what every rank sends rank 0, as plain
-    lists (10^4 of DCP's WriteResults would pickle as many objects, twice)."""
-
-    file: str
-    keys: List[str]
-    chunks: List[Optional[Tuple[int, ...]]]  # a chunk's offset; None for a byte entry
-    offsets: List[int]
-    lengths: List[int]
-
-
-def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[WrittenItems, List[Range]]:
-    """One `.distcp` file: the items' `torch.save` blobs back to back, each checksummed."""
-    placed = WrittenItems(name, [key for key, _, _ in items], [chunk for _, chunk, _ in items], [], [])
+def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[DcpStorageRecords, List[Range]]:
+    """One `.distcp` file: the items' `torch.save` blobs back to back, each checksummed; what
+    every rank sends rank 0 for `.metadata` (plain lists: 10^4 of DCP's WriteResults would
+    pickle as many objects, twice)."""
+    placed = DcpStorageRecords(name, [key for key, _, _ in items], [chunk for _, chunk, _ in items], [], [])
     layouts: Dict[Tuple[torch.dtype, Tuple[int, ...]], Optional[TensorItem]] = {}
 
     def write(f):

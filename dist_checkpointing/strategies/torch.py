@@ -12,8 +12,8 @@ This module loads: `.metadata` is read into the library's own index (dcp_format.
 DCP's package, which takes ~1 s to import), each request planned against its chunks, and the
 data files read ourselves, small items in coalesced reads, each item's bytes checked against
 the CRC-32C recorded in the index (`index.json`) before they are used (integrity.py). Saving
-(dcp_save.py, which imports DCP's package to pickle its `Metadata`) and Megatron-Core's
-planner for stock DCP loads (checkpointable.py) are imported on first use.
+is dcp_save.py (it encodes `.metadata` without DCP's package too); Megatron-Core's planner for
+stock DCP loads (checkpointable.py) needs DCP's package and is imported on first use.
 """
 
 import io
@@ -50,21 +50,16 @@ from .dcp_format import (
     stored_values,
     tensor_item,
 )
+from .dcp_save import DcpSavePlan, TorchDistSaveShardedStrategy  # noqa: F401 (Megatron-Core's names)
 from .reading import Piece, destination, fill_pieces, read_chunk
 from .resharding import TensorReformulationMetadata, is_nd_flattened_tensor
 
-_LAZY = {  # Megatron-Core's names that need DCP's package, imported on first use
-    "TorchDistSaveShardedStrategy": "dcp_save",
-    "DcpSavePlan": "dcp_save",
-    "MCoreLoadPlanner": "checkpointable",
-}
-
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name == "MCoreLoadPlanner":  # Megatron-Core's name; it needs DCP's package: on first use
+        from .checkpointable import MCoreLoadPlanner
 
-        return getattr(importlib.import_module(f"{__package__}.{_LAZY[name]}"), name)
+        return MCoreLoadPlanner
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
