@@ -284,9 +284,15 @@ def _is_range(r) -> bool:
 
 def write_index(checkpoint_dir, metadata: CheckpointMetadata) -> None:
     """Atomically writes `index.json`: our index of the checkpoint (before the commit marker)."""
+    entries = {}  # (shape, dtype) -> its JSON: a model's tensors have few distinct ones
+
+    def entry(v) -> _Json:
+        key = (tuple(v.shape), v.dtype)
+        return entries.get(key) or entries.setdefault(key, _Json(_COMPACT_JSON.encode({"shape": list(v.shape), "dtype": v.dtype})))
+
     doc = {
         "format_version": FORMAT_VERSION,
-        "tensors": {k: {"shape": v.shape, "dtype": v.dtype} for k, v in sorted(metadata.tensors.items())},  # not asdict: it deep-copies
+        "tensors": {k: entry(v) for k, v in sorted(metadata.tensors.items())},  # not asdict: it deep-copies
         "objects": sorted(metadata.objects),
         "checksums": {k: [list(r) for r in v] for k, v in sorted((metadata.checksums or {}).items())},
     }
@@ -324,13 +330,18 @@ def write_metadata(checkpoint_dir, metadata: CheckpointMetadata) -> None:
 _COMPACT_JSON = json.JSONEncoder(separators=(", ", ": "))
 
 
+class _Json(str):
+    """A value already encoded as JSON."""
+
+
 def _readable_json(doc: dict) -> str:
     """JSON with one line per field and per entry of the index (not one per number)."""
     compact = _COMPACT_JSON.encode  # one encoder for 10^5 entries (json.dumps builds one per call)
+    quote = json.encoder.encode_basestring_ascii  # an entry's name, as `compact` writes a str
     fields = []
     for name, value in doc.items():
         if isinstance(value, dict) and value:
-            entries = ",\n".join(f"  {compact(k)}: {compact(v)}" for k, v in value.items())
+            entries = ",\n".join(f"  {quote(k)}: {v if type(v) is _Json else compact(v)}" for k, v in value.items())
             fields.append(f" {compact(name)}: {{\n{entries}\n }}")
         else:
             fields.append(f" {compact(name)}: {compact(value)}")

@@ -144,7 +144,7 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
                 continue
             offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
-                items.append((sh.key, tuple(offset), _contiguous_cpu(sh.data).reshape(shape)))
+                items.append((sh.key, tuple(offset), _stored_tensor(sh.data, shape)))
         hint = self.separation_hint
         groups = {"": items} if hint is None else {
             "": [item for item in items if not item[0].startswith(hint)],
@@ -189,9 +189,14 @@ def _reformulated_size(key: str, main: List[ShardedTensor]) -> Tuple[int, ...]:
     return first.axis_fragmentations + (math.prod(first.local_shape),)
 
 
-def _contiguous_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().to("cpu")
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
+def _stored_tensor(tensor: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """`tensor` as its chunk is stored: a contiguous CPU tensor of the chunk's `shape` (which
+    differs from a flattened shard's, or one with prepended axes)."""
+    if tensor.requires_grad or not tensor.is_cpu:
+        tensor = tensor.detach().to("cpu")
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor if tensor.shape == shape else tensor.reshape(shape)
 
 
 def _owning(tensor: torch.Tensor) -> torch.Tensor:
@@ -207,6 +212,9 @@ def _nbytes(item) -> int:
     return data.numel() * data.element_size() if isinstance(data, torch.Tensor) else data.getbuffer().nbytes
 
 
+_ITEMS_PER_WRITE = 64  # small items (< 1 MiB each) written in one write
+
+
 def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[DcpStorageRecords, List[Range]]:
     """One `.distcp` file: the items' `torch.save` blobs back to back, each checksummed; what
     every rank sends rank 0 for `.metadata` (plain lists: 10^4 of DCP's WriteResults would
@@ -215,18 +223,31 @@ def _write_file(checkpoint_dir: DurableDir, name: str, items) -> Tuple[DcpStorag
     layouts: Dict[Tuple[torch.dtype, Tuple[int, ...]], Optional[TensorItem]] = {}
 
     def write(f):
+        pending = []  # small items' bytes, written together
+
+        def place(ranges):
+            placed.offsets.extend(offset for offset, _, _ in ranges)
+            placed.lengths.extend(length for _, length, _ in ranges)
+
+        def flush():
+            place(f.write_items(pending))
+            pending.clear()
+
         for _, _, data in items:
             small = isinstance(data, torch.Tensor) and data.numel() * data.element_size() < IN_MEMORY_ITEM_BYTES
             layout = _layout(layouts, data) if small else None
-            if layout is not None:  # one write, no torch.save: its ~40 small writes cost more than the bytes
-                f.write(b"".join((layout.head, host_bytes(data), layout.tail)))
-            elif isinstance(data, torch.Tensor):
+            if layout is not None:  # no torch.save: its ~40 small writes cost more than the bytes
+                pending.append(b"".join((layout.head, host_bytes(data), layout.tail)))
+                if len(pending) >= _ITEMS_PER_WRITE:
+                    flush()
+                continue
+            flush()
+            if isinstance(data, torch.Tensor):
                 torch.save(_owning(data), f)  # its values in one write, from the tensor's memory
             else:
                 f.write(data.getbuffer())
-            offset, length, _ = f.end_item()
-            placed.offsets.append(offset)
-            placed.lengths.append(length)
+            place([f.end_item()])
+        flush()
 
     # Each item is checksummed (CRC-32C, index.json), so torch.save's own zlib CRC-32 of every
     # record is skipped: it costs ~1/3 of a small item's save and 40 ms per 100 MB. torch.load
@@ -245,10 +266,12 @@ def _layout(layouts: dict, tensor: torch.Tensor) -> Optional[TensorItem]:
     and its tail (a small tensor's `torch.save` costs ~50 µs, most of a many-tensor save). None
     where that does not hold (a subclass, a conjugate or negative view, CRC-32s on), and
     `torch.save` writes the item."""
-    if type(tensor) is not torch.Tensor or tensor.is_conj() or tensor.is_neg() or serialization_config.save.compute_crc32:
+    if type(tensor) is not torch.Tensor or tensor.is_conj() or tensor.is_neg():
         return None
     key = (tensor.dtype, tuple(tensor.shape))
     if key not in layouts:
+        if serialization_config.save.compute_crc32:
+            return None
         blob = dump_object(torch.zeros(key[1], dtype=key[0])).getbuffer()
         layouts[key] = tensor_item(lambda offset, n: blob[offset : offset + n], blob.nbytes)
     return layouts[key]
