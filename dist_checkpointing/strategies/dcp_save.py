@@ -32,7 +32,7 @@ from .base import PlannedSaveStrategy, ShardedSavePlan
 from .config import StrategyConfig
 from .dcp_format import DCP_VERSION, IN_MEMORY_ITEM_BYTES, METADATA_FNAME, ORIG_SHAPE, TensorItem, tensor_item
 from .filesystem_async import write_buckets
-from .reading import host_bytes
+from .reading import host_bytes, host_tensor
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,8 @@ class TorchDistSaveShardedStrategy(PlannedSaveStrategy):
                 continue
             offset, shape = plan.chunk_box(sh)
             if 0 not in shape:
-                items.append((sh.key, tuple(offset), _stored_tensor(sh.data, shape)))
+                data = host_tensor(sh.data, shape)
+                items.append((sh.key, tuple(offset), data if data.is_contiguous() else data.contiguous()))
         hint = self.separation_hint
         groups = {"": items} if hint is None else {
             "": [item for item in items if not item[0].startswith(hint)],
@@ -187,16 +188,6 @@ def _reformulated_size(key: str, main: List[ShardedTensor]) -> Tuple[int, ...]:
                 f"{first.axis_fragmentations}, {sh.axis_fragmentations}). Use the zarr engine."
             )
     return first.axis_fragmentations + (math.prod(first.local_shape),)
-
-
-def _stored_tensor(tensor: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """`tensor` as its chunk is stored: a contiguous CPU tensor of the chunk's `shape` (which
-    differs from a flattened shard's, or one with prepended axes)."""
-    if tensor.requires_grad or not tensor.is_cpu:
-        tensor = tensor.detach().to("cpu")
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    return tensor if tensor.shape == shape else tensor.reshape(shape)
 
 
 def _owning(tensor: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,14 @@ def piece_of(chunk_offset: Sequence[int], box: Tuple[Sequence[int], Sequence[int
     return Piece(tuple(slice(o - c, o - c + s) for o, c, s in zip(offset, chunk_offset, shape)), into)
 
 
+def host_tensor(tensor: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """`tensor`'s values in host memory (itself where they are there), without autograd, in
+    `shape` (a stored chunk's: a flattened shard's, or one with prepended axes, differs)."""
+    if tensor.requires_grad or not tensor.is_cpu:
+        tensor = tensor.detach().to("cpu")
+    return tensor if tensor.shape == shape else tensor.reshape(shape)
+
+
 def host_bytes(tensor: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous CPU tensor, flat, writable in place."""
     return destination(tensor).reshape(-1)

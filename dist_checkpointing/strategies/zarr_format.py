@@ -4,12 +4,13 @@ module's own readers and writers, compressed ones encoded and decoded by the eng
 """
 
 import errno
+import functools
 import math
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from ..storage_interface import Storage
 from ..validation import check_request_against_stored, shards_of
 from .base import LoadShardedStrategy, PlannedSaveStrategy
 from .config import ZARR_ENGINES, StrategyConfig
-from .reading import SCRATCH_BYTES, Piece, destination, fill_pieces, read_chunk, scratch_bytes, whole_destination
+from .reading import SCRATCH_BYTES, Piece, destination, fill_pieces, host_bytes, host_tensor, read_chunk, scratch_bytes, whole_destination
 from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_arrays, plan_flat_chunks
 from .zarr_spec import (
     CONSOLIDATED_FNAME,
@@ -133,7 +134,7 @@ class ZarrFormatSaveStrategy(PlannedSaveStrategy):
             if is_main_replica(sh.replica_id) and 0 not in shape:
                 if sh.key not in plan.arrays or sh.flattened_range is not None:
                     raise CheckpointingException(f"Key '{sh.key}' was not in the planned layout")
-                data = sh.data.detach().to("cpu").reshape(shape)
+                data = host_tensor(sh.data, shape)
                 if not writes.add_shard(sh.key, plan.arrays[sh.key], offset, data):
                     encoded.append((sh.key, offset, to_numpy(data.contiguous())))
         writes.run(self.config.thread_count)
@@ -165,22 +166,39 @@ class RawChunkWrites:
     def __init__(self, checkpoint_dir: DurableDir):
         self.target = checkpoint_dir
         self.files: List[Tuple[str, int, object]] = []  # (path, bytes, document bytes or a _ChunkWrite)
+        self._layouts: Dict[int, _ArrayLayout] = {}  # by id(document): arrays share documents
+
+    def _layout(self, document: dict) -> "_ArrayLayout":
+        layout = self._layouts.get(id(document))
+        if layout is None:
+            raw = raw_dtype(document) is not None
+            layout = _ArrayLayout(
+                document, document_bytes(document), raw, raw and chunks_checksummed(document), chunk_shape(document),
+                functools.partial(chunk_key, document["zarr_format"], separator=key_separator(document)),
+            )
+            self._layouts[id(document)] = layout
+        return layout
 
     def add_document(self, key: str, array: ArrayPlan) -> None:
-        content = document_bytes(array.document)
+        content = self._layout(array.document).content
         self.files.append((os.path.join(entry_dir(self.target, key), METADATA_FNAME[array.zarr_format]), len(content), content))
 
     def add_shard(self, key: str, array: ArrayPlan, offset, data: torch.Tensor) -> bool:
         """Plans the chunk files of shard `data` at `offset`; False if its array is not raw."""
-        if raw_dtype(array.document) is None:
+        layout = self._layout(array.document)
+        if not layout.raw:
             return False
-        chunks, checksummed = array.chunks, chunks_checksummed(array.document)
+        chunks, checksummed = layout.chunks, layout.checksummed
         root = entry_dir(self.target, key)
+        if data.shape == chunks and not any(o % c for o, c in zip(offset, chunks)):  # one whole chunk (the common case)
+            write = _ChunkWrite(data, chunks, (), checksummed)  # within (): all of it
+            self.files.append((os.path.join(root, layout.chunk_file([o // c for o, c in zip(offset, chunks)])), write.nbytes, write))
+            return True
         for index, origin, region in chunk_regions(offset, data.shape, chunks):
             source = data[tuple(slice(a - o, b - o) for (a, b), o in zip(region, offset))]
             within = tuple(slice(a - o, b - o) for (a, b), o in zip(region, origin))
             write = _ChunkWrite(source, chunks, within, checksummed)
-            self.files.append((os.path.join(root, array.chunk_file(index)), write.nbytes, write))
+            self.files.append((os.path.join(root, layout.chunk_file(index)), write.nbytes, write))
         return True
 
     def run(self, thread_count: int) -> None:
@@ -192,6 +210,17 @@ class RawChunkWrites:
         for path, _, content in batch:
             self.target.makedirs(os.path.dirname(path))
             self.target.write(path, content.buffers() if isinstance(content, _ChunkWrite) else [content])
+
+
+class _ArrayLayout(NamedTuple):
+    """What writing an array's files needs from its document, worked out once per document."""
+
+    document: dict  # held: its id keys the layout
+    content: bytes  # the document as stored
+    raw: bool  # chunk files are the values as in memory (`raw_dtype`)
+    checksummed: bool  # each followed by its CRC-32C
+    chunks: Tuple[int, ...]
+    chunk_file: Callable[[Sequence[int]], str]  # a chunk's path in the array's directory
 
 
 @dataclass(frozen=True)
@@ -211,7 +240,7 @@ class _ChunkWrite:
         if tuple(values.shape) != self.shape or not values.is_contiguous():
             values = torch.zeros(self.shape, dtype=self.source.dtype)  # the fill value, 0
             values[self.within] = self.source
-        raw = values.reshape(-1).view(torch.uint8).numpy()
+        raw = host_bytes(values)
         return [raw, crc32c(raw).to_bytes(4, "little")] if self.checksummed else [raw]
 
 
