@@ -191,11 +191,15 @@ def _reformulated_size(key: str, main: List[ShardedTensor]) -> Tuple[int, ...]:
 
 
 def _owning(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`, or a copy owning exactly its elements (`torch.save` of a view writes its whole
-    storage)."""
-    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        return tensor.clone()
-    return tensor
+    """A contiguous `tensor` over a storage of exactly its bytes, the same memory (`torch.save`
+    of a view writes its whole storage: an async save's staged tensors are views of one
+    buffer)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.untyped_storage().nbytes() == nbytes:
+        return tensor
+    start = tensor.storage_offset() * tensor.element_size()
+    storage = tensor.untyped_storage()[start : start + nbytes]  # a slice shares the memory
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(storage, 0, tensor.shape, tensor.stride())
 
 
 def _nbytes(item) -> int:
