@@ -117,6 +117,22 @@ def test_torch_save_items_are_located_without_loading_them(dtype):
         assert torch.equal(_stored(data), tensor)
 
 
+def test_a_large_view_is_saved_as_its_own_bytes(tmp_path):
+    """torch_dist writes a view (as an async save's staged tensors are, of one buffer) as its
+    own elements, in the plain layout a load reads in place, not its whole storage."""
+    buffer = _values((4096, 512), torch.float32)  # 8 MiB
+    view = buffer[1024:2048]  # 2 MiB: above the in-memory item size, written by torch.save
+    path = str(tmp_path / "view")
+    dc.save({"v": ShardedTensor.from_rank_offsets("v", view)}, path, "torch_dist")
+    (data_file,) = [name for name in os.listdir(path) if name.endswith(".distcp")]
+    data = memoryview(open(os.path.join(path, data_file), "rb").read())
+    assert view.nbytes < data.nbytes < view.nbytes + 4096
+    item = tensor_item(_reader(data), data.nbytes)
+    assert item is not None and item.record.shape == (1024, 512) and item.record.storage_numel == view.numel()
+    loaded = dc.load({"v": ShardedTensor.from_rank_offsets("v", torch.zeros(1024, 512))}, path)["v"]
+    assert torch.equal(loaded, view)
+
+
 def _state(rows=1024, cols=512):
     """A 2 MiB float32 tensor (larger than torch_dist's in-memory items) and a small bf16 one."""
     return {
