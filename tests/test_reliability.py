@@ -159,6 +159,29 @@ def test_damaged_zarr_document_raises_and_is_reported(copy_of, capsys, content, 
         assert "final_norm/c.0: missing" in capsys.readouterr().out
 
 
+def test_consolidated_documents_are_checked_once_per_distinct_document(copy_of):
+    """Arrays of one shape and dtype share a checked document (a load of 10^4 arrays checks a
+    few); any document that differs is checked, and damage is still named by its key."""
+    from dist_checkpointing.strategies.zarr_spec import read_array_document, read_consolidated
+
+    ckpt = copy_of("zarr")
+    consolidated = read_consolidated(ckpt)
+    good = json.load(open(os.path.join(ckpt, "embedding.weight", "zarr.json")))
+    equal, as_floats, damaged = json.loads(json.dumps(good)), json.loads(json.dumps(good)), json.loads(json.dumps(good))
+    grid = as_floats["chunk_grid"]["configuration"]
+    grid["chunk_shape"] = [float(n) for n in grid["chunk_shape"]]  # equal in value: the checked one is used
+    damaged["chunk_grid"]["configuration"]["chunk_shape"] = [0] * len(good["shape"])
+    float_shape = dict(good, shape=[float(n) for n in good["shape"]])
+    consolidated.documents.update({"a": good, "b": equal, "c": as_floats, "d": damaged, "e": float_shape})
+    first = read_array_document(ckpt, "a", consolidated)
+    assert read_array_document(ckpt, "b", consolidated) is first
+    assert read_array_document(ckpt, "c", consolidated) is first  # so its numbers are ints
+    with pytest.raises(CheckpointingException, match="Key 'd'.*chunk shape"):
+        read_array_document(ckpt, "d", consolidated)
+    with pytest.raises(CheckpointingException, match="Key 'e'.*64-bit integers"):
+        read_array_document(ckpt, "e", consolidated)
+
+
 def test_dcp_metadata_damage_beyond_the_requested_keys(copy_of, capsys):
     """Every n-d formulation shape in mcore_data is checked, also of keys without an entry."""
     ckpt = copy_of("torch_dist")

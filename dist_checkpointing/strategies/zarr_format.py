@@ -4,13 +4,12 @@ module's own readers and writers, compressed ones encoded and decoded by the eng
 """
 
 import errno
-import functools
 import math
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,16 +34,15 @@ from .zarr_plan import ArrayPlan, ZarrSavePlan, assemble_flat_chunks, plan_array
 from .zarr_spec import (
     CONSOLIDATED_FNAME,
     METADATA_FNAME,
+    ArrayLayouts,
     chunk_indices,
     chunk_key,
     chunk_regions,
     chunk_shape,
     chunks_checksummed,
     consolidated_documents,
-    document_bytes,
     key_separator,
     list_arrays,
-    raw_dtype,
     read_array_document,
     read_consolidated,
 )
@@ -166,27 +164,16 @@ class RawChunkWrites:
     def __init__(self, checkpoint_dir: DurableDir):
         self.target = checkpoint_dir
         self.files: List[Tuple[str, int, object]] = []  # (path, bytes, document bytes or a _ChunkWrite)
-        self._layouts: Dict[int, _ArrayLayout] = {}  # by id(document): arrays share documents
-
-    def _layout(self, document: dict) -> "_ArrayLayout":
-        layout = self._layouts.get(id(document))
-        if layout is None:
-            raw = raw_dtype(document) is not None
-            layout = _ArrayLayout(
-                document, document_bytes(document), raw, raw and chunks_checksummed(document), chunk_shape(document),
-                functools.partial(chunk_key, document["zarr_format"], separator=key_separator(document)),
-            )
-            self._layouts[id(document)] = layout
-        return layout
+        self.layouts = ArrayLayouts()
 
     def add_document(self, key: str, array: ArrayPlan) -> None:
-        content = self._layout(array.document).content
+        content = self.layouts(array.document).content
         self.files.append((os.path.join(entry_dir(self.target, key), METADATA_FNAME[array.zarr_format]), len(content), content))
 
     def add_shard(self, key: str, array: ArrayPlan, offset, data: torch.Tensor) -> bool:
         """Plans the chunk files of shard `data` at `offset`; False if its array is not raw."""
-        layout = self._layout(array.document)
-        if not layout.raw:
+        layout = self.layouts(array.document)
+        if layout.raw is None:
             return False
         chunks, checksummed = layout.chunks, layout.checksummed
         root = entry_dir(self.target, key)
@@ -210,17 +197,6 @@ class RawChunkWrites:
         for path, _, content in batch:
             self.target.makedirs(os.path.dirname(path))
             self.target.write(path, content.buffers() if isinstance(content, _ChunkWrite) else [content])
-
-
-class _ArrayLayout(NamedTuple):
-    """What writing an array's files needs from its document, worked out once per document."""
-
-    document: dict  # held: its id keys the layout
-    content: bytes  # the document as stored
-    raw: bool  # chunk files are the values as in memory (`raw_dtype`)
-    checksummed: bool  # each followed by its CRC-32C
-    chunks: Tuple[int, ...]
-    chunk_file: Callable[[Sequence[int]], str]  # a chunk's path in the array's directory
 
 
 @dataclass(frozen=True)
@@ -333,12 +309,14 @@ class RawChunkReads:
 
     def __init__(self, checkpoint_dir: str, storage: Storage):
         self.checkpoint_dir, self.storage = checkpoint_dir, storage
+        self.layouts = ArrayLayouts()
         self.targets: List[Tuple[ShardedTensor, torch.Tensor]] = []
         self.chunks: Dict[str, "_ChunkFile"] = {}  # by path relative to the checkpoint
 
     def plan(self, sh: ShardedTensor, document: dict) -> bool:
         """Plans the reads of request `sh`; False if its array is not one of raw chunks."""
-        dtype = raw_dtype(document)
+        layout = self.layouts(document)
+        dtype = layout.raw
         if dtype is None:
             return False
         stored_shape = tuple(document["shape"])
@@ -348,10 +326,10 @@ class RawChunkReads:
         target = sh.box_target(dtype)
         if any(o + n > g for o, n, g in zip(offset, shape, stored_shape)):
             target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
-        chunks, into, checksummed = chunk_shape(document), destination(target), chunks_checksummed(document)
-        zarr_format, separator, nbytes = document["zarr_format"], key_separator(document), math.prod(chunks) * dtype.itemsize
+        chunks, into, checksummed = layout.chunks, destination(target), layout.checksummed
+        nbytes = math.prod(chunks) * dtype.itemsize
         for index, in_chunk, in_target in grid_overlaps(offset, shape, stored_shape, chunks):
-            name = f"{sh.key}/{chunk_key(zarr_format, index, separator)}"
+            name = f"{sh.key}/{layout.chunk_file(index)}"
             chunk = self.chunks.get(name)
             if chunk is None:
                 chunk = self.chunks[name] = _ChunkFile(sh.key, chunks, dtype, nbytes, checksummed, [])

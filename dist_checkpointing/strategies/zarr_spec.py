@@ -1,10 +1,12 @@
 """The Zarr layout on disk, which both Zarr engines write and read (docs/format.md §4): array
 documents and how a reader checks them, chunk file names, and which arrays hold raw chunks."""
 
+import functools
 import itertools
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -168,6 +170,25 @@ class Consolidated(NamedTuple):
 
     path: str
     documents: Dict[str, object]
+    checked: Dict[str, List[dict]]  # repr of a shape -> documents with it found good
+
+    def found_good(self, document) -> Optional[dict]:
+        """A document found good before that equals `document`: the arrays of a model share
+        few documents, and checking an equal one again would find the same. The one returned
+        is the checked one (an equal document may differ in number types: 1.0 == 1)."""
+        if isinstance(document, dict):
+            for good in self.checked.get(repr(document.get("shape")), ()):
+                if good == document:
+                    return good
+        return None
+
+    def add_good(self, document: dict) -> None:
+        known = self.checked.setdefault(repr(document["shape"]), [])
+        if len(known) < _GOOD_PER_SHAPE:
+            known.append(document)
+
+
+_GOOD_PER_SHAPE = 8  # distinct documents remembered per shape: a lookup compares at most these
 
 
 def read_consolidated(checkpoint_dir, storage: Optional[Storage] = None) -> Optional[Consolidated]:
@@ -193,7 +214,7 @@ def read_consolidated(checkpoint_dir, storage: Optional[Storage] = None) -> Opti
                 f"Malformed {path}: its consolidated metadata is not a mapping of array documents. "
                 f"The checkpoint is damaged; restore it from a copy."
             )
-        return Consolidated(path, documents)
+        return Consolidated(path, documents, {})
     return None
 
 
@@ -215,12 +236,16 @@ def read_array_document(checkpoint_dir, key: str, consolidated: Optional[Consoli
         contained_path(checkpoint_dir, key, f"Key '{key}'", storage)
     if consolidated is not None and key in consolidated.documents:
         document = consolidated.documents[key]
+        good = consolidated.found_good(document)
+        if good is not None:
+            return good
         problem = _document_problem(document)
         if problem:
             raise CheckpointingException(
                 f"Key '{key}': its array document in the consolidated metadata {consolidated.path} is "
                 f"damaged: {problem}. Restore the checkpoint from a copy."
             )
+        consolidated.add_good(document)
         return document
     paths = [os.path.join(array_dir, METADATA_FNAME[zarr_format]) for zarr_format in (2, 3)]
     path, document = None, None
@@ -275,6 +300,43 @@ def _document_problem(document) -> str:
     if n_chunks > MAX_CHUNKS:
         return f"shape {shape} in chunks {chunks} makes {n_chunks} chunks, more than {MAX_CHUNKS}"
     return ""
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayLayout:
+    """What reading and writing an array's files needs from its (checked) document."""
+
+    document: dict
+    zarr_format: int
+    chunks: Tuple[int, ...]
+    raw: Optional[torch.dtype]  # `raw_dtype`
+    checksummed: bool  # `chunks_checksummed`
+    separator: Optional[str]  # `key_separator`
+
+    def chunk_file(self, index: Sequence[int]) -> str:
+        return chunk_key(self.zarr_format, index, self.separator)
+
+    @functools.cached_property
+    def content(self) -> bytes:
+        """The document as stored."""
+        return document_bytes(self.document)
+
+
+class ArrayLayouts:
+    """The ArrayLayout of documents, worked out once per document object: arrays of one shape
+    and dtype share one (a save plan's; a load's, checked from consolidated metadata)."""
+
+    def __init__(self):
+        self._by_id: Dict[int, ArrayLayout] = {}  # (a layout holds its document: the id stays its)
+
+    def __call__(self, document: dict) -> ArrayLayout:
+        layout = self._by_id.get(id(document))
+        if layout is None:
+            layout = self._by_id[id(document)] = ArrayLayout(
+                document, document["zarr_format"], chunk_shape(document), raw_dtype(document),
+                chunks_checksummed(document), key_separator(document),
+            )
+        return layout
 
 
 def raw_dtype(document: dict) -> Optional[torch.dtype]:
