@@ -309,7 +309,13 @@ def test_dcp_metadata_is_encoded_as_pickle_writes_dcps_metadata(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties, TensorStorageMetadata,
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
     )
 
     from dist_checkpointing.pickling import DcpStorageRecords, DcpTensorEntry, encode_dcp_metadata
