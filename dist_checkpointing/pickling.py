@@ -223,9 +223,7 @@ def encode_dcp_metadata(
     DCP's classes. pickle.dumps of 10^4 entries and 10^5 storage records takes ~0.5 s, most of
     it calling each object's reduction, plus as long again to build the objects."""
     w = _PickleWriter()
-    string, fetch = w.string, w.memo.get  # a key's string is memoized by its entry: fetched
-    sizes = {}
-    size = lambda shape: sizes.get(shape) or w.size(shape, sizes)  # noqa: E731
+    string, fetch, size = w.string, w.memo.get, w.size  # a key's string is memoized by its entry: fetched
     chunk_head = w.new_object(_DCP_METADATA, "ChunkStorageMetadata") + b"}(" + string("offsets")
     chunk_sizes = string("sizes")
     tensor_head = w.new_object(_DCP_METADATA, "TensorStorageMetadata") + b"}(" + string("properties")
@@ -258,9 +256,9 @@ def encode_dcp_metadata(
     ]
     out.append(string("planner_data") + b"N" + string("storage_data") + _batched(pairs, b"}", b"u"))
     checkpoint_id, save_id = storage_meta
-    out.append(w.string("storage_meta") + w.new_object(_DCP_METADATA, "StorageMeta"))
+    out.append(string("storage_meta") + w.new_object(_DCP_METADATA, "StorageMeta"))
     out.append(w.plain({"checkpoint_id": checkpoint_id, "save_id": save_id, "load_id": None, "modules": []}) + b"b")
-    out.append(w.string("version") + w.string(version) + w.string("mcore_data") + w.plain(mcore_data) + b"ub.")
+    out.append(string("version") + string(version) + string("mcore_data") + w.plain(mcore_data) + b"ub.")
     body = b"".join(w.preamble + out)
     return b"\x80\x04\x95" + len(body).to_bytes(8, "little") + body  # PROTO 4, one FRAME: the
     # unpickler then reads it in one call instead of calling `read` per opcode
@@ -329,12 +327,11 @@ class _PickleWriter:
         items = b"".join(map(self.plain, values))
         return items + _TUPLE_OF[len(values)] if len(values) < len(_TUPLE_OF) else b"(" + items + b"t"
 
-    def size(self, shape: Tuple[int, ...], cache: dict) -> bytes:
-        """A torch.Size of `shape` (cached: a model's chunks have few distinct shapes)."""
-        got = cache.get(shape)
-        if got is None:
-            got = cache[shape] = self.torch_size + self.tuple_(shape) + b"\x85R"
-        return got
+    def size(self, shape: Tuple[int, ...]) -> bytes:
+        """A torch.Size of `shape`, memoized: one object per distinct shape or offset, as DCP
+        shares them (each built anew would cost the unpickler a call)."""
+        key = ("size", shape)
+        return self.memo.get(key) or self._memoized(key, self.torch_size + self.tuple_(shape) + b"\x85R")
 
     def tensor_properties(self, dtype: torch.dtype) -> bytes:
         """DCP's TensorProperties of a plain tensor of `dtype` (strided, contiguous, no grad,
