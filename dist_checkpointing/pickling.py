@@ -223,7 +223,7 @@ def encode_dcp_metadata(
     DCP's classes. pickle.dumps of 10^4 entries and 10^5 storage records takes ~0.5 s, most of
     it calling each object's reduction, plus as long again to build the objects."""
     w = _PickleWriter()
-    string, fetch, size = w.string, w.memo.get, w.size  # a key's string is memoized by its entry: fetched
+    string, size, integer = w.string, w.size, _PickleWriter.integer
     chunk_head = w.new_object(_DCP_METADATA, "ChunkStorageMetadata") + b"}(" + string("offsets")
     chunk_sizes = string("sizes")
     tensor_head = w.new_object(_DCP_METADATA, "TensorStorageMetadata") + b"}(" + string("properties")
@@ -243,13 +243,10 @@ def encode_dcp_metadata(
     index_none, index_offset = string("index") + b"N", string("offset")
     info_head = w.new_object(_DCP_FILESYSTEM, "_StorageInfo") + b"}(" + string("relative_path")
     info_offset, info_length = string("offset"), string("length")
-    integer = _PickleWriter.integer
     pairs = [
-        index_head + (fetch(key) or string(key)) + index_none
+        index_head + string(key) + index_none
         + (b"ub" if chunk is None else index_offset + size(chunk) + b"ub")
-        + info_head + file + info_offset
-        + (b"J" + offset.to_bytes(4, "little") if 0 <= offset < 2**31 else integer(offset)) + info_length
-        + (b"J" + length.to_bytes(4, "little") if 0 <= length < 2**31 else integer(length)) + b"ub"
+        + info_head + file + info_offset + integer(offset) + info_length + integer(length) + b"ub"
         for placed in records
         for file in (string(placed.file),)
         for key, chunk, offset, length in zip(placed.keys, placed.chunks, placed.offsets, placed.lengths)
