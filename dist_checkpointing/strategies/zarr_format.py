@@ -37,7 +37,6 @@ from .zarr_spec import (
     ArrayLayouts,
     chunk_indices,
     chunk_key,
-    chunk_regions,
     chunk_shape,
     chunks_checksummed,
     consolidated_documents,
@@ -175,16 +174,9 @@ class RawChunkWrites:
         layout = self.layouts(array.document)
         if layout.raw is None:
             return False
-        chunks, checksummed = layout.chunks, layout.checksummed
-        root = entry_dir(self.target, key)
-        if data.shape == chunks and not any(o % c for o, c in zip(offset, chunks)):  # one whole chunk (the common case)
-            write = _ChunkWrite(data, chunks, (), checksummed)  # within (): all of it
-            self.files.append((os.path.join(root, layout.chunk_file([o // c for o, c in zip(offset, chunks)])), write.nbytes, write))
-            return True
-        for index, origin, region in chunk_regions(offset, data.shape, chunks):
-            source = data[tuple(slice(a - o, b - o) for (a, b), o in zip(region, offset))]
-            within = tuple(slice(a - o, b - o) for (a, b), o in zip(region, origin))
-            write = _ChunkWrite(source, chunks, within, checksummed)
+        root, array_shape = entry_dir(self.target, key), tuple(array.document["shape"])
+        for index, within, in_shard in grid_overlaps(tuple(offset), tuple(data.shape), array_shape, layout.chunks):
+            write = _ChunkWrite(data if in_shard is None else data[in_shard], layout.chunks, within, layout.checksummed)
             self.files.append((os.path.join(root, layout.chunk_file(index)), write.nbytes, write))
         return True
 

@@ -13,7 +13,6 @@ import torch
 
 from ..core import MISSING, CheckpointingException, is_int, read_json
 from ..dtypes import DTYPES, name_of_zarr_v2, torch_dtype, zarr_v2_dtype
-from ..geometry import intersection
 from ..layout import ZARR_GROUP_FNAME, check_key, contained_path
 from ..storage import storage_of
 from ..storage_interface import Storage
@@ -111,16 +110,6 @@ def key_separator(document: dict) -> Optional[str]:
 def chunk_indices(offset: Sequence[int], shape: Sequence[int], chunks: Sequence[int]):
     """The grid positions of the chunks that box (offset, shape) covers."""
     return itertools.product(*(range(o // c, -(-(o + s) // c)) for o, s, c in zip(offset, shape, chunks)))
-
-
-def chunk_regions(offset: Sequence[int], shape: Sequence[int], chunks: Sequence[int]):
-    """For each chunk that box (offset, shape) covers: its grid position, its origin, and the
-    region (global (start, stop) per axis) of the box inside it."""
-    for index in chunk_indices(offset, shape, chunks):
-        origin = tuple(i * c for i, c in zip(index, chunks))
-        region = intersection((tuple(offset), tuple(shape)), (origin, tuple(chunks)))
-        if region is not None:
-            yield index, origin, region
 
 
 def document_bytes(document: dict) -> bytes:
