@@ -14,8 +14,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-import numpy as np
-
 from .errors import CheckpointingException
 from .layout import (
     COMMON_FNAME,
@@ -170,7 +168,7 @@ def _no_constant(name: str):
 
 def is_int(x) -> bool:
     """A JSON integer a checkpoint may hold: an int (not a bool) that fits in 64 bits."""
-    return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
+    return (type(x) is int or isinstance(x, int) and not isinstance(x, bool)) and -(2**63) <= x < 2**63
 
 
 def is_count(x, least: int = 0) -> bool:
@@ -250,17 +248,10 @@ def _parse_index(doc, path: str, config: CheckpointingConfig, known, in_config: 
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict):
         fail("'tensors' must be an object mapping keys to {shape, dtype}")
-    entries = {}
-    for key, entry in tensors.items():
-        if (
-            not isinstance(entry, dict)
-            or set(entry) != {"shape", "dtype"}
-            or not isinstance(entry["shape"], list)
-            or not all(is_int(s) and s >= 0 for s in entry["shape"])
-            or not isinstance(entry["dtype"], str)
-        ):
-            fail(f"tensor entry for key '{key}' must be {{'shape': [ints >= 0], 'dtype': str}}")
-        entries[key] = TensorEntry(list(entry["shape"]), entry["dtype"])
+    if not _are_tensor_entries(tensors.values()):
+        key = next(key for key, entry in tensors.items() if not _are_tensor_entries([entry]))
+        fail(f"tensor entry for key '{key}' must be {{'shape': [ints >= 0], 'dtype': str}}")
+    entries = {key: TensorEntry(entry["shape"], entry["dtype"]) for key, entry in tensors.items()}
     objects = doc.get("objects")
     if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
         fail("'objects' must be a list of strings")
@@ -279,20 +270,32 @@ def _parse_index(doc, path: str, config: CheckpointingConfig, known, in_config: 
     return CheckpointMetadata(config, version, entries, list(objects), {k: list(v) for k, v in checksums.items()})
 
 
+_TENSOR_ENTRY_FIELDS = frozenset(("shape", "dtype"))
+
+
+def _are_tensor_entries(entries) -> bool:
+    """Whether every entry is {'shape': [64-bit integers >= 0], 'dtype': str} (checked in
+    bulk: an index has 10^4-10^5 entries)."""
+    if not all(
+        type(e) is dict and e.keys() == _TENSOR_ENTRY_FIELDS and type(e["shape"]) is list and type(e["dtype"]) is str
+        for e in entries
+    ):
+        return False
+    return _are_counts(list(itertools.chain.from_iterable(e["shape"] for e in entries)))
+
+
 def _are_ranges(ranges) -> bool:
     """Whether `ranges` is a list of [offset, length, crc32c]: 64-bit integers >= 0, the CRC
     32-bit (checked in bulk: a file of a many-tensor checkpoint has 10^4 ranges)."""
     if not isinstance(ranges, list) or not all(type(r) is list and len(r) == 3 for r in ranges):
         return False
-    if not ranges:
-        return True
-    if not set(map(type, itertools.chain.from_iterable(ranges))) <= {int}:  # not a bool, a float or a str
-        return False
-    try:
-        values = np.array(ranges, dtype=np.int64)
-    except OverflowError:
-        return False
-    return bool((values >= 0).all() and (values[:, 2] < 2**32).all())
+    values = list(itertools.chain.from_iterable(ranges))
+    return _are_counts(values) and max(values[2::3], default=0) < 2**32
+
+
+def _are_counts(values: list) -> bool:
+    """Whether `values` are all 64-bit integers >= 0 (no bool, float or string among them)."""
+    return set(map(type, values)) <= {int} and (not values or (min(values) >= 0 and max(values) < 2**63))
 
 
 def write_index(checkpoint_dir, metadata: CheckpointMetadata) -> None:

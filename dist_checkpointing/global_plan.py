@@ -22,6 +22,7 @@ and a row of its structure), in rank-major order; *main* pairs are the main repl
 
 import functools
 import hashlib
+import itertools
 import math
 import pickle
 import struct
@@ -51,6 +52,16 @@ def _narrow(values, shape=None) -> np.ndarray:
         values = values.reshape(shape)
     top = int(values.max()) if values.size else 0
     return values.astype(next(t for t in _UINTS if top <= np.iinfo(t).max))
+
+
+def _padded(rows: Sequence[Sequence[int]], ndim: int, fill: int) -> np.ndarray:
+    """Integer tuples of up to `ndim` values as the rows of an (n, ndim) array, each padded
+    with `fill` after its values (one pass in numpy: 10^4-10^5 rows per plan)."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    values = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
+    table = np.full((len(rows), ndim), fill, np.int64)
+    table[np.arange(ndim) < lengths[:, None]] = values  # row by row, each row's first values
+    return table
 
 
 def _pack(arrays: Sequence[np.ndarray]) -> bytes:
@@ -115,29 +126,27 @@ class LocalPlan:
                 continue
             main.append(is_main_replica(sh.replica_id))
         ndim = max((len(e[3]) for e in entries), default=0)
-
-        def padded(values, fill):
-            return tuple(values) + (fill,) * (ndim - len(values))
-
         names = [e[0].encode() for e in entries]
+        shapes = [e[3] for e in entries]
         table = [
             zlib.compress(b"".join(names), 1),
             _narrow([len(n) for n in names]),
             _narrow([[e[1], e[2]] for e in entries], (len(entries), 2)),
-            _narrow([len(e[3]) for e in entries]),
-            _narrow([padded(e[3], 1) for e in entries], (len(entries), ndim)),
+            _narrow([len(shape) for shape in shapes]),
+            _narrow(_padded(shapes, ndim, 1)),
         ]
-        has_flat = any(row[4] & FLAT for row in rows)
-        has_grid = any(row[6] is not None for row in rows)
+        entry, offset, extent, prepended, flags, flat, grid = zip(*rows) if rows else ((),) * 7
+        has_flat = any(f & FLAT for f in flags)
+        has_grid = any(g is not None for g in grid)
         n = len(rows)
         columns = [
-            _narrow([row[0] for row in rows]),
-            _narrow([padded(row[1], 0) for row in rows], (n, ndim)),
-            _narrow([padded(row[2], 1) for row in rows], (n, ndim)),
-            _narrow([row[3] for row in rows]),
-            _narrow([row[4] for row in rows]),
-            _narrow([row[5] for row in rows] if has_flat else [], (n if has_flat else 0, 2)),
-            _narrow([padded(row[6] or (), 1) for row in rows] if has_grid else [], (n if has_grid else 0, ndim)),
+            _narrow(entry),
+            _narrow(_padded(offset, ndim, 0)),
+            _narrow(_padded(extent, ndim, 1)),
+            _narrow(prepended),
+            _narrow(flags),
+            _narrow(flat if has_flat else [], (n if has_flat else 0, 2)),
+            _narrow(_padded([g or () for g in grid], ndim, 1) if has_grid else [], (n if has_grid else 0, ndim)),
         ]
         names_blob = np.frombuffer(table[0], np.uint8)
         return cls(_pack([names_blob] + table[1:] + columns), np.packbits(np.array(main, dtype=bool)).tobytes())

@@ -8,7 +8,7 @@ a plain value that goes to `common.pt`.
 import logging
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -197,7 +197,7 @@ class ShardedTensor(ShardedBase):
         None when the load must allocate. Writers write through `.detach()` (a parameter that
         requires grad is filled as it is, like `torch.no_grad()` would)."""
         data = self.data
-        if data is None or data.device.type == "meta" or data.dtype != self.dtype or tuple(data.shape) != self.data_shape:
+        if data is None or data.is_meta or data.dtype != self.dtype or data.shape != self.data_shape:
             return None
         return data
 
@@ -399,10 +399,21 @@ def whole_tensor_metadata(key: str, dtype: torch.dtype, global_shape, flattened:
     stored flattened, a distributed optimizer's state: loaded, it is 1-D)."""
     global_shape = tuple(global_shape)
     ndim = len(global_shape)
-    entry = ShardedTensor(key, None, dtype, global_shape, global_shape, (0,) * ndim, (1,) * ndim)
-    if flattened:
-        entry.flattened_range = slice(0, math.prod(global_shape))
+    if not isinstance(key, str) or not key or min(global_shape, default=0) < 0:
+        return ShardedTensor(key, None, dtype, global_shape, global_shape, (0,) * ndim, (1,) * ndim)  # raises
+    # Built without __init__: what its checks could refuse is checked above, and a checkpoint
+    # lists 10^4-10^5 entries (the checks cost twice the object).
+    entry = object.__new__(ShardedTensor)
+    entry.__dict__ = {
+        **_WHOLE_TENSOR_DEFAULTS, "key": key, "dtype": dtype, "local_shape": global_shape, "global_shape": global_shape,
+        "global_offset": (0,) * ndim, "axis_fragmentations": (1,) * ndim,
+        "flattened_range": slice(0, math.prod(global_shape)) if flattened else None,
+    }
     return entry
+
+
+_WHOLE_TENSOR_DEFAULTS = {f.name: f.default for f in fields(ShardedTensor) if f.default is not MISSING}
+_WHOLE_TENSOR_DEFAULTS["data"] = None
 
 
 def is_main_replica(replica_id: ReplicaId) -> bool:

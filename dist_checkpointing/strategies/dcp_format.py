@@ -16,7 +16,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from ..core import CheckpointingException, is_count
 from ..geometry import inside, tiling_fault
 from ..layout import DCP_METADATA_FNAME, relative_path_problem
 from ..mapping import ShardedObject, whole_tensor_metadata
-from ..pickling import DcpRecord, TensorRecord, load_dcp_metadata, load_object, tensor_record
+from ..pickling import TensorRecord, dcp_record_class, load_dcp_metadata, load_object, tensor_record
 from ..storage_interface import Storage
 
 METADATA_FNAME = DCP_METADATA_FNAME
@@ -46,8 +46,7 @@ class StoredItem(NamedTuple):
 Box = Tuple[Tuple[int, ...], Tuple[int, ...]]  # (offsets, sizes)
 
 
-@dataclass(frozen=True)
-class DcpTensor:
+class DcpTensor(NamedTuple):
     """One tensor entry of `.metadata`."""
 
     dtype: torch.dtype
@@ -98,14 +97,19 @@ class _Damaged(Exception):
     pass
 
 
-def _fields(record, kinds: Tuple[str, ...], what: str) -> dict:
-    """The attributes of a record of one of DCP's classes `kinds`."""
-    if not isinstance(record, DcpRecord) or record.kind not in kinds:
-        found = record.kind if isinstance(record, DcpRecord) else type(record).__name__
-        raise _Damaged(f"{what} is a {found}, not DCP's {kinds[0]}")
-    if not isinstance(record.state, dict):
-        raise _Damaged(f"{what}: DCP's {record.kind} without attributes")
-    return record.state
+# the records of DCP's classes `.metadata` holds (as read: pickling.DcpRecord)
+_METADATA, _TENSOR_ENTRY, _BYTES_ENTRY, _CHUNK, _PROPERTIES, _INDEX_KEY, _STORAGE_INFO = map(dcp_record_class, (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "_StorageInfo"))
+
+
+def _fields(record, kind: type, what: str) -> dict:
+    """The attributes of a record of DCP's class `kind` (a `dcp_record_class`)."""
+    if type(record) is kind and type(record.state) is dict:
+        return record.state
+    if type(record) is kind:
+        raise _Damaged(f"{what}: DCP's {kind.kind} without attributes")
+    raise _Damaged(f"{what} is a {type(record).__name__}, not DCP's {kind.kind}")  # (a record's class is named as its kind)
 
 
 def _shape(x, what: str, ndim: Optional[int] = None, checked: Optional[set] = None) -> Tuple[int, ...]:
@@ -127,39 +131,49 @@ def _shape(x, what: str, ndim: Optional[int] = None, checked: Optional[set] = No
     return x
 
 
+class _Checked:
+    """What `_index` found good so far: a `.metadata` of 10^4 entries names few distinct
+    shapes, chunk placements and data files, each checked once."""
+
+    def __init__(self):
+        self.shapes: set = set()
+        self.placements: set = set()  # (chunk offsets, chunk sizes, tensor size) inside the tensor
+        self.files: set = set()
+
+
 def _index(path: str, metadata) -> DcpIndex:
-    fields = _fields(metadata, ("Metadata",), "the document")
+    fields = _fields(metadata, _METADATA, "the document")
     entries, storage = fields.get("state_dict_metadata"), fields.get("storage_data")
     if not isinstance(entries, dict) or not isinstance(storage, dict):
         raise _Damaged("state_dict_metadata and storage_data must be dicts")
     mcore_data = fields.get("mcore_data") or {}
     if not isinstance(mcore_data, dict):
         raise _Damaged("mcore_data must be a dict")
-    checked, files = set(), set()  # shapes and file names found good
+    checked = _Checked()
     originals = {}  # key -> its shape as saved, for keys in the n-d formulation
     for key, data in mcore_data.items():
         if not isinstance(data, dict):
             raise _Damaged(f"key '{key}': mcore_data must hold {ORIG_SHAPE} as a shape")
         if ORIG_SHAPE in data:
-            originals[key] = _shape(data[ORIG_SHAPE], f"key '{key}': mcore_data's {ORIG_SHAPE}", checked=checked)
+            originals[key] = _shape(data[ORIG_SHAPE], f"key '{key}': mcore_data's {ORIG_SHAPE}", checked=checked.shapes)
     items = {}  # (key, chunk offsets or None) -> StoredItem
     for index, info in storage.items():  # (messages are built on failure only: 10^5 records)
-        at = _fields(index, ("MetadataIndex",), "a storage_data key")
+        at = _fields(index, _INDEX_KEY, "a storage_data key")
         key = at.get("fqn")
-        if not isinstance(key, str):
+        if type(key) is not str:
             raise _Damaged(f"storage_data key {index!r} names no key")
         try:
             offset = at.get("offset")
             if offset is not None:
-                offset = _shape(offset, "chunk offset", checked=checked)
-            items[key, offset] = _stored_item(info, files)
+                offset = _shape(offset, "chunk offset", checked=checked.shapes)
+            items[key, offset] = _stored_item(info, checked.files)
         except _Damaged as e:
             raise _Damaged(f"key '{key}': {e}") from None
     tensors, objects = {}, {}
     for key, entry in entries.items():
-        if not isinstance(key, str):
+        if type(key) is not str:
             raise _Damaged(f"entry name {key!r} is not a string")
-        if isinstance(entry, DcpRecord) and entry.kind == "BytesStorageMetadata":
+        if type(entry) is _BYTES_ENTRY:
             objects[key] = items.get((key, None))
             continue
         try:
@@ -170,11 +184,11 @@ def _index(path: str, metadata) -> DcpIndex:
 
 
 def _stored_item(info, files: set) -> StoredItem:
-    record = _fields(info, ("_StorageInfo",), "its storage record")
+    record = _fields(info, _STORAGE_INFO, "its storage record")
     file, start, length = record.get("relative_path"), record.get("offset"), record.get("length")
     if not (is_count(start) and is_count(length)):
         raise _Damaged(f"its storage record {record!r} needs a non-negative offset and length")
-    if not (isinstance(file, str) and file in files):  # a few data files, named by 10^5 records
+    if not (type(file) is str and file in files):  # a few data files, named by 10^5 records
         problem = relative_path_problem(file)
         if problem:
             raise _Damaged(f"its data file {file!r} cannot be inside the checkpoint: {problem}")
@@ -183,28 +197,31 @@ def _stored_item(info, files: set) -> StoredItem:
     return StoredItem(file, start, length, tuple(transforms) if isinstance(transforms, (list, tuple)) else (transforms,))
 
 
-def _tensor(entry, original: Optional[Tuple[int, ...]], items: dict, key: str, checked: set) -> DcpTensor:
-    fields = _fields(entry, ("TensorStorageMetadata",), "the entry")
+def _tensor(entry, original: Optional[Tuple[int, ...]], items: dict, key: str, checked: _Checked) -> DcpTensor:
+    fields = _fields(entry, _TENSOR_ENTRY, "the entry")
     properties = fields.get("properties")
-    if not isinstance(properties, DcpRecord) or properties.kind != "TensorProperties":
+    if type(properties) is not _PROPERTIES:
         raise _Damaged("its properties have no torch dtype")
     state = properties.state  # DCP's tuple (a dict in older pickles)
     dtype = state[0] if isinstance(state, tuple) and state else state.get("dtype") if isinstance(state, dict) else None
     if not isinstance(dtype, torch.dtype):
         raise _Damaged("its properties have no torch dtype")
-    size = _shape(fields.get("size"), "size", checked=checked)
+    size = _shape(fields.get("size"), "size", checked=checked.shapes)
     chunks = fields.get("chunks")
-    if not isinstance(chunks, list):
+    if type(chunks) is not list:
         raise _Damaged("its chunks are not a list")
-    boxes = []
+    boxes, ndim = [], len(size)
     for chunk in chunks:
-        box = _fields(chunk, ("ChunkStorageMetadata",), "a chunk")
-        offsets = _shape(box.get("offsets"), "chunk offsets", len(size), checked)
-        sizes = _shape(box.get("sizes"), "chunk sizes", len(size), checked)
-        if not inside((offsets, sizes), size):
-            raise _Damaged(f"chunk at {offsets} of size {sizes} lies outside the size {size}")
+        box = _fields(chunk, _CHUNK, "a chunk")
+        offsets = _shape(box.get("offsets"), "chunk offsets", ndim, checked.shapes)
+        sizes = _shape(box.get("sizes"), "chunk sizes", ndim, checked.shapes)
+        placement = (offsets, sizes, size)
+        if placement not in checked.placements:
+            if not inside((offsets, sizes), size):
+                raise _Damaged(f"chunk at {offsets} of size {sizes} lies outside the size {size}")
+            checked.placements.add(placement)
         boxes.append((offsets, sizes))
-    return DcpTensor(dtype, size, tuple(boxes), tuple(items.get((key, o)) for o, _ in boxes), original)
+    return DcpTensor(dtype, size, tuple(boxes), tuple([items.get((key, o)) for o, _ in boxes]), original)
 
 
 def check_chunks_tile(checkpoint_dir: str, key: str, entry: DcpTensor) -> None:
@@ -369,22 +386,27 @@ def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return tuple(math.prod(shape[axis + 1 :]) for axis in range(len(shape)))
 
 
-def stored_values(blob, what: str, path: str, layouts: Optional[Dict[int, List[TensorItem]]] = None):
+def stored_values(blob, what: str, path: str, layouts: Optional[Dict[int, Dict[int, Dict[bytes, TensorItem]]]] = None):
     """The tensor of an in-memory `torch.save` item as (dtype, shape, its values' bytes: a
     flat numpy array, C order): a view of `blob` where it is one plain tensor (what DCP
     writers produce), else from what `torch.load` builds.
 
-    `layouts` (item length -> TensorItems, filled here) spares parsing items laid out like one
-    parsed before: of its length, with the same bytes before the values (its zip records'
-    local headers and `data.pkl`: the same dtype and shape, written alike). In a model of many
-    small tensors most items are; the comparison costs a fraction of a parse."""
+    `layouts` (item length -> head length -> head -> TensorItem, filled here) spares parsing
+    items laid out like one parsed before: of its length, with the same bytes before the
+    values (its zip records' local headers and `data.pkl`: the same dtype and shape, written
+    alike). In a model of many small tensors most items are; the lookup costs a fraction of a
+    parse."""
     blob = memoryview(blob).cast("B")
-    known = layouts.setdefault(blob.nbytes, []) if layouts is not None else []
-    item = next((k for k in known if blob[: k.start].tobytes() == k.head), None)  # (10x a memoryview ==)
+    heads = layouts.setdefault(blob.nbytes, {}) if layouts is not None else {}
+    item = None
+    for start, known in heads.items():  # (one head length, usually)
+        item = known.get(blob[:start].tobytes())
+        if item is not None:
+            break
     if item is None:
         item = tensor_item(lambda offset, n: blob[offset : offset + n], blob.nbytes)
-        if item is not None and len(known) < _LAYOUTS_PER_LENGTH:
-            known.append(item)
+        if item is not None and sum(map(len, heads.values())) < _LAYOUTS_PER_LENGTH:
+            heads.setdefault(item.start, {})[item.head] = item
     if item is not None:
         return item.record.dtype, item.record.shape, np.frombuffer(blob, np.uint8, item.nbytes, item.start)
     tensor = load_object(io.BytesIO(blob), what, path)

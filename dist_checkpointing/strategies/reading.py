@@ -11,8 +11,7 @@ they land.
 
 import math
 import threading
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,8 +24,7 @@ from ..storage_interface import Reader
 SCRATCH_BYTES = 16 * 2**20  # per reading thread
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """Part `region` of a chunk (slices relative to the chunk's origin, inside it) is copied
     into `into`, a view of the same shape in a destination (`destination`): the bytes of host
     memory, or a tensor on a device."""
@@ -109,12 +107,12 @@ def whole_destination(pieces: List[Piece], shape: Sequence[int]) -> Optional[np.
     piece is all of it and its destination is contiguous; else None."""
     if len(pieces) != 1:
         return None
-    piece = pieces[0]
-    into = piece.into
+    region, into = pieces[0]
     if not isinstance(into, np.ndarray) or not into.flags.c_contiguous:
         return None
-    if any(s.start != 0 or s.stop != n for s, n in zip(piece.region, shape)):
-        return None
+    for axis, n in zip(region, shape):
+        if axis.start != 0 or axis.stop != n:
+            return None
     return into.reshape(-1)
 
 

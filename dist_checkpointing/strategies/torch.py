@@ -177,7 +177,7 @@ class _Reads:
         self.fills: Dict[StoredItem, _Fill] = {}
         self.copy_outs: List = []  # (target view, read view)
         self.tiled: Set[str] = set()  # keys whose stored chunks were checked to tile the tensor
-        self.layouts: Dict[int, List[TensorItem]] = {}  # item layouts seen (`stored_values`)
+        self.layouts: Dict[int, Dict[int, Dict[bytes, TensorItem]]] = {}  # item layouts seen (`stored_values`)
         # requests are checked as they are planned (`check_request_against_stored`), not again
 
     def plan(self, sh):
@@ -196,10 +196,12 @@ class _Reads:
             check_chunks_tile(self.checkpoint_dir, sh.key, stored)
             self.tiled.add(sh.key)
         stored_shape = stored.global_shape
-        check_request_against_stored(sh, stored_shape, self.index.path)
         offset, shape = sh.covering_box()
+        fits = inside((offset, shape), stored_shape)
+        if not fits or stored_shape != sh.global_shape:  # (else it fits: the common case, told apart cheaply)
+            check_request_against_stored(sh, stored_shape, self.index.path)
         target = sh.box_target(stored.dtype)
-        if not inside((offset, shape), stored_shape):
+        if not fits:
             target.zero_()  # the allow_shape_mismatch pad
         if stored.original_shape is not None:
             self._plan_reformulated(sh.key, stored, stored_shape, offset, target)
@@ -308,10 +310,10 @@ class _Reads:
                     data = file.read(first.offset, last.offset + last.length - first.offset)
                     for item in run:
                         blob = data[item.offset - first.offset : item.offset - first.offset + item.length]
-                        what = self._what(item, object_keys)
+                        fill, what = self.fills.get(item), self._what(item, object_keys)
                         checksums.verify(blob, self.checkpoint_dir, name, item.offset, what)
-                        if item in self.fills:
-                            self._fill_from(blob, self.fills[item], what, path)
+                        if fill is not None:
+                            self._fill_from(blob, fill, what, path)
                         else:
                             self._load_object(object_keys[item], blob)
         except CheckpointingException:
@@ -326,7 +328,8 @@ class _Reads:
         return self.fills[item].key if item in self.fills else object_keys[item]
 
     def _what(self, item: StoredItem, object_keys: dict) -> str:
-        return f"{'Key' if item in self.fills else 'ShardedObject'} '{self._owner(item, object_keys)}'"
+        fill = self.fills.get(item)
+        return f"Key '{fill.key}'" if fill is not None else f"ShardedObject '{object_keys[item]}'"
 
     def _check_items(self, items: List[StoredItem], size: int, path: str, object_keys: dict) -> None:
         for item in items:

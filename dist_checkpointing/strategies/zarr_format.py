@@ -18,7 +18,7 @@ from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_numpy, to_numpy, torch_dtype
 from ..fs import DurableDir
-from ..geometry import grid_overlaps
+from ..geometry import grid_overlaps, inside
 from ..global_plan import GlobalPlan
 from ..integrity import crc32c
 from ..layout import LinkFreeTree, entry_dir, linked_entries
@@ -303,7 +303,7 @@ class RawChunkReads:
         self.checkpoint_dir, self.storage = checkpoint_dir, storage
         self.layouts = ArrayLayouts()
         self.targets: List[Tuple[ShardedTensor, torch.Tensor]] = []
-        self.chunks: Dict[str, "_ChunkFile"] = {}  # by path relative to the checkpoint
+        self.chunks: Dict[Tuple[str, str], "_ChunkFile"] = {}  # by key and file name
 
     def plan(self, sh: ShardedTensor, document: dict) -> bool:
         """Plans the reads of request `sh`; False if its array is not one of raw chunks."""
@@ -311,20 +311,20 @@ class RawChunkReads:
         dtype = layout.raw
         if dtype is None:
             return False
-        stored_shape = tuple(document["shape"])
-        where = entry_dir(self.checkpoint_dir, sh.key)
-        check_request_against_stored(sh, stored_shape, where)
+        stored_shape = layout.shape
         offset, shape = sh.covering_box()
+        fits = inside((offset, shape), stored_shape)
+        if not fits or stored_shape != sh.global_shape:  # (else it fits: the common case, told apart cheaply)
+            check_request_against_stored(sh, stored_shape, entry_dir(self.checkpoint_dir, sh.key))
         target = sh.box_target(dtype)
-        if any(o + n > g for o, n, g in zip(offset, shape, stored_shape)):
+        if not fits:
             target.zero_()  # the allow_shape_mismatch pad beyond the stored shape
-        chunks, into, checksummed = layout.chunks, destination(target), layout.checksummed
-        nbytes = math.prod(chunks) * dtype.itemsize
-        for index, in_chunk, in_target in grid_overlaps(offset, shape, stored_shape, chunks):
-            name = f"{sh.key}/{layout.chunk_file(index)}"
-            chunk = self.chunks.get(name)
+        into = destination(target)
+        for index, in_chunk, in_target in grid_overlaps(offset, shape, stored_shape, layout.chunks):
+            name = layout.chunk_file(index)
+            chunk = self.chunks.get((sh.key, name))
             if chunk is None:
-                chunk = self.chunks[name] = _ChunkFile(sh.key, chunks, dtype, nbytes, checksummed, [])
+                chunk = self.chunks[sh.key, name] = _ChunkFile(sh.key, name, layout.chunks, dtype, layout.chunk_nbytes, layout.checksummed, [])
             chunk.pieces.append(Piece(in_chunk, into if in_target is None else into[in_target]))
         self.targets.append((sh, target))
         return True
@@ -344,11 +344,11 @@ class RawChunkReads:
         it is or fits in scratch memory (most chunks); others in blocks of rows."""
         trees: Dict[str, LinkFreeTree] = {}  # key -> its array directory's files
         group, scratch, used = [], None, 0  # a group's chunks that need copying share the scratch buffer
-        for path, chunk in batch:
+        for _, chunk in batch:
             tree = trees.get(chunk.key)
             if tree is None:
                 tree = trees[chunk.key] = LinkFreeTree(entry_dir(self.checkpoint_dir, chunk.key), f"Key '{chunk.key}'", self.storage)
-            name = path[len(chunk.key) + 1 :]  # inside the array's directory
+            name = chunk.name
             into = whole_destination(chunk.pieces, chunk.shape)
             if into is None and chunk.nbytes > SCRATCH_BYTES:
                 self._read_in_blocks(tree, name, chunk)
@@ -423,9 +423,12 @@ class _WholeRead(NamedTuple):
     direct: bool
 
 
-@dataclass(frozen=True)
-class _ChunkFile:
+class _ChunkFile(NamedTuple):
+    """A chunk file of a raw array (`name` inside the directory of `key`) and the pieces of
+    it that requests need."""
+
     key: str
+    name: str
     shape: Tuple[int, ...]  # of the chunk (edge chunks are stored whole)
     dtype: torch.dtype
     nbytes: int  # of the values

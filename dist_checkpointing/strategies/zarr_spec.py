@@ -302,8 +302,25 @@ class ArrayLayout:
     checksummed: bool  # `chunks_checksummed`
     separator: Optional[str]  # `key_separator`
 
-    def chunk_file(self, index: Sequence[int]) -> str:
-        return chunk_key(self.zarr_format, index, self.separator)
+    def chunk_file(self, index: Tuple[int, ...]) -> str:
+        name = self._chunk_files.get(index)
+        if name is None:
+            name = self._chunk_files[index] = chunk_key(self.zarr_format, index, self.separator)
+        return name
+
+    @functools.cached_property
+    def _chunk_files(self) -> Dict[Tuple[int, ...], str]:
+        """Chunk index -> file name, as named so far (the arrays sharing a layout share them)."""
+        return {}
+
+    @functools.cached_property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.document["shape"])
+
+    @functools.cached_property
+    def chunk_nbytes(self) -> int:
+        """Of a chunk's values (a raw array's; edge chunks are stored whole)."""
+        return math.prod(self.chunks) * self.raw.itemsize
 
     @functools.cached_property
     def content(self) -> bytes:
