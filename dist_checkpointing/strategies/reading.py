@@ -182,6 +182,9 @@ def _copy_rows(piece: Piece, values, start: int, n: int, copy) -> None:
         copy(piece.into, values[0])
         return
     rows = piece.region[0]
+    if start == 0 and rows.stop <= n:  # all of the piece's rows are in this block (a small chunk's one block)
+        copy(piece.into, values[piece.region])
+        return
     lo, hi = max(rows.start, start), min(rows.stop, start + n)
     if lo >= hi:
         return

@@ -22,6 +22,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Set
 
+import numpy as np
 import torch
 
 from ..core import CheckpointingException
@@ -307,7 +308,7 @@ class _Reads:
                     if len(run) == 1 and first.length > IN_MEMORY_ITEM_BYTES:
                         self._read_large(file, first, path, checksums)
                         continue
-                    data = file.read(first.offset, last.offset + last.length - first.offset)
+                    data = np.frombuffer(file.read(first.offset, last.offset + last.length - first.offset), np.uint8)
                     for item in run:
                         blob = data[item.offset - first.offset : item.offset - first.offset + item.length]
                         fill, what = self.fills.get(item), self._what(item, object_keys)
