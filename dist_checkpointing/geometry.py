@@ -18,7 +18,12 @@ Region = Tuple[Tuple[int, int], ...]  # (start, stop) along each axis
 def inside(box: Box, shape: Sequence[int]) -> bool:
     """Whether `box` lies within a tensor of `shape` (same number of axes)."""
     offset, extent = box
-    return len(offset) == len(shape) and all(0 <= o and o + s <= g for o, s, g in zip(offset, extent, shape))
+    if len(offset) != len(shape):
+        return False
+    for o, s, g in zip(offset, extent, shape):  # (a loop: a generator costs more than these few axes)
+        if o < 0 or o + s > g:
+            return False
+    return True
 
 
 def intersection(a: Box, b: Box) -> Optional[Region]:
