@@ -230,20 +230,8 @@ def encode_dcp_metadata(
     it calling each object's reduction, plus as long again to build the objects."""
     w = _PickleWriter()
     string, size, integer = w.string, w.size, _PickleWriter.integer
-    chunk_head = w.new_object(_DCP_METADATA, "ChunkStorageMetadata") + b"}(" + string("offsets")
-    chunk_sizes = string("sizes")
-    tensor_head = w.new_object(_DCP_METADATA, "TensorStorageMetadata") + b"}(" + string("properties")
-    tensor_size, tensor_chunks = string("size"), string("chunks")
     byte_entry = w.new_object(_DCP_METADATA, "BytesStorageMetadata")
-    pairs = [
-        string(name) + (
-            byte_entry if entry is None
-            else tensor_head + w.tensor_properties(entry.dtype) + tensor_size + size(entry.size) + tensor_chunks
-            + _batched([chunk_head + size(o) + chunk_sizes + size(s) + b"ub" for o, s in entry.chunks], b"]", b"e")
-            + b"ub"
-        )
-        for name, entry in entries.items()
-    ]
+    pairs = [string(name) + (byte_entry if entry is None else w.tensor_entry(entry)) for name, entry in entries.items()]
     out = [w.new_object(_DCP_METADATA, "Metadata") + b"}(" + string("state_dict_metadata") + _batched(pairs, b"}", b"u")]
     index_head = w.new_object(_DCP_METADATA, "MetadataIndex") + b"}(" + string("fqn")
     index_none, index_offset = string("index") + b"N", string("offset")
@@ -335,6 +323,22 @@ class _PickleWriter:
         shares them (each built anew would cost the unpickler a call)."""
         key = ("size", shape)
         return self.memo.get(key) or self._memoized(key, self.torch_size + self.tuple_(shape) + b"\x85R")
+
+    def tensor_entry(self, entry: DcpTensorEntry) -> bytes:
+        """DCP's TensorStorageMetadata of `entry`, memoized: keys of one dtype, size and chunks
+        (a model's layers) share one, which a reader then checks once."""
+        key = ("entry", entry.dtype, entry.size, tuple(entry.chunks))
+        got = self.memo.get(key)
+        if got is not None:
+            return got
+        chunk, sizes = self.new_object(_DCP_METADATA, "ChunkStorageMetadata") + b"}(" + self.string("offsets"), self.string("sizes")
+        chunks = [chunk + self.size(o) + sizes + self.size(s) + b"ub" for o, s in entry.chunks]
+        push = (
+            self.new_object(_DCP_METADATA, "TensorStorageMetadata") + b"}(" + self.string("properties")
+            + self.tensor_properties(entry.dtype) + self.string("size") + self.size(entry.size) + self.string("chunks")
+            + _batched(chunks, b"]", b"e") + b"ub"
+        )
+        return self._memoized(key, push)
 
     def tensor_properties(self, dtype: torch.dtype) -> bytes:
         """DCP's TensorProperties of a plain tensor of `dtype` (strided, contiguous, no grad,

@@ -302,7 +302,8 @@ def test_dcp_metadata_is_encoded_as_pickle_writes_dcps_metadata(tmp_path):
     """`.metadata` is encoded without DCP's classes; unpickled, it is the `Metadata` DCP's own
     pickle of the same entries gives: every dtype, 0-d and n-d shapes, more entries, chunks and
     memoized strings than one batch or a one-byte memo index holds, 64-bit offsets, long
-    non-ASCII names, byte entries, Megatron-Core's mcore_data. Stock DCP reads the file."""
+    non-ASCII names, byte entries, Megatron-Core's mcore_data; keys of one layout share one
+    entry object. Stock DCP reads the file."""
     import pickle
     import pickletools
 
@@ -319,6 +320,7 @@ def test_dcp_metadata_is_encoded_as_pickle_writes_dcps_metadata(tmp_path):
     )
 
     from dist_checkpointing.pickling import DcpStorageRecords, DcpTensorEntry, encode_dcp_metadata
+    from dist_checkpointing.strategies.dcp_format import read_dcp_index
 
     entries, dcp_entries, dcp_storage = {}, {}, {}
     records = [DcpStorageRecords(f"__{r}_0.distcp", [], [], [], []) for r in range(2)]
@@ -341,6 +343,14 @@ def test_dcp_metadata_is_encoded_as_pickle_writes_dcps_metadata(tmp_path):
         )
         for k, (offsets, _) in enumerate(chunks):
             stored(name, offsets, k % 2, i * 2**33 + k * 1000, 7 + i + 2**31 * (i == 4))
+    for j in range(3):  # keys of one dtype, size and chunks (a model's layers) share one entry object
+        name = f"shared.{j}.weight"
+        entries[name] = DcpTensorEntry(torch.bfloat16, (4, 2), [((0, 0), (2, 2)), ((2, 0), (2, 2))])
+        dcp_entries[name] = TensorStorageMetadata(
+            TensorProperties(dtype=torch.bfloat16), torch.Size((4, 2)), [ChunkStorageMetadata(torch.Size((o, 0)), torch.Size((2, 2))) for o in (0, 2)]
+        )
+        for k, o in enumerate((0, 2)):
+            stored(name, (o, 0), k, 2**40 + 100 * j + 50 * k, 50)
     for name in ("common_state/shard_0_1", "opt/shard_3_4"):
         entries[name], dcp_entries[name] = None, BytesStorageMetadata()
         stored(name, None, 1, 5, 300)
@@ -362,7 +372,11 @@ def test_dcp_metadata_is_encoded_as_pickle_writes_dcps_metadata(tmp_path):
             continue
         assert vars(entry.properties) == vars(expected.state_dict_metadata[name].properties)
         assert [vars(c) for c in entry.chunks] == [vars(c) for c in expected.state_dict_metadata[name].chunks]
+    assert got.state_dict_metadata["shared.0.weight"] is got.state_dict_metadata["shared.2.weight"]
     (tmp_path / ".metadata").write_bytes(encoded)
+    index = read_dcp_index(str(tmp_path))  # the library's own reading: the shared entry checked once, each key its own items
+    assert [item.offset for item in index.tensors["shared.1.weight"].items] == [2**40 + 100, 2**40 + 150]
+    assert index.tensors["shared.1.weight"].chunks == (((0, 0), (2, 2)), ((2, 0), (2, 2)))
     read = FileSystemReader(str(tmp_path)).read_metadata()
     assert (read.storage_meta.checkpoint_id, read.storage_meta.save_id) == ("/ckpt/it_7", "a-save-id")
     read.storage_meta = expected.storage_meta  # the reader sets its own load_id

@@ -139,6 +139,8 @@ class _Checked:
         self.shapes: set = set()
         self.placements: set = set()  # (chunk offsets, chunk sizes, tensor size) inside the tensor
         self.files: set = set()
+        self.entries: dict = {}  # id of an entry record -> its (dtype, size, chunks): keys whose
+        # entry is one shared object (as this library writes a model's layers) are checked once
 
 
 def _index(path: str, metadata) -> DcpIndex:
@@ -198,6 +200,14 @@ def _stored_item(info, files: set) -> StoredItem:
 
 
 def _tensor(entry, original: Optional[Tuple[int, ...]], items: dict, key: str, checked: _Checked) -> DcpTensor:
+    known = checked.entries.get(id(entry))  # (the records live as long as the index is built)
+    if known is None:
+        known = checked.entries[id(entry)] = _entry(entry, checked)
+    dtype, size, boxes = known
+    return DcpTensor(dtype, size, boxes, tuple([items.get((key, o)) for o, _ in boxes]), original)
+
+
+def _entry(entry, checked: _Checked) -> Tuple[torch.dtype, Tuple[int, ...], Tuple[Box, ...]]:
     fields = _fields(entry, _TENSOR_ENTRY, "the entry")
     properties = fields.get("properties")
     if type(properties) is not _PROPERTIES:
@@ -221,7 +231,7 @@ def _tensor(entry, original: Optional[Tuple[int, ...]], items: dict, key: str, c
                 raise _Damaged(f"chunk at {offsets} of size {sizes} lies outside the size {size}")
             checked.placements.add(placement)
         boxes.append((offsets, sizes))
-    return DcpTensor(dtype, size, tuple(boxes), tuple([items.get((key, o)) for o, _ in boxes]), original)
+    return dtype, size, tuple(boxes)
 
 
 def check_chunks_tile(checkpoint_dir: str, key: str, entry: DcpTensor) -> None:
