@@ -30,6 +30,22 @@ def test_from_rank_offsets_and_global_slice():
         ShardedTensor("k", x, torch.float16, (4, 6), (4, 6), (0, 0), None)
 
 
+def test_whole_tensor_metadata_is_the_entry_the_constructor_makes():
+    """Built without __init__ (a checkpoint lists 10^4-10^5 entries), it has every field the
+    constructor gives, and refuses what the constructor refuses."""
+    from dist_checkpointing.mapping import whole_tensor_metadata
+
+    for shape, flattened in (((6, 4), False), ((6, 4), True), ((), False), ((0, 3), True)):
+        built = ShardedTensor("k", None, torch.bfloat16, shape, shape, (0,) * len(shape), (1,) * len(shape))
+        if flattened:
+            built.flattened_range = slice(0, built.nbytes // 2)
+        entry = whole_tensor_metadata("k", torch.bfloat16, list(shape), flattened)
+        assert vars(entry) == vars(built) and entry == built
+    for key, shape in (("", (2,)), (3, (2,)), ("k", (-1, 2))):
+        with pytest.raises(CheckpointingException):
+            whole_tensor_metadata(key, torch.float32, shape)
+
+
 def test_narrow_scales_the_global_view():
     sh = ShardedTensor.from_rank_offsets("k", torch.arange(8.0).reshape(4, 2), (0, 1, 2))
     (narrowed,) = sh.narrow(0, 1, 2)
