@@ -119,20 +119,21 @@ class ChecksumIndex:
     """The recorded Ranges of a checkpoint, looked up by (file, offset)."""
 
     def __init__(self, checksums: Optional[Checksums]):
-        self.files = set(checksums or ())
-        self.ranges = {(name, o): (n, crc) for name, rs in (checksums or {}).items() for o, n, crc in rs}
+        # file -> offset -> (length, crc): 10^5 ranges, keyed by the offsets' own int objects
+        self.ranges = {name: {o: (n, crc) for o, n, crc in rs} for name, rs in (checksums or {}).items()}
 
     def recorded(self, checkpoint_dir, name: str, offset: int, what: str) -> Optional[Tuple[int, int]]:
         """(length, crc) recorded for the range of file `name` at `offset`; None for a file
         without records (written by Megatron-Core, or by no checksumming writer)."""
-        if name not in self.files:
+        ranges = self.ranges.get(name)
+        if ranges is None:
             return None
-        if (name, offset) not in self.ranges:
+        if offset not in ranges:
             raise CheckpointingException(
                 f"{what}: {contained_path(checkpoint_dir, name, what)} has no recorded item at byte "
                 f"{offset}; index.json and the data file disagree. The checkpoint is damaged."
             )
-        return self.ranges[name, offset]
+        return ranges[offset]
 
     def verify(self, data, checkpoint_dir, name: str, offset: int, what: str) -> None:
         """Checks bytes `data` read from `name` at `offset` against their recorded Range (a
@@ -153,7 +154,7 @@ class ChecksumIndex:
 
     def _check(self, problem: Optional[str], checkpoint_dir, name: str, offset: int, what: str) -> None:
         if problem:
-            length = self.ranges[name, offset][0]
+            length = self.ranges[name][offset][0]
             raise CheckpointingException(
                 f"{what}: bytes {offset}..{offset + length} of {contained_path(checkpoint_dir, name, what)} "
                 f"are damaged: {problem}. Restore the file or the checkpoint from a copy, or save again."

@@ -182,6 +182,26 @@ def test_consolidated_documents_are_checked_once_per_distinct_document(copy_of):
         read_array_document(ckpt, "e", consolidated)
 
 
+def test_equal_consolidated_documents_are_one_object_once_read(copy_of):
+    """Read, the consolidated metadata keeps one object per distinct good document (the parsed
+    documents of 10^4 arrays would take tens of MB); a damaged one stays, refused by its key."""
+    from dist_checkpointing.strategies.zarr_spec import read_array_document, read_consolidated
+
+    ckpt = copy_of("zarr")
+    path = os.path.join(ckpt, "zarr.json")
+    root = json.load(open(path))
+    documents = root["consolidated_metadata"]["metadata"]
+    good = documents["embedding.weight"]
+    documents.update({"x": dict(good), "y": dict(good), "z": dict(good, shape="damaged")})
+    json.dump(root, open(path, "w"))
+    consolidated = read_consolidated(ckpt)
+    assert consolidated.documents["x"] is consolidated.documents["y"] is consolidated.documents["embedding.weight"]
+    assert consolidated.documents["z"]["shape"] == "damaged"
+    assert read_array_document(ckpt, "x", consolidated) is consolidated.documents["x"]
+    with pytest.raises(CheckpointingException, match="Key 'z'.*64-bit integers"):
+        read_array_document(ckpt, "z", consolidated)
+
+
 def test_dcp_metadata_damage_beyond_the_requested_keys(copy_of, capsys):
     """Every n-d formulation shape in mcore_data is checked, also of keys without an entry."""
     ckpt = copy_of("torch_dist")

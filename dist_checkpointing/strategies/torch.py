@@ -139,6 +139,8 @@ def dcp_index(checkpoint: OpenCheckpoint) -> DcpIndex:
 class _Pending:
     """Stands in the state dict for a value until the reads are done."""
 
+    __slots__ = ("n",)
+
     def __init__(self, n: int):
         self.n = n
 

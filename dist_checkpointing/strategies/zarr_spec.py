@@ -167,7 +167,7 @@ class Consolidated(NamedTuple):
         is the checked one (an equal document may differ in number types: 1.0 == 1)."""
         if isinstance(document, dict):
             for good in self.checked.get(repr(document.get("shape")), ()):
-                if good == document:
+                if good is document or good == document:
                     return good
         return None
 
@@ -175,6 +175,17 @@ class Consolidated(NamedTuple):
         known = self.checked.setdefault(repr(document["shape"]), [])
         if len(known) < _GOOD_PER_SHAPE:
             known.append(document)
+
+    def share_good(self) -> None:
+        """Replaces each document that is good and equal to one found before by that one: the
+        parsed documents of 10^4 arrays take tens of MB, their distinct ones a few kB. A
+        document with a problem stays as it is, refused only by a read of its key."""
+        for key, document in self.documents.items():
+            good = self.found_good(document)
+            if good is None and not _document_problem(document):
+                self.add_good(document)
+            elif good is not None:
+                self.documents[key] = good
 
 
 _GOOD_PER_SHAPE = 8  # distinct documents remembered per shape: a lookup compares at most these
@@ -203,7 +214,9 @@ def read_consolidated(checkpoint_dir, storage: Optional[Storage] = None) -> Opti
                 f"Malformed {path}: its consolidated metadata is not a mapping of array documents. "
                 f"The checkpoint is damaged; restore it from a copy."
             )
-        return Consolidated(path, documents, {})
+        consolidated = Consolidated(path, documents, {})
+        consolidated.share_good()
+        return consolidated
     return None
 
 
