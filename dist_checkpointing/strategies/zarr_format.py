@@ -215,9 +215,9 @@ class _ChunkWrite:
 def engine_chunk_files(checkpoint_dir: DurableDir, key: str, array: ArrayPlan, offset, shape) -> List[str]:
     """The chunk files of box (offset, shape) of `array`, whose directories are created here
     for an engine that writes the files itself."""
-    root, paths = entry_dir(checkpoint_dir, key), []
+    root, paths, separator = entry_dir(checkpoint_dir, key), [], key_separator(array.document)
     for index in chunk_indices(offset, shape, array.chunks):
-        paths.append(os.path.join(root, array.chunk_file(index)))
+        paths.append(os.path.join(root, chunk_key(array.zarr_format, index, separator)))
         checkpoint_dir.makedirs(os.path.dirname(paths[-1]))
     return paths
 

@@ -28,7 +28,7 @@ from ..mapping import ShardedTensor, is_main_replica
 from ..validation import validate_flat_tiling
 from .base import ShardedSavePlan
 from .config import StrategyConfig
-from .zarr_spec import array_document, chunk_key, chunk_shape, key_separator
+from .zarr_spec import array_document, chunk_shape
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ class ArrayPlan:
     @property
     def chunks(self) -> Tuple[int, ...]:
         return chunk_shape(self.document)
-
-    def chunk_file(self, index: Sequence[int]) -> str:
-        """The path of chunk `index` inside the array's directory."""
-        return chunk_key(self.zarr_format, index, key_separator(self.document))
 
 
 def chunk_grid(global_shape: Sequence[int], boxes: Sequence[Box]) -> Tuple[int, ...]:
