@@ -8,7 +8,7 @@ before anything is written. (Megatron-Core checks on rank 0 only; the other rank
 import logging
 from collections import defaultdict
 from enum import Enum
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -444,6 +444,18 @@ def check_request_against_stored(sh: ShardedTensor, stored_shape, where: str) ->
             f"{sh.local_shape}) reaches outside the global shape {sh.global_shape} (stored in "
             f"{where}). Every request must lie inside the tensor; check its offsets."
         )
+
+
+def request_fits_stored(sh: ShardedTensor, box, stored_shape: Tuple[int, ...], where: Callable[[], str]) -> bool:
+    """Whether request `sh`, reading `box` (its covering box), lies inside the stored tensor of
+    `stored_shape`. A request of the stored shape whose box lies inside it fits as it is (the
+    common case, told apart cheaply: a load checked it against the index already); any other
+    is `check_request_against_stored` (`where()`: the file or directory for its message), and
+    returns False where `allow_shape_mismatch` lets it through, to be zero-padded."""
+    fits = inside(box, stored_shape)
+    if not fits or stored_shape != sh.global_shape:
+        check_request_against_stored(sh, stored_shape, where())
+    return fits
 
 
 def check_requests_against_checkpoint(request: ShardedStateDict, stored: CkptShardedMetadata, where: str) -> None:

@@ -27,14 +27,14 @@ import torch
 
 from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
-from ..geometry import box_overlaps, inside
+from ..geometry import box_overlaps
 from ..integrity import ChecksumIndex, crc32c
 from ..layout import contained_path
 from ..mapping import ShardedObject, ShardedTensor
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..pickling import dump_dcp_metadata, load_dcp_metadata, load_object
 from ..storage_interface import Reader
-from ..validation import check_request_against_stored
+from ..validation import request_fits_stored
 from .base import LoadShardedStrategy
 from .config import StrategyConfig
 from .dcp_format import (
@@ -181,7 +181,7 @@ class _Reads:
         self.copy_outs: List = []  # (target view, read view)
         self.tiled: Set[str] = set()  # keys whose stored chunks were checked to tile the tensor
         self.layouts: Dict[int, Dict[int, Dict[bytes, TensorItem]]] = {}  # item layouts seen (`stored_values`)
-        # requests are checked as they are planned (`check_request_against_stored`), not again
+        # requests are checked against `.metadata` as they are planned (`request_fits_stored`)
 
     def plan(self, sh):
         if isinstance(sh, ShardedObject):
@@ -200,9 +200,7 @@ class _Reads:
             self.tiled.add(sh.key)
         stored_shape = stored.global_shape
         offset, shape = sh.covering_box()
-        fits = inside((offset, shape), stored_shape)
-        if not fits or stored_shape != sh.global_shape:  # (else it fits: the common case, told apart cheaply)
-            check_request_against_stored(sh, stored_shape, self.index.path)
+        fits = request_fits_stored(sh, (offset, shape), stored_shape, lambda: self.index.path)
         target = sh.box_target(stored.dtype)
         if not fits:
             target.zero_()  # the allow_shape_mismatch pad
@@ -331,8 +329,7 @@ class _Reads:
         return self.fills[item].key if item in self.fills else object_keys[item]
 
     def _what(self, item: StoredItem, object_keys: dict) -> str:
-        fill = self.fills.get(item)
-        return f"Key '{fill.key}'" if fill is not None else f"ShardedObject '{object_keys[item]}'"
+        return f"{'Key' if item in self.fills else 'ShardedObject'} '{self._owner(item, object_keys)}'"
 
     def _check_items(self, items: List[StoredItem], size: int, path: str, object_keys: dict) -> None:
         for item in items:

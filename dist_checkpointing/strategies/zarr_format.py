@@ -18,7 +18,7 @@ from ..core import CheckpointingException
 from ..dict_utils import dict_list_map_inplace, nested_values
 from ..dtypes import name_of_numpy, to_numpy, torch_dtype
 from ..fs import DurableDir
-from ..geometry import grid_overlaps, inside
+from ..geometry import grid_overlaps
 from ..global_plan import GlobalPlan
 from ..integrity import crc32c
 from ..layout import LinkFreeTree, entry_dir, linked_entries
@@ -26,7 +26,7 @@ from ..mapping import ShardedTensor, is_main_replica, whole_tensor_metadata
 from ..opening import OpenCheckpoint, open_checkpoint
 from ..storage import storage_of
 from ..storage_interface import Storage
-from ..validation import check_request_against_stored, shards_of
+from ..validation import check_request_against_stored, request_fits_stored, shards_of
 from .base import LoadShardedStrategy, PlannedSaveStrategy
 from .config import ZARR_ENGINES, StrategyConfig
 from .reading import SCRATCH_BYTES, Piece, destination, fill_pieces, host_bytes, host_tensor, read_chunk, scratch_bytes, whole_destination
@@ -174,8 +174,8 @@ class RawChunkWrites:
         layout = self.layouts(array.document)
         if layout.raw is None:
             return False
-        root, array_shape = entry_dir(self.target, key), tuple(array.document["shape"])
-        for index, within, in_shard in grid_overlaps(tuple(offset), tuple(data.shape), array_shape, layout.chunks):
+        root = entry_dir(self.target, key)
+        for index, within, in_shard in grid_overlaps(tuple(offset), tuple(data.shape), layout.shape, layout.chunks):
             write = _ChunkWrite(data if in_shard is None else data[in_shard], layout.chunks, within, layout.checksummed)
             self.files.append((os.path.join(root, layout.chunk_file(index)), write.nbytes, write))
         return True
@@ -313,9 +313,7 @@ class RawChunkReads:
             return False
         stored_shape = layout.shape
         offset, shape = sh.covering_box()
-        fits = inside((offset, shape), stored_shape)
-        if not fits or stored_shape != sh.global_shape:  # (else it fits: the common case, told apart cheaply)
-            check_request_against_stored(sh, stored_shape, entry_dir(self.checkpoint_dir, sh.key))
+        fits = request_fits_stored(sh, (offset, shape), stored_shape, lambda: entry_dir(self.checkpoint_dir, sh.key))
         target = sh.box_target(dtype)
         if not fits:
             target.zero_()  # the allow_shape_mismatch pad beyond the stored shape

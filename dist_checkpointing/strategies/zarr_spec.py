@@ -182,10 +182,10 @@ class Consolidated(NamedTuple):
         document with a problem stays as it is, refused only by a read of its key."""
         for key, document in self.documents.items():
             good = self.found_good(document)
-            if good is None and not _document_problem(document):
-                self.add_good(document)
-            elif good is not None:
+            if good is not None:
                 self.documents[key] = good
+            elif not _document_problem(document):
+                self.add_good(document)
 
 
 _GOOD_PER_SHAPE = 8  # distinct documents remembered per shape: a lookup compares at most these
