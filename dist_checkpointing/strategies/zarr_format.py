@@ -157,38 +157,51 @@ class RawChunkWrites:
     chunks of raw arrays (`raw_dtype`). A chunk that is a contiguous part of its shard is
     written straight from the shard's memory with its CRC-32C (no copy); others (cut by the
     array's end, or strided) are assembled in a zero-filled buffer first. Files are written by
-    up to `thread_count` threads, each given a batch of similar total size (one thread per
-    `Storage.thread_bytes`: locally, for many small files more threads only contend for the GIL)."""
+    up to `thread_count` threads, each given a batch of arrays of similar total size (one thread
+    per `Storage.thread_bytes`: locally, for many small files more threads only contend for the
+    GIL); an array's directory is made once, before its files."""
 
     def __init__(self, checkpoint_dir: DurableDir):
         self.target = checkpoint_dir
-        self.files: List[Tuple[str, int, object]] = []  # (path, bytes, document bytes or a _ChunkWrite)
+        self.arrays: Dict[str, list] = {}  # key -> its files: (name, bytes, document bytes or a _ChunkWrite)
         self.layouts = ArrayLayouts()
+
+    def _files(self, key: str) -> list:
+        files = self.arrays.get(key)
+        if files is None:
+            files = self.arrays[key] = []
+        return files
 
     def add_document(self, key: str, array: ArrayPlan) -> None:
         content = self.layouts(array.document).content
-        self.files.append((os.path.join(entry_dir(self.target, key), METADATA_FNAME[array.zarr_format]), len(content), content))
+        self._files(key).append((METADATA_FNAME[array.zarr_format], len(content), content))
 
     def add_shard(self, key: str, array: ArrayPlan, offset, data: torch.Tensor) -> bool:
         """Plans the chunk files of shard `data` at `offset`; False if its array is not raw."""
         layout = self.layouts(array.document)
         if layout.raw is None:
             return False
-        root = entry_dir(self.target, key)
+        files = self._files(key)
         for index, within, in_shard in grid_overlaps(tuple(offset), tuple(data.shape), layout.shape, layout.chunks):
             write = _ChunkWrite(data if in_shard is None else data[in_shard], layout.chunks, within, layout.checksummed)
-            self.files.append((os.path.join(root, layout.chunk_file(index)), write.nbytes, write))
+            files.append((layout.chunk_file(index), write.nbytes, write))
         return True
 
     def run(self, thread_count: int) -> None:
-        batches = storage_of(self.target).io_batches(self.files, thread_count, lambda file: file[1])
+        arrays = [(entry_dir(self.target, key), files) for key, files in self.arrays.items()]
+        batches = storage_of(self.target).io_batches(arrays, thread_count, lambda array: sum(f[1] for f in array[1]))
         with ThreadPoolExecutor(max(1, len(batches))) as pool:
             list(pool.map(self._write_batch, batches))
 
     def _write_batch(self, batch) -> None:
-        for path, _, content in batch:
-            self.target.makedirs(os.path.dirname(path))
-            self.target.write(path, content.buffers() if isinstance(content, _ChunkWrite) else [content])
+        target = self.target
+        for directory, files in batch:
+            target.makedirs(directory)
+            for name, _, content in files:
+                path = directory + "/" + name
+                if "/" in name:  # a chunk key with "/" separators: a directory per axis
+                    target.makedirs(os.path.dirname(path))
+                target.write(path, content.buffers() if type(content) is _ChunkWrite else [content])
 
 
 @dataclass(frozen=True)
@@ -205,7 +218,7 @@ class _ChunkWrite:
     def buffers(self) -> list:
         """The chunk file's content: the values, then (v3) their CRC-32C."""
         values = self.source
-        if tuple(values.shape) != self.shape or not values.is_contiguous():
+        if values.shape != self.shape or not values.is_contiguous():
             values = torch.zeros(self.shape, dtype=self.source.dtype)  # the fill value, 0
             values[self.within] = self.source
         raw = host_bytes(values)

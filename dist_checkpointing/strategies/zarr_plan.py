@@ -20,7 +20,7 @@ import torch
 from ..collectives import get_rank, send_and_receive
 from ..core import CheckpointingException
 from ..dict_utils import nested_values
-from ..dtypes import torch_dtype
+from ..dtypes import DTYPE_NAMES, torch_dtype
 from ..geometry import Box
 from ..global_plan import FLAT, TENSOR, GlobalPlan, sorted_groups
 from ..layout import check_key
@@ -74,36 +74,75 @@ def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int) -> Dict[str
     for key in tensor_keys.tolist():
         check_key(plan.keys[key])
     rows, ranks, keys = plan.main_shards(TENSOR)
-    writer = _lowest_rank(plan, keys, ranks)
+    writer = _document_writers(plan, keys, ranks)
     if (writer[tensor_keys] < 0).any():  # keys without a main replica: their first holder
         writer = np.where(writer < 0, _lowest_rank(plan, plan.row_key[plan.pair_row], plan.pair_rank), writer)
     wanted = np.zeros(len(plan.keys), dtype=bool)
     wanted[keys[ranks == rank]] = True
     wanted[tensor_keys[writer[tensor_keys] == rank]] = True
     mine = np.flatnonzero(wanted[keys])
-    order = mine[np.argsort(keys[mine], kind="stable")]
+    order = mine[np.argsort(keys[mine], kind="stable")]  # the main shards of the wanted keys, by key
     sorted_keys = keys[order]
+    wanted_keys = np.flatnonzero(wanted)
+    starts, stops = np.searchsorted(sorted_keys, wanted_keys), np.searchsorted(sorted_keys, wanted_keys, "right")
+    # a key is regular where all its boxes have the first one's extent, all positive, and lie
+    # on its grid (checked for all keys at once; the padding of the columns passes the checks)
+    offset, extent, flags = plan.offset[rows[order]], plan.extent[rows[order]], plan.flags[rows[order]]
+    first = extent[np.searchsorted(sorted_keys, sorted_keys)]
+    regular_box = (extent == first).all(axis=1) & (first > 0).all(axis=1) & (offset % np.maximum(first, 1) == 0).all(axis=1)
+    irregular, flat = (np.concatenate([[0], np.cumsum(counted)]) for counted in (~regular_box, (flags & FLAT) != 0))
+    regular = ((stops > starts) & (irregular[stops] == irregular[starts])).tolist()
+    has_flat = (flat[stops] > flat[starts]).tolist()
+    shapes = plan.key_shape[wanted_keys]
+    head = extent[np.minimum(starts, len(order) - 1)] if len(order) else shapes
+    grids = np.where(head < shapes, head, np.maximum(shapes, 1))  # a regular key's chunk shape
+    entries = plan.key_entry[wanted_keys]
+    ndims, dtypes = plan.entry_ndim[entries].tolist(), [DTYPE_NAMES[d] for d in plan.entry_dtype[entries].tolist()]
+    starts, stops, writers = starts.tolist(), stops.tolist(), writer[wanted_keys].tolist()
     documents = {}  # equal arrays share one document
     plans = {}
-    for key in np.flatnonzero(wanted).tolist():
-        name, shape = plan.keys[key], plan.global_shape(key)
-        ndim = len(shape)
-        boxed = order[np.searchsorted(sorted_keys, key) : np.searchsorted(sorted_keys, key, "right")]
-        offset, extent = plan.offset[rows[boxed], :ndim], plan.extent[rows[boxed], :ndim]
-        if len(boxed) and (extent == extent[0]).all() and (extent[0] > 0).all() and not (offset % extent[0]).any():
-            chunks = tuple(e if e < g else max(g, 1) for e, g in zip(extent[0].tolist(), shape))
-        else:
-            boxes = sorted({(tuple(o), tuple(e)) for o, e in zip(offset.tolist(), extent.tolist())})
+    for i, (key, shape, chunks) in enumerate(zip(wanted_keys.tolist(), shapes.tolist(), grids.tolist())):
+        name, ndim = plan.keys[key], ndims[i]
+        shape, chunks = tuple(shape[:ndim]), tuple(chunks[:ndim])
+        boxed = rows[order[starts[i] : stops[i]]] if not regular[i] or has_flat[i] else None
+        if not regular[i]:
+            boxes = sorted({(tuple(o[:ndim]), tuple(e[:ndim])) for o, e in zip(plan.offset[boxed].tolist(), plan.extent[boxed].tolist())})
             chunks = chunk_grid(shape, boxes)
             _warn_if_many_chunks(name, shape, chunks, len(boxes))
-        flat = rows[boxed][(plan.flags[rows[boxed]] & FLAT) != 0]
-        if len(flat) and ndim > plan.prepend[flat[0]]:  # flat pieces of a shard with axes
-            chunks = _split_rows(chunks, int(plan.prepend[flat[0]]), torch_dtype(plan.dtype_name(key)).itemsize)
-        spec = (shape, chunks, plan.dtype_name(key))
+        if has_flat[i]:
+            prepend = int(plan.prepend[boxed[(plan.flags[boxed] & FLAT) != 0][0]])
+            if ndim > prepend:  # flat pieces of a shard with axes
+                chunks = _split_rows(chunks, prepend, torch_dtype(dtypes[i]).itemsize)
+        spec = (shape, chunks, dtypes[i])
         if spec not in documents:
             documents[spec] = array_document(*spec, config)
-        plans[name] = ArrayPlan(documents[spec], int(writer[key]))
+        plans[name] = ArrayPlan(documents[spec], writers[i])
     return plans
+
+
+def _document_writers(plan: GlobalPlan, keys: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Per key id, the rank that writes its array document, one of `ranks` paired with it in
+    `keys` (the main shards' holders); -1 where none. Where several hold a key, the one with
+    the fewest files so far (its main shards, then the documents given to it; the lowest rank
+    on ties), keys in order: a save of many small tensors takes as long as its busiest rank's
+    files, and the lowest rank would write every document."""
+    world = plan.world_size
+    pairs = np.unique(keys * world + ranks)  # distinct (key, rank), by key then rank
+    pair_key, pair_rank = pairs // world, pairs % world
+    counts = np.bincount(pair_key, minlength=len(plan.keys))
+    starts = np.searchsorted(pair_key, np.arange(len(plan.keys)))
+    writer = np.full(len(plan.keys), -1)
+    held = counts > 0
+    writer[held] = pair_rank[starts[held]]
+    single = counts == 1
+    files = (np.bincount(ranks, minlength=world) + np.bincount(writer[single], minlength=world)).tolist()
+    shared = np.flatnonzero(counts > 1)
+    holders = pair_rank.tolist()
+    for key, start, count in zip(shared.tolist(), starts[shared].tolist(), counts[shared].tolist()):
+        chosen = min(holders[start : start + count], key=files.__getitem__)
+        writer[key] = chosen
+        files[chosen] += 1
+    return writer
 
 
 def _lowest_rank(plan: GlobalPlan, keys: np.ndarray, ranks: np.ndarray) -> np.ndarray:

@@ -146,11 +146,36 @@ def consolidated_documents(documents: Dict[str, dict], zarr_format: int) -> Dict
     with inline `consolidated_metadata`; v2 `.zgroup` and `.zmetadata`."""
     if zarr_format == 2:
         group = {"zarr_format": 2}
-        metadata = {".zgroup": group, **{f"{key}/{METADATA_FNAME[2]}": doc for key, doc in sorted(documents.items())}}
-        return {".zgroup": document_bytes(group), ".zmetadata": document_bytes({"zarr_consolidated_format": 1, "metadata": metadata})}
-    consolidated = {"kind": "inline", "must_understand": False, "metadata": dict(sorted(documents.items()))}
+        members = [(f"{key}/{METADATA_FNAME[2]}", doc) for key, doc in sorted(documents.items())]
+        metadata = _encoded_members([(".zgroup", group), *members])
+        return {".zgroup": document_bytes(group), ".zmetadata": _with_members({"zarr_consolidated_format": 1}, metadata)}
+    consolidated = {"kind": "inline", "must_understand": False}
     root = {"zarr_format": 3, "node_type": "group", "attributes": {}, "consolidated_metadata": consolidated}
-    return {CONSOLIDATED_FNAME[3]: document_bytes(root)}
+    return {CONSOLIDATED_FNAME[3]: _with_members(root, _encoded_members(sorted(documents.items())), consolidated)}
+
+
+_MEMBERS = "\0members\0"  # stands for the encoded members while the rest is encoded
+
+
+def _encoded_members(members: Sequence[Tuple[str, dict]]) -> str:
+    """`"key":document,...` of the (key, document) pairs in order, as `document_bytes` writes
+    them: each distinct document object encoded once (the arrays of a model share a few)."""
+    encoded: Dict[int, str] = {}
+    parts = []
+    for key, document in members:
+        text = encoded.get(id(document))
+        if text is None:
+            text = encoded[id(document)] = json.dumps(document, separators=(",", ":"))
+        parts.append(f"{json.encoder.encode_basestring_ascii(key)}:{text}")
+    return ",".join(parts)
+
+
+def _with_members(document: dict, members: str, parent: Optional[dict] = None) -> bytes:
+    """`document_bytes` of `document` with `"metadata": {members}` added to `parent` (a dict
+    inside it; default: itself)."""
+    (parent if parent is not None else document)["metadata"] = _MEMBERS
+    placeholder = json.dumps(_MEMBERS)
+    return document_bytes(document).replace(placeholder.encode(), b"{" + members.encode() + b"}", 1)
 
 
 class Consolidated(NamedTuple):
