@@ -251,3 +251,34 @@ def test_structures_travel_once_by_broadcast_or_all_gather(tmp_path):
     from multirank import run_ranks
 
     assert all(run_ranks(shared_structures, 4, str(tmp_path)))
+
+
+def test_zarr_documents_are_written_once_spread_over_the_ranks_holding_each_key():
+    """3 ranks: 30 keys split over all, 9 held by rank 0 alone, 3 split over ranks 1 and 2. Each
+    array document has one writer, a holder of a main shard of its key, the same in every rank's
+    plan; and the busiest rank writes at most one file (chunks and documents) more than an even
+    share (49 of 147; the lowest rank would write 78)."""
+    from dist_checkpointing.strategies.config import StrategyConfig
+    from dist_checkpointing.strategies.zarr_plan import plan_arrays
+
+    shards = [[] for _ in range(3)]
+    for k in range(30):
+        for r in range(3):
+            shards[r].append(ShardedTensor.from_rank_offsets(f"split{k}", torch.zeros(2, 4), (0, r, 3)))
+    for k in range(9):
+        for r in range(3):
+            shards[r].append(ShardedTensor.from_rank_offsets(f"own{k}", torch.zeros(4), replica_id=r))
+    for k in range(3):
+        for r in (1, 2):
+            shards[r].append(ShardedTensor.from_rank_offsets(f"pair{k}", torch.zeros(2, 4), (0, r - 1, 2)))
+    plan = GlobalPlan.of_shards(shards)
+    plans = [plan_arrays(plan, StrategyConfig(), r) for r in range(3)]
+    writers = {}
+    for arrays in plans:
+        for key, array in arrays.items():
+            assert writers.setdefault(key, array.metadata_writer) == array.metadata_writer
+    holders = {sh.key: {r for r in range(3) for s in shards[r] if s.key == sh.key and is_main_replica(s.replica_id)}
+               for sh in shards[0] + shards[1]}
+    assert all(writers[key] in holders[key] for key in holders) and len(writers) == 42
+    files = [sum(1 for sh in shards[r] if is_main_replica(sh.replica_id)) + list(writers.values()).count(r) for r in range(3)]
+    assert max(files) <= -(-sum(files) // 3) + 1, files  # the busiest rank: at most one above an even share

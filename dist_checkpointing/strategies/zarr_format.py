@@ -166,22 +166,16 @@ class RawChunkWrites:
         self.arrays: Dict[str, list] = {}  # key -> its files: (name, bytes, document bytes or a _ChunkWrite)
         self.layouts = ArrayLayouts()
 
-    def _files(self, key: str) -> list:
-        files = self.arrays.get(key)
-        if files is None:
-            files = self.arrays[key] = []
-        return files
-
     def add_document(self, key: str, array: ArrayPlan) -> None:
         content = self.layouts(array.document).content
-        self._files(key).append((METADATA_FNAME[array.zarr_format], len(content), content))
+        self.arrays.setdefault(key, []).append((METADATA_FNAME[array.zarr_format], len(content), content))
 
     def add_shard(self, key: str, array: ArrayPlan, offset, data: torch.Tensor) -> bool:
         """Plans the chunk files of shard `data` at `offset`; False if its array is not raw."""
         layout = self.layouts(array.document)
         if layout.raw is None:
             return False
-        files = self._files(key)
+        files = self.arrays.setdefault(key, [])
         for index, within, in_shard in grid_overlaps(tuple(offset), tuple(data.shape), layout.shape, layout.chunks):
             write = _ChunkWrite(data if in_shard is None else data[in_shard], layout.chunks, within, layout.checksummed)
             files.append((layout.chunk_file(index), write.nbytes, write))
