@@ -135,7 +135,7 @@ def save_on_rank(rank, world, work, model, savers, runs, gap):
 
         mstate = megatron_state(state, rank)
     layout = zarr_layout(state, os.path.join(work, "template"), rank, world) if "zarr-files" in savers else None
-    buffer = torch.zeros(sum(sh.data.numel() * sh.data.element_size() for sh in state.values()), dtype=torch.uint8)
+    buffer = torch.zeros(sum(sh.data.numel() * sh.data.element_size() for sh in state.values()), dtype=torch.uint8) if "copy" in savers else None
     queue = AsyncCallsQueue(persistent=True)
     mlm_queue = AsyncCallsQueue()  # Megatron-LM's: non-persistent, its default; never prepared
     for saver in savers:
