@@ -9,6 +9,7 @@ DMA and the state is never held twice in host memory). Checksums are computed on
 they land.
 """
 
+import ctypes
 import math
 import threading
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -79,8 +80,10 @@ def host_tensor(tensor: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
 
 def host_bytes(tensor: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous CPU tensor, flat, writable in place."""
-    if tensor.dim() and tensor.stride(-1) == 1:  # the common case, in a third of `destination`'s time
-        return tensor.view(torch.uint8).numpy().reshape(-1)
+    if tensor.is_cpu and tensor.is_contiguous() and tensor.numel():  # the common case: no torch view
+        memory = (ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr())
+        memory.tensor = tensor  # which owns the memory: it lives as long as the bytes
+        return np.frombuffer(memory, np.uint8)
     return destination(tensor).reshape(-1)
 
 

@@ -4,7 +4,6 @@ module's own readers and writers, compressed ones encoded and decoded by the eng
 """
 
 import errno
-import math
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -159,26 +158,32 @@ class RawChunkWrites:
     array's end, or strided) are assembled in a zero-filled buffer first. Files are written by
     up to `thread_count` threads, each given a batch of arrays of similar total size (one thread
     per `Storage.thread_bytes`: locally, for many small files more threads only contend for the
-    GIL); an array's directory is made once, before its files."""
+    GIL); an array's directory is made once, before its files. Kept lean: a model of many small
+    tensors pays this per file."""
 
     def __init__(self, checkpoint_dir: DurableDir):
         self.target = checkpoint_dir
-        self.arrays: Dict[str, list] = {}  # key -> its files: (name, bytes, document bytes or a _ChunkWrite)
+        # key -> its files: (name, size, content, checksummed); content: a document's bytes, a
+        # chunk's tensor (all of the chunk, contiguous) or a _ChunkWrite (to be assembled)
+        self.arrays: Dict[str, list] = {}
         self.layouts = ArrayLayouts()
 
     def add_document(self, key: str, array: ArrayPlan) -> None:
         content = self.layouts(array.document).content
-        self.arrays.setdefault(key, []).append((METADATA_FNAME[array.zarr_format], len(content), content))
+        self.arrays.setdefault(key, []).append((METADATA_FNAME[array.zarr_format], len(content), content, False))
 
     def add_shard(self, key: str, array: ArrayPlan, offset, data: torch.Tensor) -> bool:
         """Plans the chunk files of shard `data` at `offset`; False if its array is not raw."""
         layout = self.layouts(array.document)
         if layout.raw is None:
             return False
-        files = self.arrays.setdefault(key, [])
-        for index, within, in_shard in grid_overlaps(tuple(offset), tuple(data.shape), layout.shape, layout.chunks):
-            write = _ChunkWrite(data if in_shard is None else data[in_shard], layout.chunks, within, layout.checksummed)
-            files.append((layout.chunk_file(index), write.nbytes, write))
+        files, chunks, checksummed = self.arrays.setdefault(key, []), layout.chunks, layout.checksummed
+        size = layout.chunk_nbytes + 4 * checksummed
+        for index, within, in_shard in grid_overlaps(tuple(offset), tuple(data.shape), layout.shape, chunks):
+            part = data if in_shard is None else data[in_shard]
+            if part.shape != chunks or not part.is_contiguous():
+                part = _ChunkWrite(part, chunks, within)
+            files.append((layout.chunk_file(index), size, part, checksummed))
         return True
 
     def run(self, thread_count: int) -> None:
@@ -191,32 +196,29 @@ class RawChunkWrites:
         target = self.target
         for directory, files in batch:
             target.makedirs(directory)
-            for name, _, content in files:
+            for name, _, content, checksummed in files:
                 path = directory + "/" + name
                 if "/" in name:  # a chunk key with "/" separators: a directory per axis
                     target.makedirs(os.path.dirname(path))
-                target.write(path, content.buffers() if type(content) is _ChunkWrite else [content])
+                if type(content) is bytes:
+                    target.write(path, [content])
+                    continue
+                raw = host_bytes(content.assembled() if type(content) is _ChunkWrite else content)
+                target.write(path, [raw, crc32c(raw).to_bytes(4, "little")] if checksummed else [raw])
 
 
 @dataclass(frozen=True)
 class _ChunkWrite:
-    source: torch.Tensor  # the part of a shard in the chunk
+    """A chunk that is not a contiguous part of its shard: `source` lies at `within` of it."""
+
+    source: torch.Tensor
     shape: Tuple[int, ...]  # of the chunk (edge chunks are stored whole)
-    within: Tuple[slice, ...]  # where `source` lies in the chunk
-    checksummed: bool
+    within: Tuple[slice, ...]
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.source.element_size()
-
-    def buffers(self) -> list:
-        """The chunk file's content: the values, then (v3) their CRC-32C."""
-        values = self.source
-        if values.shape != self.shape or not values.is_contiguous():
-            values = torch.zeros(self.shape, dtype=self.source.dtype)  # the fill value, 0
-            values[self.within] = self.source
-        raw = host_bytes(values)
-        return [raw, crc32c(raw).to_bytes(4, "little")] if self.checksummed else [raw]
+    def assembled(self) -> torch.Tensor:
+        values = torch.zeros(self.shape, dtype=self.source.dtype)  # the fill value, 0
+        values[self.within] = self.source
+        return values
 
 
 def engine_chunk_files(checkpoint_dir: DurableDir, key: str, array: ArrayPlan, offset, shape) -> List[str]:
