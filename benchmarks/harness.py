@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from datetime import timedelta
 
 import torch
@@ -72,6 +73,24 @@ def moto_s3(bucket: str = "bench"):
         yield
     finally:
         server.stop()
+
+
+def settle_disk(limit: float = 120.0) -> float:
+    """Waits until the system has stalled on I/O for under 2 % of the last 10 s (Linux PSI;
+    at most `limit` s) and returns the seconds waited. This machine's disk is mounted with
+    online `discard`: after a mass deletion (a previous run's cleanup) its discards stall file
+    creation for a minute or more, which would be charged to whichever saver runs then."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        try:
+            with open("/proc/pressure/io") as f:
+                stalled = float(f.readline().split()[1].split("=")[1])
+        except (OSError, IndexError, ValueError):
+            break
+        if stalled < 2.0:
+            break
+        time.sleep(1.0)
+    return time.perf_counter() - started
 
 
 def run_on_ranks(fn, world: int, work: str, *args):

@@ -37,7 +37,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from harness import dir_stats, parse_side_by_side, report, run_on_ranks, scratch_dir
+from harness import dir_stats, parse_side_by_side, report, run_on_ranks, scratch_dir, settle_disk
 from loads import TP, WORKLOADS, _tp_axes, patch_megatron_for_cpu
 from workload import ENGINES, gpt_state
 
@@ -143,6 +143,8 @@ def save_on_rank(rank, world, work, model, savers, runs, gap):
             dc.prepare_async_save(state, async_engine(saver)[0])
     times = {saver: [] for saver in savers}
     for run in range(runs + 1):
+        if rank == 0:
+            settle_disk()
         for saver in savers if run % 2 == 0 else savers[::-1]:
             path = os.path.join(work, f"{saver}-{run}")
             if rank == 0:
