@@ -134,6 +134,19 @@ class DurableDir(os.PathLike):
         """Writes a new file `path` (in an existing directory) holding the buffers in order."""
         self._sizes.append(_write_file(path, buffers, sync=not self.syncfs))
 
+    def write_in(self, directory: str, path: str, buffers: Sequence) -> None:
+        """`write` of `path` in `directory`, which another writer has probably made already:
+        made here only if missing. A `mkdir` that fails with EEXIST costs a system call that
+        locks the parent directory, on which every other rank's `mkdir` waits."""
+        try:
+            self.write(path, buffers)
+        except FileNotFoundError:
+            self.makedirs(directory)
+            self.write(path, buffers)
+        if directory not in self._dirs:  # it gained an entry: synced like those made here
+            with self._lock:
+                self._dirs.add(directory)
+
     def write_with(self, path: str, writer: Callable) -> None:
         """Calls `writer(file)` on a new file `path` opened for binary writing."""
         self._sizes.append(_write_with(path, writer, sync=not self.syncfs))

@@ -245,6 +245,31 @@ def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, mo
     assert events[commit + 1] == ("fsync", path)  # the rename itself is made durable
 
 
+@pytest.mark.parametrize("made_elsewhere", [True, False])
+def test_a_file_in_a_directory_another_rank_makes_is_durable(tmp_path, monkeypatch, made_elsewhere):
+    """`DurableDir.write_in` (a Zarr chunk in an array directory that the rank writing the
+    array's document makes): written into the directory as another writer made it, or made
+    here where it is still missing; in fsync mode the directory that gained the file is synced."""
+    from dist_checkpointing import fs
+
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(fs.os, "fsync", fsync)
+    monkeypatch.setattr(fs, "syncfs_covers", lambda path: False)
+    directory = str(tmp_path / "ckpt" / "key")
+    with fs.DurableDir(tmp_path / "ckpt") as target:
+        if made_elsewhere:
+            os.mkdir(directory)
+        target.write_in(directory, directory + "/c.0", [b"abc", b"d"])
+        target.sync()
+    assert open(directory + "/c.0", "rb").read() == b"abcd"
+    assert {directory, directory + "/c.0"} <= set(synced)
+
+
 def test_shape_and_dtype_mismatch_and_padding(ckpt):
     key = "embedding.weight"
     stored = full(key, (64, 16), torch.bfloat16)

@@ -158,8 +158,8 @@ class RawChunkWrites:
     array's end, or strided) are assembled in a zero-filled buffer first. Files are written by
     up to `thread_count` threads, each given a batch of arrays of similar total size (one thread
     per `Storage.thread_bytes`: locally, for many small files more threads only contend for the
-    GIL); an array's directory is made once, before its files. Kept lean: a model of many small
-    tensors pays this per file."""
+    GIL); an array's directory is made once, by the rank writing its document (the others'
+    first file finds it made). Kept lean: a model of many small tensors pays this per file."""
 
     def __init__(self, checkpoint_dir: DurableDir):
         self.target = checkpoint_dir
@@ -195,16 +195,25 @@ class RawChunkWrites:
     def _write_batch(self, batch) -> None:
         target = self.target
         for directory, files in batch:
-            target.makedirs(directory)
+            # the rank writing an array's document makes its directory; another rank's files
+            # mostly come later (each lists its documents' arrays first), when it exists
+            made_here = type(files[0][2]) is bytes
+            if made_here:
+                target.makedirs(directory)
             for name, _, content, checksummed in files:
                 path = directory + "/" + name
+                if type(content) is bytes:
+                    buffers = [content]
+                else:
+                    raw = host_bytes(content.assembled() if type(content) is _ChunkWrite else content)
+                    buffers = [raw, crc32c(raw).to_bytes(4, "little")] if checksummed else [raw]
                 if "/" in name:  # a chunk key with "/" separators: a directory per axis
                     target.makedirs(os.path.dirname(path))
-                if type(content) is bytes:
-                    target.write(path, [content])
-                    continue
-                raw = host_bytes(content.assembled() if type(content) is _ChunkWrite else content)
-                target.write(path, [raw, crc32c(raw).to_bytes(4, "little")] if checksummed else [raw])
+                    target.write(path, buffers)
+                elif made_here:
+                    target.write(path, buffers)
+                else:
+                    target.write_in(directory, path, buffers)
 
 
 @dataclass(frozen=True)
