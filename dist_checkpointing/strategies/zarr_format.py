@@ -207,10 +207,10 @@ class RawChunkWrites:
                 else:
                     raw = host_bytes(content.assembled() if type(content) is _ChunkWrite else content)
                     buffers = [raw, crc32c(raw).to_bytes(4, "little")] if checksummed else [raw]
-                if "/" in name:  # a chunk key with "/" separators: a directory per axis
+                nested = "/" in name  # a chunk key with "/" separators: a directory per axis
+                if nested:
                     target.makedirs(os.path.dirname(path))
-                    target.write(path, buffers)
-                elif made_here:
+                if made_here or nested:
                     target.write(path, buffers)
                 else:
                     target.write_in(directory, path, buffers)
