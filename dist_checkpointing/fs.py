@@ -20,19 +20,21 @@ import platform
 import signal
 import sys
 import threading
-from typing import Callable, Iterable, List, Sequence, Set
+from typing import Callable, Iterable, List, Optional, Sequence, Set
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
-def _write_file(path: str, buffers: Sequence, sync: bool) -> int:
+def _write_file(path: str, buffers: Sequence, sync: bool, size: Optional[int]) -> int:
     """Writes the buffers one after another into a new file `path` (one `writev` where the
-    system takes them all), fsync'd if `sync`; returns the file's size. Kept lean: a save of
-    many small tensors calls it per chunk file."""
+    system takes them all), fsync'd if `sync`; returns the file's size (`size`, their total
+    bytes, where the caller knows it). Kept lean: a save of many small tensors calls it per
+    chunk file."""
     try:
         fd = os.open(path, _OPEN_FLAGS, 0o644)
         try:
-            size = sum([memoryview(b).nbytes for b in buffers])
+            if size is None:
+                size = sum([memoryview(b).nbytes for b in buffers])
             written = os.writev(fd, buffers)
             if written < size:  # a short write: the rest, one buffer at a time
                 views = [memoryview(b).cast("B") for b in buffers]
@@ -130,19 +132,20 @@ class DurableDir(os.PathLike):
         with self._lock:
             self._dirs.add(directory)
 
-    def write(self, path: str, buffers: Sequence) -> None:
-        """Writes a new file `path` (in an existing directory) holding the buffers in order."""
-        self._sizes.append(_write_file(path, buffers, sync=not self.syncfs))
+    def write(self, path: str, buffers: Sequence, size: Optional[int] = None) -> None:
+        """Writes a new file `path` (in an existing directory) holding the buffers in order
+        (`size` bytes in all, where the caller knows it)."""
+        self._sizes.append(_write_file(path, buffers, not self.syncfs, size))
 
-    def write_in(self, directory: str, path: str, buffers: Sequence) -> None:
+    def write_in(self, directory: str, path: str, buffers: Sequence, size: Optional[int] = None) -> None:
         """`write` of `path` in `directory`, which another writer has probably made already:
         made here only if missing. A `mkdir` that fails with EEXIST costs a system call that
         locks the parent directory, on which every other rank's `mkdir` waits."""
         try:
-            self.write(path, buffers)
+            self.write(path, buffers, size)
         except FileNotFoundError:
             self.makedirs(directory)
-            self.write(path, buffers)
+            self.write(path, buffers, size)
         if directory not in self._dirs:  # it gained an entry: synced like those made here
             with self._lock:
                 self._dirs.add(directory)

@@ -105,34 +105,38 @@ class LocalPlan:
     def of(cls, shards: Sequence[ShardedBase]) -> "LocalPlan":
         """Encodes the ShardedTensors and ShardedObjects among `shards` (other entries are not
         planned). Refuses a dtype the format cannot store, naming the key."""
-        entries: Dict[Tuple, int] = {}  # (key, kind, dtype code, global shape) -> entry
+        entries: Dict[Tuple, int] = {}  # (key, kind, dtype, global shape) -> entry
         rows, main = [], []
-        for sh in shards:
+        for sh in shards:  # (kept lean: 10^4-10^5 shards per rank)
             if isinstance(sh, ShardedTensor):
-                entry = (sh.key, TENSOR, dtype_code(sh.dtype, sh.key), sh.global_shape)
-                r = sh.flattened_range
-                flags = (FLAT if r is not None else 0) | (SHAPE_MISMATCH if sh.allow_shape_mismatch else 0)
-                grid = sh.axis_fragmentations
-                if grid is not None:
-                    flags |= GRID
-                extent = (1,) * sh.prepend_axis_num + sh.local_shape
-                flat = (r.start, r.stop) if r is not None else (0, 0)
-                rows.append((entries.setdefault(entry, len(entries)), sh.global_offset, extent, sh.prepend_axis_num, flags, flat, grid))
+                r, grid, prepended = sh.flattened_range, sh.axis_fragmentations, sh.prepend_axis_num
+                flags = (FLAT if r is not None else 0) | (SHAPE_MISMATCH if sh.allow_shape_mismatch else 0) | (GRID if grid is not None else 0)
+                rows.append((
+                    entries.setdefault((sh.key, TENSOR, sh.dtype, sh.global_shape), len(entries)),
+                    sh.global_offset,
+                    (1,) * prepended + sh.local_shape if prepended else sh.local_shape,
+                    prepended,
+                    flags,
+                    (r.start, r.stop) if r is not None else (0, 0),
+                    grid,
+                ))
             elif isinstance(sh, ShardedObject):
-                entry = (sh.key, OBJECT, 0, sh.global_shape)
-                ones = (1,) * len(sh.global_shape)
-                rows.append((entries.setdefault(entry, len(entries)), sh.global_offset, ones, 0, 0, (0, 0), None))
+                entry = entries.setdefault((sh.key, OBJECT, None, sh.global_shape), len(entries))
+                rows.append((entry, sh.global_offset, (1,) * len(sh.global_shape), 0, 0, (0, 0), None))
             else:
                 continue
             main.append(is_main_replica(sh.replica_id))
-        ndim = max((len(e[3]) for e in entries), default=0)
-        names = [e[0].encode() for e in entries]
-        shapes = [e[3] for e in entries]
+        keys, kinds, dtypes, shapes = zip(*entries) if entries else ((),) * 4
+        named_by = {dtype: key for key, dtype in zip(reversed(keys), reversed(dtypes))}  # each dtype's first key
+        codes = {dtype: dtype_code(dtype, key) if dtype is not None else 0 for dtype, key in named_by.items()}
+        names = [key.encode() for key in keys]
+        ndims = np.fromiter(map(len, shapes), np.int64, len(shapes))
+        ndim = int(ndims.max()) if len(ndims) else 0
         table = [
             zlib.compress(b"".join(names), 1),
-            _narrow([len(n) for n in names]),
-            _narrow([[e[1], e[2]] for e in entries], (len(entries), 2)),
-            _narrow([len(shape) for shape in shapes]),
+            _narrow(np.fromiter(map(len, names), np.int64, len(names))),
+            _narrow(np.stack([np.array(kinds, np.int64), np.fromiter(map(codes.__getitem__, dtypes), np.int64, len(dtypes))], axis=1)),
+            _narrow(ndims),
             _narrow(_padded(shapes, ndim, 1)),
         ]
         entry, offset, extent, prepended, flags, flat, grid = zip(*rows) if rows else ((),) * 7

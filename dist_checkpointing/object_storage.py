@@ -333,13 +333,13 @@ class ObjectTarget(os.PathLike):
     def makedirs(self, directory: str) -> None:
         pass  # an object store has no directories
 
-    def write(self, path: str, buffers) -> None:
+    def write(self, path: str, buffers, size=None) -> None:
         buffers = list(buffers)
         future = self._pool.submit(lambda: self._count(self.storage.put(path, buffers)))
         with self._lock:
             self._pending.append(future)
 
-    def write_in(self, directory: str, path: str, buffers) -> None:
+    def write_in(self, directory: str, path: str, buffers, size=None) -> None:
         self.write(path, buffers)  # no directory to find or make
 
     def write_with(self, path: str, writer) -> None:

@@ -1,12 +1,13 @@
 """Splitting a sharded state dict into what each part of a save or load handles."""
 
 import sys
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 from .dict_utils import dict_list_map_inplace, extract_matching_values
 from .mapping import (
     CommonStateDict,
     LocalNonpersistentObject,
+    ShardedBase,
     ShardedStateDict,
     ShardedTensorFactory,
     StateDict,
@@ -16,9 +17,11 @@ from .mapping import (
 from .utils import extract_nonpersistent, extract_sharded_base
 
 
-def _copy_structure(state_dict: ShardedStateDict) -> ShardedStateDict:
+def _copy_structure(x: Union[dict, list]) -> Union[dict, list]:
     """New dicts and lists, same leaves: so that applying factories leaves the caller's dict as is."""
-    return extract_matching_values(state_dict, lambda _: True)[0]
+    if isinstance(x, dict):
+        return {k: _copy_structure(v) if isinstance(v, (dict, list)) else v for k, v in x.items()}
+    return [_copy_structure(v) if isinstance(v, (dict, list)) else v for v in x]
 
 
 def _replace_dtensors(state_dict: ShardedStateDict) -> Dict:
@@ -32,15 +35,44 @@ def _replace_dtensors(state_dict: ShardedStateDict) -> Dict:
 
 
 def save_preprocess(sharded_state_dict: ShardedStateDict) -> Tuple[ShardedStateDict, CommonStateDict]:
-    """(the shards to write, the common state dict for `common.pt`).
+    """(the shards to write, the common state dict for `common.pt`), in new containers: the
+    caller's dict is left as it is.
 
-    Factories are built, LocalNonpersistentObjects dropped.
+    DTensors become ShardedTensors, factories are built, LocalNonpersistentObjects dropped;
+    an empty dict or list stays in the common state, as in Megatron-Core's saves. One pass (a
+    model's state dict holds 10^4-10^5 leaves).
     """
-    sharded_state_dict = _copy_structure(sharded_state_dict)
-    _replace_dtensors(sharded_state_dict)
-    apply_factories(sharded_state_dict)
-    _, sharded_state_dict = extract_nonpersistent(sharded_state_dict)
-    return extract_sharded_base(sharded_state_dict)
+    # a program that has not imported `torch.distributed.tensor` has no DTensors
+    dtensors = None
+    if "torch.distributed.tensor" in sys.modules:
+        from . import dtensors
+    return _saved_parts(sharded_state_dict, (), dtensors)
+
+
+def _saved_parts(x: Union[dict, list], path: tuple, dtensors) -> Tuple[Union[dict, list], Union[dict, list]]:
+    """`save_preprocess` of container `x` at `path` (`dtensors`: the module, or None)."""
+    sharded, common = [], []  # (key, value) pairs, made into the containers at the end
+    for k, v in x.items() if isinstance(x, dict) else enumerate(x):
+        if isinstance(v, ShardedTensorFactory):
+            v = v.build()
+        if isinstance(v, (dict, list)):
+            if not v:
+                common.append((k, {} if isinstance(v, dict) else []))
+                continue
+            in_sharded, in_common = _saved_parts(v, path + (k,), dtensors)
+            if in_sharded:
+                sharded.append((k, in_sharded))
+            if in_common:
+                common.append((k, in_common))
+        elif isinstance(v, ShardedBase):
+            sharded.append((k, v))
+        elif dtensors is not None and isinstance(v, dtensors.DTensor):
+            sharded.append((k, dtensors.sharded_tensor_of(".".join(map(str, path + (k,))), v)))
+        elif not isinstance(v, LocalNonpersistentObject):
+            common.append((k, v))
+    if isinstance(x, dict):
+        return dict(sharded), dict(common)
+    return [v for _, v in sharded], [v for _, v in common]
 
 
 def load_preprocess(

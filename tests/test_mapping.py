@@ -90,6 +90,22 @@ def test_factory_save_load_and_nonpersistent(tmp_path):
     assert torch.equal(loaded["fc1"], weight) and loaded["local"] == 42
 
 
+def test_common_state_keeps_empty_containers(tmp_path):
+    """As in Megatron-Core's saves: an empty dict or list is common state (e.g. an optimizer's
+    `state: {}` before its first step); a container left empty by dropped or sharded leaves is not."""
+    path = str(tmp_path / "c")
+    common = {"opt": {"state": {}, "groups": [[], {"lr": 0.1}]}, "mixed": [1, {}, 2]}
+    state = {
+        **common,
+        "only_local": {"x": LocalNonpersistentObject(1)},
+        "only_sharded": {"w": ShardedTensor.from_rank_offsets("w", torch.ones(3))},
+    }
+    dc.save(state, path)
+    assert dc.load_common_state_dict(path) == common
+    loaded = dc.load({"only_sharded": {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(3))}}, path)
+    assert loaded["opt"] == common["opt"] and torch.equal(loaded["only_sharded"]["w"], torch.ones(3))
+
+
 def test_dict_utils():
     x = {"a": [1, {"b": 2}], "c": 3, "e": {}}
     match, rest = extract_matching_values(x, lambda v: v == 2)

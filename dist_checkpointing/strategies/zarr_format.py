@@ -109,8 +109,8 @@ class ZarrFormatSaveStrategy(PlannedSaveStrategy):
         self.config = config or StrategyConfig(backend=backend)
 
     def plan(self, global_plan: GlobalPlan, planning_infos, rank: int) -> ZarrSavePlan:
-        arrays = plan_arrays(global_plan, self.config, rank)
-        return ZarrSavePlan(rank, arrays, plan_flat_chunks(global_plan, arrays, rank))
+        arrays = plan_arrays(global_plan, self.config, rank, every_key=rank == 0)
+        return ZarrSavePlan(rank, arrays, plan_flat_chunks(global_plan, arrays, rank), self.config.zarr_format)
 
     def stage(self, plan: ZarrSavePlan, sharded_state_dict):
         """Flattened pieces become the chunks this rank writes (docs/format.md §4.4)."""
@@ -119,29 +119,33 @@ class ZarrFormatSaveStrategy(PlannedSaveStrategy):
     def write(self, plan: ZarrSavePlan, sharded_state_dict, checkpoint_dir: DurableDir):
         """Writes the array documents this rank owns and its chunks: those of raw arrays
         (`raw_dtype`) by the layout's own writer (`RawChunkWrites`), the others encoded by the
-        engine (`write_shards`). No checksums to report: v3 chunks carry their own."""
+        engine (`write_shards`). Nothing to report: v3 chunks carry their own checksums, and
+        rank 0's plan holds every array's document."""
         writes = RawChunkWrites(checkpoint_dir)
         for key, array in plan.arrays.items():
             if array.metadata_writer == plan.rank:
                 writes.add_document(key, array)
-        encoded = []
+        encoded, arrays = [], plan.arrays
         for sh in shards_of(sharded_state_dict, ShardedTensor):
+            if not is_main_replica(sh.replica_id):
+                continue
             offset, shape = sh.global_box()
-            if is_main_replica(sh.replica_id) and 0 not in shape:
-                if sh.key not in plan.arrays or sh.flattened_range is not None:
-                    raise CheckpointingException(f"Key '{sh.key}' was not in the planned layout")
-                data = host_tensor(sh.data, shape)
-                if not writes.add_shard(sh.key, plan.arrays[sh.key], offset, data):
-                    encoded.append((sh.key, offset, to_numpy(data.contiguous())))
+            if 0 in shape:
+                continue
+            array = arrays.get(sh.key)
+            if array is None or sh.flattened_range is not None:
+                raise CheckpointingException(f"Key '{sh.key}' was not in the planned layout")
+            data = host_tensor(sh.data, shape)
+            if not writes.add_shard(sh.key, array, offset, data):
+                encoded.append((sh.key, offset, to_numpy(data.contiguous())))
         writes.run(self.config.thread_count)
         if encoded:
             self.write_shards(plan, encoded, checkpoint_dir)
-        return {}, {key: array.document for key, array in plan.arrays.items() if array.metadata_writer == plan.rank}
+        return {}, None
 
     def finalize(self, plan: ZarrSavePlan, checkpoint_dir, write_results) -> None:
-        """Writes the root group's consolidated metadata: every rank's array documents."""
-        documents = {key: document for written in write_results for key, document in written.items()}
-        for name, data in consolidated_documents(documents, self.config.zarr_format).items():
+        """Writes the root group's consolidated metadata (rank 0's plan: every array's)."""
+        for name, data in plan.root_documents.items():
             path = os.path.join(str(checkpoint_dir), name)
             storage_of(path).write_atomic(path, data)
 
@@ -200,7 +204,7 @@ class RawChunkWrites:
             made_here = type(files[0][2]) is bytes
             if made_here:
                 target.makedirs(directory)
-            for name, _, content, checksummed in files:
+            for name, size, content, checksummed in files:
                 path = directory + "/" + name
                 if type(content) is bytes:
                     buffers = [content]
@@ -211,9 +215,9 @@ class RawChunkWrites:
                 if nested:
                     target.makedirs(os.path.dirname(path))
                 if made_here or nested:
-                    target.write(path, buffers)
+                    target.write(path, buffers, size)
                 else:
-                    target.write_in(directory, path, buffers)
+                    target.write_in(directory, path, buffers, size)
 
 
 @dataclass(frozen=True)

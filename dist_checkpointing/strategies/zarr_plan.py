@@ -8,6 +8,7 @@ rectangle can be read back. Flattened pieces (a distributed optimizer's) are ass
 chunks on the rank that writes them.
 """
 
+import functools
 import logging
 import math
 from collections import defaultdict
@@ -28,7 +29,7 @@ from ..mapping import ShardedTensor, is_main_replica
 from ..validation import validate_flat_tiling
 from .base import ShardedSavePlan
 from .config import StrategyConfig
-from .zarr_spec import array_document, chunk_shape
+from .zarr_spec import array_document, chunk_shape, consolidated_documents
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ def chunk_grid(global_shape: Sequence[int], boxes: Sequence[Box]) -> Tuple[int, 
     return tuple(chunks)
 
 
-def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int) -> Dict[str, ArrayPlan]:
+def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int, every_key: bool = False) -> Dict[str, ArrayPlan]:
     """The arrays `rank` writes to: those of its main shards and those whose document it writes
-    (the same result on every rank that plans a key). Every tensor key is checked.
+    (the same result on every rank that plans a key); with `every_key`, every tensor key's (for
+    the rank that writes the root group's consolidated metadata). Every tensor key is checked.
 
     A key whose main boxes are equal and aligned to their shape (any regular grid) is chunked by
     that shape without looking at its boxes one by one; other keys get `chunk_grid`."""
@@ -79,7 +81,7 @@ def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int) -> Dict[str
         writer = np.where(writer < 0, _lowest_rank(plan, plan.row_key[plan.pair_row], plan.pair_rank), writer)
     wanted = np.zeros(len(plan.keys), dtype=bool)
     wanted[keys[ranks == rank]] = True
-    wanted[tensor_keys[writer[tensor_keys] == rank]] = True
+    wanted[tensor_keys[writer[tensor_keys] == rank] if not every_key else tensor_keys] = True
     mine = np.flatnonzero(wanted[keys])
     order = mine[np.argsort(keys[mine], kind="stable")]  # the main shards of the wanted keys, by key
     sorted_keys = keys[order]
@@ -123,9 +125,10 @@ def plan_arrays(plan: GlobalPlan, config: StrategyConfig, rank: int) -> Dict[str
 def _document_writers(plan: GlobalPlan, keys: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     """Per key id, the rank that writes its array document, one of `ranks` paired with it in
     `keys` (the main shards' holders); -1 where none. Where several hold a key, the one with
-    the fewest files so far (its main shards, then the documents given to it; the lowest rank
-    on ties), keys in order: a save of many small tensors takes as long as its busiest rank's
-    files, and the lowest rank would write every document."""
+    the fewest file system entries so far (a file per main shard, then a directory and a file
+    per document given to it; the lowest rank on ties), keys in order: a save of many small
+    tensors takes as long as its busiest rank's entries, and the lowest rank would write every
+    document."""
     world = plan.world_size
     pairs = np.unique(keys * world + ranks)  # distinct (key, rank), by key then rank
     pair_key, pair_rank = pairs // world, pairs % world
@@ -135,13 +138,13 @@ def _document_writers(plan: GlobalPlan, keys: np.ndarray, ranks: np.ndarray) -> 
     held = counts > 0
     writer[held] = pair_rank[starts[held]]
     single = counts == 1
-    files = (np.bincount(ranks, minlength=world) + np.bincount(writer[single], minlength=world)).tolist()
+    entries = (np.bincount(ranks, minlength=world) + 2 * np.bincount(writer[single], minlength=world)).tolist()
     shared = np.flatnonzero(counts > 1)
     holders = pair_rank.tolist()
     for key, start, count in zip(shared.tolist(), starts[shared].tolist(), counts[shared].tolist()):
-        chosen = min(holders[start : start + count], key=files.__getitem__)
+        chosen = min(holders[start : start + count], key=entries.__getitem__)
         writer[key] = chosen
-        files[chosen] += 1
+        entries[chosen] += 2
     return writer
 
 
@@ -292,7 +295,18 @@ def _warn_if_many_chunks(key: str, global_shape, chunks, n_shards: int) -> None:
 
 @dataclass(frozen=True)
 class ZarrSavePlan(ShardedSavePlan):
-    """One save's Zarr layout: every key's array, and who writes each flattened chunk."""
+    """One save's Zarr layout on one rank: the arrays it writes to (rank 0: every array), and
+    who writes each flattened chunk."""
 
     arrays: Dict[str, ArrayPlan]
     flat_chunks: Dict[FlatShardId, List[FlatChunk]]
+    zarr_format: int
+
+    @functools.cached_property
+    def root_documents(self) -> Dict[str, bytes]:
+        """The root group's files holding every array's document (rank 0's plan), encoded once
+        per plan: a save that reuses a cached plan does not encode 10^4-10^5 documents again."""
+        return consolidated_documents({key: array.document for key, array in self.arrays.items()}, self.zarr_format)
+
+    def __getstate__(self):  # an async writer does not write the root: its encoding stays here
+        return {name: value for name, value in self.__dict__.items() if name != "root_documents"}
