@@ -137,18 +137,19 @@ class DurableDir(os.PathLike):
         (`size` bytes in all, where the caller knows it)."""
         self._sizes.append(_write_file(path, buffers, not self.syncfs, size))
 
-    def write_in(self, directory: str, path: str, buffers: Sequence, size: Optional[int] = None) -> None:
-        """`write` of `path` in `directory`, which another writer has probably made already:
-        made here only if missing. A `mkdir` that fails with EEXIST costs a system call that
-        locks the parent directory, on which every other rank's `mkdir` waits."""
+    def write_if_made(self, directory: str, path: str, buffers: Sequence, size: Optional[int] = None) -> bool:
+        """`write` of `path` in `directory` if another writer has made that directory already;
+        False (nothing written) if it is still missing. Making it here instead would cost the
+        other writer a `mkdir` failing with EEXIST, a system call that locks the parent
+        directory, on which every other rank's `mkdir` waits."""
         try:
             self.write(path, buffers, size)
         except FileNotFoundError:
-            self.makedirs(directory)
-            self.write(path, buffers, size)
+            return False
         if directory not in self._dirs:  # it gained an entry: synced like those made here
             with self._lock:
                 self._dirs.add(directory)
+        return True
 
     def write_with(self, path: str, writer: Callable) -> None:
         """Calls `writer(file)` on a new file `path` opened for binary writing."""

@@ -339,8 +339,9 @@ class ObjectTarget(os.PathLike):
         with self._lock:
             self._pending.append(future)
 
-    def write_in(self, directory: str, path: str, buffers, size=None) -> None:
+    def write_if_made(self, directory: str, path: str, buffers, size=None) -> bool:
         self.write(path, buffers)  # no directory to find or make
+        return True
 
     def write_with(self, path: str, writer) -> None:
         self._count(self.storage.write_atomic_with(path, writer))

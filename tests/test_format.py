@@ -247,9 +247,9 @@ def test_data_is_durable_before_metadata_json_is_renamed_into_place(tmp_path, mo
 
 @pytest.mark.parametrize("made_elsewhere", [True, False])
 def test_a_file_in_a_directory_another_rank_makes_is_durable(tmp_path, monkeypatch, made_elsewhere):
-    """`DurableDir.write_in` (a Zarr chunk in an array directory that the rank writing the
-    array's document makes): written into the directory as another writer made it, or made
-    here where it is still missing; in fsync mode the directory that gained the file is synced."""
+    """`DurableDir.write_if_made` (a Zarr chunk in an array directory that the rank writing the
+    array's document makes): written into the directory as another writer made it, nothing
+    written where it is still missing; in fsync mode the directory that gained the file is synced."""
     from dist_checkpointing import fs
 
     synced, real_fsync = [], os.fsync
@@ -264,7 +264,11 @@ def test_a_file_in_a_directory_another_rank_makes_is_durable(tmp_path, monkeypat
     with fs.DurableDir(tmp_path / "ckpt") as target:
         if made_elsewhere:
             os.mkdir(directory)
-        target.write_in(directory, directory + "/c.0", [b"abc", b"d"])
+        assert target.write_if_made(directory, directory + "/c.0", [b"abc", b"d"]) == made_elsewhere
+        if not made_elsewhere:
+            assert not os.path.exists(directory)
+            target.makedirs(directory)  # as a Zarr save does at the end of its batch
+            target.write(directory + "/c.0", [b"abc", b"d"])
         target.sync()
     assert open(directory + "/c.0", "rb").read() == b"abcd"
     assert {directory, directory + "/c.0"} <= set(synced)

@@ -197,10 +197,11 @@ class RawChunkWrites:
             list(pool.map(self._write_batch, batches))
 
     def _write_batch(self, batch) -> None:
-        target = self.target
+        target, waiting = self.target, []
         for directory, files in batch:
             # the rank writing an array's document makes its directory; another rank's files
-            # mostly come later (each lists its documents' arrays first), when it exists
+            # mostly come later (each lists its documents' arrays first), when it exists, else
+            # at the end of the batch (made here only if still missing then)
             made_here = type(files[0][2]) is bytes
             if made_here:
                 target.makedirs(directory)
@@ -216,8 +217,12 @@ class RawChunkWrites:
                     target.makedirs(os.path.dirname(path))
                 if made_here or nested:
                     target.write(path, buffers, size)
-                else:
-                    target.write_in(directory, path, buffers, size)
+                elif not target.write_if_made(directory, path, buffers, size):
+                    waiting.append((directory, path, buffers, size))
+        for directory, path, buffers, size in waiting:
+            if not target.write_if_made(directory, path, buffers, size):
+                target.makedirs(directory)
+                target.write(path, buffers, size)
 
 
 @dataclass(frozen=True)
