@@ -300,20 +300,33 @@ def _are_counts(values: list) -> bool:
 
 def write_index(checkpoint_dir, metadata: CheckpointMetadata) -> None:
     """Atomically writes `index.json`: our index of the checkpoint (before the commit marker)."""
-    entries = {}  # (shape, dtype) -> its JSON: a model's tensors have few distinct ones
-
-    def entry(v) -> _Json:
-        key = (tuple(v.shape), v.dtype)
-        return entries.get(key) or entries.setdefault(key, _Json(_COMPACT_JSON.encode({"shape": list(v.shape), "dtype": v.dtype})))
-
     doc = {
         "format_version": FORMAT_VERSION,
-        "tensors": {k: entry(v) for k, v in sorted(metadata.tensors.items())},  # not asdict: it deep-copies
+        "tensors": _tensors_field(metadata.tensors),
         "objects": sorted(metadata.objects),
         "checksums": {k: [list(r) for r in v] for k, v in sorted((metadata.checksums or {}).items())},
     }
     path = os.path.join(str(checkpoint_dir), INDEX_FNAME)
     storage_of(path).write_atomic(path, _readable_json(doc).encode())
+
+
+_LAST_TENSORS: list = [None, None]  # the tensors of the last index written, and their field
+
+
+def _tensors_field(tensors: Dict[str, TensorEntry]) -> "_Json":
+    """The index's `tensors` field as written, encoded once per dict of entries: a save that
+    reuses its plan (and the plan's entries, `GlobalPlan.contents`) writes it again as it is."""
+    last, field_json = _LAST_TENSORS
+    if last is not tensors:
+        entries = {}  # (shape, dtype) -> its JSON: a model's tensors have few distinct ones
+
+        def entry(v) -> _Json:
+            key = (tuple(v.shape), v.dtype)
+            return entries.get(key) or entries.setdefault(key, _Json(_COMPACT_JSON.encode({"shape": list(v.shape), "dtype": v.dtype})))
+
+        field_json = _Json(_readable_value({k: entry(v) for k, v in sorted(tensors.items())}))  # not asdict: it deep-copies
+        _LAST_TENSORS[:] = [tensors, field_json]
+    return field_json
 
 
 def config_bytes(config: CheckpointingConfig) -> bytes:
@@ -352,16 +365,19 @@ class _Json(str):
 
 def _readable_json(doc: dict) -> str:
     """JSON with one line per field and per entry of the index (not one per number)."""
+    return "{\n" + ",\n".join(f" {_COMPACT_JSON.encode(name)}: {_readable_value(value)}" for name, value in doc.items()) + "\n}\n"
+
+
+def _readable_value(value) -> str:
+    """A field's value in `_readable_json`: a non-empty dict one line per entry."""
+    if type(value) is _Json:
+        return value
     compact = _COMPACT_JSON.encode  # one encoder for 10^5 entries (json.dumps builds one per call)
-    quote = json.encoder.encode_basestring_ascii  # an entry's name, as `compact` writes a str
-    fields = []
-    for name, value in doc.items():
-        if isinstance(value, dict) and value:
-            entries = ",\n".join(f"  {quote(k)}: {v if type(v) is _Json else compact(v)}" for k, v in value.items())
-            fields.append(f" {compact(name)}: {{\n{entries}\n }}")
-        else:
-            fields.append(f" {compact(name)}: {compact(value)}")
-    return "{\n" + ",\n".join(fields) + "\n}\n"
+    if isinstance(value, dict) and value:
+        quote = json.encoder.encode_basestring_ascii  # an entry's name, as `compact` writes a str
+        entries = ",\n".join(f"  {quote(k)}: {v if type(v) is _Json else compact(v)}" for k, v in value.items())
+        return f"{{\n{entries}\n }}"
+    return compact(value)
 
 
 def require_complete_checkpoint(checkpoint_dir, storage: Optional[Storage] = None) -> CheckpointMetadata:

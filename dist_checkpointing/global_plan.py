@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from .collectives import exchange, get_rank, share_bytes
+from .core import TensorEntry
 from .dtypes import DTYPE_NAMES, dtype_code, torch_dtype
 from .mapping import ShardedBase, ShardedObject, ShardedTensor, is_main_replica
 
@@ -396,13 +397,14 @@ class GlobalPlan:
         )
 
     @functools.cached_property
-    def contents(self) -> Tuple[Dict[str, Tuple[Tuple[int, ...], str]], List[str]]:
-        """What a checkpoint of this plan holds: {tensor key: (global shape, dtype name)} and
-        the ShardedObjects' unique keys, of every key with a main replica."""
+    def contents(self) -> Tuple[Dict[str, TensorEntry], List[str]]:
+        """What a checkpoint of this plan holds, as its index records it: {tensor key: entry}
+        and the ShardedObjects' unique keys, of every key with a main replica (one dict per
+        plan: a save that reuses the plan writes the same index entries, `write_index`)."""
         rows = self.main_rows
         keys = np.unique(self.row_key[rows])
         tensors = {
-            self.keys[k]: (self.global_shape(k), self.dtype_name(k)) for k in keys.tolist() if self.key_kind[k] == TENSOR
+            self.keys[k]: TensorEntry(list(self.global_shape(k)), self.dtype_name(k)) for k in keys.tolist() if self.key_kind[k] == TENSOR
         }
         objects = sorted({self.shard(row).unique_key for row in rows.tolist() if self.entry_kind[self.row_entry[row]] == OBJECT})
         return tensors, objects

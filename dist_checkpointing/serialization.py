@@ -30,7 +30,6 @@ from .core import (
     CheckpointingConfig,
     CheckpointingException,
     CheckpointMetadata,
-    TensorEntry,
     commit_config,
     config_bytes,
     read_metadata,
@@ -323,7 +322,7 @@ def commit_save(
                 common_strategy.version,
             )
             tensors, objects = global_plan.contents
-            index = CheckpointMetadata(config, FORMAT_VERSION, {k: TensorEntry(list(s), d) for k, (s, d) in tensors.items()}, objects)
+            index = CheckpointMetadata(config, FORMAT_VERSION, tensors, objects)
             index.checksums = {name: ranges for outcome in outcomes for name, ranges in outcome.checksums.items()}
             write_index(checkpoint_dir, index)
             if integrity:
