@@ -298,11 +298,13 @@ def _are_counts(values: list) -> bool:
     return set(map(type, values)) <= {int} and (not values or (min(values) >= 0 and max(values) < 2**63))
 
 
-def write_index(checkpoint_dir, metadata: CheckpointMetadata) -> None:
-    """Atomically writes `index.json`: our index of the checkpoint (before the commit marker)."""
+def write_index(checkpoint_dir, metadata: CheckpointMetadata, tensors_json: Optional[str] = None) -> None:
+    """Atomically writes `index.json`: our index of the checkpoint (before the commit marker).
+    `tensors_json`: `metadata.tensors` as `index_tensors_json` encodes them, where the caller
+    has them already (a save plan's, encoded once per plan)."""
     doc = {
         "format_version": FORMAT_VERSION,
-        "tensors": _tensors_field(metadata.tensors),
+        "tensors": tensors_json if tensors_json is not None else index_tensors_json(metadata.tensors),
         "objects": sorted(metadata.objects),
         "checksums": {k: [list(r) for r in v] for k, v in sorted((metadata.checksums or {}).items())},
     }
@@ -310,23 +312,15 @@ def write_index(checkpoint_dir, metadata: CheckpointMetadata) -> None:
     storage_of(path).write_atomic(path, _readable_json(doc).encode())
 
 
-_LAST_TENSORS: list = [None, None]  # the tensors of the last index written, and their field
+def index_tensors_json(tensors: Dict[str, TensorEntry]) -> str:
+    """The `tensors` field of `index.json` as written (one line per entry)."""
+    entries = {}  # (shape, dtype) -> its JSON: a model's tensors have few distinct ones
 
+    def entry(v) -> _Json:
+        key = (tuple(v.shape), v.dtype)
+        return entries.get(key) or entries.setdefault(key, _Json(_COMPACT_JSON.encode({"shape": list(v.shape), "dtype": v.dtype})))
 
-def _tensors_field(tensors: Dict[str, TensorEntry]) -> "_Json":
-    """The index's `tensors` field as written, encoded once per dict of entries: a save that
-    reuses its plan (and the plan's entries, `GlobalPlan.contents`) writes it again as it is."""
-    last, field_json = _LAST_TENSORS
-    if last is not tensors:
-        entries = {}  # (shape, dtype) -> its JSON: a model's tensors have few distinct ones
-
-        def entry(v) -> _Json:
-            key = (tuple(v.shape), v.dtype)
-            return entries.get(key) or entries.setdefault(key, _Json(_COMPACT_JSON.encode({"shape": list(v.shape), "dtype": v.dtype})))
-
-        field_json = _Json(_readable_value({k: entry(v) for k, v in sorted(tensors.items())}))  # not asdict: it deep-copies
-        _LAST_TENSORS[:] = [tensors, field_json]
-    return field_json
+    return _Json(_readable_value({k: entry(v) for k, v in sorted(tensors.items())}))  # not asdict: it deep-copies
 
 
 def config_bytes(config: CheckpointingConfig) -> bytes:
@@ -370,7 +364,7 @@ def _readable_json(doc: dict) -> str:
 
 def _readable_value(value) -> str:
     """A field's value in `_readable_json`: a non-empty dict one line per entry."""
-    if type(value) is _Json:
+    if isinstance(value, _Json):
         return value
     compact = _COMPACT_JSON.encode  # one encoder for 10^5 entries (json.dumps builds one per call)
     if isinstance(value, dict) and value:

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from .collectives import exchange, get_rank, share_bytes
-from .core import TensorEntry
+from .core import TensorEntry, index_tensors_json
 from .dtypes import DTYPE_NAMES, dtype_code, torch_dtype
 from .mapping import ShardedBase, ShardedObject, ShardedTensor, is_main_replica
 
@@ -399,8 +399,7 @@ class GlobalPlan:
     @functools.cached_property
     def contents(self) -> Tuple[Dict[str, TensorEntry], List[str]]:
         """What a checkpoint of this plan holds, as its index records it: {tensor key: entry}
-        and the ShardedObjects' unique keys, of every key with a main replica (one dict per
-        plan: a save that reuses the plan writes the same index entries, `write_index`)."""
+        and the ShardedObjects' unique keys, of every key with a main replica."""
         rows = self.main_rows
         keys = np.unique(self.row_key[rows])
         tensors = {
@@ -408,6 +407,12 @@ class GlobalPlan:
         }
         objects = sorted({self.shard(row).unique_key for row in rows.tolist() if self.entry_kind[self.row_entry[row]] == OBJECT})
         return tensors, objects
+
+    @functools.cached_property
+    def index_tensors_json(self) -> str:
+        """The tensors of `contents` as `index.json` writes them, encoded once per plan: a save
+        that reuses its plan does not encode 10^4-10^5 entries again."""
+        return index_tensors_json(self.contents[0])
 
 
 def sorted_groups(groups: Sequence[np.ndarray], within: Sequence[np.ndarray] = ()) -> Tuple[np.ndarray, np.ndarray]:

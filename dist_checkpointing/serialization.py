@@ -324,7 +324,7 @@ def commit_save(
             tensors, objects = global_plan.contents
             index = CheckpointMetadata(config, FORMAT_VERSION, tensors, objects)
             index.checksums = {name: ranges for outcome in outcomes for name, ranges in outcome.checksums.items()}
-            write_index(checkpoint_dir, index)
+            write_index(checkpoint_dir, index, global_plan.index_tensors_json)
             if integrity:
                 write_integrity(checkpoint_dir, {CONFIG_FNAME: config_bytes(config)})
             commit_config(checkpoint_dir, config)
