@@ -19,9 +19,11 @@ from .mapping import ShardedTensor, same_elements
 Path = Tuple[Union[str, int], ...]  # of a leaf in nested dicts and lists
 
 
-def sharded_tensor_of(key: str, dtensor: DTensor) -> ShardedTensor:
-    """The ShardedTensor of this rank's shard of `dtensor`; its data is the local tensor itself
-    (a load fills it in place)."""
+def sharded_tensor_of(path: Path, dtensor: DTensor) -> ShardedTensor:
+    """The ShardedTensor of this rank's shard of `dtensor`, found at `path` of its state dict
+    (whose parts, joined with '.', are its key); its data is the local tensor itself (a load
+    fills it in place)."""
+    key = ".".join(map(str, path))
     mesh, placements = dtensor.device_mesh, tuple(dtensor.placements)
     for dim, placement in enumerate(placements):
         if type(placement) not in (Shard, Replicate):
@@ -56,7 +58,7 @@ def replace_dtensors(state_dict: Any) -> Dict[Path, DTensor]:
         for name, value in list(items):
             if isinstance(value, DTensor):
                 found[path + (name,)] = value
-                container[name] = sharded_tensor_of(".".join(map(str, path + (name,))), value)
+                container[name] = sharded_tensor_of(path + (name,), value)
             elif isinstance(value, (dict, list)):
                 visit(value, path + (name,))
 

@@ -67,7 +67,7 @@ def _saved_parts(x: Union[dict, list], path: tuple, dtensors) -> Tuple[Union[dic
         elif isinstance(v, ShardedBase):
             sharded.append((k, v))
         elif dtensors is not None and isinstance(v, dtensors.DTensor):
-            sharded.append((k, dtensors.sharded_tensor_of(".".join(map(str, path + (k,))), v)))
+            sharded.append((k, dtensors.sharded_tensor_of(path + (k,), v)))
         elif not isinstance(v, LocalNonpersistentObject):
             common.append((k, v))
     if isinstance(x, dict):
