@@ -162,8 +162,9 @@ class RawChunkWrites:
     array's end, or strided) are assembled in a zero-filled buffer first. Files are written by
     up to `thread_count` threads, each given a batch of arrays of similar total size (one thread
     per `Storage.thread_bytes`: locally, for many small files more threads only contend for the
-    GIL); an array's directory is made once, by the rank writing its document (the others'
-    first file finds it made). Kept lean: a model of many small tensors pays this per file."""
+    GIL); an array's directory is made once, by the rank writing its document (another rank's
+    file goes straight into it, or waits for the end of its batch while it is still missing).
+    Kept lean: a model of many small tensors pays this per file."""
 
     def __init__(self, checkpoint_dir: DurableDir):
         self.target = checkpoint_dir
